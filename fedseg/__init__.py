@@ -1,0 +1,3 @@
+"""fedseg: federated medical image segmentation from the command line."""
+
+__version__ = "0.1.0"

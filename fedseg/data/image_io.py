@@ -1,0 +1,171 @@
+"""Image I/O with nnU-Net's conventions.
+
+Arrays come back in SimpleITK order, (z, y, x) for 3D; spacing in the same order. 2D images
+(PNG, or NIfTI with one slice dimension) become (1, y, x) with a dummy spacing of 999 for
+the missing axis, as nnU-Net does, so the rest of fedseg handles 2D as 3D with one slice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedseg.errors import InputError
+
+# nnU-Net's placeholder spacing for the non-existent slice axis of 2D images.
+DUMMY_2D_SPACING = 999.0
+# Images of one case may differ in spacing by float noise; more than this is a real mismatch.
+SPACING_RTOL = 1e-3
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where an image lives in space, enough to write a prediction back in the same place."""
+
+    shape: tuple[int, int, int]          # array shape (z, y, x); z == 1 for 2D
+    spacing: tuple[float, float, float]  # (z, y, x) in mm; z == 999 for 2D
+    origin: tuple[float, ...]            # SimpleITK order (x, y, z); empty for PNG
+    direction: tuple[float, ...]         # SimpleITK order; empty for PNG
+    is_2d: bool
+
+    def to_dict(self) -> dict:
+        return {
+            "shape": list(self.shape),
+            "spacing": list(self.spacing),
+            "origin": list(self.origin),
+            "direction": list(self.direction),
+            "is_2d": self.is_2d,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Geometry:
+        return cls(
+            shape=tuple(int(v) for v in d["shape"]),
+            spacing=tuple(float(v) for v in d["spacing"]),
+            origin=tuple(float(v) for v in d["origin"]),
+            direction=tuple(float(v) for v in d["direction"]),
+            is_2d=bool(d["is_2d"]),
+        )
+
+
+def file_ending_of(path: str | Path) -> str:
+    name = str(path).lower()
+    for ending in (".nii.gz", ".nii", ".png"):
+        if name.endswith(ending):
+            return ending
+    raise InputError("unsupported file type (use .nii.gz, .nii or .png)", path)
+
+
+def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
+    """Read one channel file as float32 (z, y, x) plus its geometry; InputError on any fault."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("file not found", path)
+    if file_ending_of(path) == ".png":
+        return _read_png(path)
+    return _read_sitk(path)
+
+
+def _read_png(path: Path) -> tuple[np.ndarray, Geometry]:
+    from skimage import io as skio
+
+    try:
+        array = np.asarray(skio.imread(str(path)))
+    except Exception as exc:  # skimage/PIL raise many types for broken files
+        raise InputError(f"cannot read PNG ({type(exc).__name__}: {exc})", path) from None
+    if array.ndim == 3:
+        # RGB(A) stored greyscale: nnU-Net expects one channel per file; take the first.
+        array = array[..., 0]
+    if array.ndim != 2:
+        raise InputError(f"expected a 2D greyscale PNG, got shape {array.shape}", path)
+    data = array.astype(np.float32)[None]
+    geometry = Geometry(tuple(data.shape), (DUMMY_2D_SPACING, 1.0, 1.0), (), (), True)
+    return data, geometry
+
+
+def _read_sitk(path: Path) -> tuple[np.ndarray, Geometry]:
+    import SimpleITK as sitk
+
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        first_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
+        raise InputError(f"cannot read image (truncated or corrupt?): {first_line[:200]}", path) from None
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError("vector images are not supported: one channel per file", path)
+    array = sitk.GetArrayFromImage(image)
+    spacing = tuple(float(s) for s in image.GetSpacing()[::-1])
+    origin = tuple(float(v) for v in image.GetOrigin())
+    direction = tuple(float(v) for v in image.GetDirection())
+    if array.ndim == 2:
+        data = array.astype(np.float32)[None]
+        return data, Geometry(tuple(data.shape), (DUMMY_2D_SPACING, *spacing), origin, direction, True)
+    if array.ndim != 3:
+        raise InputError(f"expected a 2D or 3D image, got {array.ndim} dimensions", path)
+    data = array.astype(np.float32)
+    return data, Geometry(tuple(data.shape), spacing, origin, direction, False)
+
+
+def write_segmentation(seg: np.ndarray, geometry: Geometry, path: str | Path) -> None:
+    """Write a (z, y, x) label map in `geometry`, in the format given by the path's ending.
+
+    Writes to a temporary name and renames, so an existing file is only replaced whole.
+    """
+    from fedseg.atomic import atomic_path
+
+    path = Path(path)
+    ending = file_ending_of(path)
+    seg = np.asarray(seg)
+    if tuple(seg.shape) != tuple(geometry.shape):
+        raise ValueError(f"segmentation shape {seg.shape} does not match geometry {geometry.shape}")
+    with atomic_path(path) as tmp:
+        if ending == ".png":
+            from skimage import io as skio
+
+            tmp_png = tmp.with_name(tmp.name + ".png")
+            skio.imsave(str(tmp_png), seg[0].astype(np.uint8), check_contrast=False)
+            tmp_png.replace(tmp)
+        else:
+            write_sitk(seg.astype(np.uint8 if seg.max(initial=0) < 256 else np.int16), geometry, tmp, ending)
+
+
+def write_image(data: np.ndarray, geometry: Geometry, path: str | Path) -> None:
+    """Write a float (z, y, x) channel image (used by the synthetic generator)."""
+    from fedseg.atomic import atomic_path
+
+    path = Path(path)
+    ending = file_ending_of(path)
+    with atomic_path(path) as tmp:
+        if ending == ".png":
+            from skimage import io as skio
+
+            tmp_png = tmp.with_name(tmp.name + ".png")
+            skio.imsave(str(tmp_png), np.clip(data[0], 0, 255).astype(np.uint8), check_contrast=False)
+            tmp_png.replace(tmp)
+        else:
+            write_sitk(data.astype(np.float32), geometry, tmp, ending)
+
+
+def write_sitk(array: np.ndarray, geometry: Geometry, tmp: Path, ending: str) -> None:
+    import SimpleITK as sitk
+
+    if geometry.is_2d:
+        image = sitk.GetImageFromArray(array[0])
+        image.SetSpacing(tuple(geometry.spacing[1:][::-1]))
+    else:
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing(tuple(geometry.spacing[::-1]))
+    if geometry.origin:
+        image.SetOrigin(geometry.origin)
+    if geometry.direction:
+        image.SetDirection(geometry.direction)
+    # SimpleITK picks the format from the file name, so write under the real ending.
+    named = tmp.with_name(tmp.name + ending)
+    sitk.WriteImage(image, str(named), useCompression=ending == ".nii.gz")
+    named.replace(tmp)
+
+
+def geometries_agree(a: Geometry, b: Geometry) -> bool:
+    return a.shape == b.shape and np.allclose(a.spacing, b.spacing, rtol=SPACING_RTOL)

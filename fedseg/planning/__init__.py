@@ -1,0 +1,1 @@
+"""Fingerprints (mergeable statistics), their federated merge, and nnU-Net-style planning."""

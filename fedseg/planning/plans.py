@@ -1,0 +1,174 @@
+"""The plans file: the single source of truth every site and the coordinator derive from.
+
+Versioned dataclasses <-> JSON. `plan_id` is the sha256 of the canonical JSON of everything
+but the id itself; every weight file carries it, so an update made under another plan is
+refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedseg.errors import InputError
+
+PLANS_FORMAT_VERSION = 1
+
+
+@dataclass
+class NetworkSpec:
+    """nnU-Net's plain conv U-Net, fully determined by these numbers."""
+
+    n_stages: int
+    features_per_stage: list[int]
+    kernel_sizes: list[list[int]]
+    strides: list[list[int]]                # strides[0] is all ones (no pooling at stage 0)
+    n_conv_per_stage: list[int]
+    n_conv_per_stage_decoder: list[int]      # one entry per decoder stage (n_stages - 1)
+    deep_supervision: bool = True
+
+
+@dataclass
+class ConfigurationPlan:
+    """One configuration ("3d_fullres" or "2d"), as nnU-Net's plans hold it."""
+
+    name: str
+    spacing: list[float]                     # target spacing, (z, y, x)
+    patch_size: list[int]                    # (z, y, x) for 3d, (y, x) for 2d
+    median_image_size_in_voxels: list[float]
+    batch_size: int
+    normalization_schemes: list[str]         # per channel: CTNormalization | ZScoreNormalization | RescaleTo01Normalization | NoNormalization
+    use_mask_for_norm: list[bool]
+    network: NetworkSpec
+    resampling_separate_z_anisotropy_threshold: float = 3.0
+
+    @property
+    def ndim(self) -> int:
+        return len(self.patch_size)
+
+
+@dataclass
+class SiteInfo:
+    modality: str
+    channels: list[str]
+    n_cases: int
+    configuration: str | None = None         # per-site configuration (asymfedavg); None = the default
+
+
+@dataclass
+class TrainingSpec:
+    rounds: int = 3
+    iterations_per_round: int = 50
+    initial_lr: float = 1e-2
+    weight_decay: float = 3e-5
+    momentum: float = 0.99
+    loss: str = "dice_ce"
+    oversample_foreground_percent: float = 0.33
+    val_fraction: float = 0.2
+
+
+@dataclass
+class StrategySpec:
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Plans:
+    dataset_name: str
+    channel_names: dict[str, str]
+    labels: dict[str, int]
+    file_ending: str
+    fingerprint: dict[str, Any]              # merged fingerprint, nnU-Net key names
+    sites: dict[str, SiteInfo]
+    strategy: StrategySpec
+    configurations: dict[str, ConfigurationPlan]
+    default_configuration: str
+    training: TrainingSpec = field(default_factory=TrainingSpec)
+    seed: int = 1234
+    keys: dict[str, str] = field(default_factory=dict)   # site (or "coordinator") -> Ed25519 public key, hex
+    extra: dict[str, Any] = field(default_factory=dict)  # strategy-specific planned data (e.g. shared-parameter maps)
+    format_version: int = PLANS_FORMAT_VERSION
+
+    # -- identity -------------------------------------------------------------------------
+    def content_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def plan_id(self) -> str:
+        return hashlib.sha256(canonical_json(self.content_dict()).encode("utf-8")).hexdigest()
+
+    # -- lookups --------------------------------------------------------------------------
+    def configuration_for(self, site: str | None = None) -> ConfigurationPlan:
+        if site is not None and site in self.sites and self.sites[site].configuration:
+            return self.configurations[self.sites[site].configuration]
+        return self.configurations[self.default_configuration]
+
+    def site(self, name: str) -> SiteInfo:
+        if name not in self.sites:
+            raise InputError(f"site {name!r} is not in the plan (sites: {', '.join(sorted(self.sites))})")
+        return self.sites[name]
+
+    @property
+    def n_channels(self) -> int:
+        return len(self.channel_names)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.labels)
+
+    # -- (de)serialisation ---------------------------------------------------------------
+    def to_json(self) -> str:
+        body = self.content_dict()
+        body["plan_id"] = self.plan_id
+        return json.dumps(body, indent=2) + "\n"
+
+    def save(self, path: str | Path) -> None:
+        from fedseg.atomic import write_text_atomic
+
+        write_text_atomic(path, self.to_json())
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plans:
+        d = dict(d)
+        d.pop("plan_id", None)
+        version = d.get("format_version")
+        if version != PLANS_FORMAT_VERSION:
+            raise ValueError(f"plans format_version {version!r} is not supported (expected {PLANS_FORMAT_VERSION})")
+        configurations = {
+            name: ConfigurationPlan(**{**c, "network": NetworkSpec(**c["network"])})
+            for name, c in d.pop("configurations").items()
+        }
+        return cls(
+            configurations=configurations,
+            sites={name: SiteInfo(**s) for name, s in d.pop("sites").items()},
+            strategy=StrategySpec(**d.pop("strategy")),
+            training=TrainingSpec(**d.pop("training")),
+            **d,
+        )
+
+
+def load_plans(path: str | Path) -> Plans:
+    """Read plans.json; a stored plan_id that does not match the content means it was edited."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("plans file not found", path)
+    try:
+        raw = json.loads(path.read_text())
+        plans = Plans.from_dict(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"not valid JSON ({exc})", path) from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"not a fedseg plans file ({type(exc).__name__}: {exc})", path) from None
+    stored = raw.get("plan_id")
+    if stored is not None and stored != plans.plan_id:
+        raise InputError("plan_id does not match the content (the file was edited after planning)", path)
+    return plans
+
+
+def canonical_json(obj: Any) -> str:
+    """Key-sorted, whitespace-free JSON: the same content always hashes the same."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
