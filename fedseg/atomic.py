@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -46,4 +47,18 @@ def write_text_atomic(target: str | Path, text: str) -> None:
 
 
 def write_json_atomic(target: str | Path, obj: Any) -> None:
-    write_text_atomic(target, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """Write JSON; NaN and infinities become null, since JSON has no spelling for them."""
+    write_text_atomic(target, json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
+
+
+def json_safe(obj: Any) -> Any:
+    """A copy of `obj` with non-finite floats replaced by None and tuples by lists."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", None) == 0:
+        return json_safe(obj.item())  # numpy scalars
+    return obj

@@ -1,0 +1,1 @@
+"""The `fedseg` command line: thin typer commands over the library."""

@@ -1,0 +1,122 @@
+"""Commands that read site data and make the plan: synth, fingerprint, plan, inspect."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from fedseg.cli.options import JSON, QUIET, parse_set_options, require_dir, require_file
+
+
+def synth(
+    out: Path = typer.Argument(..., help="Folder to create; one nnU-Net raw folder per site inside."),
+    preset: str = typer.Option("tiny", "--preset", help="Which synthetic federation to generate."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same data)."),
+    quiet: bool = QUIET,
+) -> None:
+    """Generate synthetic multi-site data (nnU-Net raw format, Tr and Ts splits).
+
+    Example: fedseg synth sites --preset tiny --seed 0
+    """
+    from fedseg.cli.console import Reporter
+    from fedseg.data.synth import generate
+
+    reporter = Reporter(quiet=quiet)
+    site_dirs = generate(out, preset=preset, seed=seed, log=reporter.log)
+    reporter.log(f"wrote {len(site_dirs)} site folders under {out}: {', '.join(p.name for p in site_dirs)}")
+
+
+def fingerprint(
+    site: str = typer.Option(..., "--site", help="This site's name, as the plan will know it."),
+    data: Path = typer.Option(..., "--data", help="The site's nnU-Net raw dataset folder."),
+    output: Path = typer.Option(..., "-o", "--output", help="Fingerprint file to write (JSON)."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Processes reading cases in parallel."),
+    quiet: bool = QUIET,
+    as_json: bool = JSON,
+) -> None:
+    """Summarise a site's data as mergeable statistics (no voxel values leave the site).
+
+    Example: fedseg fingerprint --site site_a --data sites/site_a -o fp/site_a.json --workers 2
+    """
+    from fedseg.cli.console import Reporter, print_json
+    from fedseg.data.dataset import load_dataset
+    from fedseg.planning.fingerprint import compute_fingerprint, save_fingerprint
+
+    reporter = Reporter(quiet=quiet)
+    dataset = load_dataset(require_dir(data, "dataset folder"))
+    n_cases = len(dataset.cases("Tr"))
+    with reporter.progress(f"fingerprint {site}", n_cases) as advance:
+        fp = compute_fingerprint(dataset, site, workers=workers, progress=advance)
+    save_fingerprint(fp, output)
+    reporter.log(f"wrote {output} ({fp['n_cases']} cases, modality {fp['modality']})")
+    if as_json:
+        print_json({"site": site, "output": str(output), "n_cases": fp["n_cases"]})
+
+
+def plan(
+    fingerprints: list[Path] = typer.Argument(..., help="Fingerprint files, one per site."),
+    strategy: str = typer.Option("fedavg", "--strategy", help="Federation strategy (fedavg, local, ...)."),
+    output: Path = typer.Option(..., "-o", "--output", help="plans.json to write."),
+    config: str = typer.Option("3d_fullres", "--config", help="Configuration: 3d_fullres or 2d."),
+    budget: float = typer.Option(None, "--budget", help="Compute budget for the patch size (see docs/planning.md)."),
+    set_: list[str] = typer.Option(None, "--set", help="Override a planned value or a strategy parameter: key=value."),
+    seed: int = typer.Option(1234, "--seed", help="Seed for initial weights and training."),
+    quiet: bool = QUIET,
+    as_json: bool = JSON,
+) -> None:
+    """Merge site fingerprints exactly and plan the federation (nnU-Net rules).
+
+    Example: fedseg plan fp/*.json --strategy fedavg -o plans.json --set training.rounds=3
+    """
+    from fedseg.cli.console import Reporter, print_json
+    from fedseg.federation.manifest import attach_manifests
+    from fedseg.federation.strategies import get_strategy
+    from fedseg.planning.fingerprint import load_fingerprint
+    from fedseg.planning.planner import make_plans
+
+    reporter = Reporter(quiet=quiet)
+    if config not in ("3d_fullres", "2d"):
+        from fedseg.errors import InputError
+
+        raise InputError(f"--config must be 3d_fullres or 2d, not {config!r}")
+    strategy_impl = get_strategy(strategy)
+    fps = [load_fingerprint(require_file(p, "fingerprint")) for p in fingerprints]
+    plans = make_plans(
+        fps,
+        strategy=strategy,
+        configuration=config,
+        budget=budget,
+        overrides=parse_set_options(set_),
+        seed=seed,
+        fingerprint_names=[str(p) for p in fingerprints],
+    )
+    plans = attach_manifests(plans, strategy_impl)
+    plans.save(output)
+    cfg = plans.configuration_for(None)
+    reporter.log(
+        f"wrote {output}: {len(plans.sites)} sites, strategy {strategy}, {cfg.name} patch {cfg.patch_size} "
+        f"spacing {[round(s, 3) for s in cfg.spacing]} batch {cfg.batch_size}, plan_id {plans.plan_id[:12]}"
+    )
+    if as_json:
+        print_json({"output": str(output), "plan_id": plans.plan_id, "sites": sorted(plans.sites)})
+
+
+def inspect(
+    file: Path = typer.Argument(..., help="A fingerprint, plans.json, weight file, aggregate.json or metrics.json."),
+    as_json: bool = JSON,
+) -> None:
+    """Show what a fedseg file holds.
+
+    Example: fedseg inspect run/round_001/models/global.safetensors
+    """
+    from fedseg.cli.inspect_view import inspect_file
+
+    inspect_file(require_file(file, "file"), as_json=as_json)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("synth")(synth)
+    app.command("fingerprint")(fingerprint)
+    app.command("plan")(plan)
+    app.command("inspect")(inspect)

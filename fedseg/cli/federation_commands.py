@@ -1,0 +1,60 @@
+"""Coordinator commands: init (round-0 weights) and aggregate (one round)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from fedseg.cli.options import JSON, QUIET, require_file
+
+
+def init(
+    plans_path: Path = typer.Option(..., "--plans", help="plans.json from `fedseg plan`."),
+    output: Path = typer.Option(..., "-o", "--output", help="Round folder to write (e.g. run/round_000)."),
+    quiet: bool = QUIET,
+) -> None:
+    """Write round-0 weights for every site (same seed, same weights).
+
+    Example: fedseg init --plans plans.json -o run/round_000
+    """
+    from fedseg.cli.console import Reporter
+    from fedseg.federation.engine import initial_round
+    from fedseg.planning.plans import load_plans
+
+    plans = load_plans(require_file(plans_path, "plans file"))
+    written = initial_round(plans, output, seed=plans.seed)
+    Reporter(quiet=quiet).log(f"wrote {len(written)} files under {output}")
+
+
+def aggregate(
+    updates: list[Path] = typer.Argument(..., help="Update files of one round, one per site."),
+    plans_path: Path = typer.Option(..., "--plans", help="plans.json the updates were trained under."),
+    output: Path = typer.Option(..., "-o", "--output", help="Round folder to write (e.g. run/round_001)."),
+    quiet: bool = QUIET,
+    as_json: bool = JSON,
+) -> None:
+    """Validate the round's updates and aggregate them with the plan's strategy.
+
+    Writes OUTPUT/<site>.safetensors (what each site loads next), OUTPUT/models/<pool>.safetensors
+    and OUTPUT/aggregate.json. One bad update: exit 2 naming it, nothing written.
+
+    Example: fedseg aggregate --plans plans.json run/round_001/updates/*.safetensors -o run/round_001
+    """
+    from dataclasses import asdict
+
+    from fedseg.cli.console import Reporter, print_json
+    from fedseg.federation.engine import aggregate_round
+    from fedseg.planning.plans import load_plans
+
+    reporter = Reporter(quiet=quiet)
+    plans = load_plans(require_file(plans_path, "plans file"))
+    report = aggregate_round(plans, [require_file(p, "update file") for p in updates], output, log=reporter.log)
+    reporter.log(f"aggregated round {report.round} from {len(updates)} updates into {output}")
+    if as_json:
+        print_json(asdict(report))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("init")(init)
+    app.command("aggregate")(aggregate)

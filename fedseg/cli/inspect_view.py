@@ -1,0 +1,130 @@
+"""`fedseg inspect`: recognise a fedseg file and summarise it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fedseg.errors import InputError
+
+
+def inspect_file(path: Path, as_json: bool = False) -> None:
+    summary = summarise(path)
+    if as_json:
+        print(json.dumps(summary, indent=2, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{path} ({summary['type']})", show_header=False)
+    table.add_column("key", style="bold")
+    table.add_column("value")
+    for key, value in summary.items():
+        if key == "type":
+            continue
+        table.add_row(str(key), value if isinstance(value, str) else json.dumps(value, default=str))
+    Console().print(table)
+
+
+def summarise(path: Path) -> dict[str, Any]:
+    if path.name.endswith(".safetensors"):
+        return _weight_file(path)
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError("neither a weight file (.safetensors) nor a JSON file fedseg knows", path) from None
+    if not isinstance(obj, dict):
+        raise InputError("not a fedseg file", path)
+    if "configurations" in obj and "plan_id" in obj:
+        return _plans(path)
+    if "foreground_stats_per_channel" in obj:
+        return _fingerprint(obj)
+    if "per_case" in obj:
+        return {"type": "metrics", "mean": obj.get("mean"), "foreground_mean": obj.get("foreground_mean"),
+                "cases": len(obj["per_case"])}
+    if "inputs" in obj and "round" in obj:
+        return {"type": "aggregate record", **{k: obj[k] for k in obj if k != "type"}}
+    raise InputError("a JSON file, but not one fedseg knows (fingerprint, plans, metrics, aggregate)", path)
+
+
+def _weight_file(path: Path) -> dict[str, Any]:
+    from fedseg.federation.weightfile import read_weight_file
+
+    tensors, meta = read_weight_file(path)
+    n_params = int(sum(t.size for t in tensors.values()))
+    n_bytes = int(sum(t.nbytes for t in tensors.values()))
+    pools: dict[str, int] = {}
+    for name in tensors:
+        pool = meta.scopes.get(name, "?")
+        pools[pool] = pools.get(pool, 0) + 1
+    return {
+        "type": f"weight file ({meta.kind})",
+        "plan_id": meta.plan_id,
+        "strategy": meta.strategy,
+        "site": meta.site,
+        "round": meta.round,
+        "n_cases": meta.n_cases,
+        "n_iterations": meta.n_iterations,
+        "tensors": len(tensors),
+        "parameters": n_params,
+        "bytes": n_bytes,
+        "tensors per pool": pools,
+        "content_hash": meta.content_hash,
+        "fedseg_version": meta.fedseg_version,
+        "extra": meta.extra,
+    }
+
+
+def _plans(path: Path) -> dict[str, Any]:
+    from fedseg.planning.plans import load_plans
+
+    plans = load_plans(path)
+    out: dict[str, Any] = {
+        "type": "plans",
+        "plan_id": plans.plan_id,
+        "strategy": {"name": plans.strategy.name, "params": plans.strategy.params},
+        "sites": {name: {"modality": s.modality, "channels": s.channels, "n_cases": s.n_cases,
+                         "configuration": s.configuration or plans.default_configuration}
+                  for name, s in plans.sites.items()},
+        "labels": plans.labels,
+        "training": vars(plans.training),
+    }
+    for name, cfg in plans.configurations.items():
+        out[f"configuration {name}"] = {
+            "spacing": [round(s, 4) for s in cfg.spacing],
+            "patch_size": cfg.patch_size,
+            "batch_size": cfg.batch_size,
+            "normalization": cfg.normalization_schemes,
+            "use_mask_for_norm": cfg.use_mask_for_norm,
+            "stages": cfg.network.n_stages,
+            "features": cfg.network.features_per_stage,
+            "strides": cfg.network.strides,
+        }
+    fp = plans.fingerprint
+    out["intensity (merged)"] = fp.get("foreground_intensity_properties_per_channel")
+    for key, value in plans.extra.items():
+        if key != "manifests":
+            out[key] = value
+    if "manifests" in plans.extra:
+        out["parameters per configuration"] = {k: len(v) for k, v in plans.extra["manifests"].items()}
+    return out
+
+
+def _fingerprint(fp: dict[str, Any]) -> dict[str, Any]:
+    stats = fp["foreground_stats_per_channel"]
+    channels = {}
+    for channel, s in stats.items():
+        count = s["count"]
+        mean = s["sum"] / count if count else float("nan")
+        channels[channel] = {"voxels": count, "mean": round(mean, 4), "min": s["min"], "max": s["max"]}
+    return {
+        "type": "fingerprint",
+        "site": fp.get("site"),
+        "modality": fp.get("modality"),
+        "channels": fp.get("channel_names"),
+        "labels": fp.get("labels"),
+        "n_cases": fp.get("n_cases"),
+        "spacings (first 3)": fp.get("spacings", [])[:3],
+        "foreground per channel": channels,
+    }

@@ -1,0 +1,128 @@
+"""Site-side model commands: train (one round), predict, evaluate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from fedseg.cli.options import JSON, QUIET, require_dir, require_file
+
+
+def train(
+    site: str = typer.Option(..., "--site", help="This site's name in the plan."),
+    data: Path = typer.Option(..., "--data", help="The site's nnU-Net raw dataset folder."),
+    plans_path: Path = typer.Option(..., "--plans", help="plans.json from the coordinator."),
+    weights: Path = typer.Option(..., "--weights", help="Model to start from: round_<r-1>/<site>.safetensors."),
+    state: Path = typer.Option(..., "--state", help="This site's private state folder (cache, optimizer, local parameters)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Update file to write: round_<r>/updates/<site>.safetensors."),
+    iterations: int = typer.Option(None, "--iterations", min=1, help="Iterations this round (default: from the plan)."),
+    epochs: int = typer.Option(None, "--epochs", min=1, help="Epochs of the plan's iterations per round (iterations = epochs x plan's iterations_per_round)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    workers: int = typer.Option(2, "--workers", min=0, help="Background augmentation workers (0: in-process)."),
+    quiet: bool = QUIET,
+    as_json: bool = JSON,
+) -> None:
+    """Train one round locally and write the update (only what may leave the site).
+
+    A killed run started again with the same arguments resumes from its last checkpoint.
+
+    Example: fedseg train --site site_a --data sites/site_a --plans plans.json
+    --weights run/round_000/site_a.safetensors --state state/site_a -o run/round_001/updates/site_a.safetensors
+    """
+    from dataclasses import asdict
+
+    from fedseg.cli.console import Reporter, print_json
+    from fedseg.errors import InputError
+    from fedseg.federation.site_training import run_site_round
+    from fedseg.planning.plans import load_plans
+
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise InputError(f"--device must be cpu or cuda, not {device!r}")
+    reporter = Reporter(quiet=quiet)
+    plans = load_plans(require_file(plans_path, "plans file"))
+    if iterations is not None and epochs is not None:
+        raise InputError("give --iterations or --epochs, not both")
+    if epochs is not None:
+        iterations = epochs * plans.training.iterations_per_round
+    total = iterations or plans.training.iterations_per_round
+    with reporter.progress(f"train {site}", total) as advance:
+        result = run_site_round(
+            plans, site, require_dir(data, "dataset folder"), require_file(weights, "weights file"), state, output,
+            iterations=iterations, device=device, num_workers=workers, progress=advance, log=reporter.log,
+        )
+    reporter.log(
+        f"round {result.round} {site}: {result.n_iterations} iterations, val Dice {result.val_dice:.3f}, "
+        f"wrote {output} ({result.n_shared_tensors} shared tensors, {result.n_local_tensors} kept local)"
+    )
+    if as_json:
+        print_json(asdict(result))
+
+
+def predict(
+    plans_path: Path = typer.Option(..., "--plans", help="plans.json of the federation."),
+    weights: Path = typer.Option(..., "--weights", help="Model file (round_r/<site>.safetensors or models/<pool>.safetensors)."),
+    images: Path = typer.Option(..., "-i", "--input", help="Folder of {CASE}_{XXXX}<ending> channel files."),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder for {CASE}<ending> label maps."),
+    site: str = typer.Option(None, "--site", help="Site whose network (and local parameters) to use."),
+    state: Path = typer.Option(None, "--state", help="The site's state folder, for parameters that never left it."),
+    mirror: bool = typer.Option(False, "--mirror/--no-mirror", help="Average predictions over mirrored inputs."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    quiet: bool = QUIET,
+) -> None:
+    """Segment a folder of images (sliding window, back to each image's own geometry).
+
+    Example: fedseg predict --plans plans.json --weights run/round_003/site_a.safetensors
+    -i sites/site_a/imagesTs -o pred/site_a --site site_a --state state/site_a
+    """
+    from fedseg.cli.console import Reporter
+    from fedseg.federation.site_training import load_site_model
+    from fedseg.planning.plans import load_plans
+    from fedseg.training.inference import predict_folder
+
+    reporter = Reporter(quiet=quiet)
+    plans = load_plans(require_file(plans_path, "plans file"))
+    site = site or sorted(plans.sites)[0]
+    plans.site(site)
+    network = load_site_model(plans, site, require_file(weights, "weights file"), state)
+    require_dir(images, "image folder")
+    n_cases = len({p.name.rsplit("_", 1)[0] for p in images.iterdir() if p.name.endswith(plans.file_ending)})
+    with reporter.progress("predict", n_cases) as advance:
+        written = predict_folder(network, images, output, plans, plans.configuration_for(site), device=device,
+                                 mirror=mirror, progress=advance)
+    reporter.log(f"wrote {len(written)} segmentations to {output}")
+
+
+def evaluate(
+    pred: Path = typer.Option(..., "--pred", help="Folder of predicted label maps."),
+    ref: Path = typer.Option(..., "--ref", help="Folder of reference label maps (same file names)."),
+    dataset: Path = typer.Option(None, "--dataset", help="dataset.json naming the labels (default: ../dataset.json of --ref)."),
+    output: Path = typer.Option(..., "-o", "--output", help="metrics.json to write."),
+    quiet: bool = QUIET,
+    as_json: bool = JSON,
+) -> None:
+    """Dice, IoU, pixel accuracy and HD95 per case and label, with means.
+
+    Example: fedseg evaluate --pred pred/site_a --ref sites/site_a/labelsTs -o metrics.json
+    """
+    from fedseg.cli.console import print_json
+    from fedseg.data.dataset import load_dataset
+    from fedseg.training.evaluation import evaluate_folders, format_table, save_metrics
+
+    require_dir(pred, "prediction folder")
+    require_dir(ref, "reference folder")
+    ds = load_dataset(dataset.parent if dataset is not None else ref.parent)
+    result = evaluate_folders(pred, ref, ds.labels, ds.file_ending)
+    save_metrics(result, output)
+    if as_json:
+        print_json(result)
+    elif not quiet:
+        from rich.console import Console
+
+        Console().print(format_table(result))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)
+    app.command("predict")(predict)
+    app.command("evaluate")(evaluate)
