@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # A federation driven by shell commands, exactly as each hospital and the coordinator would
-# run them (here all on one machine). Usage: federation_example.sh SITES_DIR WORK_DIR [ROUNDS]
+# run them (here all on one machine).
+# Usage: federation_example.sh SITES_DIR WORK_DIR [ROUNDS] [ITERATIONS_PER_ROUND]
 #   SITES_DIR holds one nnU-Net raw folder per site (e.g. from `fedseg synth SITES_DIR`).
 set -euo pipefail
 SITES=$1
 WORK=$2
 ROUNDS=${3:-2}
-ITERATIONS=${ITERATIONS_PER_ROUND:-20}
+ITERATIONS=${4:-20}
 mkdir -p "$WORK/fingerprints"
 site_names=$(for d in "$SITES"/*/; do basename "$d"; done)
 
