@@ -121,39 +121,71 @@ class QuantileSketch:
     def add(self, values: Any) -> QuantileSketch:
         """Add every value of an array (any shape, any real dtype). Returns self.
 
-        Vectorised: one log, one bincount per sign; 1e7 values take a fraction of a second.
+        Vectorised and streamed in cache-sized chunks with reused buffers (allocating
+        whole-array temporaries costs more than the arithmetic): 1e7 values take well
+        under a second.
         """
         v = np.asarray(values).ravel()
         if v.size == 0:
             return self
-        # float64 for the log: float32 logs would misplace values near bucket boundaries.
-        v64 = v.astype(np.float64, copy=False)
-        vmin, vmax = float(v64.min()), float(v64.max())
+        if not np.issubdtype(v.dtype, np.number) or np.iscomplexobj(v):
+            raise ValueError(f"cannot add values of dtype {v.dtype} to a quantile sketch")
+        vmin, vmax = float(v.min()), float(v.max())
         if not (math.isfinite(vmin) and math.isfinite(vmax)):
             raise ValueError("cannot add NaN or infinite values to a quantile sketch")
+        n = min(v.size, _CHUNK)
+        magnitude = np.empty(n, dtype=np.float64)   # float64: float32 logs misplace values near bucket edges
+        scratch = np.empty(n, dtype=np.float64)
+        keys = np.empty(n, dtype=np.int64)
         inv_log_gamma = 1.0 / self._log_gamma
-        if vmin > 0.0:   # the common case for images: no masks, no sign split
-            self._positive.add_keys(self._keys(v64, inv_log_gamma))
-        else:
-            nonzero = v64[v64 != 0.0]
-            self.zero_count += int(v64.size - nonzero.size)
-            positive = nonzero > 0.0
-            self._positive.add_keys(self._keys(nonzero[positive], inv_log_gamma))
-            self._negative.add_keys(self._keys(-nonzero[~positive], inv_log_gamma))
-        self.count += int(v64.size)
-        self.sum += float(np.sum(v64))
-        self.sumsq += float(np.sum(np.square(v64)))
+        total = 0.0
+        total_sq = 0.0
+        for start in range(0, v.size, _CHUNK):
+            chunk = v[start: start + _CHUNK]
+            m, s, k = magnitude[: chunk.size], scratch[: chunk.size], keys[: chunk.size]
+            np.copyto(m, chunk, casting="unsafe")
+            total += float(np.sum(m))
+            np.square(m, out=s)
+            total_sq += float(np.sum(s))
+            self._add_chunk(chunk, m, k, inv_log_gamma, all_positive=vmin > 0.0)
+        self.count += int(v.size)
+        self.sum += total
+        self.sumsq += total_sq
         self.min = min(self.min, vmin)
         self.max = max(self.max, vmax)
         return self
 
-    @staticmethod
-    def _keys(magnitudes: np.ndarray, inv_log_gamma: float) -> np.ndarray:
-        if magnitudes.size == 0:
-            return np.zeros(0, dtype=np.int64)
-        logs = np.log(magnitudes)
-        logs *= inv_log_gamma
-        return np.ceil(logs, out=logs).astype(np.int64)
+    def _add_chunk(self, chunk: np.ndarray, m: np.ndarray, k: np.ndarray, inv_log_gamma: float,
+                   all_positive: bool) -> None:
+        """Bucket one chunk; `m` holds the chunk as float64 and is overwritten."""
+        negative = None
+        n_zero = 0
+        if not all_positive:
+            negative = chunk < 0
+            np.abs(m, out=m)
+            zero = m == 0.0
+            n_zero = int(np.count_nonzero(zero))
+            if n_zero:
+                # log(0) is -inf: park zeros at 1.0 (key 0) and take them out of that bucket below.
+                m[zero] = 1.0
+        np.log(m, out=m)
+        m *= inv_log_gamma
+        np.ceil(m, out=m)
+        np.copyto(k, m, casting="unsafe")
+        if all_positive:
+            self._positive.add_keys(k)
+            return
+        kmin, kmax = int(k.min()), int(k.max())
+        width = kmax - kmin + 1
+        k -= kmin
+        k[negative] += width          # one bincount for both signs: negatives in the upper half
+        counts = np.bincount(k, minlength=2 * width)
+        positive_counts, negative_counts = counts[:width], counts[width:]
+        if n_zero:
+            positive_counts[-kmin] -= n_zero
+            self.zero_count += n_zero
+        self._positive.add_counts(kmin, _trim(positive_counts))
+        self._negative.add_counts(kmin, _trim(negative_counts)) if False else _add_trimmed(self._negative, kmin, negative_counts)
 
     def merge(self, other: QuantileSketch) -> QuantileSketch:
         """Add `other`'s contents to this sketch (exact: bucket counts add). Returns self."""
