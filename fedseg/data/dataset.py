@@ -140,6 +140,8 @@ def load_dataset(root: str | Path) -> Dataset:
     for name, value in labels.items():
         if isinstance(value, bool) or not isinstance(value, int):
             raise InputError(f"label {name!r} must be an integer (region labels are not supported)", json_path)
+    if any(value < 0 for value in labels.values()):
+        raise InputError("label values must be non-negative integers", json_path)
     if 0 not in labels.values():
         raise InputError("labels must include background = 0", json_path)
     if len(set(labels.values())) != len(labels):

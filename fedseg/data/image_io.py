@@ -88,6 +88,7 @@ def _read_png(path: Path) -> tuple[np.ndarray, Geometry]:
 def _read_sitk(path: Path) -> tuple[np.ndarray, Geometry]:
     import SimpleITK as sitk
 
+    nifti = check_nifti_complete(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -96,6 +97,8 @@ def _read_sitk(path: Path) -> tuple[np.ndarray, Geometry]:
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError("vector images are not supported: one channel per file", path)
     array = sitk.GetArrayFromImage(image)
+    if nifti is not None:
+        array = _restore_nonfinite(array, nifti)
     spacing = tuple(float(s) for s in image.GetSpacing()[::-1])
     origin = tuple(float(v) for v in image.GetOrigin())
     direction = tuple(float(v) for v in image.GetDirection())
@@ -106,6 +109,67 @@ def _read_sitk(path: Path) -> tuple[np.ndarray, Geometry]:
         raise InputError(f"expected a 2D or 3D image, got {array.ndim} dimensions", path)
     data = array.astype(np.float32)
     return data, Geometry(tuple(data.shape), spacing, origin, direction, False)
+
+
+def _restore_nonfinite(array: np.ndarray, nifti) -> np.ndarray:
+    """Put back the NaN/inf voxels that ITK's NIfTI reader silently turns into 0.
+
+    A NaN in an image is a broken file the user must hear about (load_case refuses it), not
+    a zero. Only float NIfTI files can hold NaN, so integer images cost nothing extra.
+    """
+    if not np.issubdtype(nifti.header.get_data_dtype(), np.floating):
+        return array
+    raw = np.asarray(nifti.dataobj, dtype=np.float32).T   # nibabel (x, y, z) -> SimpleITK (z, y, x)
+    if raw.shape != array.shape:
+        return array
+    nonfinite = ~np.isfinite(raw)
+    if not nonfinite.any():
+        return array
+    array = array.astype(np.float32)
+    array[nonfinite] = raw[nonfinite]
+    return array
+
+
+def check_nifti_complete(path: Path):  # -> nibabel image | None (nibabel is imported lazily)
+    """Raise InputError if a NIfTI file holds fewer voxel bytes than its header promises.
+
+    SimpleITK reads a truncated file (an interrupted copy, a full disk) without complaint and
+    fills the missing voxels, which would silently train on garbage. The header gives the
+    expected size; for .nii.gz the gzip trailer stores the uncompressed size (mod 2^32), so the
+    common case costs one seek; only when that does not match is the stream decompressed to
+    count its bytes. Returns the (lazily loaded) nibabel image, or None if nibabel cannot
+    parse the header (SimpleITK then gives the verdict).
+    """
+    import gzip
+    import zlib
+
+    import nibabel
+
+    try:
+        image = nibabel.load(str(path))
+        offset = int(getattr(image.dataobj, "offset", 0))
+        expected = offset + int(np.prod(image.shape, dtype=np.int64)) * image.header.get_data_dtype().itemsize
+    except Exception:  # not a NIfTI nibabel understands: leave the verdict to SimpleITK
+        return None
+    if file_ending_of(path) == ".nii":
+        actual = path.stat().st_size
+    else:
+        with open(path, "rb") as handle:
+            handle.seek(-4, 2)
+            if int.from_bytes(handle.read(4), "little") == expected % 2**32:
+                return image
+        actual = 0
+        try:
+            with gzip.open(path, "rb") as stream:
+                while chunk := stream.read(1 << 20):
+                    actual += len(chunk)
+        except (EOFError, OSError, zlib.error):
+            raise InputError(
+                f"truncated or corrupt gzip stream (the header promises {expected} bytes)", path
+            ) from None
+    if actual < expected:
+        raise InputError(f"truncated image: {actual} of {expected} bytes present", path)
+    return image
 
 
 def write_segmentation(seg: np.ndarray, geometry: Geometry, path: str | Path) -> None:

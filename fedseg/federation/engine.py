@@ -1,0 +1,459 @@
+"""The aggregation engine: validated updates in, next round's weight files out.
+
+The strategy says where each parameter goes and how a pool is merged; the engine does the
+rest, the same way for every strategy:
+
+- validate every input first (`fedseg.federation.validation`); on any fault nothing is written;
+- stream key by key over the memory-mapped updates: each (pool, key) is merged from one
+  tensor per contributing site in float64 and cast back to the manifest dtype once, so memory
+  is O(model), not O(sites x model) (a strategy that personalises per site holds one result per
+  site of that pool, which is inherent to personalisation);
+- write `<site>.safetensors` for every site of the plan (what it loads next: only pooled
+  tensors), `models/<pool>.safetensors` for the strategy's model pools, then `aggregate.json`
+  last: a round folder is complete when aggregate.json exists. Every file is atomic.
+
+Site-side helpers (`compose_site_state`, `split_site_state`, `write_site_update`) live here
+too, so what a site sends and what it loads follow the same scope rules as the engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedseg.atomic import atomic_path, write_json_atomic
+from fedseg.errors import InputError
+from fedseg.federation.manifest import expected_parameters
+from fedseg.federation.strategies import get_strategy
+from fedseg.federation.strategies.base import (
+    CombineResult,
+    Contribution,
+    Strategy,
+    pool_filename,
+    resolved_loads,
+    resolved_scope,
+)
+from fedseg.federation.validation import ValidatedUpdate, validate_updates
+from fedseg.federation.weightfile import (
+    WeightMeta,
+    describe,
+    open_weight_file,
+    read_weight_file,
+    to_numpy,
+    write_weight_file,
+    write_weight_file_digest,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fedseg.planning.plans import Plans
+
+MODELS_DIR = "models"
+REPORT_FILE = "aggregate.json"
+
+
+@dataclass
+class InputRecord:
+    site: str
+    path: str
+    sha256: str
+    bytes: int
+    n_cases: int
+    n_iterations: int
+    update_norm: float | None       # None when it overflowed float64 (never for float32 weights)
+    extra: dict[str, Any] = field(default_factory=dict)   # the site's own metrics (val_dice, ...)
+
+
+@dataclass
+class OutputRecord:
+    path: str                       # relative to the round folder
+    kind: str                       # "site" | "pool"
+    name: str                       # site or pool name
+    n_tensors: int
+    bytes: int
+    sha256: str
+    same_as: str | None = None      # a hard link to (or copy of) this pool model file
+
+
+@dataclass
+class AggregateReport:
+    round: int
+    plan_id: str
+    strategy: str
+    inputs: list[InputRecord]
+    weights: dict[str, dict[str, float] | None]    # pool -> site -> weight (None: not a simple weighting)
+    outputs: list[OutputRecord]
+    missing_sites: list[str]                       # plan sites that sent no update this round
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _log(log: Callable[[str], None] | None, message: str) -> None:
+    if log is not None:
+        log(message)
+
+
+def _routing(strategy: Strategy, plans: Plans) -> dict[str, dict[str, tuple[str, str, tuple[int, ...], str]]]:
+    """site -> {name: (pool, key, shape, dtype)} for every tensor the site sends."""
+    out: dict[str, dict[str, tuple[str, str, tuple[int, ...], str]]] = {}
+    for site in sorted(plans.sites):
+        entries = {}
+        for name, (shape, dtype) in expected_parameters(plans, site).items():
+            pool = resolved_scope(strategy, plans, site, name, dtype)
+            if pool is not None:
+                entries[name] = (pool, strategy.key(plans, site, name), shape, dtype)
+        out[site] = entries
+    return out
+
+
+def aggregate_round(
+    plans: Plans,
+    update_paths: Sequence[str | Path],
+    out_dir: str | Path,
+    expected_round: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> AggregateReport:
+    """Validate a round's updates, merge them by the plan's strategy and write the round folder."""
+    out_dir = Path(out_dir)
+    strategy = get_strategy(plans.strategy.name)
+    strategy.check_params(plans.strategy.params)
+    updates = validate_updates(plans, update_paths, expected_round=expected_round, strategy=strategy)
+    round_index = updates[0].meta.round
+    by_site = {u.site: u for u in updates}
+    _log(log, f"round {round_index}: {len(updates)} update(s) valid ({', '.join(sorted(by_site))})")
+
+    routing = _routing(strategy, plans)
+    # (pool, key) -> [(site, name)] over the sites that sent an update, sorted by site
+    members: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    key_meta: dict[tuple[str, str], tuple[tuple[int, ...], str]] = {}
+    for site in sorted(by_site):
+        for name, (pool, key, shape, dtype) in routing[site].items():
+            members.setdefault((pool, key), []).append((site, name))
+            previous = key_meta.setdefault((pool, key), (shape, dtype))
+            if previous != (shape, dtype):
+                raise ValueError(f"strategy maps tensors of different shape/dtype to {pool}/{key}")
+
+    results: dict[tuple[str, str], CombineResult] = {}
+    pool_models: dict[tuple[str, str], np.ndarray] = {}
+    weights: dict[str, dict[str, float] | None] = {}
+    with contextlib.ExitStack() as stack:
+        readers = {site: stack.enter_context(open_weight_file(u.path)) for site, u in by_site.items()}
+        for (pool, key) in sorted(members):
+            shape, dtype = key_meta[(pool, key)]
+            contributions = [
+                Contribution(site, by_site[site].meta.n_cases, by_site[site].meta.n_iterations, readers[site].get_tensor(name))
+                for site, name in members[(pool, key)]
+            ]
+            if pool not in weights:
+                weights[pool] = strategy.pool_weights(plans, pool, contributions)
+            combined = strategy.combine(plans, pool, key, contributions)
+            model = strategy.pool_model(plans, pool, key, contributions, combined)
+            if isinstance(combined, dict):
+                results[(pool, key)] = {s: _cast(a, shape, dtype, pool, key) for s, a in combined.items()}
+            else:
+                results[(pool, key)] = _cast(combined, shape, dtype, pool, key)
+            if model is not None:
+                if model is combined:  # the shared result itself: reuse the cast array, no copy
+                    pool_models[(pool, key)] = results[(pool, key)]
+                else:
+                    pool_models[(pool, key)] = _cast(model, shape, dtype, pool, key)
+
+    # -- write: pool models, per-site files, then the report (the completion marker) ---------
+    outputs: list[OutputRecord] = []
+    model_pools = strategy.model_pools(plans)
+    stems = [pool_filename(p) for p in model_pools]
+    if len(set(stems)) != len(stems):
+        raise ValueError(f"model pools {model_pools} map to clashing file names")
+    pool_files: dict[str, tuple[dict[str, np.ndarray], OutputRecord]] = {}
+    for pool, stem in zip(model_pools, stems):
+        tensors = {key: arr for (p, key), arr in sorted(pool_models.items()) if p == pool}
+        sites = sorted({s for (p, _k), ms in members.items() if p == pool for s, _n in ms})
+        meta = WeightMeta(
+            kind="model",
+            plan_id=plans.plan_id,
+            strategy=plans.strategy.name,
+            site=pool,
+            round=round_index,
+            n_cases=sum(by_site[s].meta.n_cases for s in sites),
+            n_iterations=sum(by_site[s].meta.n_iterations for s in sites),
+            scopes={key: pool for key in tensors},
+            extra={"sites": sites},
+        )
+        record = _write(out_dir, f"{MODELS_DIR}/{stem}.safetensors", "pool", pool, tensors, meta)
+        pool_files[pool] = (tensors, record)
+        outputs.append(record)
+    for site in sorted(plans.sites):
+        rel = f"{site}.safetensors"
+        tensors, scopes = _site_tensors(strategy, plans, site, results, pool_models)
+        same_as = _identical_pool_file(tensors, scopes, pool_files)
+        if same_as is not None:
+            # The site loads exactly a pool model (fedavg: every site loads the global model):
+            # link to that file instead of writing the same bytes once per site.
+            _link_or_copy(out_dir / same_as.path, out_dir / rel)
+            outputs.append(dataclasses.replace(same_as, path=rel, kind="site", name=site, same_as=same_as.path))
+            continue
+        update = by_site.get(site)
+        meta = WeightMeta(
+            kind="model",
+            plan_id=plans.plan_id,
+            strategy=plans.strategy.name,
+            site=site,
+            round=round_index,
+            n_cases=update.meta.n_cases if update else plans.sites[site].n_cases,
+            n_iterations=update.meta.n_iterations if update else 0,
+            scopes=scopes,
+            extra={"participated": update is not None},
+        )
+        outputs.append(_write(out_dir, rel, "site", site, tensors, meta))
+
+    report = AggregateReport(
+        round=round_index,
+        plan_id=plans.plan_id,
+        strategy=plans.strategy.name,
+        inputs=[_input_record(u) for u in updates],
+        weights=weights,
+        outputs=outputs,
+        missing_sites=sorted(set(plans.sites) - set(by_site)),
+    )
+    write_json_atomic(out_dir / REPORT_FILE, report.to_dict())
+    _log(log, f"round {round_index}: wrote {len(outputs)} weight file(s) and {REPORT_FILE} to {out_dir}")
+    return report
+
+
+def _cast(array: Any, shape: tuple[int, ...], dtype: str, pool: str, key: str) -> np.ndarray:
+    array = np.asarray(array)
+    if array.shape != shape:
+        raise ValueError(f"strategy returned shape {array.shape} for {pool}/{key}, expected {shape}")
+    return np.asarray(array, dtype=np.dtype(dtype), order="C")
+
+
+def _site_tensors(
+    strategy: Strategy,
+    plans: Plans,
+    site: str,
+    results: Mapping[tuple[str, str], CombineResult],
+    pool_models: Mapping[tuple[str, str], np.ndarray],
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """What `site` loads next: its result from each pool it loads from.
+
+    A personalised result without an entry for this site (it sent no update) falls back to
+    the pool model; a key nobody contributed to this round is left out, and the site keeps
+    its own tensor for it (see compose_site_state).
+    """
+    tensors: dict[str, np.ndarray] = {}
+    scopes: dict[str, str] = {}
+    for name, (_shape, dtype) in expected_parameters(plans, site).items():
+        source = resolved_loads(strategy, plans, site, name, dtype)
+        if source is None or source not in results:
+            continue
+        result = results[source]
+        if isinstance(result, dict):
+            array = result.get(site, pool_models.get(source))
+        else:
+            array = result
+        if array is not None:
+            tensors[name] = array
+            scopes[name] = source[0]
+    return tensors, scopes
+
+
+def _write(out_dir: Path, rel: str, kind: str, name: str, tensors: dict[str, np.ndarray], meta: WeightMeta) -> OutputRecord:
+    path = out_dir / rel
+    _meta, digest = write_weight_file_digest(path, tensors, meta)
+    return OutputRecord(path=rel, kind=kind, name=name, n_tensors=len(tensors), bytes=path.stat().st_size, sha256=digest)
+
+
+def _identical_pool_file(
+    tensors: Mapping[str, np.ndarray],
+    scopes: Mapping[str, str],
+    pool_files: Mapping[str, tuple[dict[str, np.ndarray], OutputRecord]],
+) -> OutputRecord | None:
+    """The pool model file whose tensors are exactly `tensors` (same names, same arrays), if any."""
+    pools = set(scopes.values())
+    if len(pools) != 1:
+        return None
+    entry = pool_files.get(pools.pop())
+    if entry is None:
+        return None
+    pool_tensors, record = entry
+    if pool_tensors.keys() != tensors.keys() or any(pool_tensors[k] is not tensors[k] for k in tensors):
+        return None
+    return record
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Atomically make `target` a hard link to `source` (a copy where links are not supported)."""
+    with atomic_path(target) as tmp:
+        tmp.unlink()
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+
+
+def _input_record(update: ValidatedUpdate) -> InputRecord:
+    return InputRecord(
+        site=update.site,
+        path=str(update.path),
+        sha256=update.sha256,
+        bytes=update.n_bytes,
+        n_cases=update.meta.n_cases,
+        n_iterations=update.meta.n_iterations,
+        update_norm=update.update_norm if math.isfinite(update.update_norm) else None,
+        extra=update.meta.extra,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# round 0
+# ---------------------------------------------------------------------------------------
+def initial_round(plans: Plans, out_dir: str | Path, seed: int | None = None) -> list[Path]:
+    """Write round_000: `<site>.safetensors` (the FULL initial state, local tensors included,
+    so a site can start without building anything) and `models/<pool>.safetensors`.
+
+    One network per configuration, built with the seed; every tensor of a (pool, key) is then
+    taken from the first site (in name order) that holds it, so all sites of a pool start
+    from bit-identical shared weights even when their configurations differ.
+    """
+    import torch
+
+    out_dir = Path(out_dir)
+    seed = plans.seed if seed is None else int(seed)
+    strategy = get_strategy(plans.strategy.name)
+    strategy.check_params(plans.strategy.params)
+    manifests = plans.extra.get("manifests") or {}
+    built: dict[str, dict[str, np.ndarray]] = {}
+    states: dict[str, dict[str, np.ndarray]] = {}
+    for site in sorted(plans.sites):
+        config = plans.sites[site].configuration or plans.default_configuration
+        if config not in built:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                network = strategy.network(plans, site)
+            state = {k: v.detach().cpu().numpy().copy() for k, v in network.state_dict().items()}
+            if config in manifests:
+                expected = expected_parameters(plans, site)
+                got = {k: (tuple(v.shape), v.dtype.name) for k, v in state.items()}
+                if got != expected:
+                    raise InputError(
+                        f"the network built for configuration {config!r} does not match the plan's manifest "
+                        f"(differs at {describe(set(got) ^ set(expected) or {k for k in got if got[k] != expected.get(k)})}); "
+                        "re-run `fedseg plan`"
+                    )
+            built[config] = state
+        states[site] = dict(built[config])
+
+    pooled: dict[tuple[str, str], np.ndarray] = {}
+    scopes: dict[str, dict[str, str]] = {}
+    for site in sorted(plans.sites):
+        scopes[site] = {}
+        for name, array in states[site].items():
+            pool = resolved_scope(strategy, plans, site, name, array.dtype.name)
+            if pool is None:
+                continue
+            key = (pool, strategy.key(plans, site, name))
+            first = pooled.setdefault(key, array)
+            if first.shape != array.shape or first.dtype != array.dtype:
+                raise ValueError(f"strategy maps tensors of different shape/dtype to {key[0]}/{key[1]}")
+            states[site][name] = first
+            scopes[site][name] = pool
+
+    written: list[Path] = []
+    for site in sorted(plans.sites):
+        meta = WeightMeta(
+            kind="model", plan_id=plans.plan_id, strategy=plans.strategy.name, site=site, round=0,
+            n_cases=plans.sites[site].n_cases, n_iterations=0, scopes=scopes[site], extra={"seed": seed},
+        )
+        write_weight_file(out_dir / f"{site}.safetensors", states[site], meta)
+        written.append(out_dir / f"{site}.safetensors")
+    for pool in strategy.model_pools(plans):
+        tensors = {key: arr for (p, key), arr in pooled.items() if p == pool}
+        meta = WeightMeta(
+            kind="model", plan_id=plans.plan_id, strategy=plans.strategy.name, site=pool, round=0,
+            n_cases=0, n_iterations=0, scopes={k: pool for k in tensors}, extra={"seed": seed},
+        )
+        path = out_dir / MODELS_DIR / f"{pool_filename(pool)}.safetensors"
+        write_weight_file(path, tensors, meta)
+        written.append(path)
+    return written
+
+
+# ---------------------------------------------------------------------------------------
+# site side
+# ---------------------------------------------------------------------------------------
+def split_site_state(plans: Plans, site: str, state: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(shared, local): shared = what the site sends (non-None scope), local = what stays."""
+    strategy = get_strategy(plans.strategy.name)
+    shared: dict[str, np.ndarray] = {}
+    local: dict[str, np.ndarray] = {}
+    for name, value in state.items():
+        array = to_numpy(value)
+        target = shared if resolved_scope(strategy, plans, site, name, array.dtype.name) is not None else local
+        target[name] = array
+    return shared, local
+
+
+def compose_site_state(
+    plans: Plans, site: str, incoming_path: str | Path, local_state: Mapping[str, Any] | None
+) -> dict[str, np.ndarray]:
+    """The full model `site` starts from: its local tensors overlaid with the incoming model file.
+
+    The incoming file must be a model file of this plan for this site (or one of the plan's
+    pool models); every tensor must be a parameter of the site's network with the manifest's
+    shape and dtype; whatever is neither incoming nor local is an InputError.
+    """
+    path = Path(incoming_path)
+    tensors, meta = read_weight_file(path)
+    if meta.kind != "model":
+        raise InputError(f"is a {meta.kind!r} file; a site starts from a model file (round_r/<site>.safetensors)", path)
+    if meta.plan_id != plans.plan_id:
+        raise InputError(f"was made under another plan (plan_id {meta.plan_id[:12]}…, this plan {plans.plan_id[:12]}…)", path)
+    if meta.site in plans.sites and meta.site != site:
+        raise InputError(f"is the model for site {meta.site!r}, not {site!r}", path)
+    expected = expected_parameters(plans, site)
+    state: dict[str, np.ndarray] = {name: to_numpy(v) for name, v in (local_state or {}).items()}
+    for name, array in tensors.items():
+        if name not in expected:
+            raise InputError(f"tensor {name!r} is not a parameter of site {site!r}'s network", path)
+        shape, dtype = expected[name]
+        if array.shape != shape or array.dtype.name != dtype:
+            raise InputError(
+                f"tensor {name!r} is {array.dtype.name}{list(array.shape)}, the plan expects {dtype}{list(shape)}", path
+            )
+        state[name] = array
+    missing = set(expected) - set(state)
+    if missing:
+        raise InputError(f"lacks {len(missing)} tensor(s) that the site has no local copy of: {describe(missing)}", path)
+    return {name: state[name] for name in expected}
+
+
+def write_site_update(
+    plans: Plans,
+    site: str,
+    state: Mapping[str, Any],
+    path: str | Path,
+    *,
+    round_index: int,
+    n_iterations: int,
+    n_cases: int | None = None,
+    extra: dict[str, Any] | None = None,
+) -> WeightMeta:
+    """Write the update of `site` for `round_index`: only its shared tensors, with their scopes."""
+    strategy = get_strategy(plans.strategy.name)
+    shared, _local = split_site_state(plans, site, state)
+    scopes = {name: resolved_scope(strategy, plans, site, name, a.dtype.name) for name, a in shared.items()}
+    meta = WeightMeta(
+        kind="update", plan_id=plans.plan_id, strategy=plans.strategy.name, site=site, round=int(round_index),
+        n_cases=plans.sites[site].n_cases if n_cases is None else int(n_cases), n_iterations=int(n_iterations),
+        scopes={k: v for k, v in scopes.items() if v is not None}, extra=dict(extra or {}),
+    )
+    return write_weight_file(path, shared, meta)

@@ -1,0 +1,26 @@
+"""Strategy registry: one module per strategy, looked up by the name stored in plans.json."""
+
+from __future__ import annotations
+
+from fedseg.errors import InputError
+from fedseg.federation.strategies.base import Contribution, Strategy
+from fedseg.federation.strategies.fedavg import FedAvg
+from fedseg.federation.strategies.local import Local
+
+# name -> class; a fresh instance per lookup (strategies are stateless: all input comes
+# through arguments, so one instance could be shared, but nothing forces callers to know that).
+_REGISTRY: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg, Local)}
+
+
+def strategy_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_strategy(name: str) -> Strategy:
+    try:
+        return _REGISTRY[name]()
+    except KeyError:
+        raise InputError(f"unknown strategy {name!r} (known: {', '.join(strategy_names())})") from None
+
+
+__all__ = ["Contribution", "Strategy", "get_strategy", "strategy_names"]

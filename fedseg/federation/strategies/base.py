@@ -1,0 +1,168 @@
+"""The strategy interface: what a federated algorithm says; the engine does everything else.
+
+A strategy answers, without doing any I/O:
+1. `network(plans, site)`     the model a site trains (torch is imported lazily);
+2. `scope(plans, site, name)` the pool a parameter is averaged in ("global", "group:MRI", ...)
+                              or None (never leaves the site);
+   `key(plans, site, name)`   the name the parameter has inside its pool (identity by default;
+                              asymmetric networks map e.g. each site's decoder stages counted
+                              from the bottleneck to one shared key);
+3. `combine(plans, pool, key, contributions)` how a pool's contributions to one key are
+                              merged: one array for every site of the pool, or one array per
+                              site (personalised); `pool_model(...)` what the pool's own model
+                              file holds for that key (e.g. a plain group mean).
+`model_pools(plans)` names the pools written as `models/<pool file name>.safetensors`.
+
+The engine streams key by key over memory-mapped files, so `combine` sees one tensor per
+contributing site for ONE key at a time; it should accumulate in float64 and return float64
+(the engine casts back to the manifest dtype). Integer tensors (num_batches_tracked, ...) are
+never averaged: `resolved_scope` forces their scope to None whatever the strategy says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Union
+
+import numpy as np
+
+from fedseg.errors import InputError
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from fedseg.planning.plans import Plans
+
+# Engine-level parameters every strategy accepts in plans.strategy.params.
+ENGINE_PARAMS: frozenset[str] = frozenset({"max_update_norm"})
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One site's tensor for one pool key (read-only, usually memory-mapped)."""
+
+    site: str
+    n_cases: int
+    n_iterations: int
+    array: np.ndarray
+
+
+CombineResult = Union[np.ndarray, dict[str, np.ndarray]]
+
+
+class Strategy:
+    """Base class with the common defaults; subclasses set `name` and override what differs."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    # params this strategy understands besides ENGINE_PARAMS (checked by `check_params`)
+    known_params: ClassVar[frozenset[str]] = frozenset()
+
+    # -- configuration -------------------------------------------------------------------
+    def check_params(self, params: Mapping[str, Any]) -> None:
+        """Refuse unknown or invalid strategy params (a typo in `--set` must not pass silently)."""
+        allowed = ENGINE_PARAMS | self.known_params
+        unknown = set(params) - allowed
+        if unknown:
+            raise InputError(
+                f"strategy {self.name!r} does not know parameter(s) {', '.join(sorted(unknown))} "
+                f"(known: {', '.join(sorted(allowed))})"
+            )
+        bound = params.get("max_update_norm")
+        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound > 0):
+            raise InputError(f"max_update_norm must be a positive number, got {bound!r}")
+
+    # -- 1. the network ------------------------------------------------------------------
+    def network(self, plans: Plans, site: str) -> Any:
+        """The torch module site `site` trains (default: the plain U-Net of its configuration).
+
+        Seeded with plans.seed, so every site of a configuration builds bit-identical initial weights.
+        """
+        from fedseg.training.network import build_network
+
+        return build_network(plans.configuration_for(site), plans.n_channels, plans.n_classes, seed=plans.seed)
+
+    # -- 2. where each parameter goes ------------------------------------------------------
+    def scope(self, plans: Plans, site: str, name: str) -> str | None:
+        raise NotImplementedError
+
+    def key(self, plans: Plans, site: str, name: str) -> str:
+        return name
+
+    def loads(self, plans: Plans, site: str, name: str) -> tuple[str, str] | None:
+        """(pool, key) from which `site` loads parameter `name` next round; default: where it sends it."""
+        pool = self.scope(plans, site, name)
+        return None if pool is None else (pool, self.key(plans, site, name))
+
+    def model_pools(self, plans: Plans) -> list[str]:
+        """Pools written as models/<pool_filename(pool)>.safetensors (the server-side models)."""
+        return []
+
+    # -- 3. how a pool is merged -----------------------------------------------------------
+    def combine(self, plans: Plans, pool: str, key: str, contributions: Sequence[Contribution]) -> CombineResult:
+        raise NotImplementedError
+
+    def pool_model(
+        self, plans: Plans, pool: str, key: str, contributions: Sequence[Contribution], combined: CombineResult
+    ) -> np.ndarray | None:
+        """The pool model's tensor for `key`: the combined array when there is one for all sites."""
+        return combined if isinstance(combined, np.ndarray) else None
+
+    def pool_weights(self, plans: Plans, pool: str, contributions: Sequence[Contribution]) -> dict[str, float] | None:
+        """Weight of each site in the pool, for the round report (None when not a simple weighting)."""
+        return None
+
+
+def resolved_scope(strategy: Strategy, plans: Plans, site: str, name: str, dtype: str) -> str | None:
+    """The strategy's scope, except that non-float tensors never leave the site (not averageable)."""
+    if not np.issubdtype(np.dtype(dtype), np.floating):
+        return None
+    return strategy.scope(plans, site, name)
+
+
+def resolved_loads(strategy: Strategy, plans: Plans, site: str, name: str, dtype: str) -> tuple[str, str] | None:
+    if not np.issubdtype(np.dtype(dtype), np.floating):
+        return None
+    return strategy.loads(plans, site, name)
+
+
+def pool_filename(pool: str) -> str:
+    """File stem of a pool model: "global" -> "global", "group:MRI" -> "MRI"."""
+    stem = pool.split(":", 1)[1] if ":" in pool else pool
+    if not stem or "/" in stem or "\\" in stem or stem in (".", ".."):
+        raise ValueError(f"pool name {pool!r} cannot be used as a file name")
+    return stem
+
+
+# Elements per block when averaging: 64 Ki float64 = 512 KiB for the accumulator + the same
+# for the scratch buffer stay in L2, so each input byte is read from memory exactly once.
+_BLOCK = 1 << 16
+
+
+def weighted_mean(contributions: Sequence[Contribution], weights: Sequence[float]) -> np.ndarray:
+    """Σ w_k x_k / Σ w_k in float64 (Flower's `aggregate` with w_k = n_k, without float32 rounding)."""
+    if not contributions:
+        raise ValueError("nothing to average")
+    total = float(sum(weights))
+    if not total > 0:
+        raise ValueError("the weights sum to zero")
+    shape = contributions[0].array.shape
+    for contribution in contributions:
+        if contribution.array.shape != shape:
+            raise ValueError(f"contributions to one key differ in shape: {shape} vs {contribution.array.shape}")
+    flats = [c.array.reshape(-1) for c in contributions]
+    scales = [float(w) / total for w in weights]
+    out = np.empty(flats[0].size, dtype=np.float64)
+    scratch = np.empty(min(out.size, _BLOCK), dtype=np.float64)
+    for start in range(0, out.size, _BLOCK):
+        acc = out[start:start + _BLOCK]
+        tmp = scratch[: acc.size]
+        # multiply straight into float64 buffers: no float32 temporaries, no precision lost
+        np.multiply(flats[0][start:start + _BLOCK], scales[0], out=acc, dtype=np.float64)
+        for flat, scale in zip(flats[1:], scales[1:]):
+            np.multiply(flat[start:start + _BLOCK], scale, out=tmp, dtype=np.float64)
+            acc += tmp
+    return out.reshape(shape)
+
+
+def plain_mean(contributions: Sequence[Contribution]) -> np.ndarray:
+    return weighted_mean(contributions, [1.0] * len(contributions))

@@ -1,0 +1,52 @@
+"""FedAvg: one global model, every float parameter averaged, weighted by the sites' case counts.
+
+w' = Σ_k n_k w_k / Σ_k n_k — the same rule as Flower's `aggregate()`, but accumulated in
+float64 (Flower multiplies and sums in the tensors' own dtype, float32). Set
+`weighting=uniform` (`fedseg plan --set weighting=uniform`) for an unweighted mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedseg.errors import InputError
+from fedseg.federation.strategies.base import Contribution, Strategy, weighted_mean
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fedseg.planning.plans import Plans
+
+GLOBAL_POOL = "global"
+WEIGHTINGS = ("n_cases", "uniform")
+
+
+class FedAvg(Strategy):
+    name = "fedavg"
+    description = "one global model; weighted mean by n_cases (Flower's aggregate)"
+    known_params = frozenset({"weighting"})
+
+    def check_params(self, params: Mapping[str, Any]) -> None:
+        super().check_params(params)
+        weighting = params.get("weighting", "n_cases")
+        if weighting not in WEIGHTINGS:
+            raise InputError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
+
+    def scope(self, plans: Plans, site: str, name: str) -> str | None:
+        return GLOBAL_POOL
+
+    def model_pools(self, plans: Plans) -> list[str]:
+        return [GLOBAL_POOL]
+
+    def pool_weights(self, plans: Plans, pool: str, contributions: Sequence[Contribution]) -> dict[str, float]:
+        if plans.strategy.params.get("weighting", "n_cases") == "uniform":
+            raw = [1.0] * len(contributions)
+        else:
+            raw = [float(c.n_cases) for c in contributions]
+        total = sum(raw)
+        return {c.site: w / total for c, w in zip(contributions, raw)}
+
+    def combine(self, plans: Plans, pool: str, key: str, contributions: Sequence[Contribution]) -> np.ndarray:
+        weights = self.pool_weights(plans, pool, contributions)
+        return weighted_mean(contributions, [weights[c.site] for c in contributions])

@@ -1,0 +1,28 @@
+"""Local training only: nothing leaves a site (every scope None). The no-federation baseline.
+
+`fedseg aggregate` still runs, checks the (tensor-free) updates and writes one tensor-free
+model file per site, so the round folders look the same as for every other strategy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from fedseg.federation.strategies.base import Contribution, Strategy
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fedseg.planning.plans import Plans
+
+
+class Local(Strategy):
+    name = "local"
+    description = "no federation: every site trains its own model, nothing is exchanged"
+
+    def scope(self, plans: Plans, site: str, name: str) -> str | None:
+        return None
+
+    def combine(self, plans: Plans, pool: str, key: str, contributions: Sequence[Contribution]) -> np.ndarray:
+        raise AssertionError("the local strategy has no pools to combine")

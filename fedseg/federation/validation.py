@@ -1,0 +1,196 @@
+"""Check a round's update files before any arithmetic (ARCHITECTURE.md §6).
+
+Cheap checks first (header, metadata, names/shapes/dtypes/scopes against the plan, rounds,
+duplicates), so a wrong file is refused in milliseconds; then one streaming pass per file
+over the tensor data that verifies the content hash, that every value is finite and the
+update's L2 norm, plus the sha256 of the file bytes for the round report. Files are checked
+in threads: hashlib and numpy release the GIL on large buffers.
+
+Every failure is an InputError naming the file and the fault; the first bad file in the
+order given is reported.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from fedseg.errors import InputError
+from fedseg.federation.manifest import expected_parameters
+from fedseg.federation.strategies.base import Strategy, resolved_scope
+from fedseg.federation.weightfile import (
+    ContentHasher,
+    WeightMeta,
+    check_hash,
+    describe,
+    open_weight_file,
+    sha256_file,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fedseg.planning.plans import Plans
+
+# Elements per block in the finite/norm pass: 64 Ki float32 (256 KiB) stays in L2 and keeps
+# float32 dot-product rounding small (measured relative error ~1e-8 against float64); the
+# sum over blocks is float64.
+_BLOCK = 1 << 16
+
+
+@dataclass
+class ValidatedUpdate:
+    path: Path
+    meta: WeightMeta
+    sha256: str            # of the file bytes
+    n_bytes: int
+    update_norm: float     # L2 norm over all tensors in the file, in float64
+
+    @property
+    def site(self) -> str:
+        return self.meta.site
+
+
+def expected_update(strategy: Strategy, plans: Plans, site: str) -> dict[str, tuple[tuple[int, ...], str, str]]:
+    """{name: (shape, dtype, pool)} of what `site` must send: manifest ∩ non-None scope."""
+    out = {}
+    for name, (shape, dtype) in expected_parameters(plans, site).items():
+        pool = resolved_scope(strategy, plans, site, name, dtype)
+        if pool is not None:
+            out[name] = (shape, dtype, pool)
+    return out
+
+
+def _check_structure(path: Path, strategy: Strategy, plans: Plans, expected_round: int | None) -> WeightMeta:
+    with open_weight_file(path) as reader:
+        meta = reader.meta
+        infos = reader.infos
+    if meta.kind != "update":
+        raise InputError(f"is a {meta.kind!r} file, expected an update (round_r/updates/<site>.safetensors)", path)
+    if meta.plan_id != plans.plan_id:
+        raise InputError(
+            f"was made under another plan (plan_id {meta.plan_id[:12]}…, this plan {plans.plan_id[:12]}…)", path
+        )
+    if meta.strategy != plans.strategy.name:
+        raise InputError(f"was made for strategy {meta.strategy!r}, the plan uses {plans.strategy.name!r}", path)
+    if meta.site not in plans.sites:
+        raise InputError(f"comes from site {meta.site!r}, which is not in the plan (sites: {describe(plans.sites)})", path)
+    if meta.round < 1:
+        raise InputError(f"has round {meta.round}; updates start at round 1 (round 0 is the initial model)", path)
+    if expected_round is not None and meta.round != expected_round:
+        raise InputError(f"is an update of round {meta.round}, expected round {expected_round}", path)
+    if meta.n_cases < 1:
+        raise InputError("has n_cases 0; an update must come from at least one training case", path)
+    expected = expected_update(strategy, plans, meta.site)
+    missing = set(expected) - set(infos)
+    if missing:
+        raise InputError(f"is missing {len(missing)} tensor(s) site {meta.site!r} must send: {describe(missing)}", path)
+    extra = set(infos) - set(expected)
+    if extra:
+        raise InputError(
+            f"holds {len(extra)} tensor(s) that site {meta.site!r} must not send (unknown or local-only): {describe(extra)}",
+            path,
+        )
+    for name, (shape, dtype, _pool) in expected.items():
+        info = infos[name]
+        if info.shape != shape:
+            raise InputError(f"tensor {name!r} has shape {list(info.shape)}, the plan expects {list(shape)}", path)
+        if info.dtype != dtype:
+            raise InputError(f"tensor {name!r} has dtype {info.dtype}, the plan expects {dtype}", path)
+    want_scopes = {name: pool for name, (_s, _d, pool) in expected.items()}
+    if meta.scopes != want_scopes:
+        wrong = sorted(n for n in set(want_scopes) | set(meta.scopes) if meta.scopes.get(n) != want_scopes.get(n))
+        first = wrong[0]
+        raise InputError(
+            f"scope of {first!r} is {meta.scopes.get(first)!r}, the strategy says {want_scopes.get(first)!r}"
+            f" ({len(wrong)} scope(s) differ)",
+            path,
+        )
+    return meta
+
+
+def _sum_of_squares(name: str, array: np.ndarray, path: Path) -> float:
+    """Σ x² of a float tensor in float64 over float32 dot products of cache-sized blocks.
+
+    NaN or inf make a block's dot product non-finite, so the same pass is the finite check.
+    A float32 dot can also overflow for huge finite values: such a block is looked at again
+    (non-finite values -> InputError, otherwise summed in float64).
+    """
+    flat = array.reshape(-1)
+    total = 0.0
+    for start in range(0, flat.size, _BLOCK):
+        block = flat[start:start + _BLOCK]
+        if block.dtype.itemsize < 4:  # float16: square and sum in float32 (f16 would overflow)
+            block = block.astype(np.float32)
+        part = float(np.dot(block, block))
+        if not math.isfinite(part):
+            bad = int(np.count_nonzero(~np.isfinite(block)))
+            if bad:
+                raise InputError(f"tensor {name!r} holds {bad} non-finite value(s) (NaN or inf)", path)
+            wide = block.astype(np.float64)
+            part = float(np.dot(wide, wide))
+        total += part
+    return total
+
+
+def _scan_data(path: Path, max_norm: float | None) -> float:
+    """Content hash + finite check + L2 norm in one pass over the tensors; returns the norm."""
+    with open_weight_file(path) as reader:
+        hasher = ContentHasher(reader.meta)
+        sumsq = 0.0
+        for name, array in reader.iter_tensors():
+            hasher.add(name, array)
+            if np.issubdtype(array.dtype, np.floating):
+                sumsq += _sum_of_squares(name, array, path)
+        check_hash(path, reader.meta, hasher.hexdigest())
+    norm = math.sqrt(sumsq)
+    if max_norm is not None and not norm <= max_norm:
+        raise InputError(f"update L2 norm {norm:.6g} exceeds the plan's bound max_update_norm={max_norm:g}", path)
+    return norm
+
+
+def validate_updates(
+    plans: Plans,
+    update_paths: Sequence[str | Path],
+    expected_round: int | None = None,
+    strategy: Strategy | None = None,
+    workers: int | None = None,
+) -> list[ValidatedUpdate]:
+    """Validate a round's updates; returns them in the order given. InputError on the first fault."""
+    from fedseg.federation.strategies import get_strategy
+
+    strategy = strategy or get_strategy(plans.strategy.name)
+    paths = [Path(p) for p in update_paths]
+    if not paths:
+        raise InputError("no update files given")
+    metas = [_check_structure(p, strategy, plans, expected_round) for p in paths]
+
+    first_round = metas[0].round
+    seen: dict[str, Path] = {}
+    for path, meta in zip(paths, metas):
+        if meta.round != first_round:
+            raise InputError(f"is an update of round {meta.round}, but {paths[0]} is of round {first_round}", path)
+        if meta.site in seen:
+            raise InputError(f"is a second update from site {meta.site!r} (first: {seen[meta.site]})", path)
+        seen[meta.site] = path
+
+    bound = plans.strategy.params.get("max_update_norm")
+    max_norm = float(bound) if bound is not None else None
+    # Two independent tasks per file (content pass, sha256 of the bytes) so that every core
+    # hashes; both hashlib and numpy release the GIL on large buffers.
+    n_workers = max(1, min(2 * len(paths), workers or os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=n_workers) as pool:
+        scans = [pool.submit(_scan_data, p, max_norm) for p in paths]
+        digests = [pool.submit(sha256_file, p) for p in paths]
+        # report the first bad file in the order given, whatever finished first
+        norms = [f.result() for f in scans]
+        shas = [f.result() for f in digests]
+    return [
+        ValidatedUpdate(path=p, meta=m, sha256=sha, n_bytes=p.stat().st_size, update_norm=norm)
+        for p, m, norm, sha in zip(paths, metas, norms, shas)
+    ]

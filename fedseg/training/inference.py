@@ -1,0 +1,272 @@
+"""Sliding-window inference, as nnU-Net predicts a case.
+
+A case is preprocessed exactly as for training (crop, normalise, resample to the plan's
+spacing), covered by overlapping patch-sized tiles, each tile's softmax is weighted by a
+Gaussian importance map (tile centres are more reliable than tile borders, where the
+network saw less context), the weighted sum is divided by the summed weights, and the
+probabilities are resampled back to the case's original geometry
+(`fedseg.data.preprocessing.revert_segmentation`) and turned into dataset.json label values.
+
+2D configurations predict every z slice of the (C, z, y, x) case with the 2D network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.ndimage import gaussian_filter
+from torch import nn
+
+from fedseg.data.case_loading import CaseData, load_case
+from fedseg.data.dataset import collect_cases
+from fedseg.data.image_io import write_segmentation
+from fedseg.errors import InputError
+from fedseg.planning.plans import ConfigurationPlan, Plans
+
+# nnU-Net's default overlap: tiles advance by half a patch, so every voxel away from the
+# border is seen by 2^ndim tiles.
+DEFAULT_STEP_SIZE = 0.5
+# nnU-Net's Gaussian width: sigma = patch / 8 per axis.
+GAUSSIAN_SIGMA_SCALE = 1.0 / 8
+# Tiles per forward pass: enough to keep a GPU busy on small patches, small enough for CPU RAM.
+TILES_PER_BATCH = 4
+
+
+def compute_steps_for_sliding_window(
+    image_size: Sequence[int], tile_size: Sequence[int], step_size: float
+) -> list[list[int]]:
+    """Tile start positions per axis (nnU-Net's rule).
+
+    The number of tiles is the fewest that keep the step at most `step_size * tile`;
+    the steps are then spread evenly so the first tile starts at 0 and the last ends at the
+    image border. `image_size` must be at least `tile_size` on every axis (pad first).
+    """
+    if not 0 < step_size <= 1:
+        raise ValueError(f"step_size must be in (0, 1], got {step_size}")
+    if len(image_size) != len(tile_size) or any(i < t for i, t in zip(image_size, tile_size)):
+        raise ValueError(f"image size {tuple(image_size)} must be at least the tile size {tuple(tile_size)}")
+    steps = []
+    for size, tile in zip(image_size, tile_size):
+        target_step = tile * step_size
+        n_steps = int(np.ceil((size - tile) / target_step)) + 1
+        max_start = size - tile
+        actual_step = max_start / (n_steps - 1) if n_steps > 1 else 0.0
+        steps.append([int(np.round(actual_step * i)) for i in range(n_steps)])
+    return steps
+
+
+def gaussian_importance_map(tile_size: Sequence[int], sigma_scale: float = GAUSSIAN_SIGMA_SCALE) -> np.ndarray:
+    """nnU-Net's Gaussian weighting of a tile: peak 1 at the centre, sigma = tile * sigma_scale.
+
+    Zeros (far corners underflow) are raised to the smallest positive value: every voxel of
+    a tile must carry some weight, otherwise a voxel covered only by tile corners would be
+    divided by zero.
+    """
+    impulse = np.zeros(tuple(tile_size), dtype=np.float64)
+    impulse[tuple(t // 2 for t in tile_size)] = 1.0
+    gaussian = gaussian_filter(impulse, [t * sigma_scale for t in tile_size], order=0, mode="constant", cval=0.0)
+    gaussian /= gaussian.max()
+    positive = gaussian > 0
+    gaussian[~positive] = gaussian[positive].min()
+    return gaussian.astype(np.float32)
+
+
+@contextlib.contextmanager
+def inference_mode(network: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode with deep supervision off for the duration; the previous state is restored."""
+    was_training = network.training
+    had_flag = hasattr(network, "deep_supervision")
+    previous_flag = getattr(network, "deep_supervision", None)
+    network.eval()
+    if had_flag:
+        network.deep_supervision = False
+    try:
+        with torch.inference_mode():
+            yield network
+    finally:
+        if had_flag:
+            network.deep_supervision = previous_flag
+        network.train(was_training)
+
+
+def sliding_window_probabilities(
+    network: nn.Module,
+    data: np.ndarray,
+    patch_size: Sequence[int],
+    n_classes: int,
+    step_size: float = DEFAULT_STEP_SIZE,
+    mirror: bool = False,
+    device: str | torch.device = "cpu",
+    tiles_per_batch: int = TILES_PER_BATCH,
+) -> np.ndarray:
+    """Class probabilities (K, z, y, x) float32 for a preprocessed (C, z, y, x) array.
+
+    A 3-entry `patch_size` tiles the volume; a 2-entry one predicts each z slice in 2D.
+    The network runs in eval mode without deep supervision (`inference_mode`, restored
+    afterwards); a list output is tolerated and its first, full-resolution entry used.
+    """
+    with inference_mode(network):
+        return _sliding_window(network, data, patch_size, n_classes, step_size, mirror, device, tiles_per_batch)
+
+
+def _sliding_window(
+    network: nn.Module,
+    data: np.ndarray,
+    patch_size: Sequence[int],
+    n_classes: int,
+    step_size: float,
+    mirror: bool,
+    device: str | torch.device,
+    tiles_per_batch: int,
+) -> np.ndarray:
+    if data.ndim != 4:
+        raise ValueError(f"expected (C, z, y, x) data, got shape {data.shape}")
+    patch = tuple(int(p) for p in patch_size)
+    if len(patch) not in (2, 3):
+        raise ValueError(f"patch size must have 2 or 3 entries, got {patch}")
+    slice_wise = len(patch) == 2
+    spatial = data.shape[1:]
+    tiled = spatial[1:] if slice_wise else spatial  # the axes the tiles run over
+
+    # Pad to at least one patch, half on each side (nnU-Net pads the same way, with zeros:
+    # after normalisation 0 is the mean intensity).
+    padded_tiled = tuple(max(s, p) for s, p in zip(tiled, patch))
+    pad = [((p - s) // 2, (p - s) - (p - s) // 2) for s, p in zip(tiled, padded_tiled)]
+    full_pad = [(0, 0)] + ([(0, 0)] if slice_wise else []) + pad
+    padded = np.pad(np.asarray(data, dtype=np.float32), full_pad, mode="constant", constant_values=0.0)
+
+    steps = compute_steps_for_sliding_window(padded_tiled, patch, step_size)
+    tile_slices = [tuple(slice(s, s + p) for s, p in zip(start, patch)) for start in itertools.product(*steps)]
+    if slice_wise:
+        tiles = [(z, *t) for z in range(spatial[0]) for t in tile_slices]
+    else:
+        tiles = tile_slices
+
+    device = torch.device(device)
+    source = torch.from_numpy(padded).to(device)
+    gaussian = torch.from_numpy(gaussian_importance_map(patch)).to(device)
+    probs = torch.zeros((n_classes, *padded.shape[1:]), dtype=torch.float32, device=device)
+    weights = torch.zeros(padded.shape[1:], dtype=torch.float32, device=device)
+
+    for first in range(0, len(tiles), tiles_per_batch):
+        batch_tiles = tiles[first : first + tiles_per_batch]
+        batch = torch.stack([source[(slice(None), *t)] for t in batch_tiles])
+        tile_probs = _predict_tiles(network, batch, n_classes, mirror)
+        for tile, tile_prob in zip(batch_tiles, tile_probs):
+            probs[(slice(None), *tile)] += tile_prob * gaussian
+            weights[tile] += gaussian
+
+    probs /= weights
+    crop = tuple(slice(lo, lo + s) for (lo, _), s in zip(pad, tiled))
+    if slice_wise:
+        crop = (slice(None), *crop)
+    return probs[(slice(None), *crop)].cpu().numpy()
+
+
+def _predict_tiles(network: nn.Module, batch: torch.Tensor, n_classes: int, mirror: bool) -> torch.Tensor:
+    """Softmax of a batch of tiles (B, K, *patch), averaged over all axis flips if `mirror`."""
+    spatial_axes = list(range(2, batch.ndim))
+    flip_sets = (
+        [combo for r in range(len(spatial_axes) + 1) for combo in itertools.combinations(spatial_axes, r)]
+        if mirror
+        else [()]
+    )
+    total = None
+    for axes in flip_sets:
+        x = torch.flip(batch, axes) if axes else batch
+        out = network(x)
+        if isinstance(out, (list, tuple)):
+            out = out[0]
+        if out.shape[1] != n_classes or tuple(out.shape[2:]) != tuple(batch.shape[2:]):
+            raise ValueError(
+                f"network output shape {tuple(out.shape)} does not match {n_classes} classes on tiles "
+                f"{tuple(batch.shape[2:])}"
+            )
+        prob = torch.softmax(out.float(), dim=1)
+        if axes:
+            prob = torch.flip(prob, axes)
+        total = prob if total is None else total + prob
+    return total / len(flip_sets)
+
+
+def predict_case(
+    network: nn.Module,
+    case_data: CaseData,
+    plans: Plans,
+    config: ConfigurationPlan,
+    device: str = "cpu",
+    mirror: bool = False,
+    step_size: float = DEFAULT_STEP_SIZE,
+) -> np.ndarray:
+    """Segment one case: (z, y, x) int16 array of label values in the case's original geometry.
+
+    The network is moved to `device`; its train/eval mode and deep-supervision flag are
+    restored afterwards. `mirror` averages the predictions of all axis flips (2^ndim
+    forward passes per tile: more robust, 2^ndim times slower).
+    """
+    from fedseg.data.preprocessing import indices_to_label_values, preprocess_case, revert_segmentation
+
+    if case_data.data.shape[0] != plans.n_channels:
+        raise InputError(
+            f"case {case_data.case_id}: {case_data.data.shape[0]} channel(s), the plan expects {plans.n_channels}"
+        )
+    # A reference label (if loaded) plays no part in prediction; skip its preprocessing.
+    preprocessed = preprocess_case(dataclasses.replace(case_data, seg=None), plans, config)
+    network.to(device)
+    probs = sliding_window_probabilities(
+        network,
+        preprocessed.data,
+        config.patch_size,
+        plans.n_classes,
+        step_size=step_size,
+        mirror=mirror,
+        device=device,
+    )
+    indices = revert_segmentation(probs, preprocessed.properties, config)
+    labels = indices_to_label_values(indices, sorted(plans.labels.values()))
+    labels = np.asarray(labels).astype(np.int16, copy=False)
+    if labels.shape != tuple(case_data.geometry.shape):
+        raise RuntimeError(
+            f"case {case_data.case_id}: prediction shape {labels.shape} differs from the image {case_data.geometry.shape}"
+        )
+    return labels
+
+
+def predict_folder(
+    network: nn.Module,
+    images_dir: str | Path,
+    out_dir: str | Path,
+    plans: Plans,
+    config: ConfigurationPlan,
+    device: str = "cpu",
+    mirror: bool = False,
+    progress: Callable[..., None] | None = None,
+    step_size: float = DEFAULT_STEP_SIZE,
+) -> list[Path]:
+    """Segment every `{CASE}_{XXXX}{ending}` case in `images_dir` into `out_dir/{CASE}{ending}`.
+
+    Each output is written atomically in its input's geometry, holding dataset.json label
+    values. All cases are checked (channel files complete) before the first is predicted.
+    `progress(1, info=case_id)` is called after each case. Returns the written paths.
+    """
+    images_dir, out_dir = Path(images_dir), Path(out_dir)
+    if not images_dir.is_dir():
+        raise InputError("images folder does not exist", images_dir)
+    ending = plans.file_ending
+    cases = collect_cases(images_dir, None, ending, plans.n_channels, require_labels=False)
+    written = []
+    for case in cases:
+        case_data = load_case(case)
+        seg = predict_case(network, case_data, plans, config, device=device, mirror=mirror, step_size=step_size)
+        target = out_dir / f"{case.case_id}{ending}"
+        write_segmentation(seg, case_data.geometry, target)
+        written.append(target)
+        if progress is not None:
+            progress(1, info=case.case_id)
+    return written

@@ -1,0 +1,571 @@
+"""Local training of one site for one federated round.
+
+`train_local` is the entry point; `SiteTrainer` holds the loop and its hooks
+(`on_round_start`, `train_step`, `compute_loss`, `validate`) so strategies can change one
+piece without copying the rest.
+
+Files in the site's state folder (all written atomically, safetensors only, never pickle):
+
+    preprocessed/<plan_id[:16]>/<case>.npz + <case>.json   cached preprocessed training cases
+    optimizer.safetensors     SGD momentum buffers keyed by parameter name, carried across rounds
+    checkpoint.safetensors    model + momentum of the round in progress (or just finished), with
+                              metadata: plan, site, round, iterations done, sha256 of the initial
+                              state; lets a killed run resume and a finished round be re-called
+                              without training again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fedseg.atomic import atomic_path, write_json_atomic
+from fedseg.errors import InputError
+from fedseg.planning.plans import ConfigurationPlan, Plans
+from fedseg.training.dataloading import BatchStream
+from fedseg.training.losses import deep_supervision_scales, make_loss
+
+# nnU-Net's gradient-norm clip: keeps the high-momentum SGD stable in early iterations.
+GRAD_CLIP_NORM = 12.0
+# nnU-Net's PolyLRScheduler exponent.
+POLY_EXPONENT = 0.9
+# Write a resumable checkpoint this often (iterations); also always at the end of a round.
+CHECKPOINT_EVERY = 50
+CHECKPOINT_FILE = "checkpoint.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+CHECKPOINT_FORMAT = "fedseg-checkpoint/1"
+MODEL_PREFIX = "model."
+MOMENTUM_PREFIX = "momentum."
+
+
+@dataclass
+class TrainOutcome:
+    state_dict: dict[str, torch.Tensor]   # full model after local training (cpu tensors)
+    n_iterations: int                     # iterations run in this round
+    val_dice: float                       # mean foreground Dice on the site's local validation split
+    mean_loss: float
+    history: list[dict] = field(default_factory=list)   # one row per iteration: iteration, loss, lr, data_wait_s, step_s
+    data_wait_s: float = 0.0              # seconds the loop waited for batches (data pipeline wait time)
+    train_s: float = 0.0                  # seconds in the training loop (waiting + steps)
+    resumed_from: int = 0                 # iteration the round resumed at (0 = started fresh)
+    from_checkpoint: bool = False         # True when a finished round was returned without training
+
+
+@dataclass
+class CachedCase:
+    """A preprocessed training case as the loader and validation use it."""
+
+    case_id: str
+    data: np.ndarray          # (C, z, y, x) float32
+    seg: np.ndarray           # (1, z, y, x) int16 class indices, -1 outside the nonzero region
+    properties: dict
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------
+
+
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """Hash over names, dtypes, shapes and bytes: identifies the state a round started from."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _derived_seed(*parts: Any) -> int:
+    """A 32-bit seed from any parts (plan seed, site name, round...), stable across runs and platforms."""
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def poly_lr(initial_lr: float, step: int, total_steps: int) -> float:
+    """nnU-Net's poly schedule initial_lr * (1 - t/T)^0.9 (0 beyond T)."""
+    if total_steps <= 0:
+        return initial_lr
+    return initial_lr * max(0.0, 1.0 - step / total_steps) ** POLY_EXPONENT
+
+
+def split_cases(case_ids: Sequence[str], val_fraction: float, seed: int, site: str) -> tuple[list[str], list[str]]:
+    """Deterministic train/val split seeded by the plan seed and the site name.
+
+    At least one training case; the validation split may be empty (tiny sites), in which
+    case validation falls back to the training cases.
+    """
+    ids = sorted(case_ids)
+    if not ids:
+        raise ValueError("no cases to split")
+    rng = np.random.default_rng(_derived_seed(seed, site, "split"))
+    order = [ids[i] for i in rng.permutation(len(ids))]
+    n_val = min(int(round(val_fraction * len(ids))), len(ids) - 1)
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """Tensors and metadata, or None when the file is missing or unreadable (then it is ignored)."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+        return load_file(str(path)), metadata
+    except Exception:  # safetensors raises several types for damaged files; treat as absent
+        return None
+
+
+# ---------------------------------------------------------------------------------------
+# preprocessing cache
+# ---------------------------------------------------------------------------------------
+
+
+def cache_dir(plans: Plans, state_dir: Path) -> Path:
+    return Path(state_dir) / "preprocessed" / plans.plan_id[:16]
+
+
+def load_training_cases(
+    plans: Plans,
+    site: str,
+    dataset_root: Path,
+    state_dir: Path,
+    log: Callable[[str], None] | None = None,
+) -> list[CachedCase]:
+    """The site's training cases, preprocessed per its configuration (cached in the state folder)."""
+    from fedseg.data.case_loading import load_case
+    from fedseg.data.dataset import load_dataset
+    from fedseg.data.preprocessing import preprocess_case
+
+    dataset = load_dataset(dataset_root)
+    if dataset.n_channels != plans.n_channels:
+        raise InputError(
+            f"dataset has {dataset.n_channels} channel(s), the plan expects {plans.n_channels}", Path(dataset_root) / "dataset.json"
+        )
+    config = plans.configuration_for(site)
+    label_values = sorted(plans.labels.values())
+    folder = cache_dir(plans, state_dir)
+    cases = []
+    for case in dataset.cases("Tr"):
+        npz, meta = folder / f"{case.case_id}.npz", folder / f"{case.case_id}.json"
+        if npz.is_file() and meta.is_file():
+            with np.load(npz, allow_pickle=False) as arrays:
+                data, seg = arrays["data"], arrays["seg"]
+            properties = json.loads(meta.read_text())
+        else:
+            pre = preprocess_case(load_case(case, label_values), plans, config)
+            data, seg, properties = pre.data, pre.seg, _jsonable(pre.properties)
+            with atomic_path(npz) as tmp, open(tmp, "wb") as handle:
+                np.savez(handle, data=data, seg=seg)
+            # the json is written last: a case counts as cached only when both files exist
+            write_json_atomic(meta, properties)
+            if log:
+                log(f"preprocessed {case.case_id} -> shape {list(data.shape[1:])}")
+        cases.append(CachedCase(case.case_id, data.astype(np.float32, copy=False), seg.astype(np.int16, copy=False), properties))
+    return cases
+
+
+# ---------------------------------------------------------------------------------------
+# validation (whole cases, tiled with non-overlapping patches)
+# ---------------------------------------------------------------------------------------
+
+
+def _tile_starts(n: int, p: int) -> list[int]:
+    starts = list(range(0, max(n - p, 0) + 1, p))
+    if starts[-1] + p < n:
+        starts.append(n - p)
+    return starts
+
+
+@torch.no_grad()
+def predict_indices(network: nn.Module, data: np.ndarray, patch_size: Sequence[int], device: str) -> np.ndarray:
+    """Class-index map (z, y, x) of a preprocessed case: the volume is padded to at least the
+    patch and covered by patch-sized tiles (last tile aligned to the border), one forward pass
+    each. Cheap and memory-bounded; the sliding-window Gaussian blend of inference is not needed
+    for a training-time validation score."""
+    is_2d = len(patch_size) == 2
+    spatial = data.shape[2:] if is_2d else data.shape[1:]
+    pad = [max(0, p - s) for p, s in zip(patch_size, spatial)]
+    pad_lo = [p // 2 for p in pad]
+    widths = [(0, 0)] * (2 if is_2d else 1) + [(lo, p - lo) for lo, p in zip(pad_lo, pad)]
+    padded = np.pad(data, widths, mode="constant") if any(pad) else data
+    full = padded.shape[2:] if is_2d else padded.shape[1:]
+    starts = [_tile_starts(n, p) for n, p in zip(full, patch_size)]
+    slices = [z for z in range(padded.shape[1])] if is_2d else [None]
+    out_shape = (padded.shape[1], *full) if is_2d else tuple(full)
+    result = np.zeros(out_shape, dtype=np.int16)
+    for z in slices:
+        volume = padded[:, z] if is_2d else padded
+        for corner in np.ndindex(*[len(s) for s in starts]):
+            lo = [starts[d][corner[d]] for d in range(len(patch_size))]
+            window = tuple(slice(a, a + p) for a, p in zip(lo, patch_size))
+            x = torch.from_numpy(np.ascontiguousarray(volume[(slice(None), *window)]))[None].to(device)
+            logits = network(x)
+            if isinstance(logits, (list, tuple)):
+                logits = logits[0]
+            labels = logits[0].argmax(0).cpu().numpy().astype(np.int16)
+            if is_2d:
+                result[(z, *window)] = labels
+            else:
+                result[window] = labels
+    crop = tuple(slice(lo, lo + s) for lo, s in zip(pad_lo, spatial))
+    return result[(slice(None), *crop)] if is_2d else result[crop]
+
+
+def foreground_dice(preds: Sequence[np.ndarray], refs: Sequence[np.ndarray], n_classes: int) -> float:
+    """Mean over foreground classes of the Dice pooled over all cases (nnU-Net's pseudo Dice).
+
+    Pooling TP/FP/FN over cases keeps small or empty cases from dominating; a class absent
+    from both prediction and reference everywhere is left out; NaN when no class is present.
+    """
+    tp = np.zeros(n_classes - 1)
+    fp = np.zeros(n_classes - 1)
+    fn = np.zeros(n_classes - 1)
+    for pred, ref in zip(preds, refs):
+        for c in range(1, n_classes):
+            p, r = pred == c, ref == c
+            tp[c - 1] += np.count_nonzero(p & r)
+            fp[c - 1] += np.count_nonzero(p & ~r)
+            fn[c - 1] += np.count_nonzero(~p & r)
+    denom = 2 * tp + fp + fn
+    present = denom > 0
+    if not present.any():
+        return float("nan")
+    return float(np.mean(2 * tp[present] / denom[present]))
+
+
+# ---------------------------------------------------------------------------------------
+# the trainer
+# ---------------------------------------------------------------------------------------
+
+
+class SiteTrainer:
+    """One site's local training; subclass and override the hooks to change a piece.
+
+    Hooks: `on_round_start(round_index)`, `train_step(batch) -> float`,
+    `compute_loss(outputs, target)`, `validate() -> float`.
+    """
+
+    checkpoint_every: int = CHECKPOINT_EVERY
+    grad_clip_norm: float = GRAD_CLIP_NORM
+
+    def __init__(
+        self,
+        plans: Plans,
+        site: str,
+        network: nn.Module,
+        device: str = "cpu",
+        num_workers: int = 2,
+        progress: Callable[[int, int], None] | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.plans = plans
+        self.site = site
+        self.config: ConfigurationPlan = plans.configuration_for(site)
+        self.device = device
+        self.network = network.to(device)
+        self.num_workers = num_workers
+        self.progress = progress
+        self.log = log or (lambda message: None)
+        self.deep_supervision_scales = (
+            deep_supervision_scales(self.config.network.strides) if getattr(network, "deep_supervision", False) else None
+        )
+        self.loss = make_loss(plans.training.loss, self.deep_supervision_scales)
+        self.optimizer = torch.optim.SGD(
+            self.network.parameters(),
+            lr=plans.training.initial_lr,
+            momentum=plans.training.momentum,
+            nesterov=True,
+            weight_decay=plans.training.weight_decay,
+        )
+        self.train_cases: list[CachedCase] = []
+        self.val_cases: list[CachedCase] = []
+
+    # -- data ---------------------------------------------------------------------------
+    def prepare_data(self, dataset_root: Path, state_dir: Path) -> None:
+        cases = load_training_cases(self.plans, self.site, dataset_root, state_dir, self.log)
+        by_id = {c.case_id: c for c in cases}
+        train_ids, val_ids = split_cases(list(by_id), self.plans.training.val_fraction, self.plans.seed, self.site)
+        self.train_cases = [by_id[i] for i in train_ids]
+        self.val_cases = [by_id[i] for i in val_ids]
+
+    def make_batches(self, seed: int) -> BatchStream:
+        return BatchStream(
+            self.train_cases,
+            self.config.patch_size,
+            self.config.batch_size,
+            self.plans.training.oversample_foreground_percent,
+            self.deep_supervision_scales,
+            num_workers=self.num_workers,
+            seed=seed,
+        )
+
+    # -- hooks --------------------------------------------------------------------------
+    def on_round_start(self, round_index: int) -> None:
+        """Called once before the first iteration of a round (also when resuming)."""
+
+    def compute_loss(self, outputs: torch.Tensor | list[torch.Tensor], target: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        return self.loss(outputs, target)
+
+    def train_step(self, batch: dict) -> float:
+        """One SGD step on a batch; returns the loss value."""
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) else target.to(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.compute_loss(self.network(data), target)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
+        self.optimizer.step()
+        return float(loss.detach().cpu())
+
+    def validate(self) -> float:
+        """Mean foreground Dice on the validation split (the training cases when it is empty)."""
+        cases = self.val_cases or self.train_cases
+        if not cases:
+            return float("nan")
+        was_training = self.network.training
+        deep_supervision = getattr(self.network, "deep_supervision", None)
+        self.network.eval()
+        if deep_supervision is not None:
+            self.network.deep_supervision = False
+        try:
+            preds = [predict_indices(self.network, c.data, self.config.patch_size, self.device) for c in cases]
+        finally:
+            if deep_supervision is not None:
+                self.network.deep_supervision = deep_supervision
+            self.network.train(was_training)
+        refs = [np.maximum(c.seg[0], 0) for c in cases]
+        return foreground_dice(preds, refs, self.plans.n_classes)
+
+    # -- optimizer state ----------------------------------------------------------------
+    def momentum_buffers(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, p in self.network.named_parameters():
+            buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                out[name] = buf.detach().cpu().clone()
+        return out
+
+    def load_momentum(self, buffers: dict[str, torch.Tensor]) -> int:
+        """Install momentum buffers by parameter name (shape-checked); returns how many were used."""
+        self.optimizer.state.clear()
+        used = 0
+        for name, p in self.network.named_parameters():
+            buf = buffers.get(name)
+            if buf is not None and tuple(buf.shape) == tuple(p.shape):
+                self.optimizer.state[p]["momentum_buffer"] = buf.to(device=p.device, dtype=p.dtype).clone()
+                used += 1
+        return used
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.network.state_dict().items()}
+
+    # -- the round ----------------------------------------------------------------------
+    def run_round(
+        self,
+        state_dir: Path,
+        initial_state: dict[str, torch.Tensor],
+        round_index: int,
+        iterations: int | None = None,
+        dataset_root: Path | None = None,
+    ) -> TrainOutcome:
+        """Train one round, resuming or returning a finished round from the checkpoint.
+
+        Data is prepared from `dataset_root` only when training is needed (not for a
+        finished round), unless `prepare_data` was called before.
+        """
+        if round_index < 1:
+            raise ValueError("round_index is 1-based")
+        state_dir = Path(state_dir)
+        per_round = int(iterations if iterations is not None else self.plans.training.iterations_per_round)
+        if per_round < 1:
+            raise ValueError("iterations must be at least 1")
+        init_hash = state_sha256(initial_state)
+        identity = {
+            "format": CHECKPOINT_FORMAT,
+            "plan_id": self.plans.plan_id,
+            "site": self.site,
+            "round_index": str(round_index),
+            "iterations": str(per_round),
+            "init_sha256": init_hash,
+        }
+        ckpt_path, opt_path = state_dir / CHECKPOINT_FILE, state_dir / OPTIMIZER_FILE
+
+        start, log_state = 0, {"loss_sum": 0.0, "history": [], "data_wait_s": 0.0, "train_s": 0.0}
+        checkpoint = _read_safetensors(ckpt_path)
+        if checkpoint is not None and all(checkpoint[1].get(k) == v for k, v in identity.items()):
+            tensors, meta = checkpoint
+            saved = json.loads(meta["state"])
+            model = {k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
+            if meta.get("finished") == "true":
+                self.network.load_state_dict(model)
+                self.log(f"round {round_index} already finished; returning the saved outcome")
+                return TrainOutcome(
+                    state_dict=model,
+                    n_iterations=per_round,
+                    val_dice=_float(saved["val_dice"]),
+                    mean_loss=_float(saved["mean_loss"]),
+                    history=saved["history"],
+                    data_wait_s=saved["data_wait_s"],
+                    train_s=saved["train_s"],
+                    resumed_from=saved.get("resumed_from", 0),
+                    from_checkpoint=True,
+                )
+            self.network.load_state_dict(model)
+            self.load_momentum({k[len(MOMENTUM_PREFIX):]: v for k, v in tensors.items() if k.startswith(MOMENTUM_PREFIX)})
+            start = int(meta["iteration"])
+            log_state = saved
+            self.log(f"resuming round {round_index} at iteration {start}/{per_round}")
+        else:
+            self.network.load_state_dict(initial_state)
+            self._load_previous_momentum(opt_path, round_index)
+
+        if not self.train_cases:
+            if dataset_root is None:
+                raise ValueError("no training data: call prepare_data() or pass dataset_root")
+            self.prepare_data(Path(dataset_root), state_dir)
+
+        total = self.plans.training.rounds * per_round
+        offset = (round_index - 1) * per_round
+        self.network.train()
+        self.on_round_start(round_index)
+        resumed_from = start
+
+        def save_checkpoint(done: int, finished: bool, extra: dict | None = None) -> None:
+            tensors = {MODEL_PREFIX + k: v for k, v in self.model_state().items()}
+            tensors.update({MOMENTUM_PREFIX + k: v for k, v in self.momentum_buffers().items()})
+            state = {**log_state, "resumed_from": resumed_from, **(extra or {})}
+            meta = {**identity, "iteration": str(done), "finished": "true" if finished else "false",
+                    "state": json.dumps(_jsonable(state), allow_nan=True)}
+            _save_safetensors(ckpt_path, tensors, meta)
+
+        if start < per_round:
+            batches = self.make_batches(_derived_seed(self.plans.seed, self.site, round_index, start))
+            try:
+                for i in range(start, per_round):
+                    lr = poly_lr(self.plans.training.initial_lr, offset + i, total)
+                    self.set_lr(lr)
+                    t0 = time.perf_counter()
+                    batch = next(batches)
+                    t1 = time.perf_counter()
+                    loss = self.train_step(batch)
+                    t2 = time.perf_counter()
+                    if not math.isfinite(loss):
+                        raise FloatingPointError(f"site {self.site}: loss became {loss} at iteration {i + 1}")
+                    log_state["loss_sum"] += loss
+                    log_state["data_wait_s"] += t1 - t0
+                    log_state["train_s"] += t2 - t0
+                    log_state["history"].append(
+                        {"iteration": i + 1, "loss": loss, "lr": lr, "data_wait_s": t1 - t0, "step_s": t2 - t1}
+                    )
+                    if self.progress is not None:
+                        self.progress(i + 1, per_round)
+                    done = i + 1
+                    if done < per_round and done % self.checkpoint_every == 0:
+                        save_checkpoint(done, finished=False)
+            finally:
+                batches.close()
+
+        val_dice = self.validate()
+        mean_loss = log_state["loss_sum"] / per_round
+        # Momentum for the next round first, then the finished checkpoint: if killed in
+        # between, the re-call resumes from the last checkpoint (which has its own momentum).
+        _save_safetensors(opt_path, self.momentum_buffers(), {"after_round": str(round_index), "site": self.site})
+        save_checkpoint(per_round, finished=True, extra={"val_dice": val_dice, "mean_loss": mean_loss})
+        self.log(f"round {round_index}: {per_round} iterations, mean loss {mean_loss:.4f}, val Dice {val_dice:.4f}")
+        return TrainOutcome(
+            state_dict=self.model_state(),
+            n_iterations=per_round,
+            val_dice=val_dice,
+            mean_loss=mean_loss,
+            history=log_state["history"],
+            data_wait_s=log_state["data_wait_s"],
+            train_s=log_state["train_s"],
+            resumed_from=resumed_from,
+        )
+
+    def _load_previous_momentum(self, path: Path, round_index: int) -> None:
+        """Momentum from an earlier round carries over (nnU-Net trains one continuous schedule)."""
+        self.optimizer.state.clear()
+        saved = _read_safetensors(path)
+        if saved is None:
+            return
+        tensors, meta = saved
+        try:
+            after = int(meta.get("after_round", "0"))
+        except ValueError:
+            after = 0
+        if after >= round_index:
+            # written by a later (or this) round: not the state this round should start from
+            self.log(f"ignoring momentum saved after round {after} when starting round {round_index}")
+            return
+        self.load_momentum(tensors)
+
+
+def _float(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def train_local(
+    plans: Plans,
+    site: str,
+    dataset_root: Path,
+    state_dir: Path,
+    network: nn.Module,
+    initial_state: dict[str, torch.Tensor],
+    round_index: int,
+    iterations: int | None = None,
+    device: str = "cpu",
+    num_workers: int = 2,
+    progress: Callable | None = None,
+    log: Callable[[str], None] | None = None,
+    trainer_class: type[SiteTrainer] = SiteTrainer,
+) -> TrainOutcome:
+    """Train `site` for round `round_index` (1-based) starting from `initial_state`.
+
+    Poly LR runs over the whole federation: T = rounds x iterations per round (the given
+    `iterations`, else the plan's), t = (round_index - 1) x iterations + local iteration.
+    Calling again with the same round and initial state resumes a killed run from its
+    checkpoint, or returns a finished round's outcome without training.
+    """
+    plans.site(site)
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    trainer = trainer_class(plans, site, network, device=device, num_workers=num_workers, progress=progress, log=log)
+    return trainer.run_round(state_dir, initial_state, round_index, iterations, dataset_root=Path(dataset_root))
