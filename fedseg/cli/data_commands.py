@@ -11,11 +11,14 @@ from fedseg.cli.options import JSON, QUIET, parse_set_options, require_dir, requ
 
 def synth(
     out: Path = typer.Argument(..., help="Folder to create; one nnU-Net raw folder per site inside."),
-    preset: str = typer.Option("tiny", "--preset", help="Which synthetic federation to generate."),
+    preset: str = typer.Option("tiny", "--preset", help="Which synthetic federation to generate (tiny, brain, ...)."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same data)."),
     quiet: bool = QUIET,
 ) -> None:
     """Generate synthetic multi-site data (nnU-Net raw format, Tr and Ts splits).
+
+    Presets: tiny (3 sites, 3D, different scanners), brain (a real MRI through 3 scanners).
+    Refuses to write into site folders that already hold files.
 
     Example: fedseg synth sites --preset tiny --seed 0
     """

@@ -69,12 +69,9 @@ def run(argv: list[str] | None = None) -> int:
         print("fedseg: interrupted", file=sys.stderr)
         code = 130
     except Exception as exc:  # noqa: BLE001 - the one place that turns crashes into exit 1
-        import click
-
-        if isinstance(exc, click.exceptions.UsageError):
-            exc.show()
-            code = 2
-        elif isinstance(exc, click.ClickException):
+        # Usage errors from typer's command-line parser (click's ClickException family, which
+        # newer typer versions vendor): they know how to show themselves and their exit code.
+        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
             code = exc.exit_code
         elif debug:

@@ -92,11 +92,6 @@ class _Store:
         idx = np.flatnonzero(self.counts)
         return idx + self.offset, self.counts[idx]
 
-    def copy(self) -> _Store:
-        other = _Store()
-        other.offset, other.counts = self.offset, self.counts.copy()
-        return other
-
 
 class QuantileSketch:
     """Mergeable summary of a multiset of real numbers: exact moments + quantile buckets.
