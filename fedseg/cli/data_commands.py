@@ -62,7 +62,7 @@ def plan(
     strategy: str = typer.Option("fedavg", "--strategy", help="Federation strategy (fedavg, local, ...)."),
     output: Path = typer.Option(..., "-o", "--output", help="plans.json to write."),
     config: str = typer.Option("3d_fullres", "--config", help="Configuration: 3d_fullres or 2d."),
-    budget: float = typer.Option(None, "--budget", help="Compute budget for the patch size (see docs/planning.md)."),
+    budget: float = typer.Option(None, "--budget", help="Compute budget for the patch size (nnU-Net GPU-memory gigabytes; default 0.8 suits a CPU; see docs/fingerprint.md)."),
     set_: list[str] = typer.Option(None, "--set", help="Override a planned value or a strategy parameter: key=value."),
     seed: int = typer.Option(1234, "--seed", help="Seed for initial weights and training."),
     quiet: bool = QUIET,

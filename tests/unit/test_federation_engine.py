@@ -127,7 +127,7 @@ def test_fedavg_equals_flower_aggregate(tmp_path: Path) -> None:
         assert record["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
         with open_weight_file(path) as reader:
             norm = np.sqrt(sum(float(np.sum(reader.get_tensor(n).astype(np.float64) ** 2)) for n in reader.keys()))
-        assert record["update_norm"] == pytest.approx(norm, rel=1e-9)
+        assert record["update_norm"] == pytest.approx(norm, rel=1e-6)
         assert record["n_cases"] == N_CASES[record["site"]]
     for record in saved["outputs"]:
         data = (tmp_path / "round_001" / record["path"]).read_bytes()
