@@ -18,7 +18,6 @@ too, so what a site sends and what it loads follow the same scope rules as the e
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -46,7 +45,6 @@ from fedseg.federation.validation import ValidatedUpdate, validate_updates
 from fedseg.federation.weightfile import (
     WeightMeta,
     describe,
-    open_weight_file,
     read_weight_file,
     to_numpy,
     write_weight_file,
@@ -145,27 +143,27 @@ def aggregate_round(
     results: dict[tuple[str, str], CombineResult] = {}
     pool_models: dict[tuple[str, str], np.ndarray] = {}
     weights: dict[str, dict[str, float] | None] = {}
-    with contextlib.ExitStack() as stack:
-        readers = {site: stack.enter_context(open_weight_file(u.path)) for site, u in by_site.items()}
-        for (pool, key) in sorted(members):
-            shape, dtype = key_meta[(pool, key)]
-            contributions = [
-                Contribution(site, by_site[site].meta.n_cases, by_site[site].meta.n_iterations, readers[site].get_tensor(name))
-                for site, name in members[(pool, key)]
-            ]
-            if pool not in weights:
-                weights[pool] = strategy.pool_weights(plans, pool, contributions)
-            combined = strategy.combine(plans, pool, key, contributions)
-            model = strategy.pool_model(plans, pool, key, contributions, combined)
-            if isinstance(combined, dict):
-                results[(pool, key)] = {s: _cast(a, shape, dtype, pool, key) for s, a in combined.items()}
+    readers = {site: u.reader for site, u in by_site.items()}
+    # one (pool, key) at a time, from the mappings that were validated: one tensor per site in memory
+    for (pool, key) in sorted(members):
+        shape, dtype = key_meta[(pool, key)]
+        contributions = [
+            Contribution(site, by_site[site].meta.n_cases, by_site[site].meta.n_iterations, readers[site].get_tensor(name))
+            for site, name in members[(pool, key)]
+        ]
+        if pool not in weights:
+            weights[pool] = strategy.pool_weights(plans, pool, contributions)
+        combined = strategy.combine(plans, pool, key, contributions)
+        model = strategy.pool_model(plans, pool, key, contributions, combined)
+        if isinstance(combined, dict):
+            results[(pool, key)] = {s: _cast(a, shape, dtype, pool, key) for s, a in combined.items()}
+        else:
+            results[(pool, key)] = _cast(combined, shape, dtype, pool, key)
+        if model is not None:
+            if model is combined:  # the shared result itself: reuse the cast array, no copy
+                pool_models[(pool, key)] = results[(pool, key)]
             else:
-                results[(pool, key)] = _cast(combined, shape, dtype, pool, key)
-            if model is not None:
-                if model is combined:  # the shared result itself: reuse the cast array, no copy
-                    pool_models[(pool, key)] = results[(pool, key)]
-                else:
-                    pool_models[(pool, key)] = _cast(model, shape, dtype, pool, key)
+                pool_models[(pool, key)] = _cast(model, shape, dtype, pool, key)
 
     # -- write: pool models, per-site files, then the report (the completion marker) ---------
     outputs: list[OutputRecord] = []

@@ -16,7 +16,7 @@ import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,11 +27,11 @@ from fedseg.federation.manifest import expected_parameters
 from fedseg.federation.strategies.base import Strategy, resolved_scope
 from fedseg.federation.weightfile import (
     ContentHasher,
+    WeightFileReader,
     WeightMeta,
     check_hash,
     describe,
-    open_weight_file,
-    sha256_file,
+    open_reader,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -50,6 +50,9 @@ class ValidatedUpdate:
     sha256: str            # of the file bytes
     n_bytes: int
     update_norm: float     # L2 norm over all tensors in the file, in float64
+    # The open mapping that was validated: the engine reads tensors from it, so a file
+    # replaced after validation cannot slip unchecked bytes into the average.
+    reader: WeightFileReader = field(repr=False, compare=False)
 
     @property
     def site(self) -> str:
@@ -66,10 +69,8 @@ def expected_update(strategy: Strategy, plans: Plans, site: str) -> dict[str, tu
     return out
 
 
-def _check_structure(path: Path, strategy: Strategy, plans: Plans, expected_round: int | None) -> WeightMeta:
-    with open_weight_file(path) as reader:
-        meta = reader.meta
-        infos = reader.infos
+def _check_structure(reader: WeightFileReader, strategy: Strategy, plans: Plans, expected_round: int | None) -> WeightMeta:
+    path, meta, infos = reader.path, reader.meta, reader.infos
     if meta.kind != "update":
         raise InputError(f"is a {meta.kind!r} file, expected an update (round_r/updates/<site>.safetensors)", path)
     if meta.plan_id != plans.plan_id:
@@ -138,16 +139,16 @@ def _sum_of_squares(name: str, array: np.ndarray, path: Path) -> float:
     return total
 
 
-def _scan_data(path: Path, max_norm: float | None) -> float:
+def _scan_data(reader: WeightFileReader, max_norm: float | None) -> float:
     """Content hash + finite check + L2 norm in one pass over the tensors; returns the norm."""
-    with open_weight_file(path) as reader:
-        hasher = ContentHasher(reader.meta)
-        sumsq = 0.0
-        for name, array in reader.iter_tensors():
-            hasher.add(name, array)
-            if np.issubdtype(array.dtype, np.floating):
-                sumsq += _sum_of_squares(name, array, path)
-        check_hash(path, reader.meta, hasher.hexdigest())
+    path = reader.path
+    hasher = ContentHasher(reader.meta)
+    sumsq = 0.0
+    for name, array in reader.iter_tensors():
+        hasher.add(name, array)
+        if np.issubdtype(array.dtype, np.floating):
+            sumsq += _sum_of_squares(name, array, path)
+    check_hash(path, reader.meta, hasher.hexdigest())
     norm = math.sqrt(sumsq)
     if max_norm is not None and not norm <= max_norm:
         raise InputError(f"update L2 norm {norm:.6g} exceeds the plan's bound max_update_norm={max_norm:g}", path)
@@ -168,7 +169,8 @@ def validate_updates(
     paths = [Path(p) for p in update_paths]
     if not paths:
         raise InputError("no update files given")
-    metas = [_check_structure(p, strategy, plans, expected_round) for p in paths]
+    readers = [open_reader(p) for p in paths]
+    metas = [_check_structure(r, strategy, plans, expected_round) for r in readers]
 
     first_round = metas[0].round
     seen: dict[str, Path] = {}
@@ -184,13 +186,15 @@ def validate_updates(
     # Two independent tasks per file (content pass, sha256 of the bytes) so that every core
     # hashes; both hashlib and numpy release the GIL on large buffers.
     n_workers = max(1, min(2 * len(paths), workers or os.cpu_count() or 1))
+    for reader in readers:
+        reader.map()  # before the threads: both tasks of a file share one mapping
     with ThreadPoolExecutor(max_workers=n_workers) as pool:
-        scans = [pool.submit(_scan_data, p, max_norm) for p in paths]
-        digests = [pool.submit(sha256_file, p) for p in paths]
+        scans = [pool.submit(_scan_data, r, max_norm) for r in readers]
+        digests = [pool.submit(r.file_sha256) for r in readers]
         # report the first bad file in the order given, whatever finished first
         norms = [f.result() for f in scans]
         shas = [f.result() for f in digests]
     return [
-        ValidatedUpdate(path=p, meta=m, sha256=sha, n_bytes=p.stat().st_size, update_norm=norm)
-        for p, m, norm, sha in zip(paths, metas, norms, shas)
+        ValidatedUpdate(path=r.path, meta=m, sha256=sha, n_bytes=int(r.map().size), update_norm=norm, reader=r)
+        for r, m, norm, sha in zip(readers, metas, norms, shas)
     ]

@@ -341,6 +341,10 @@ class WeightFileReader:
         self._data_start = data_start
         self._map: np.ndarray | None = None
 
+    def map(self) -> np.ndarray:
+        """Map the file now (tensors and file_sha256 then all read this one mapping)."""
+        return self._mapped()
+
     def _mapped(self) -> np.ndarray:
         if self._map is None:
             try:
@@ -402,17 +406,22 @@ def open_weight_file(path: str | Path) -> Iterator[WeightFileReader]:
     `reader.verify_hash()` or use `read_weight_file`, or check it while streaming as
     `fedseg.federation.validation` does.
     """
+    reader = open_reader(path)
+    try:
+        yield reader
+    finally:
+        reader.close()
+
+
+def open_reader(path: str | Path) -> WeightFileReader:
+    """`open_weight_file` without the context manager (closing only drops the mapping)."""
     path = Path(path)
     infos, raw_meta, data_start = parse_header(path)
     meta = WeightMeta.from_metadata(raw_meta, path)
     unknown = set(meta.scopes) - set(infos)
     if unknown:
         raise InputError(f"metadata scopes name tensors that are not in the file: {', '.join(sorted(unknown)[:5])}", path)
-    reader = WeightFileReader(path, infos, meta, data_start)
-    try:
-        yield reader
-    finally:
-        reader.close()
+    return WeightFileReader(path, infos, meta, data_start)
 
 
 def read_weight_file(path: str | Path, *, verify_hash: bool = True) -> tuple[dict[str, np.ndarray], WeightMeta]:

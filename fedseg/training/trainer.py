@@ -287,9 +287,10 @@ class SiteTrainer:
         network: nn.Module,
         device: str = "cpu",
         num_workers: int = 2,
-        progress: Callable[[int, int], None] | None = None,
+        progress: Callable[..., None] | None = None,
         log: Callable[[str], None] | None = None,
     ) -> None:
+        """`progress(n=1, info="")` is called after each iteration (n = iterations advanced)."""
         self.plans = plans
         self.site = site
         self.config: ConfigurationPlan = plans.configuration_for(site)
@@ -436,6 +437,8 @@ class SiteTrainer:
             if meta.get("finished") == "true":
                 self.network.load_state_dict(model)
                 self.log(f"round {round_index} already finished; returning the saved outcome")
+                if self.progress is not None:
+                    self.progress(per_round, "already finished")
                 return TrainOutcome(
                     state_dict=model,
                     n_iterations=per_round,
@@ -452,6 +455,8 @@ class SiteTrainer:
             start = int(meta["iteration"])
             log_state = saved
             self.log(f"resuming round {round_index} at iteration {start}/{per_round}")
+            if self.progress is not None and start:
+                self.progress(start, "resumed from checkpoint")
         else:
             self.network.load_state_dict(initial_state)
             self._load_previous_momentum(opt_path, round_index)
@@ -495,7 +500,7 @@ class SiteTrainer:
                         {"iteration": i + 1, "loss": loss, "lr": lr, "data_wait_s": t1 - t0, "step_s": t2 - t1}
                     )
                     if self.progress is not None:
-                        self.progress(i + 1, per_round)
+                        self.progress(1, f"loss {loss:.4f}")
                     done = i + 1
                     if done < per_round and done % self.checkpoint_every == 0:
                         save_checkpoint(done, finished=False)

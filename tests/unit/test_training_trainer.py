@@ -132,7 +132,12 @@ def test_resume_after_crash_continues_from_checkpoint(site_root, tmp_path):
         assert f.metadata()["iteration"] == "4" and f.metadata()["finished"] == "false"
     net2, _ = _start(plans, seed=99)   # a fresh process would build a fresh network
     messages: list[str] = []
-    outcome = train_local(plans, "site_a", site_root, tmp_path, net2, init, 1, num_workers=0, log=messages.append)
+    advanced: list[int] = []
+    outcome = train_local(
+        plans, "site_a", site_root, tmp_path, net2, init, 1, num_workers=0, log=messages.append,
+        progress=lambda n=1, info="": advanced.append(n),
+    )
+    assert sum(advanced) == ITERATIONS and advanced[0] == 4
     assert outcome.resumed_from == 4
     assert outcome.n_iterations == ITERATIONS and len(outcome.history) == ITERATIONS
     assert [r["loss"] for r in outcome.history[:4]] == pytest.approx(CrashingTrainer.seen[:4])
@@ -208,3 +213,15 @@ def test_predict_indices_covers_cases_larger_and_smaller_than_the_patch():
     for shape in ((1, 10, 12, 9), (1, 20, 33, 17)):
         pred = predict_indices(net, np.random.default_rng(0).normal(size=shape).astype(np.float32), [16, 16, 16], "cpu")
         assert pred.shape == shape[1:] and pred.dtype == np.int16
+
+
+def test_2d_configuration_trains_on_slices(site_root, tmp_path):
+    plans = tiny_plans(patch=(24, 24), iterations=3)
+    config = plans.configurations["3d_fullres"]
+    config.name, config.spacing = "2d", [1.0, 1.0]
+    plans.configurations = {"2d": config}
+    plans.default_configuration = "2d"
+    net, init = build_network(config, 1, 2, seed=0), initial_state(config, 1, 2, seed=0)
+    outcome = train_local(plans, "site_a", site_root, tmp_path, net, init, 1, num_workers=0)
+    assert outcome.n_iterations == 3 and math.isfinite(outcome.mean_loss)
+    assert 0.0 <= outcome.val_dice <= 1.0
