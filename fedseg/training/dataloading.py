@@ -323,11 +323,18 @@ class _WorkerAugmenter:
         return next(self._mta)
 
     def close(self) -> None:
+        # batchgenerators has no public stop; _finish pauses, drains and joins the workers
+        # (terminating stragglers after a timeout), which is what its own __del__ calls.
         self._mta._finish()
 
 
 class BatchStream:
-    """Infinite iterator of training batches; close() (or `with`) stops background workers."""
+    """Infinite iterator of training batches; close() (or `with`) stops background workers.
+
+    Deterministic given (seed, num_workers): with workers, batch k comes from worker
+    k mod n, each with its own seed, so a different worker count gives a different (equally
+    valid) random stream.
+    """
 
     def __init__(
         self,
