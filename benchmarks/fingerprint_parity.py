@@ -3,8 +3,9 @@
 Builds a small pooled nnU-Net raw dataset (2 channels, varied spacing, a zero frame around
 the body, two foreground labels of varied size), runs `nnUNetv2_extract_fingerprint` on it,
 splits the same cases into 3 site folders, fingerprints each site with fedseg and merges,
-then prints key-by-key differences, with the exact values computed from all foreground
-voxels as the reference. With --plan it also runs `nnUNetv2_plan_experiment` and compares
+then prints key-by-key differences. References computed here from all foreground voxels:
+*by-case* (every case with foreground weighs 1 — nnU-Net's weighting, which fedseg's
+nnU-Net keys compute) and *exact* (every voxel weighs 1 — fedseg's voxel-weighted keys). With --plan it also runs `nnUNetv2_plan_experiment` and compares
 the 3d_fullres configuration with fedseg's plan at budget 8 (nnU-Net's 8 GB default).
 
 nnU-Net needs its own environment (it pins torch and other packages); pass its venv:
@@ -30,6 +31,7 @@ import SimpleITK as sitk
 
 from fedseg.data.cropping import crop_to_nonzero
 from fedseg.data.dataset import load_dataset
+from fedseg.data.image_io import read_image
 from fedseg.planning.fingerprint import compute_fingerprint, save_fingerprint
 from fedseg.planning.merge import merge_fingerprints
 from fedseg.planning.planner import make_plans
@@ -101,7 +103,9 @@ def case_weighted_stats(cases) -> dict[str, dict[str, float]]:
     """The same statistics with nnU-Net's weighting: every case counts equally, not every voxel.
 
     nnU-Net draws the same number of foreground samples from each case, so its values
-    estimate these (up to sampling noise); quantiles here use the weighted inverted CDF.
+    estimate these (up to sampling noise); quantiles here use the weighted inverted CDF
+    (the smallest sorted value whose cumulative weight reaches q * total weight), the rule
+    of fedseg's case-weighted sketch and the limit of nnU-Net's percentiles.
     """
     out = {}
     for c in range(len(CHANNELS)):
@@ -109,6 +113,8 @@ def case_weighted_stats(cases) -> dict[str, dict[str, float]]:
         for _, data, seg, _ in cases:
             cropped, cropped_seg, _ = crop_to_nonzero(data, seg.astype(np.int16))
             fg = cropped[c][cropped_seg > 0].astype(np.float64)
+            if fg.size == 0:
+                continue                                     # nnU-Net samples nothing from such a case
             values.append(fg)
             weights.append(np.full(fg.size, 1.0 / fg.size))
         v, w = np.concatenate(values), np.concatenate(weights)
@@ -179,6 +185,17 @@ def main() -> None:
     for fp in fps:
         save_fingerprint(fp, work / "fp_lib" / f"{fp['site']}.json")
 
+    # the floor for any fingerprint: decompress and read every file once, one process
+    start = time.perf_counter()
+    for d in site_dirs:
+        for path in sorted((d / "imagesTr").iterdir()) + sorted((d / "labelsTr").iterdir()):
+            read_image(path)
+    read_time = time.perf_counter() - start
+    start = time.perf_counter()
+    for d in site_dirs:
+        compute_fingerprint(load_dataset(d), d.name, workers=1)
+    lib1_time = time.perf_counter() - start
+
     exact = exact_stats(cases)
     by_case = case_weighted_stats(cases)
     print(f"{len(cases)} cases of ~{args.size}^3 voxels, {len(CHANNELS)} channels, {args.sites} sites; work folder {work}")
@@ -188,31 +205,38 @@ def main() -> None:
     print(f"median_relative_size_after_crop: nnU-Net {nn_fp['median_relative_size_after_cropping']:.6f} "
           f"fedseg {merged['median_relative_size_after_cropping']:.6f}")
     print()
-    print("exact = all foreground voxels, each voxel weighted equally (what fedseg estimates);")
-    print("by-case = each case weighted equally (what nnU-Net's per-case sampling estimates).")
-    header = (f"{'ch':>2} {'key':<16} {'nnU-Net':>11} {'fedseg':>11} {'exact':>11} {'by-case':>11} "
-              f"{'fedseg/nnU':>10} {'fedseg/ex':>9} {'nnU/ex':>8} {'nnU/by-case':>11}")
+    print("fedseg = merged foreground_intensity_properties_per_channel (each case weighs 1, as nnU-Net);")
+    print("by-case = the same weighting computed here from all voxels; voxel = fedseg's ..._voxel_weighted key;")
+    print("exact = all foreground voxels, each voxel weighted equally.")
+    header = (f"{'ch':>2} {'key':<16} {'nnU-Net':>11} {'fedseg':>11} {'by-case':>11} {'voxel':>11} {'exact':>11} "
+              f"{'fedseg/nnU':>10} {'fedseg/bc':>9} {'nnU/bc':>7} {'voxel/ex':>8} {'voxel/nnU':>9}")
     print(header)
     print("-" * len(header))
-    worst = {"fedseg_vs_exact": 0.0, "fedseg_vs_nnunet": 0.0}
+    worst = {"fedseg_vs_nnunet": 0.0, "fedseg_vs_by_case": 0.0, "voxel_vs_exact": 0.0, "voxel_vs_nnunet": 0.0}
     for c in map(str, range(len(CHANNELS))):
         nn = nn_fp["foreground_intensity_properties_per_channel"][c]
         fs = merged["foreground_intensity_properties_per_channel"][c]
+        vx = merged["foreground_intensity_properties_per_channel_voxel_weighted"][c]
         for key in KEYS:
-            ex = exact[c][key]
-            r_nn, r_ex, nn_ex = rel(fs[key], nn[key]), rel(fs[key], ex), rel(nn[key], ex)
-            worst["fedseg_vs_exact"] = max(worst["fedseg_vs_exact"], r_ex)
-            worst["fedseg_vs_nnunet"] = max(worst["fedseg_vs_nnunet"], r_nn)
-            bc = by_case[c][key]
-            print(f"{c:>2} {key:<16} {nn[key]:>11.4f} {fs[key]:>11.4f} {ex:>11.4f} {bc:>11.4f} "
-                  f"{r_nn:>10.3%} {r_ex:>9.3%} {nn_ex:>8.3%} {rel(nn[key], bc):>11.3%}")
+            ex, bc = exact[c][key], by_case[c][key]
+            row = {"fedseg_vs_nnunet": rel(fs[key], nn[key]), "fedseg_vs_by_case": rel(fs[key], bc),
+                   "voxel_vs_exact": rel(vx[key], ex), "voxel_vs_nnunet": rel(vx[key], nn[key])}
+            for name, value in row.items():
+                worst[name] = max(worst[name], value)
+            print(f"{c:>2} {key:<16} {nn[key]:>11.4f} {fs[key]:>11.4f} {bc:>11.4f} {vx[key]:>11.4f} {ex:>11.4f} "
+                  f"{row['fedseg_vs_nnunet']:>10.3%} {row['fedseg_vs_by_case']:>9.3%} {rel(nn[key], bc):>7.3%} "
+                  f"{row['voxel_vs_exact']:>8.3%} {row['voxel_vs_nnunet']:>9.3%}")
     print()
-    print(f"largest relative difference: fedseg vs exact {worst['fedseg_vs_exact']:.3%} "
-          f"(sketch bound {merged['quantile_relative_accuracy']:.1%}), fedseg vs nnU-Net {worst['fedseg_vs_nnunet']:.3%}")
+    print(f"largest relative difference: fedseg vs nnU-Net {worst['fedseg_vs_nnunet']:.3%} (requirement 1%), "
+          f"fedseg vs by-case {worst['fedseg_vs_by_case']:.3%} (sketch bound "
+          f"{merged['quantile_relative_accuracy']:.1%}), voxel-weighted vs exact {worst['voxel_vs_exact']:.3%}, "
+          f"voxel-weighted vs nnU-Net {worst['voxel_vs_nnunet']:.3%}")
     print(f"time: nnUNetv2_extract_fingerprint -np {args.workers}: {nn_time:.2f} s | "
           f"fedseg fingerprint CLI x{args.sites} (--workers {args.workers}): {cli_time:.2f} s "
           f"({nn_time / cli_time:.1f}x faster) | fedseg library, all sites + merge: {lib_time:.2f} s "
           f"({nn_time / lib_time:.1f}x faster)")
+    print(f"time, one process: read every file: {read_time:.2f} s | fedseg library fingerprint of all sites: "
+          f"{lib1_time:.2f} s ({lib1_time / read_time:.2f}x the read time)")
 
     if args.plan:
         run_nnunet(args.nnunet_venv, env, ["nnUNetv2_plan_experiment", "-d", "1"])

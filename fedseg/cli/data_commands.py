@@ -65,10 +65,14 @@ def plan(
     budget: float = typer.Option(None, "--budget", help="Compute budget for the patch size (nnU-Net GPU-memory gigabytes; default 0.8 suits a CPU; see docs/fingerprint.md)."),
     set_: list[str] = typer.Option(None, "--set", help="Override a planned value or a strategy parameter: key=value."),
     seed: int = typer.Option(1234, "--seed", help="Seed for initial weights and training."),
+    keys: Path = typer.Option(None, "--keys", help="Folder of <site>.pub files (fedseg keygen): every file must then be signed."),
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ) -> None:
     """Merge site fingerprints exactly and plan the federation (nnU-Net rules).
+
+    With --keys, the plan lists every site's and the coordinator's public key; from then on
+    unsigned or wrongly signed weight files are refused (docs/security.md).
 
     Example: fedseg plan fp/*.json --strategy fedavg -o plans.json --set training.rounds=3
     """
@@ -94,6 +98,11 @@ def plan(
         seed=seed,
         fingerprint_names=[str(p) for p in fingerprints],
     )
+    if keys is not None:
+        from fedseg.federation.signing import check_plan_keys, load_public_keys
+
+        plans.keys = load_public_keys(keys)
+        check_plan_keys(plans.keys, sorted(plans.sites))
     plans = attach_manifests(plans, strategy_impl)
     plans.save(output)
     cfg = plans.configuration_for(None)

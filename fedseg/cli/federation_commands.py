@@ -12,6 +12,7 @@ from fedseg.cli.options import JSON, QUIET, require_file
 def init(
     plans_path: Path = typer.Option(..., "--plans", help="plans.json from `fedseg plan`."),
     output: Path = typer.Option(..., "-o", "--output", help="Round folder to write (e.g. run/round_000)."),
+    key: Path = typer.Option(None, "--key", help="The coordinator's private key; required when the plan lists keys."),
     quiet: bool = QUIET,
 ) -> None:
     """Write round-0 weights for every site (same seed, same weights).
@@ -23,7 +24,7 @@ def init(
     from fedseg.planning.plans import load_plans
 
     plans = load_plans(require_file(plans_path, "plans file"))
-    written = initial_round(plans, output, seed=plans.seed)
+    written = initial_round(plans, output, seed=plans.seed, signing_key=_signing_key(key))
     Reporter(quiet=quiet).log(f"wrote {len(written)} files under {output}")
 
 
@@ -31,13 +32,17 @@ def aggregate(
     updates: list[Path] = typer.Argument(..., help="Update files of one round, one per site."),
     plans_path: Path = typer.Option(..., "--plans", help="plans.json the updates were trained under."),
     output: Path = typer.Option(..., "-o", "--output", help="Round folder to write (e.g. run/round_001)."),
+    key: Path = typer.Option(None, "--key", help="The coordinator's private key; required when the plan lists keys."),
+    previous: Path = typer.Option(None, "--previous", help="Round folder the sites started from (clip_norm only; default: round_<r-1> beside OUTPUT)."),
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ) -> None:
     """Validate the round's updates and aggregate them with the plan's strategy.
 
     Writes OUTPUT/<site>.safetensors (what each site loads next), OUTPUT/models/<pool>.safetensors
-    and OUTPUT/aggregate.json. One bad update: exit 2 naming it, nothing written.
+    and OUTPUT/aggregate.json. One bad update: exit 2 naming it, nothing written. Robust rules
+    (plan --set robust=median | robust=trimmed:0.2 | clip_norm=X) apply here; re-running
+    with the same updates writes the same files.
 
     Example: fedseg aggregate --plans plans.json run/round_001/updates/*.safetensors -o run/round_001
     """
@@ -49,10 +54,21 @@ def aggregate(
 
     reporter = Reporter(quiet=quiet)
     plans = load_plans(require_file(plans_path, "plans file"))
-    report = aggregate_round(plans, [require_file(p, "update file") for p in updates], output, log=reporter.log)
+    report = aggregate_round(
+        plans, [require_file(p, "update file") for p in updates], output, log=reporter.log,
+        signing_key=_signing_key(key), previous_dir=previous,
+    )
     reporter.log(f"aggregated round {report.round} from {len(updates)} updates into {output}")
     if as_json:
         print_json(asdict(report))
+
+
+def _signing_key(path: Path | None):
+    if path is None:
+        return None
+    from fedseg.federation.signing import load_signing_key
+
+    return load_signing_key(require_file(path, "private key"))
 
 
 def register(app: typer.Typer) -> None:

@@ -23,8 +23,17 @@ def inspect_file(path: Path, as_json: bool = False) -> None:
     for key, value in summary.items():
         if key == "type":
             continue
-        table.add_row(str(key), value if isinstance(value, str) else json.dumps(value, default=str))
+        table.add_row(str(key), _cell(value))
     Console().print(table)
+
+
+def _cell(value: Any) -> str:
+    """A table cell: strings as they are, a dict of strings one "key: value" per line, else JSON."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and value and all(isinstance(v, str) for v in value.values()):
+        return "\n".join(f"{k}: {v}" for k, v in value.items())
+    return json.dumps(value, default=str)
 
 
 def summarise(path: Path) -> dict[str, Any]:
@@ -104,11 +113,23 @@ def _plans(path: Path) -> dict[str, Any]:
     fp = plans.fingerprint
     out["intensity (merged)"] = fp.get("foreground_intensity_properties_per_channel")
     for key, value in plans.extra.items():
-        if key != "manifests":
+        if key == "shared_parameters":
+            out["shared parameters"] = _shared_map(plans, value)
+        elif key != "manifests":
             out[key] = value
     if "manifests" in plans.extra:
         out["parameters per configuration"] = {k: len(v) for k, v in plans.extra["manifests"].items()}
     return out
+
+
+def _shared_map(plans: Any, shared: dict[str, Any]) -> dict[str, str]:
+    """asymfedavg's shared-parameter map, one line per module and per site (the raw map has a row per tensor)."""
+    from fedseg.federation.strategies.asymfedavg import summarise_map
+
+    manifests = plans.extra.get("manifests") or {}
+    by_site = {site: manifests.get(info.configuration or plans.default_configuration, {})
+               for site, info in plans.sites.items()}
+    return summarise_map(shared, by_site)
 
 
 def _fingerprint(fp: dict[str, Any]) -> dict[str, Any]:

@@ -20,10 +20,14 @@ def train(
     epochs: int = typer.Option(None, "--epochs", min=1, help="Epochs of the plan's iterations per round (iterations = epochs x plan's iterations_per_round)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     workers: int = typer.Option(2, "--workers", min=0, help="Background augmentation workers (0: in-process)."),
+    key: Path = typer.Option(None, "--key", help="This site's private key (fedseg keygen); required when the plan lists keys."),
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ) -> None:
     """Train one round locally and write the update (only what may leave the site).
+
+    With --key the update is signed (UPDATE.sig beside it); when the plan lists keys, the
+    incoming model must carry the coordinator's signature.
 
     A killed run started again with the same arguments resumes from its last checkpoint.
 
@@ -41,6 +45,11 @@ def train(
         raise InputError(f"--device must be cpu or cuda, not {device!r}")
     reporter = Reporter(quiet=quiet)
     plans = load_plans(require_file(plans_path, "plans file"))
+    signing_key = None
+    if key is not None:
+        from fedseg.federation.signing import load_signing_key
+
+        signing_key = load_signing_key(require_file(key, "private key"))
     if iterations is not None and epochs is not None:
         raise InputError("give --iterations or --epochs, not both")
     if epochs is not None:
@@ -50,6 +59,7 @@ def train(
         result = run_site_round(
             plans, site, require_dir(data, "dataset folder"), require_file(weights, "weights file"), state, output,
             iterations=iterations, device=device, num_workers=workers, progress=advance, log=reporter.log,
+            signing_key=signing_key,
         )
     reporter.log(
         f"round {result.round} {site}: {result.n_iterations} iterations, val Dice {result.val_dice:.3f}, "
@@ -89,7 +99,7 @@ def predict(
     n_cases = len({p.name.rsplit("_", 1)[0] for p in images.iterdir() if p.name.endswith(plans.file_ending)})
     with reporter.progress("predict", n_cases) as advance:
         written = predict_folder(network, images, output, plans, plans.configuration_for(site), device=device,
-                                 mirror=mirror, progress=advance)
+                                 mirror=mirror, progress=advance, site=site)
     reporter.log(f"wrote {len(written)} segmentations to {output}")
 
 

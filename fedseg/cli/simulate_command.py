@@ -21,19 +21,24 @@ def simulate(
     workers: int = typer.Option(2, "--workers", min=0, help="Background augmentation workers per site."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     mirror: bool = typer.Option(False, "--mirror/--no-mirror", help="Mirroring at test time."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in OUTPUT from its last complete round."),
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ) -> None:
     """Run fingerprint, plan, init, rounds of train/aggregate, then predict and evaluate each site.
 
-    Every intermediate file lands in the run folder; a killed run started again continues
-    from the last complete round. Ends with the per-site test Dice table.
+    Every intermediate file lands in the run folder. A run folder that already holds files
+    is refused unless --resume is given; with --resume a killed run continues from its last
+    complete round. Ends with the per-site test Dice table.
 
     Example: fedseg simulate sites --strategy fedavg --rounds 3 -o run
     """
     from fedseg.cli.console import Reporter, print_json
     from fedseg.federation.simulation import SimulationConfig, result_to_dict, simulate as run_simulation
 
+    from fedseg.federation.simulation import check_run_folder
+
+    check_run_folder(output, resume)
     reporter = Reporter(quiet=quiet)
     cfg = SimulationConfig(
         sites_root=sites_root, strategy=strategy, rounds=rounds, run_dir=output, configuration=config,

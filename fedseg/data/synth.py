@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
 
 from fedseg.atomic import write_json_atomic
+from fedseg.data import synth_fednnunet
 from fedseg.data.image_io import Geometry, write_image, write_segmentation
 from fedseg.errors import InputError
 
@@ -57,6 +58,7 @@ class SyntheticSite:
     cases: Iterable[SyntheticCase]
     file_ending: str = ".nii.gz"
     description: str = ""
+    extra: dict = field(default_factory=dict)   # further dataset.json keys (e.g. case_modality)
 
 
 SiteGenerator = Callable[[str, int, int], SyntheticSite]
@@ -117,6 +119,7 @@ def write_site(site_dir: Path, name: str, site: SyntheticSite) -> tuple[int, int
         "labels": site.labels,
         "numTraining": counts["Tr"],
         "file_ending": ending,
+        **site.extra,
     }
     write_json_atomic(site_dir / "dataset.json", dataset_json)
     return counts["Tr"], counts["Ts"]
@@ -366,6 +369,11 @@ def _scanner(rng: np.random.Generator, image: np.ndarray, style: ScannerStyle) -
 # ----------------------------------------------------------------------------------------
 # registry
 # ----------------------------------------------------------------------------------------
+from fedseg.data import synth_flames as _flames  # noqa: E402  (it uses the helpers above)
+from fedseg.data import synth_mixmfl as _mixmfl  # noqa: E402  (it uses the helpers above)
+from fedseg.data import synth_tiny5 as _tiny5  # noqa: E402  (it uses the helpers above)
+from fedseg.data import synth_fedfms as _fedfms  # noqa: E402  (it uses the helpers above)
+
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         "3 sites, 3D ~30 mm volumes, a bright blob in a body; spacing and intensity differ per site",
@@ -377,6 +385,11 @@ PRESETS: dict[str, Preset] = {
         ("site_a", "site_b", "site_c"),
         _brain_site,
     ),
+    "flames": Preset(_flames.DESCRIPTION, _flames.FLAMES_SITES, _flames.flames_site),
+    "fednnunet": Preset(synth_fednnunet.DESCRIPTION, synth_fednnunet.SITES, synth_fednnunet.make_site),
+    "mixmfl": Preset(_mixmfl.DESCRIPTION, _mixmfl.SITES, _mixmfl.mixmfl_site),
+    "tiny5": Preset(_tiny5.DESCRIPTION, _tiny5.SITES, _tiny5.tiny5_site),
+    "fedfms": Preset(_fedfms.DESCRIPTION, _fedfms.SITES, _fedfms.make_fedfms_site),
 }
 
 

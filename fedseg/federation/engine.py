@@ -41,13 +41,16 @@ from fedseg.federation.strategies.base import (
     resolved_loads,
     resolved_scope,
 )
+from fedseg.federation.robust import RobustSpec, clip_factor, clipped, delta_sumsq, parse_robust, robust_combine
+from fedseg.federation.signing import COORDINATOR, SigningKey, require_signing_key, verify_signature, write_signature
 from fedseg.federation.validation import ValidatedUpdate, validate_updates
 from fedseg.federation.weightfile import (
+    WeightFileReader,
     WeightMeta,
     describe,
+    open_reader,
     read_weight_file,
     to_numpy,
-    write_weight_file,
     write_weight_file_digest,
 )
 
@@ -68,6 +71,8 @@ class InputRecord:
     n_iterations: int
     update_norm: float | None       # None when it overflowed float64 (never for float32 weights)
     extra: dict[str, Any] = field(default_factory=dict)   # the site's own metrics (val_dice, ...)
+    delta_norm: float | None = None   # L2 norm of (update - model it started from), with clip_norm
+    clip_factor: float | None = None  # scale applied to that delta (1.0: within clip_norm)
 
 
 @dataclass
@@ -90,6 +95,11 @@ class AggregateReport:
     weights: dict[str, dict[str, float] | None]    # pool -> site -> weight (None: not a simple weighting)
     outputs: list[OutputRecord]
     missing_sites: list[str]                       # plan sites that sent no update this round
+    robust: dict[str, Any] | None = None           # robust combiner used (fedseg.federation.robust), if any
+    signed_by: str | None = None                   # "coordinator" when the outputs carry signatures
+    # bytes on the wire this round: per site, "upload" (its update file) and "download" (the
+    # model file it loads next), plus totals; what communication-efficient strategies save
+    traffic: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,21 +123,107 @@ def _routing(strategy: Strategy, plans: Plans) -> dict[str, dict[str, tuple[str,
     return out
 
 
+@dataclass
+class _Clip:
+    previous: WeightFileReader      # the model the site started the round from
+    delta_norm: float
+    factor: float
+
+
+def previous_round_dir(out_dir: Path, round_index: int) -> Path:
+    """Where the models of round r-1 live by default: `round_<r-1>` beside the round folder."""
+    return Path(out_dir).parent / f"round_{round_index - 1:03d}"
+
+
+def open_previous_model(plans: Plans, site: str, folder: Path, round_index: int) -> WeightFileReader:
+    """The checked model file `site` loaded for round `round_index` + 1 (hash, plan, round, signature)."""
+    path = Path(folder) / f"{site}.safetensors"
+    if not path.is_file():
+        raise InputError(
+            f"not found: clip_norm measures each update against the model its site started from "
+            f"(round {round_index}); pass the previous round folder (--previous)", path,
+        )
+    reader = open_reader(path)
+    reader.verify_hash()
+    meta = reader.meta
+    if meta.kind != "model" or meta.plan_id != plans.plan_id or meta.round != round_index:
+        raise InputError(
+            f"is not the round-{round_index} model of this plan (kind {meta.kind!r}, round {meta.round}, "
+            f"plan_id {meta.plan_id[:12]}…); pass the previous round folder (--previous)", path,
+        )
+    if plans.keys:
+        verify_signature(plans.keys, path, meta.content_hash, COORDINATOR)
+    return reader
+
+
+def _clip_factors(
+    plans: Plans,
+    robust: RobustSpec,
+    updates: Sequence[ValidatedUpdate],
+    out_dir: Path,
+    previous_dir: str | Path | None,
+    round_index: int,
+    log: Callable[[str], None] | None,
+) -> dict[str, _Clip]:
+    """Per site: norm of its update delta (update − model it started from) and the clip scale.
+
+    One streaming pass per update (and its previous model), a block at a time, before any
+    arithmetic on the pools.
+    """
+    if robust.clip_norm is None:
+        return {}
+    folder = Path(previous_dir) if previous_dir is not None else previous_round_dir(out_dir, round_index)
+    clips: dict[str, _Clip] = {}
+    for update in updates:
+        previous = open_previous_model(plans, update.site, folder, round_index - 1)
+        sumsq = 0.0
+        for name in update.reader.keys():
+            info = previous.infos.get(name)
+            if info is None or info.shape != update.reader.infos[name].shape:
+                raise InputError(
+                    f"lacks tensor {name!r} as site {update.site!r} sends it, so its update delta cannot be measured",
+                    previous.path,
+                )
+            sumsq += delta_sumsq(update.reader.get_tensor(name), previous.get_tensor(name))
+        norm = math.sqrt(sumsq)
+        clips[update.site] = _Clip(previous, norm, clip_factor(norm, robust.clip_norm))
+    scaled = {s: c for s, c in clips.items() if c.factor < 1.0}
+    if scaled:
+        _log(log, "clip_norm: scaled " + ", ".join(f"{s} (delta norm {c.delta_norm:.4g})" for s, c in sorted(scaled.items())))
+    return clips
+
+
+def _contribution_array(array: np.ndarray, clip: _Clip | None, name: str) -> np.ndarray:
+    if clip is None or clip.factor == 1.0:
+        return array
+    return clipped(array, clip.previous.get_tensor(name), clip.factor)
+
+
 def aggregate_round(
     plans: Plans,
     update_paths: Sequence[str | Path],
     out_dir: str | Path,
     expected_round: int | None = None,
     log: Callable[[str], None] | None = None,
+    signing_key: SigningKey | None = None,
+    previous_dir: str | Path | None = None,
 ) -> AggregateReport:
-    """Validate a round's updates, merge them by the plan's strategy and write the round folder."""
+    """Validate a round's updates, merge them by the plan's strategy and write the round folder.
+
+    `signing_key`: the coordinator's key; required when the plan lists public keys (every
+    output then gets a `.sig`). `previous_dir`: the round folder the sites started from, read
+    only with `clip_norm` (default: `round_<r-1>` beside `out_dir`).
+    """
     out_dir = Path(out_dir)
     strategy = get_strategy(plans.strategy.name)
     strategy.check_params(plans.strategy.params)
+    robust = parse_robust(plans.strategy.params)
+    signing_key = require_signing_key(plans.keys, signing_key, COORDINATOR)
     updates = validate_updates(plans, update_paths, expected_round=expected_round, strategy=strategy)
     round_index = updates[0].meta.round
     by_site = {u.site: u for u in updates}
     _log(log, f"round {round_index}: {len(updates)} update(s) valid ({', '.join(sorted(by_site))})")
+    clip = _clip_factors(plans, robust, updates, out_dir, previous_dir, round_index, log)
 
     routing = _routing(strategy, plans)
     # (pool, key) -> [(site, name)] over the sites that sent an update, sorted by site
@@ -148,12 +244,23 @@ def aggregate_round(
     for (pool, key) in sorted(members):
         shape, dtype = key_meta[(pool, key)]
         contributions = [
-            Contribution(site, by_site[site].meta.n_cases, by_site[site].meta.n_iterations, readers[site].get_tensor(name))
+            Contribution(
+                site, by_site[site].meta.n_cases, by_site[site].meta.n_iterations,
+                _contribution_array(readers[site].get_tensor(name), clip.get(site), name),
+            )
             for site, name in members[(pool, key)]
         ]
         if pool not in weights:
             weights[pool] = strategy.pool_weights(plans, pool, contributions)
-        combined = strategy.combine(plans, pool, key, contributions)
+        if robust.replaces_combine:
+            if weights[pool] is None:
+                raise InputError(
+                    f"robust={plans.strategy.params.get('robust')} replaces weighted-mean pools, but strategy "
+                    f"{strategy.name!r} merges pool {pool!r} by its own rule; drop `robust` from the plan"
+                )
+            combined = robust_combine(robust, [c.array for c in contributions])
+        else:
+            combined = strategy.combine(plans, pool, key, contributions)
         model = strategy.pool_model(plans, pool, key, contributions, combined)
         if isinstance(combined, dict):
             results[(pool, key)] = {s: _cast(a, shape, dtype, pool, key) for s, a in combined.items()}
@@ -172,6 +279,7 @@ def aggregate_round(
     if len(set(stems)) != len(stems):
         raise ValueError(f"model pools {model_pools} map to clashing file names")
     pool_files: dict[str, tuple[dict[str, np.ndarray], OutputRecord]] = {}
+    hashes: dict[str, str] = {}     # output path -> content hash (to sign linked copies)
     for pool, stem in zip(model_pools, stems):
         tensors = {key: arr for (p, key), arr in sorted(pool_models.items()) if p == pool}
         sites = sorted({s for (p, _k), ms in members.items() if p == pool for s, _n in ms})
@@ -186,7 +294,7 @@ def aggregate_round(
             scopes={key: pool for key in tensors},
             extra={"sites": sites},
         )
-        record = _write(out_dir, f"{MODELS_DIR}/{stem}.safetensors", "pool", pool, tensors, meta)
+        record = _write(out_dir, f"{MODELS_DIR}/{stem}.safetensors", "pool", pool, tensors, meta, signing_key, hashes)
         pool_files[pool] = (tensors, record)
         outputs.append(record)
     for site in sorted(plans.sites):
@@ -197,6 +305,8 @@ def aggregate_round(
             # The site loads exactly a pool model (fedavg: every site loads the global model):
             # link to that file instead of writing the same bytes once per site.
             _link_or_copy(out_dir / same_as.path, out_dir / rel)
+            if signing_key is not None:
+                write_signature(out_dir / rel, signing_key, hashes[same_as.path], same_as.sha256)
             outputs.append(dataclasses.replace(same_as, path=rel, kind="site", name=site, same_as=same_as.path))
             continue
         update = by_site.get(site)
@@ -211,17 +321,20 @@ def aggregate_round(
             scopes=scopes,
             extra={"participated": update is not None},
         )
-        outputs.append(_write(out_dir, rel, "site", site, tensors, meta))
+        outputs.append(_write(out_dir, rel, "site", site, tensors, meta, signing_key, hashes))
 
     report = AggregateReport(
         round=round_index,
         plan_id=plans.plan_id,
         strategy=plans.strategy.name,
-        inputs=[_input_record(u) for u in updates],
-        weights=weights,
+        inputs=[_input_record(u, clip.get(u.site)) for u in updates],
+        weights={p: (None if robust.replaces_combine else w) for p, w in weights.items()},
         outputs=outputs,
         missing_sites=sorted(set(plans.sites) - set(by_site)),
+        robust=robust.to_dict() if robust.active else None,
+        signed_by=COORDINATOR if signing_key is not None else None,
     )
+    report.traffic = round_traffic(report.inputs, report.outputs)
     write_json_atomic(out_dir / REPORT_FILE, report.to_dict())
     _log(log, f"round {round_index}: wrote {len(outputs)} weight file(s) and {REPORT_FILE} to {out_dir}")
     return report
@@ -264,9 +377,16 @@ def _site_tensors(
     return tensors, scopes
 
 
-def _write(out_dir: Path, rel: str, kind: str, name: str, tensors: dict[str, np.ndarray], meta: WeightMeta) -> OutputRecord:
+def _write(
+    out_dir: Path, rel: str, kind: str, name: str, tensors: dict[str, np.ndarray], meta: WeightMeta,
+    signing_key: SigningKey | None = None, hashes: dict[str, str] | None = None,
+) -> OutputRecord:
     path = out_dir / rel
-    _meta, digest = write_weight_file_digest(path, tensors, meta)
+    written, digest = write_weight_file_digest(path, tensors, meta)
+    if signing_key is not None:
+        write_signature(path, signing_key, written.content_hash, digest)
+    if hashes is not None:
+        hashes[rel] = written.content_hash
     return OutputRecord(path=rel, kind=kind, name=name, n_tensors=len(tensors), bytes=path.stat().st_size, sha256=digest)
 
 
@@ -298,8 +418,25 @@ def _link_or_copy(source: Path, target: Path) -> None:
             shutil.copyfile(source, tmp)
 
 
-def _input_record(update: ValidatedUpdate) -> InputRecord:
+def round_traffic(inputs: Sequence[InputRecord], outputs: Sequence[OutputRecord]) -> dict[str, Any]:
+    """{"per_site": {site: {"upload": bytes, "download": bytes}}, "upload": total, "download": total}."""
+    per_site: dict[str, dict[str, int]] = {}
+    for record in inputs:
+        per_site.setdefault(record.site, {"upload": 0, "download": 0})["upload"] = int(record.bytes)
+    for record in outputs:
+        if record.kind == "site":
+            per_site.setdefault(record.name, {"upload": 0, "download": 0})["download"] = int(record.bytes)
+    return {
+        "per_site": dict(sorted(per_site.items())),
+        "upload": sum(v["upload"] for v in per_site.values()),
+        "download": sum(v["download"] for v in per_site.values()),
+    }
+
+
+def _input_record(update: ValidatedUpdate, clip: _Clip | None = None) -> InputRecord:
     return InputRecord(
+        delta_norm=clip.delta_norm if clip is not None else None,
+        clip_factor=clip.factor if clip is not None else None,
         site=update.site,
         path=str(update.path),
         sha256=update.sha256,
@@ -314,9 +451,12 @@ def _input_record(update: ValidatedUpdate) -> InputRecord:
 # ---------------------------------------------------------------------------------------
 # round 0
 # ---------------------------------------------------------------------------------------
-def initial_round(plans: Plans, out_dir: str | Path, seed: int | None = None) -> list[Path]:
+def initial_round(
+    plans: Plans, out_dir: str | Path, seed: int | None = None, signing_key: SigningKey | None = None
+) -> list[Path]:
     """Write round_000: `<site>.safetensors` (the FULL initial state, local tensors included,
     so a site can start without building anything) and `models/<pool>.safetensors`.
+    Signed with the coordinator's `signing_key` (required when the plan lists public keys).
 
     One network per configuration, built with the seed; every tensor of a (pool, key) is then
     taken from the first site (in name order) that holds it, so all sites of a pool start
@@ -328,6 +468,7 @@ def initial_round(plans: Plans, out_dir: str | Path, seed: int | None = None) ->
     seed = plans.seed if seed is None else int(seed)
     strategy = get_strategy(plans.strategy.name)
     strategy.check_params(plans.strategy.params)
+    signing_key = require_signing_key(plans.keys, signing_key, COORDINATOR)
     manifests = plans.extra.get("manifests") or {}
     built: dict[str, dict[str, np.ndarray]] = {}
     states: dict[str, dict[str, np.ndarray]] = {}
@@ -371,7 +512,7 @@ def initial_round(plans: Plans, out_dir: str | Path, seed: int | None = None) ->
             kind="model", plan_id=plans.plan_id, strategy=plans.strategy.name, site=site, round=0,
             n_cases=plans.sites[site].n_cases, n_iterations=0, scopes=scopes[site], extra={"seed": seed},
         )
-        write_weight_file(out_dir / f"{site}.safetensors", states[site], meta)
+        _write_signed(out_dir / f"{site}.safetensors", states[site], meta, signing_key)
         written.append(out_dir / f"{site}.safetensors")
     for pool in strategy.model_pools(plans):
         tensors = {key: arr for (p, key), arr in pooled.items() if p == pool}
@@ -380,8 +521,16 @@ def initial_round(plans: Plans, out_dir: str | Path, seed: int | None = None) ->
             n_cases=0, n_iterations=0, scopes={k: pool for k in tensors}, extra={"seed": seed},
         )
         path = out_dir / MODELS_DIR / f"{pool_filename(pool)}.safetensors"
-        write_weight_file(path, tensors, meta)
+        _write_signed(path, tensors, meta, signing_key)
         written.append(path)
+    return written
+
+
+def _write_signed(path: Path, tensors: Mapping[str, Any], meta: WeightMeta, signing_key: SigningKey | None) -> WeightMeta:
+    """Write a weight file and, with a key, its `.sig` (signing the digest computed while writing)."""
+    written, digest = write_weight_file_digest(path, tensors, meta)
+    if signing_key is not None:
+        write_signature(path, signing_key, written.content_hash, digest)
     return written
 
 
@@ -415,6 +564,9 @@ def compose_site_state(
         raise InputError(f"is a {meta.kind!r} file; a site starts from a model file (round_r/<site>.safetensors)", path)
     if meta.plan_id != plans.plan_id:
         raise InputError(f"was made under another plan (plan_id {meta.plan_id[:12]}…, this plan {plans.plan_id[:12]}…)", path)
+    if plans.keys:
+        # read_weight_file verified the content hash, so the signature over it covers the data
+        verify_signature(plans.keys, path, meta.content_hash, COORDINATOR)
     if meta.site in plans.sites and meta.site != site:
         raise InputError(f"is the model for site {meta.site!r}, not {site!r}", path)
     expected = expected_parameters(plans, site)
@@ -444,8 +596,11 @@ def write_site_update(
     n_iterations: int,
     n_cases: int | None = None,
     extra: dict[str, Any] | None = None,
+    signing_key: SigningKey | None = None,
 ) -> WeightMeta:
-    """Write the update of `site` for `round_index`: only its shared tensors, with their scopes."""
+    """Write the update of `site` for `round_index`: only its shared tensors, with their scopes.
+
+    With `signing_key` (the site's own), `<path>.sig` is written too."""
     strategy = get_strategy(plans.strategy.name)
     shared, _local = split_site_state(plans, site, state)
     scopes = {name: resolved_scope(strategy, plans, site, name, a.dtype.name) for name, a in shared.items()}
@@ -454,4 +609,4 @@ def write_site_update(
         n_cases=plans.sites[site].n_cases if n_cases is None else int(n_cases), n_iterations=int(n_iterations),
         scopes={k: v for k, v in scopes.items() if v is not None}, extra=dict(extra or {}),
     )
-    return write_weight_file(path, shared, meta)
+    return _write_signed(Path(path), shared, meta, signing_key)

@@ -55,7 +55,8 @@ def expected_parameters(plans: Plans, site: str) -> dict[str, tuple[tuple[int, .
 
 
 def attach_manifests(plans: Plans, strategy: Strategy | None = None) -> Plans:
-    """A copy of `plans` with a manifest for every configuration used by its sites.
+    """A copy of `plans` with a manifest for every configuration used by its sites, plus the
+    strategy's `planned_extra` (which may depend on the manifests).
 
     Networks are built on torch's meta device (shapes only, no memory, no init cost); a
     network whose construction needs real tensors falls back to the CPU.
@@ -76,4 +77,6 @@ def attach_manifests(plans: Plans, strategy: Strategy | None = None) -> Plans:
         except (RuntimeError, NotImplementedError, TypeError):
             network = strategy.network(plans, site)
         manifests[config] = build_manifest(network.state_dict())
-    return dataclasses.replace(plans, extra={**plans.extra, MANIFESTS_KEY: manifests})
+    plans = dataclasses.replace(plans, extra={**plans.extra, MANIFESTS_KEY: manifests})
+    # strategy data that depends on the parameter shapes (computed from the manifests just made)
+    return dataclasses.replace(plans, extra={**plans.extra, **strategy.planned_extra(plans)})

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fedseg.errors import InputError
+from fedseg.federation.server_eval import SERVER_TEST_DIR, evaluate_server_models, is_server_test_set
 
 
 @dataclass
@@ -39,16 +40,36 @@ class SimulationResult:
     val_dice: dict[str, list[float | None]]          # site -> per round
     test_metrics: dict[str, dict]                    # site -> evaluate_folders result (means)
     report_dir: str
+    server_metrics: dict = field(default_factory=dict)   # server_eval summary (empty without a server test set)
+    traffic: dict = field(default_factory=dict)          # site -> per round {"upload", "download"} bytes
 
 
 def round_dir(run_dir: Path, r: int) -> Path:
     return run_dir / f"round_{r:03d}"
 
 
+def check_run_folder(run_dir: Path, resume: bool) -> None:
+    """Refuse to run into a folder that already holds files unless the caller resumes it.
+
+    `simulate` continues whatever run it finds (complete rounds are skipped); the CLI asks
+    for an explicit --resume so that a mistyped -o never mixes two runs, and a resume of a
+    folder that is not a run says so.
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError("run folder exists and is not a folder", run_dir)
+    has_files = run_dir.is_dir() and any(run_dir.iterdir())
+    if has_files and not resume:
+        raise InputError("run folder already holds files; pass --resume to continue that run, or choose a new folder", run_dir)
+    if resume and has_files and not (run_dir / "plans.json").is_file():
+        raise InputError("--resume: this folder holds files but no plans.json, so it is not a fedseg run", run_dir)
+
+
 def discover_sites(sites_root: Path) -> list[Path]:
     if not sites_root.is_dir():
         raise InputError("sites folder not found", sites_root)
-    sites = sorted(p for p in sites_root.iterdir() if (p / "dataset.json").is_file())
+    # Folders whose name starts with "_" are not sites (e.g. `_server_test`, the server's test set).
+    sites = sorted(p for p in sites_root.iterdir() if (p / "dataset.json").is_file() and not p.name.startswith("_"))
     if not sites:
         raise InputError("no site folders (sub-folders with a dataset.json) inside", sites_root)
     return sites
@@ -60,6 +81,7 @@ def simulate(
     progress_factory: Callable | None = None,
 ) -> SimulationResult:
     """Run fingerprint -> plan -> init -> rounds of train/aggregate -> predict -> evaluate."""
+    from fedseg.atomic import write_text_atomic
     from fedseg.data.dataset import load_dataset
     from fedseg.federation.engine import aggregate_round, initial_round
     from fedseg.federation.manifest import attach_manifests
@@ -103,7 +125,7 @@ def simulate(
     # 3. init
     if not (round_dir(run_dir, 0) / "done").is_file():
         initial_round(plans, round_dir(run_dir, 0), seed=plans.seed)
-        (round_dir(run_dir, 0) / "done").write_text("")
+        write_text_atomic(round_dir(run_dir, 0) / "done", "")
 
     # 4. rounds
     val_dice: dict[str, list[float | None]] = {name: [] for name in site_dirs}
@@ -129,8 +151,18 @@ def simulate(
 
     # 5. test: every site predicts its own test split with the model it would use
     test_metrics = evaluate_sites(plans, run_dir, site_dirs, config, progress_factory)
-    report_dir = write_report(run_dir, plans.plan_id, val_dice, test_metrics, plans.labels)
-    return SimulationResult(str(run_dir), plans.plan_id, config.rounds, val_dice, test_metrics, str(report_dir))
+    traffic = collect_traffic(run_dir, config.rounds, list(site_dirs))
+    report_dir = write_report(run_dir, plans.plan_id, val_dice, test_metrics, plans.labels, traffic=traffic)
+    # 6. the server models (models/<pool>.safetensors) on SITES_ROOT/_server_test, if there is one
+    server_metrics = {}
+    server_dir = Path(config.sites_root) / SERVER_TEST_DIR
+    if is_server_test_set(server_dir):
+        server_metrics = evaluate_server_models(
+            plans, round_dir(run_dir, config.rounds), server_dir, report_dir, state_root=run_dir / "state",
+            device=config.device, mirror=config.mirror, progress_factory=progress_factory,
+        )
+    return SimulationResult(str(run_dir), plans.plan_id, config.rounds, val_dice, test_metrics, str(report_dir),
+                            server_metrics, traffic=traffic)
 
 
 def _collect_val_dice(rdir: Path, val_dice: dict[str, list[float | None]]) -> None:
@@ -143,6 +175,27 @@ def _collect_val_dice(rdir: Path, val_dice: dict[str, list[float | None]]) -> No
             _, meta = read_weight_file(update, verify_hash=False)
             value = meta.extra.get("val_dice")
         val_dice[name].append(value)
+
+
+def collect_traffic(run_dir: Path, rounds: int, sites: list[str]) -> dict[str, list[dict[str, int] | None]]:
+    """Bytes each site sent (its update) and received (its next model file) per round, from aggregate.json."""
+    import json
+
+    traffic: dict[str, list[dict[str, int] | None]] = {site: [] for site in sites}
+    for r in range(1, rounds + 1):
+        path = round_dir(run_dir, r) / "aggregate.json"
+        record = json.loads(path.read_text()) if path.is_file() else {}
+        per_site = (record.get("traffic") or {}).get("per_site")
+        if per_site is None:   # a round folder written before traffic was recorded
+            per_site = {}
+            for item in record.get("inputs", []):
+                per_site.setdefault(item["site"], {"upload": 0, "download": 0})["upload"] = item["bytes"]
+            for item in record.get("outputs", []):
+                if item.get("kind") == "site":
+                    per_site.setdefault(item["name"], {"upload": 0, "download": 0})["download"] = item["bytes"]
+        for site in sites:
+            traffic[site].append(per_site.get(site))
+    return traffic
 
 
 def evaluate_sites(plans, run_dir: Path, site_dirs: dict[str, Path], config: SimulationConfig, progress_factory) -> dict[str, dict]:
@@ -161,14 +214,14 @@ def evaluate_sites(plans, run_dir: Path, site_dirs: dict[str, Path], config: Sim
         n = len(list(labels.iterdir()))
         with progress_factory(f"predict {name}", n) as advance:
             predict_folder(network, images, out, plans, plans.configuration_for(name), device=config.device,
-                           mirror=config.mirror, progress=advance)
+                           mirror=config.mirror, progress=advance, site=name)
         result = evaluate_folders(out, labels, plans.labels, plans.file_ending)
         save_metrics(result, run_dir / "report" / f"metrics_{name}.json")
         results[name] = result
     return results
 
 
-def write_report(run_dir: Path, plan_id: str, val_dice, test_metrics, labels) -> Path:
+def write_report(run_dir: Path, plan_id: str, val_dice, test_metrics, labels, traffic=None) -> Path:
     from fedseg.atomic import write_json_atomic
 
     report = run_dir / "report"
@@ -178,6 +231,8 @@ def write_report(run_dir: Path, plan_id: str, val_dice, test_metrics, labels) ->
         "val_dice_per_round": val_dice,
         "test": {site: {"mean": r.get("mean"), "foreground_mean": r.get("foreground_mean")} for site, r in test_metrics.items()},
     }
+    if traffic is not None:
+        summary["bytes_per_round"] = traffic   # site -> per round {"upload": bytes, "download": bytes}
     write_json_atomic(report / "metrics.json", summary)
     plot_val_dice(val_dice, report / "val_dice.png")
     return report

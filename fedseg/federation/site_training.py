@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from fedseg.errors import InputError
+from fedseg.federation.signing import SigningKey, require_signing_key
 from fedseg.planning.plans import Plans
 
 LOCAL_STATE_FILE = "local.safetensors"
@@ -89,13 +90,20 @@ def run_site_round(
     num_workers: int = 2,
     progress: Callable | None = None,
     log: Callable[[str], None] | None = None,
+    signing_key: SigningKey | None = None,
 ) -> SiteRoundResult:
-    """Train `site` for one round starting from `weights_path`; write the update to `output`."""
+    """Train `site` for one round starting from `weights_path`; write the update to `output`.
+
+    `signing_key`: the site's private key; required when the plan lists public keys (the
+    update then gets `<output>.sig`, and the incoming model must carry the coordinator's).
+    Checked before training, so a site never trains a round it cannot sign.
+    """
     from fedseg.federation.engine import split_site_state, write_site_update
     from fedseg.training.trainer import train_local
 
     start = time.monotonic()
     plans.site(site)
+    signing_key = require_signing_key(plans.keys, signing_key, site)
     previous_round = incoming_round(plans, weights_path)
     round_index = previous_round + 1
     if round_index > plans.training.rounds:
@@ -103,14 +111,18 @@ def run_site_round(
             f"is the model of round {previous_round}; the plan has {plans.training.rounds} rounds, so nothing is left to train",
             weights_path,
         )
+    from fedseg.federation.strategies import get_strategy
+
     network, state = site_network_and_state(plans, site, weights_path, state_dir)
     outcome = train_local(
         plans, site, Path(dataset_root), Path(state_dir), network, state, round_index,
         iterations=iterations, device=device, num_workers=num_workers, progress=progress, log=log,
+        trainer_class=get_strategy(plans.strategy.name).trainer_class(plans),
     )
     meta = write_site_update(
         plans, site, outcome.state_dict, output, round_index=round_index, n_iterations=outcome.n_iterations,
         extra={"val_dice": _finite_or_none(outcome.val_dice), "mean_loss": _finite_or_none(outcome.mean_loss)},
+        signing_key=signing_key,
     )
     _shared, local = split_site_state(plans, site, outcome.state_dict)
     # Local parameters last: the trainer recognises a finished round by the hash of its

@@ -1,7 +1,7 @@
 """Check a round's update files before any arithmetic (ARCHITECTURE.md §6).
 
 Cheap checks first (header, metadata, names/shapes/dtypes/scopes against the plan, rounds,
-duplicates), so a wrong file is refused in milliseconds; then one streaming pass per file
+duplicates, signatures when the plan lists keys), so a wrong file is refused in milliseconds; then one streaming pass per file
 over the tensor data that verifies the content hash, that every value is finite and the
 update's L2 norm, plus the sha256 of the file bytes for the round report. Files are checked
 in threads: hashlib and numpy release the GIL on large buffers.
@@ -24,6 +24,7 @@ import numpy as np
 
 from fedseg.errors import InputError
 from fedseg.federation.manifest import expected_parameters
+from fedseg.federation.signing import verify_signature
 from fedseg.federation.strategies.base import Strategy, resolved_scope
 from fedseg.federation.weightfile import (
     ContentHasher,
@@ -181,6 +182,13 @@ def validate_updates(
             raise InputError(f"is a second update from site {meta.site!r} (first: {seen[meta.site]})", path)
         seen[meta.site] = path
 
+    # Signatures (when the plan lists keys) before reading any data: an unsigned or foreign
+    # file is refused in microseconds. They sign the content hash, which the pass below checks.
+    signed_sha256 = [
+        verify_signature(plans.keys, r.path, m.content_hash, m.site).sha256 if plans.keys else None
+        for r, m in zip(readers, metas)
+    ]
+
     bound = plans.strategy.params.get("max_update_norm")
     max_norm = float(bound) if bound is not None else None
     # Two independent tasks per file (content pass, sha256 of the bytes) so that every core
@@ -194,6 +202,9 @@ def validate_updates(
         # report the first bad file in the order given, whatever finished first
         norms = [f.result() for f in scans]
         shas = [f.result() for f in digests]
+    for r, sha, signed in zip(readers, shas, signed_sha256):
+        if signed is not None and signed != sha:
+            raise InputError("bad signature: the file bytes differ from the signed ones (sha256 mismatch)", r.path)
     return [
         ValidatedUpdate(path=r.path, meta=m, sha256=sha, n_bytes=int(r.map().size), update_norm=norm, reader=r)
         for r, m, norm, sha in zip(readers, metas, norms, shas)

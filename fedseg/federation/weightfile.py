@@ -163,12 +163,11 @@ def parse_header(path: str | Path) -> tuple[dict[str, TensorInfo], Any, int]:
             prefix = handle.read(8)
             if len(prefix) < 8:
                 raise _not_weight_file(path, f"only {len(prefix)} bytes long")
-            sniffed = _sniff(prefix)
-            if sniffed:
-                raise _not_weight_file(path, sniffed)
             n = int.from_bytes(prefix, "little")
             if n < 2 or n > MAX_HEADER_BYTES:
-                raise _not_weight_file(path, f"header length {n} is implausible")
+                # Sniff only an implausible header: a valid header length can start with any
+                # byte (0x80 = a 0x..80-byte header is not the pickle opcode it resembles).
+                raise _not_weight_file(path, _sniff(prefix) or f"header length {n} is implausible")
             if 8 + n > size:
                 raise _not_weight_file(path, f"header length {n} runs past the end of the {size}-byte file (truncated?)")
             raw = handle.read(n)

@@ -4,20 +4,23 @@ nnU-Net's fingerprint (DatasetFingerprintExtractor) records, per training case, 
 the shape after cropping to the nonzero region and the relative size of that crop, and over
 all cases the foreground (label > 0) intensity statistics per channel. fedseg records the
 same per-case lists, but replaces nnU-Net's pooled foreground samples with *mergeable
-sufficient statistics* per channel — count, sum, sum of squares, min, max and a quantile
-sketch (fedseg.planning.sketch) — so the coordinator can merge the fingerprints of all sites
-into exactly the fingerprint of the pooled data (fedseg.planning.merge).
+sufficient statistics* per channel — weight, weighted sum and sum of squares, min, max and a
+quantile sketch (fedseg.planning.sketch) — so the coordinator can merge the fingerprints of
+all sites into exactly the fingerprint of the pooled data (fedseg.planning.merge).
 
-Foreground voxels: nnU-Net draws 1e8 / N random foreground voxels per case (with
-replacement, seed 1234) and computes statistics on those samples, which gives every case the
-same weight. fedseg uses ALL foreground voxels of every case: no sampling noise, and cheaper
-than drawing 1e8 samples — but each voxel (not each case) has equal weight, so a case with a
-large foreground counts more than in nnU-Net. For cases of similar foreground size the two
-agree up to nnU-Net's sampling noise.
+Weighting: nnU-Net draws 1e8 / N random foreground voxels from each case (with replacement,
+seed 1234; cases without foreground contribute none) and computes its statistics on those
+samples, which gives every case with foreground the same weight, whatever its foreground
+size. fedseg computes that weighting exactly, without sampling: every foreground voxel of a
+case gets weight 1 / (the case's foreground voxel count), so each case with foreground
+weighs 1 ("case_weighted" below; the merged fingerprint's nnU-Net keys). It also keeps the
+statistics with every voxel weighted equally (the exact pooled statistics of all foreground
+voxels). Both come from the same per-case sketch: the voxels are bucketed once per case.
 
 What leaves the site: spacings, cropped shapes, relative crop sizes, case ids, per channel
 the foreground count, sum, sum of squares, min, max and a histogram with 0.5 %-wide
-logarithmic buckets. No voxel array, no image, no label map.
+logarithmic buckets, and the same moments and histogram with per-case weights. No voxel
+array, no image, no label map.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -41,7 +44,8 @@ from fedseg.errors import InputError
 from fedseg.planning.sketch import DEFAULT_ALPHA, QuantileSketch
 
 FINGERPRINT_FORMAT = "fedseg.fingerprint"
-FINGERPRINT_FORMAT_VERSION = 1
+# 2: per channel a "case_weighted" entry (nnU-Net's weighting) next to the voxel-weighted stats.
+FINGERPRINT_FORMAT_VERSION = 2
 
 # progress(n, info): called with (1, case_id) after each case, like the CLI's `advance(n=1, info="")`.
 ProgressFn = Callable[[int, str], None]
@@ -56,7 +60,7 @@ class CaseSummary:
     shape_after_crop: list[int]
     relative_size_after_crop: float
     is_2d: bool
-    foreground: list[QuantileSketch]   # one per channel
+    foreground: list[QuantileSketch]   # one per channel, unweighted (the case's foreground voxels)
 
 
 def nonzero_bbox(data: np.ndarray) -> list[list[int]]:
@@ -165,19 +169,10 @@ def _assemble(dataset: Dataset, site: str, summaries: list[CaseSummary], alpha: 
     if len(dims) > 1:
         mixed = next(s for s in summaries if s.is_2d != summaries[0].is_2d)
         raise InputError(f"case {mixed.case_id}: the dataset mixes 2D and 3D images", dataset.root)
-    per_channel = {}
-    for c in range(dataset.n_channels):
-        merged = QuantileSketch(alpha)
-        for summary in summaries:           # case order: the float sums come out the same every run
-            merged.merge(summary.foreground[c])
-        per_channel[str(c)] = {
-            "count": merged.count,
-            "sum": merged.sum,
-            "sumsq": merged.sumsq,
-            "min": merged.min if merged.count else None,
-            "max": merged.max if merged.count else None,
-            "sketch": merged.to_dict(),
-        }
+    per_channel = {
+        str(c): channel_stats([summary.foreground[c] for summary in summaries], alpha)
+        for c in range(dataset.n_channels)
+    }
     return {
         "format": FINGERPRINT_FORMAT,
         "format_version": FINGERPRINT_FORMAT_VERSION,
@@ -194,6 +189,40 @@ def _assemble(dataset: Dataset, site: str, summaries: list[CaseSummary], alpha: 
         "shapes_after_crop": [s.shape_after_crop for s in summaries],
         "relative_sizes_after_crop": [s.relative_size_after_crop for s in summaries],
         "foreground_stats_per_channel": per_channel,
+    }
+
+
+def channel_stats(case_sketches: list[QuantileSketch], alpha: float = DEFAULT_ALPHA) -> dict[str, Any]:
+    """One channel's mergeable foreground statistics from its per-case (unweighted) sketches.
+
+    Voxel-weighted: the sum of the case sketches. Case-weighted (nnU-Net's weighting): each
+    case with foreground merged with weight 1 / its voxel count, so it weighs 1 in total; the
+    buckets computed for the case are reused, no voxel is looked at again. Cases without
+    foreground are skipped, as nnU-Net samples nothing from them. Cases are combined in the
+    given order, so the float sums come out the same every run.
+    """
+    voxels = QuantileSketch(alpha)
+    cases = QuantileSketch(alpha, weighted=True)
+    n_with_foreground = 0
+    for sketch in case_sketches:
+        voxels.merge(sketch)
+        if sketch.count:
+            cases.merge(sketch, weight=1.0 / sketch.count)
+            n_with_foreground += 1
+    return {
+        "count": voxels.count,
+        "sum": voxels.sum,
+        "sumsq": voxels.sumsq,
+        "min": voxels.min if voxels.count else None,
+        "max": voxels.max if voxels.count else None,
+        "sketch": voxels.to_dict(),
+        "case_weighted": {
+            "cases": n_with_foreground,
+            "weight": cases.weight,
+            "sum": cases.sum,
+            "sumsq": cases.sumsq,
+            "sketch": cases.to_dict(),
+        },
     }
 
 
@@ -219,13 +248,14 @@ def load_fingerprint(path: str | Path) -> dict[str, Any]:
 
 def validate_fingerprint(fp: Any, source: str | Path | None = None) -> None:
     """Check a fingerprint's structure and internal consistency; InputError naming `source`."""
-    def fail(reason: str) -> None:
+    def fail(reason: str) -> NoReturn:
         raise InputError(f"not a valid fedseg fingerprint ({reason})", source)
 
     if not isinstance(fp, dict) or fp.get("format") != FINGERPRINT_FORMAT:
         fail("no 'format': 'fedseg.fingerprint' key")
     if fp.get("format_version") != FINGERPRINT_FORMAT_VERSION:
-        fail(f"format_version {fp.get('format_version')!r}, expected {FINGERPRINT_FORMAT_VERSION}")
+        fail(f"format_version {fp.get('format_version')!r}, expected {FINGERPRINT_FORMAT_VERSION}; "
+             "recompute it with `fedseg fingerprint`")
     required = ("site", "channel_names", "labels", "file_ending", "image_dim", "n_cases", "case_ids", "spacings",
                 "shapes_after_crop", "relative_sizes_after_crop", "foreground_stats_per_channel", "modality")
     missing = [k for k in required if k not in fp]
@@ -254,16 +284,45 @@ def validate_fingerprint(fp: Any, source: str | Path | None = None) -> None:
     if not isinstance(stats, dict) or sorted(stats) != sorted(fp["channel_names"]):
         fail("foreground_stats_per_channel must have one entry per channel")
     for channel, entry in stats.items():
-        try:
-            sketch = QuantileSketch.from_dict(entry["sketch"])
-        except (KeyError, TypeError, ValueError) as exc:
-            fail(f"channel {channel}: bad sketch ({exc})")
-        expected = {"count": sketch.count, "sum": sketch.sum, "sumsq": sketch.sumsq,
-                    "min": sketch.min if sketch.count else None, "max": sketch.max if sketch.count else None}
-        if any(entry.get(k) != v for k, v in expected.items()):
-            fail(f"channel {channel}: count/sum/sumsq/min/max disagree with its sketch")
+        if not isinstance(entry, dict):
+            fail(f"channel {channel}: statistics must be an object")
+        _validate_channel(entry, n, lambda reason, ch=channel: fail(f"channel {ch}: {reason}"))
 
 
-def foreground_sketch(fp: dict[str, Any], channel: str) -> QuantileSketch:
-    """The foreground sketch of one channel of a (validated) fingerprint."""
-    return QuantileSketch.from_dict(fp["foreground_stats_per_channel"][channel]["sketch"])
+def _validate_channel(entry: dict[str, Any], n_cases: int, fail: Callable[[str], NoReturn]) -> None:
+    try:
+        sketch = QuantileSketch.from_dict(entry["sketch"])
+    except (KeyError, TypeError, ValueError) as exc:
+        fail(f"bad sketch ({exc})")
+    if sketch.weighted:
+        fail("the voxel-weighted sketch is weighted")
+    expected = {"count": sketch.count, "sum": sketch.sum, "sumsq": sketch.sumsq,
+                "min": sketch.min if sketch.count else None, "max": sketch.max if sketch.count else None}
+    if any(entry.get(k) != v for k, v in expected.items()):
+        fail("count/sum/sumsq/min/max disagree with its sketch")
+    by_case = entry.get("case_weighted")
+    if not isinstance(by_case, dict):
+        fail("no 'case_weighted' statistics")
+    try:
+        weighted = QuantileSketch.from_dict(by_case["sketch"])
+    except (KeyError, TypeError, ValueError) as exc:
+        fail(f"bad case-weighted sketch ({exc})")
+    if not weighted.weighted or weighted.alpha != sketch.alpha:
+        fail("the case-weighted sketch must be weighted, with the accuracy of the voxel-weighted one")
+    cases = by_case.get("cases")
+    if isinstance(cases, bool) or not isinstance(cases, int) or not 0 <= cases <= n_cases:
+        fail(f"case_weighted.cases must be an integer from 0 to n_cases = {n_cases}")
+    if any(by_case.get(k) != v for k, v in {"weight": weighted.weight, "sum": weighted.sum,
+                                            "sumsq": weighted.sumsq}.items()):
+        fail("case_weighted weight/sum/sumsq disagree with its sketch")
+    # every case with foreground weighs 1 (up to the float rounding of count * (1 / count))
+    if abs(weighted.weight - cases) > 1e-9 * max(cases, 1) or (cases == 0) != (sketch.count == 0):
+        fail(f"case_weighted weight {weighted.weight} is not its number of cases with foreground ({cases})")
+    if (weighted.count, weighted.min, weighted.max) != (sketch.count, sketch.min, sketch.max):
+        fail("case-weighted and voxel-weighted sketches hold different voxels")
+
+
+def foreground_sketch(fp: dict[str, Any], channel: str, case_weighted: bool = False) -> QuantileSketch:
+    """The foreground sketch of one channel of a (validated) fingerprint (voxel- or case-weighted)."""
+    entry = fp["foreground_stats_per_channel"][channel]
+    return QuantileSketch.from_dict((entry["case_weighted"] if case_weighted else entry)["sketch"])

@@ -7,10 +7,21 @@ parts, so that is wrong whenever sites differ. Here every site sends mergeable s
 
 - spacings, shapes_after_crop and relative sizes: concatenated (sites sorted by name, so
   the result does not depend on the order the files were given in);
-- mean and std (population, like np.std): from the summed count, sum and sum of squares;
+- mean and std (population, like np.std): from the summed weight, weighted sum and sum of
+  squares;
 - min, max: exact;
-- median, percentile_00_5, percentile_99_5: from the merged quantile sketch, with numpy's
-  linear interpolation rule, within the sketch's relative accuracy of the pooled values.
+- median, percentile_00_5, percentile_99_5: from the merged quantile sketch, within the
+  sketch's relative accuracy of the pooled values.
+
+Intensity statistics come in two weightings. `foreground_intensity_properties_per_channel`
+(nnU-Net's key, read by CT normalisation) weights every case with foreground equally — each
+of its foreground voxels weighs 1 / (its foreground voxel count) — which is what nnU-Net's
+equal number of random samples per case estimates; its quantiles are weighted inverted-CDF
+values (what nnU-Net's percentiles of 1e8 samples converge to). Cases without foreground
+are left out, as nnU-Net draws no samples from them.
+`foreground_intensity_properties_per_channel_voxel_weighted` weights every foreground voxel
+equally (the exact statistics of all pooled foreground voxels; quantiles with numpy's linear
+interpolation rule).
 
 The result uses nnU-Net's key names, so it compares key for key with nnU-Net's
 dataset_fingerprint.json.
@@ -76,15 +87,16 @@ def merge_fingerprints(
     else:
         channel_names, stats_by_channel = _merge_channels_by_name(fps)
 
-    properties = {}
-    for channel, sketch in stats_by_channel.items():
-        if sketch.count == 0:
+    properties, voxel_properties = {}, {}
+    for channel, (voxels, cases) in stats_by_channel.items():
+        if voxels.count == 0:
             raise InputError(
                 f"channel {channel} ({channel_names[channel]}) has no foreground voxels at any site: "
                 "intensity statistics cannot be computed",
                 names[0] if len(names) == 1 else None,
             )
-        properties[channel] = _intensity_properties(sketch)
+        properties[channel] = _intensity_properties(cases, "inverted_cdf")
+        voxel_properties[channel] = _intensity_properties(voxels, "linear")
 
     relative_sizes = [r for fp in fps for r in fp["relative_sizes_after_crop"]]
     file_endings = sorted({fp["file_ending"] for fp in fps})
@@ -93,6 +105,7 @@ def merge_fingerprints(
         "spacings": [list(s) for fp in fps for s in fp["spacings"]],
         "shapes_after_crop": [list(s) for fp in fps for s in fp["shapes_after_crop"]],
         "foreground_intensity_properties_per_channel": properties,
+        "foreground_intensity_properties_per_channel_voxel_weighted": voxel_properties,
         "median_relative_size_after_cropping": float(np.median(relative_sizes)),
         "n_cases": sum(fp["n_cases"] for fp in fps),
         "sites": {
@@ -109,8 +122,9 @@ def merge_fingerprints(
         # The first of the sites' endings in sorted order (".nii" < ".nii.gz"): both are NIfTI.
         "file_ending": reference["file_ending"] if len(file_endings) == 1 else file_endings[0],
         "image_dim": reference["image_dim"],
-        "foreground_voxels_per_channel": {c: s.count for c, s in stats_by_channel.items()},
-        "quantile_relative_accuracy": next(iter(stats_by_channel.values())).alpha,
+        "foreground_voxels_per_channel": {c: v.count for c, (v, _) in stats_by_channel.items()},
+        "foreground_cases_per_channel": {c: round(w.weight) for c, (_, w) in stats_by_channel.items()},
+        "quantile_relative_accuracy": next(iter(stats_by_channel.values()))[0].alpha,
     }
 
 
@@ -147,27 +161,37 @@ def _labels_text(labels: dict[str, int]) -> str:
     return "{" + ", ".join(f"{k}: {v}" for k, v in sorted(labels.items(), key=lambda kv: kv[1])) + "}"
 
 
-def _merge_channels_by_index(fps: list[dict]) -> tuple[dict[str, str], dict[str, QuantileSketch]]:
+# Per channel: (voxel-weighted sketch, case-weighted sketch) of the pooled foreground.
+_ChannelSketches = tuple[QuantileSketch, QuantileSketch]
+
+
+def _merge_channels_by_index(fps: list[dict]) -> tuple[dict[str, str], dict[str, _ChannelSketches]]:
     channel_names = {}
     stats = {}
     for channel in sorted(fps[0]["channel_names"], key=int):
         names = sorted({fp["channel_names"][channel] for fp in fps})
         # Sites may name the same channel differently ("CT" / "ct"); keep every name visible.
         channel_names[channel] = names[0] if len(names) == 1 else "|".join(names)
-        stats[channel] = _merged_sketch(fp["foreground_stats_per_channel"][channel]["sketch"] for fp in fps)
+        stats[channel] = _merged_sketches([fp["foreground_stats_per_channel"][channel] for fp in fps])
     return channel_names, stats
 
 
-def _merge_channels_by_name(fps: list[dict]) -> tuple[dict[str, str], dict[str, QuantileSketch]]:
+def _merge_channels_by_name(fps: list[dict]) -> tuple[dict[str, str], dict[str, _ChannelSketches]]:
     # Union of channel names in order of first appearance (sites sorted by name, channels by index).
     by_name: dict[str, list[dict]] = {}
     for fp in fps:
         for channel in sorted(fp["channel_names"], key=int):
-            by_name.setdefault(fp["channel_names"][channel], []).append(
-                fp["foreground_stats_per_channel"][channel]["sketch"])
+            by_name.setdefault(fp["channel_names"][channel], []).append(fp["foreground_stats_per_channel"][channel])
     channel_names = {str(i): name for i, name in enumerate(by_name)}
-    stats = {str(i): _merged_sketch(sketches) for i, sketches in enumerate(by_name.values())}
+    stats = {str(i): _merged_sketches(entries) for i, entries in enumerate(by_name.values())}
     return channel_names, stats
+
+
+def _merged_sketches(entries: list[dict]) -> _ChannelSketches:
+    """Merge the sites' sketches of one channel, in the given (site-sorted) order."""
+    voxels = _merged_sketch(entry["sketch"] for entry in entries)
+    cases = _merged_sketch(entry["case_weighted"]["sketch"] for entry in entries)
+    return voxels, cases
 
 
 def _merged_sketch(sketch_dicts) -> QuantileSketch:
@@ -179,8 +203,8 @@ def _merged_sketch(sketch_dicts) -> QuantileSketch:
     return merged
 
 
-def _intensity_properties(sketch: QuantileSketch) -> dict[str, float]:
-    quantiles = sketch.quantile(np.array([q for _, q in _QUANTILES]), interpolation="linear")
+def _intensity_properties(sketch: QuantileSketch, interpolation: str) -> dict[str, float]:
+    quantiles = sketch.quantile(np.array([q for _, q in _QUANTILES]), interpolation=interpolation)
     props = {
         "mean": float(sketch.mean),
         "median": 0.0,

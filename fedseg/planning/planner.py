@@ -419,6 +419,70 @@ def _split_overrides(overrides: Mapping[str, Any]) -> tuple[dict, dict, dict, in
 
 # -- the plan -------------------------------------------------------------------------------
 
+def strategy_training_defaults(strategy: str) -> dict[str, Any]:
+    """Training values a strategy plans by default (its class's `training_defaults`), e.g.
+    flames' Dice + Focal loss; `--set training.KEY=...` still wins. Unknown names: none."""
+    from fedseg.federation.strategies import get_strategy, strategy_names
+
+    if strategy not in strategy_names():
+        return {}
+    defaults = dict(getattr(get_strategy(strategy), "training_defaults", None) or {})
+    return {key: _training_value(key, value) for key, value in defaults.items()}
+
+
+def strategy_requires_same_channels(strategy: str, params: Mapping[str, Any]) -> bool:
+    """Whether every site must hold the same channels (the strategy's `requires_same_channels`);
+    unknown names: yes (the usual case)."""
+    from fedseg.federation.strategies import get_strategy, strategy_names
+
+    if strategy not in strategy_names():
+        return True
+    return bool(get_strategy(strategy).requires_same_channels(params))
+
+
+def strategy_plans_per_site(strategy: str) -> bool:
+    """Whether a strategy's sites each train a network planned from their own fingerprint
+    (its class's `plans_per_site`, e.g. asymfedavg). Unknown names: no."""
+    from fedseg.federation.strategies import get_strategy, strategy_names
+
+    return strategy in strategy_names() and bool(getattr(get_strategy(strategy), "plans_per_site", False))
+
+
+# "<configuration>@<site>": the name of a configuration planned for one site only.
+SITE_CONFIGURATION_SEPARATOR = "@"
+
+
+def site_configurations(
+    fingerprints: Sequence[dict[str, Any]],
+    fingerprint_names: Sequence[str] | None,
+    configuration: str,
+    budget: float,
+    config_over: Mapping[str, Any],
+    n_classes: int,
+) -> dict[str, ConfigurationPlan]:
+    """One configuration per site, "<configuration>@<site>", planned from that site's fingerprint alone.
+
+    What nnU-Net would plan if the site trained on its own: its spacing, patch size, depth,
+    kernels, batch size (from its own case count) and normalisation (mask use from its own
+    crop ratio). CTNormalization statistics are NOT per site: preprocessing takes them from
+    the merged fingerprint (plans.fingerprint), because Hounsfield units are physical and
+    the shared first encoder stage must see the same intensity mapping at every site.
+    `--set configuration.*` overrides apply to every site's configuration.
+    """
+    names = list(fingerprint_names) if fingerprint_names is not None else [None] * len(fingerprints)
+    out: dict[str, ConfigurationPlan] = {}
+    for fp, name in sorted(zip(fingerprints, names), key=lambda pair: pair[0]["site"]):
+        own = merge_fingerprints([fp], None if name is None else [name])
+        config = plan_configuration(own, configuration, budget, n_training=fp["n_cases"])
+        if "patch_size" in config_over:
+            config = with_patch_size(config, config_over["patch_size"], n_classes, fp["n_cases"], budget)
+        if "batch_size" in config_over:
+            config.batch_size = config_over["batch_size"]
+        config.name = f"{configuration}{SITE_CONFIGURATION_SEPARATOR}{fp['site']}"
+        out[config.name] = config
+    return out
+
+
 def make_plans(
     fingerprints: Sequence[dict[str, Any]],
     strategy: str = "fedavg",
@@ -428,7 +492,8 @@ def make_plans(
     overrides: Mapping[str, Any] | None = None,
     seed: int = 1234,
     fingerprint_names: Sequence[str] | None = None,
-    require_same_channels: bool = True,
+    require_same_channels: bool | None = None,
+    per_site: bool | None = None,
 ) -> Plans:
     """Merge the sites' fingerprints and plan the federation.
 
@@ -439,6 +504,10 @@ def make_plans(
     training.<field>, configuration.patch_size / configuration.batch_size, seed, and
     strategy.<key> or any other key as a strategy parameter; string values are parsed as
     JSON when they parse. The plan does not depend on the order of `fingerprints`.
+    `require_same_channels` None asks the strategy: mix-modal strategies accept sites
+    holding different subsets of channels, merged by name into the plan's channel list.
+    `per_site`: plan one configuration per site from that site's own fingerprint (see
+    `site_configurations`); None = as the strategy asks (its class's `plans_per_site`).
     """
     if not isinstance(strategy, str) or not strategy:
         raise InputError("strategy name must be a non-empty string")
@@ -446,6 +515,9 @@ def make_plans(
     if not (math.isfinite(budget) and budget > 0):
         raise InputError(f"--budget must be a positive number, not {budget}")
     training_over, config_over, strategy_over, seed_over = _split_overrides(overrides or {})
+    if require_same_channels is None:
+        # mix-modal strategies (mixmfl, fedavg with missing=zero) take sites holding different channels
+        require_same_channels = strategy_requires_same_channels(strategy, {**dict(strategy_params or {}), **strategy_over})
     merged = merge_fingerprints(fingerprints, fingerprint_names, require_same_channels=require_same_channels)
 
     if merged["image_dim"] == 2:
@@ -459,11 +531,20 @@ def make_plans(
     if "batch_size" in config_over:
         config.batch_size = config_over["batch_size"]
 
-    training = TrainingSpec(**training_over)
+    configurations = {config.name: config}
+    default_configuration = config.name
+    site_configs: dict[str, str] = {}
+    if strategy_plans_per_site(strategy) if per_site is None else per_site:
+        configurations = site_configurations(fingerprints, fingerprint_names, configuration, budget, config_over, n_classes)
+        site_configs = {c.split(SITE_CONFIGURATION_SEPARATOR, 1)[1]: c for c in configurations}
+        default_configuration = min(configurations)
+
+    training = TrainingSpec(**{**strategy_training_defaults(strategy), **training_over})
     params = {**dict(strategy_params or {}), **strategy_over}
     names = sorted({fp.get("dataset_name") or fp["site"] for fp in fingerprints})
     sites = {
-        name: SiteInfo(modality=info["modality"], channels=list(info["channel_names"].values()), n_cases=info["n_cases"])
+        name: SiteInfo(modality=info["modality"], channels=list(info["channel_names"].values()), n_cases=info["n_cases"],
+                       configuration=site_configs.get(name))
         for name, info in merged["sites"].items()
     }
     return Plans(
@@ -474,8 +555,8 @@ def make_plans(
         fingerprint=merged,
         sites=sites,
         strategy=StrategySpec(name=strategy, params=params),
-        configurations={config.name: config},
-        default_configuration=config.name,
+        configurations=configurations,
+        default_configuration=default_configuration,
         training=training,
         seed=int(seed if seed_over is None else seed_over),
         extra={"planning": {"budget": budget, "planner": "nnU-Net ExperimentPlanner rules (fedseg)"}},

@@ -13,22 +13,35 @@ a positive value x goes to key k = ceil(log_gamma(x)), the bucket (gamma^(k-1), 
 the bucket's representative 2 * gamma^k / (gamma + 1) is within relative error alpha of every
 value in it. Negative values go to a separate store keyed by |x|, exact zeros to a counter.
 
-Guarantee (stated in `to_dict()["guarantee"]`): for 0 <= q <= 1 and n values,
-``quantile(q)`` returns v with |v - x_(r)| <= alpha * |x_(r)|, where x_(r) is the sorted
-value of 0-based rank r = floor(q * (n - 1)) — exactly ``np.percentile(values, 100 * q,
-method="lower")``. This is DDSketch's interpolation-free rank rule.
+Unweighted sketches (the default) count values. Guarantee (stated in
+`to_dict()["guarantee"]`): for 0 <= q <= 1 and n values, ``quantile(q)`` returns v with
+|v - x_(r)| <= alpha * |x_(r)|, where x_(r) is the sorted value of 0-based rank
+r = floor(q * (n - 1)) — exactly ``np.percentile(values, 100 * q, method="lower")``. This is
+DDSketch's interpolation-free rank rule.
 
 nnU-Net computes its percentiles with ``np.percentile``'s default *linear* interpolation,
 p = x_(r) + f * (x_(r+1) - x_(r)) with f = q * (n - 1) - r. ``quantile(q,
 interpolation="linear")`` estimates both neighbours and interpolates the same way, so it is
 within alpha * max(|x_(r)|, |x_(r+1)|) of p (within relative error alpha of p whenever the
-two neighbours share a sign, i.e. everywhere except across a sign change). The merged
-fingerprint uses the linear form to match nnU-Net's definition.
+two neighbours share a sign, i.e. everywhere except across a sign change).
 
-Alongside the buckets the sketch keeps exact count, sum and sum of squares (float64) and
-exact min and max, so mean and standard deviation of a merged sketch are exact to float
-precision; quantile estimates are clamped to [min, max] and the extreme ranks return the
-exact min / max.
+Weighted sketches (``QuantileSketch(weighted=True)``) give values fractional weights:
+``add(values, weight=w)`` or ``merge(unweighted_sketch, weight=w)``. fedseg uses them to give
+every *case* the same total weight (w = 1 / the case's foreground voxel count), which is what
+nnU-Net's equal number of random samples per case estimates. Guarantee: ``quantile(q)``
+returns v within relative error alpha of the weighted inverted-CDF value x_(i), the smallest
+sorted value whose cumulative weight reaches q * (total weight) —
+``np.quantile(values, q, weights=w, method="inverted_cdf")``. Bucket weights are kept as
+integer multiples of 2**-30 (each bucket's weight rounded to that grid when a weighted part
+is added, an error of at most 2**-31 per bucket and part), so merging — integer addition —
+is exact, associative and order-independent, exactly as for counts; the rounding can move
+the selected rank only where q * (total weight) lies within that rounding of a cumulative
+weight, i.e. at ties between two neighbouring values.
+
+Alongside the buckets every sketch keeps the exact number of values, the total weight, the
+weighted sum and sum of squares (float64), and the exact min and max, so the (weighted) mean
+and standard deviation of a merged sketch are exact to float precision; quantile estimates
+are clamped to [min, max] and the extreme ranks return the exact min / max.
 """
 
 from __future__ import annotations
@@ -39,17 +52,24 @@ from typing import Any
 import numpy as np
 
 SKETCH_FORMAT = "fedseg.ddsketch"
-SKETCH_FORMAT_VERSION = 1
+SKETCH_FORMAT_VERSION = 2
 # 0.5 % relative error: far below the spread of intensity percentiles across scanners, and
 # it keeps a channel's sketch to a few thousand buckets for any realistic intensity range.
 DEFAULT_ALPHA = 0.005
 # Values are bucketed in chunks of this many: the float64 work buffers (0.5 MiB each) stay in
 # cache and are reused, instead of page-faulting in whole-array temporaries.
 _CHUNK = 1 << 16
+# Weighted buckets hold integer multiples of 2**-30: integer sums are exact and associative
+# (a float sum of per-case weights like 1/4913 would depend on the merge order), int64 holds
+# total weights up to 2**33 (8.6e9 cases), and a case's bucket of weight 1e-9 (one voxel of a
+# billion-voxel foreground) still counts.
+WEIGHT_UNIT_BITS = 30
+WEIGHT_UNIT = 2.0 ** -WEIGHT_UNIT_BITS
+_INTERPOLATIONS = ("lower", "linear", "inverted_cdf")
 
 
 class _Store:
-    """Dense bucket counts for keys offset .. offset + len(counts) - 1 (int64 counts)."""
+    """Dense integer bucket contents for keys offset .. offset + len(counts) - 1 (int64)."""
 
     __slots__ = ("offset", "counts")
 
@@ -94,36 +114,58 @@ class _Store:
 
 
 class QuantileSketch:
-    """Mergeable summary of a multiset of real numbers: exact moments + quantile buckets.
+    """Mergeable summary of a (weighted) multiset of real numbers: exact moments + quantile buckets.
 
     >>> sketch = QuantileSketch().add(np.arange(1, 1001))
     >>> round(sketch.quantile(0.5))    # the 500th value, within 0.5 %
     500
+    >>> cases = QuantileSketch(weighted=True)
+    >>> _ = cases.add([1.0, 1.0, 1.0], weight=1 / 3).add([10.0], weight=1.0)   # two cases, weight 1 each
+    >>> cases.mean, cases.weight
+    (5.5, 2.0)
     """
 
-    def __init__(self, alpha: float = DEFAULT_ALPHA) -> None:
+    def __init__(self, alpha: float = DEFAULT_ALPHA, weighted: bool = False) -> None:
         if not 0.0 < alpha < 1.0:
             raise ValueError(f"alpha must be in (0, 1), not {alpha}")
         self.alpha = float(alpha)
+        self.weighted = bool(weighted)
         self._gamma = (1.0 + self.alpha) / (1.0 - self.alpha)
         self._log_gamma = math.log(self._gamma)
-        self.count = 0
-        self.sum = 0.0
-        self.sumsq = 0.0
+        self.count = 0              # number of values added
+        self._weight = 0.0          # total weight (weighted sketches; == count otherwise)
+        self.sum = 0.0              # weighted sum
+        self.sumsq = 0.0            # weighted sum of squares
         self.min = math.inf
         self.max = -math.inf
+        # Bucket contents are integers: counts, or multiples of WEIGHT_UNIT when weighted.
         self.zero_count = 0
         self._positive = _Store()
         self._negative = _Store()   # keyed by |x|
 
-    # -- adding ----------------------------------------------------------------------------
-    def add(self, values: Any) -> QuantileSketch:
-        """Add every value of an array (any shape, any real dtype). Returns self.
+    @property
+    def weight(self) -> float:
+        """Total weight of the values (their number for an unweighted sketch)."""
+        return self._weight if self.weighted else float(self.count)
 
+    @property
+    def bucket_unit(self) -> float:
+        """What one unit of a bucket's integer content weighs: 1 (a count) or 2**-30."""
+        return WEIGHT_UNIT if self.weighted else 1.0
+
+    # -- adding ----------------------------------------------------------------------------
+    def add(self, values: Any, weight: float | None = None) -> QuantileSketch:
+        """Add every value of an array (any shape, any real dtype), each with `weight`. Returns self.
+
+        `weight` (> 0) needs a weighted sketch; an unweighted sketch takes weight 1 only.
         Vectorised and streamed in cache-sized chunks with reused buffers (allocating
         whole-array temporaries costs more than the arithmetic): 1e7 values take well
         under a second.
         """
+        if self.weighted:
+            return self.merge(QuantileSketch(self.alpha).add(values), weight=1.0 if weight is None else weight)
+        if weight is not None and weight != 1:
+            raise ValueError("an unweighted sketch takes weight 1 only; use QuantileSketch(weighted=True)")
         v = np.asarray(values).ravel()
         if v.size == 0:
             return self
@@ -186,18 +228,43 @@ class QuantileSketch:
         _add_trimmed(self._positive, kmin, positive_counts)
         _add_trimmed(self._negative, kmin, negative_counts)
 
-    def merge(self, other: QuantileSketch) -> QuantileSketch:
-        """Add `other`'s contents to this sketch (exact: bucket counts add). Returns self."""
+    def merge(self, other: QuantileSketch, weight: float = 1.0) -> QuantileSketch:
+        """Add `other`'s contents to this sketch, each of its values' weight times `weight`. Returns self.
+
+        Bucket contents add as integers, so merging is exact and order-independent. A weighted
+        sketch takes any other sketch and any weight > 0 (the typical use: merge the unweighted
+        sketch of one case with weight 1 / its count, reusing its buckets); an unweighted sketch
+        takes unweighted sketches with weight 1 only.
+        """
         if not math.isclose(self.alpha, other.alpha, rel_tol=0.0, abs_tol=1e-15):
             raise ValueError(f"cannot merge sketches of different accuracy ({self.alpha} vs {other.alpha})")
+        weight = float(weight)
+        if not (math.isfinite(weight) and weight > 0.0):
+            raise ValueError(f"merge weight must be a positive finite number, not {weight}")
+        if not self.weighted and (other.weighted or weight != 1.0):
+            raise ValueError("an unweighted sketch merges unweighted sketches with weight 1 only; "
+                             "use QuantileSketch(weighted=True)")
         if other.count == 0:
             return self
-        self._positive.add_counts(other._positive.offset, other._positive.counts)
-        self._negative.add_counts(other._negative.offset, other._negative.counts)
-        self.zero_count += other.zero_count
+        if self.weighted:
+            # other's integer buckets -> this sketch's 2**-30 grid; 1.0 when copying a weighted sketch as is.
+            factor = weight * (other.bucket_unit / WEIGHT_UNIT)
+            biggest = max(int(s.counts.max(initial=0)) for s in (other._positive, other._negative)) + other.zero_count
+            if biggest * factor >= 2.0 ** 62:
+                raise ValueError(f"merge weight {weight} is too large for the sketch's integer bucket weights")
+            for mine, theirs in ((self._positive, other._positive), (self._negative, other._negative)):
+                _add_trimmed(mine, theirs.offset, _scaled(theirs.counts, factor))
+            self.zero_count += int(_scaled(np.array([other.zero_count], dtype=np.int64), factor)[0])
+            self._weight += weight * other.weight
+            self.sum += weight * other.sum
+            self.sumsq += weight * other.sumsq
+        else:
+            self._positive.add_counts(other._positive.offset, other._positive.counts)
+            self._negative.add_counts(other._negative.offset, other._negative.counts)
+            self.zero_count += other.zero_count
+            self.sum += other.sum
+            self.sumsq += other.sumsq
         self.count += other.count
-        self.sum += other.sum
-        self.sumsq += other.sumsq
         self.min = min(self.min, other.min)
         self.max = max(self.max, other.max)
         return self
@@ -208,15 +275,16 @@ class QuantileSketch:
     # -- moments ---------------------------------------------------------------------------
     @property
     def mean(self) -> float:
-        return self.sum / self.count if self.count else math.nan
+        """(Weighted) mean; exact to float precision."""
+        return self.sum / self.weight if self.count else math.nan
 
     @property
     def variance(self) -> float:
-        """Population variance (as np.var / np.std with ddof=0, which nnU-Net uses)."""
+        """(Weighted) population variance (as np.var / np.std with ddof=0, which nnU-Net uses)."""
         if not self.count:
             return math.nan
         mean = self.mean
-        return max(self.sumsq / self.count - mean * mean, 0.0)
+        return max(self.sumsq / self.weight - mean * mean, 0.0)
 
     @property
     def std(self) -> float:
@@ -224,7 +292,7 @@ class QuantileSketch:
 
     # -- quantiles -------------------------------------------------------------------------
     def _ordered_buckets(self) -> tuple[np.ndarray, np.ndarray]:
-        """(cumulative counts, representative values) of all buckets in ascending value order."""
+        """(cumulative integer contents, representative values) of all buckets in ascending value order."""
         neg_keys, neg_counts = self._negative.nonzero_items()
         pos_keys, pos_counts = self._positive.nonzero_items()
         neg_keys, neg_counts = neg_keys[::-1], neg_counts[::-1]   # most negative first
@@ -236,7 +304,7 @@ class QuantileSketch:
         return 2.0 * np.exp(keys.astype(np.float64) * self._log_gamma) / (self._gamma + 1.0)
 
     def _order_statistics(self, ranks: np.ndarray) -> np.ndarray:
-        """Estimates of the sorted values of the given 0-based integer ranks."""
+        """Estimates of the sorted values of the given 0-based integer ranks (unweighted sketches)."""
         cumulative, values = self._ordered_buckets()
         idx = np.searchsorted(cumulative, ranks, side="right")
         est = values[np.minimum(idx, values.size - 1)]
@@ -244,34 +312,63 @@ class QuantileSketch:
         est = np.where(ranks == 0, self.min, est)                 # the extremes are known exactly
         return np.where(ranks == self.count - 1, self.max, est)
 
-    def quantile(self, q: float | np.ndarray, interpolation: str = "lower") -> float | np.ndarray:
+    def _inverted_cdf(self, qs: np.ndarray) -> np.ndarray:
+        """The bucket where the cumulative weight first reaches q * total weight."""
+        cumulative, values = self._ordered_buckets()
+        idx = np.searchsorted(cumulative, qs * float(cumulative[-1]), side="left")
+        est = np.clip(values[np.minimum(idx, values.size - 1)], self.min, self.max)
+        est = np.where(qs == 0.0, self.min, est)                  # the extremes are known exactly
+        return np.where(qs == 1.0, self.max, est)
+
+    def quantile(self, q: float | np.ndarray, interpolation: str | None = None) -> float | np.ndarray:
         """Estimate the q-quantile (0 <= q <= 1); an array of q gives an array.
 
-        interpolation="lower" (DDSketch's rule): within relative error alpha of
-        np.percentile(values, 100*q, method="lower"). interpolation="linear": numpy's default
-        (and nnU-Net's) definition, see the module docstring for its bound.
+        interpolation="lower" (the default of unweighted sketches, DDSketch's rule): within
+        relative error alpha of np.percentile(values, 100*q, method="lower").
+        interpolation="linear": numpy's default (and nnU-Net's) definition, see the module
+        docstring for its bound. interpolation="inverted_cdf" (the default, and the only rule,
+        of weighted sketches): within relative error alpha of
+        np.quantile(values, q, weights=w, method="inverted_cdf").
         """
+        if interpolation is None:
+            interpolation = "inverted_cdf" if self.weighted else "lower"
+        if interpolation not in _INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(_INTERPOLATIONS)}, not {interpolation!r}")
+        if self.weighted and interpolation != "inverted_cdf":
+            raise ValueError(f"interpolation {interpolation!r} ranks equally weighted values; "
+                             "a weighted sketch uses 'inverted_cdf'")
         if self.count == 0:
             raise ValueError("quantile of an empty sketch")
         qs = np.atleast_1d(np.asarray(q, dtype=np.float64))
         if np.any((qs < 0.0) | (qs > 1.0)) or not np.all(np.isfinite(qs)):
             raise ValueError(f"quantile q must be within [0, 1], got {q}")
-        pos = qs * (self.count - 1)
-        lower = np.floor(pos).astype(np.int64)
-        if interpolation == "lower":
-            result = self._order_statistics(lower)
-        elif interpolation == "linear":
-            upper = np.minimum(lower + 1, self.count - 1)
-            lo_val = self._order_statistics(lower)
-            hi_val = self._order_statistics(upper)
-            result = lo_val + (pos - lower) * (hi_val - lo_val)
+        if interpolation == "inverted_cdf":
+            result = self._inverted_cdf(qs)
         else:
-            raise ValueError(f"interpolation must be 'lower' or 'linear', not {interpolation!r}")
+            pos = qs * (self.count - 1)
+            lower = np.floor(pos).astype(np.int64)
+            if interpolation == "lower":
+                result = self._order_statistics(lower)
+            else:
+                upper = np.minimum(lower + 1, self.count - 1)
+                lo_val = self._order_statistics(lower)
+                hi_val = self._order_statistics(upper)
+                result = lo_val + (pos - lower) * (hi_val - lo_val)
         return float(result[0]) if np.ndim(q) == 0 else result
 
     # -- serialisation ---------------------------------------------------------------------
+    def guarantee(self) -> str:
+        """The accuracy guarantee of quantile(), in words (also in to_dict())."""
+        if self.weighted:
+            return (f"quantile(q) within relative error {self.alpha} of the smallest sorted value whose cumulative "
+                    "weight reaches q*weight (np.quantile(values, q, weights=w, method='inverted_cdf')); bucket "
+                    f"weights are integer multiples of bucket_unit = 2^-{WEIGHT_UNIT_BITS}, each rounded by at most "
+                    "half a unit when a weighted part is added, which can move the rank only at such ties")
+        return (f"quantile(q) within relative error {self.alpha} of the sorted value of rank "
+                "floor(q*(count-1)) (np.percentile method='lower')")
+
     def to_dict(self) -> dict[str, Any]:
-        """Compact JSON-able form: moments plus sparse {bucket key: count} per sign."""
+        """Compact JSON-able form: moments plus sparse {bucket key: integer content} per sign."""
         def sparse(store: _Store) -> dict[str, int]:
             keys, counts = store.nonzero_items()
             return {str(int(k)): int(c) for k, c in zip(keys, counts)}
@@ -280,15 +377,15 @@ class QuantileSketch:
             "format": SKETCH_FORMAT,
             "version": SKETCH_FORMAT_VERSION,
             "alpha": self.alpha,
-            "guarantee": (
-                f"quantile(q) within relative error {self.alpha} of the sorted value of rank "
-                "floor(q*(count-1)) (np.percentile method='lower')"
-            ),
+            "weighted": self.weighted,
+            "guarantee": self.guarantee(),
             "count": self.count,
+            "weight": self.weight,
             "sum": self.sum,
             "sumsq": self.sumsq,
             "min": self.min if self.count else None,
             "max": self.max if self.count else None,
+            "bucket_unit": self.bucket_unit,
             "zero_count": self.zero_count,
             "positive": sparse(self._positive),
             "negative": sparse(self._negative),
@@ -300,23 +397,38 @@ class QuantileSketch:
         if not isinstance(d, dict) or d.get("format") != SKETCH_FORMAT:
             raise ValueError("not a fedseg quantile sketch")
         if d.get("version") != SKETCH_FORMAT_VERSION:
-            raise ValueError(f"sketch version {d.get('version')!r} is not supported")
-        sketch = cls(float(d["alpha"]))
-        sketch.count = int(d["count"])
+            raise ValueError(f"sketch version {d.get('version')!r} is not supported (expected {SKETCH_FORMAT_VERSION})")
+        weighted = d.get("weighted")
+        if not isinstance(weighted, bool):
+            raise ValueError("'weighted' must be true or false")
+        sketch = cls(float(d["alpha"]), weighted=weighted)
+        if d.get("bucket_unit") != sketch.bucket_unit:
+            raise ValueError(f"bucket_unit must be {sketch.bucket_unit} for a {'' if weighted else 'un'}weighted sketch")
+        sketch.count = _nonnegative_int(d["count"], "count")
         sketch.sum = float(d["sum"])
         sketch.sumsq = float(d["sumsq"])
-        sketch.zero_count = int(d["zero_count"])
+        sketch.zero_count = _nonnegative_int(d["zero_count"], "zero_count")
+        weight = float(d["weight"])
+        if weighted:
+            sketch._weight = weight
+        elif weight != sketch.count:
+            raise ValueError("weight of an unweighted sketch must equal its count")
         if sketch.count:
             sketch.min, sketch.max = float(d["min"]), float(d["max"])
+            if not sketch.min <= sketch.max:
+                raise ValueError("min is larger than max")
         for store, items in ((sketch._positive, d["positive"]), (sketch._negative, d["negative"])):
             if items:
                 keys = np.array([int(k) for k in items], dtype=np.int64)
-                counts = np.array([int(c) for c in items.values()], dtype=np.int64)
-                if np.any(counts < 0):
-                    raise ValueError("negative bucket count")
+                counts = np.array([_nonnegative_int(c, "bucket content") for c in items.values()], dtype=np.int64)
                 _add_sparse(store, keys, counts)
-        if sketch._positive.total + sketch._negative.total + sketch.zero_count != sketch.count:
+        contents = sketch._positive.total + sketch._negative.total + sketch.zero_count
+        if not weighted and contents != sketch.count:
             raise ValueError("bucket counts do not add up to count")
+        # Weighted: rounding to the 2**-30 grid moves a part's total by far less than 1e-4.
+        if weighted and (weight < 0 or (sketch.count == 0) != (weight == 0)
+                         or abs(contents * WEIGHT_UNIT - weight) > 1e-4 * weight):
+            raise ValueError("bucket weights do not add up to weight")
         return sketch
 
     def __eq__(self, other: object) -> bool:
@@ -325,7 +437,21 @@ class QuantileSketch:
         return self.to_dict() == other.to_dict()
 
     def __repr__(self) -> str:
-        return f"QuantileSketch(alpha={self.alpha}, count={self.count}, min={self.min}, max={self.max})"
+        kind = ", weighted" if self.weighted else ""
+        return f"QuantileSketch(alpha={self.alpha}{kind}, count={self.count}, min={self.min}, max={self.max})"
+
+
+def _nonnegative_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{what} must be a non-negative integer, not {value!r}")
+    return value
+
+
+def _scaled(counts: np.ndarray, factor: float) -> np.ndarray:
+    """Integer bucket contents times `factor`, rounded to the nearest integer (exact when factor is 1)."""
+    if factor == 1.0:
+        return counts
+    return np.rint(counts * factor).astype(np.int64)
 
 
 def _add_trimmed(store: _Store, lo: int, counts: np.ndarray) -> None:

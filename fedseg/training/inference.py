@@ -24,6 +24,7 @@ from scipy.ndimage import gaussian_filter
 from torch import nn
 
 from fedseg.data.case_loading import CaseData, load_case
+from fedseg.data.channels import expand_to_plan, plan_channel_list, site_channel_indices
 from fedseg.data.dataset import collect_cases
 from fedseg.data.image_io import write_segmentation
 from fedseg.errors import InputError
@@ -195,6 +196,13 @@ def _predict_tiles(network: nn.Module, batch: torch.Tensor, n_classes: int, mirr
     return total / len(flip_sets)
 
 
+def site_channel_layout(plans: Plans, site: str | None) -> list[int] | None:
+    """Plan index of each channel `site` holds (None: the plan's own channels, or no site given)."""
+    if site is None:
+        return None
+    return site_channel_indices(plan_channel_list(plans.channel_names), plans.site(site).channels)
+
+
 def predict_case(
     network: nn.Module,
     case_data: CaseData,
@@ -203,8 +211,12 @@ def predict_case(
     device: str = "cpu",
     mirror: bool = False,
     step_size: float = DEFAULT_STEP_SIZE,
+    site: str | None = None,
 ) -> np.ndarray:
     """Segment one case: (z, y, x) int16 array of label values in the case's original geometry.
+
+    `site`: the case holds that site's channels (a mix-modal plan: a subset of the plan's
+    channels, laid out in the plan's order with the absent ones zero before preprocessing).
 
     The network is moved to `device`; its train/eval mode and deep-supervision flag are
     restored afterwards. `mirror` averages the predictions of all axis flips (2^ndim
@@ -212,6 +224,9 @@ def predict_case(
     """
     from fedseg.data.preprocessing import indices_to_label_values, preprocess_case, revert_segmentation
 
+    layout = site_channel_layout(plans, site)
+    if layout is not None and case_data.data.shape[0] == len(layout):
+        case_data = dataclasses.replace(case_data, data=expand_to_plan(case_data.data, layout, plans.n_channels))
     if case_data.data.shape[0] != plans.n_channels:
         raise InputError(
             f"case {case_data.case_id}: {case_data.data.shape[0]} channel(s), the plan expects {plans.n_channels}"
@@ -248,22 +263,26 @@ def predict_folder(
     mirror: bool = False,
     progress: Callable[..., None] | None = None,
     step_size: float = DEFAULT_STEP_SIZE,
+    site: str | None = None,
 ) -> list[Path]:
     """Segment every `{CASE}_{XXXX}{ending}` case in `images_dir` into `out_dir/{CASE}{ending}`.
 
     Each output is written atomically in its input's geometry, holding dataset.json label
     values. All cases are checked (channel files complete) before the first is predicted.
+    `site`: the images hold that site's channels (see `predict_case`).
     `progress(1, info=case_id)` is called after each case. Returns the written paths.
     """
     images_dir, out_dir = Path(images_dir), Path(out_dir)
     if not images_dir.is_dir():
         raise InputError("images folder does not exist", images_dir)
     ending = plans.file_ending
-    cases = collect_cases(images_dir, None, ending, plans.n_channels, require_labels=False)
+    layout = site_channel_layout(plans, site)
+    n_channels = plans.n_channels if layout is None else len(layout)
+    cases = collect_cases(images_dir, None, ending, n_channels, require_labels=False)
     written = []
     for case in cases:
         case_data = load_case(case)
-        seg = predict_case(network, case_data, plans, config, device=device, mirror=mirror, step_size=step_size)
+        seg = predict_case(network, case_data, plans, config, device=device, mirror=mirror, step_size=step_size, site=site)
         target = out_dir / f"{case.case_id}{ending}"
         write_segmentation(seg, case_data.geometry, target)
         written.append(target)

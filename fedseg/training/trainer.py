@@ -16,6 +16,7 @@ Files in the site's state folder (all written atomically, safetensors only, neve
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -32,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fedseg.atomic import atomic_path, write_json_atomic
+from fedseg.data.channels import expand_to_plan, plan_channel_list, site_channel_indices
 from fedseg.errors import InputError
 from fedseg.planning.plans import ConfigurationPlan, Plans
 from fedseg.training.dataloading import BatchStream
@@ -156,6 +158,19 @@ def cache_dir(plans: Plans, state_dir: Path) -> Path:
     return Path(state_dir) / "preprocessed" / plans.plan_id[:16]
 
 
+def site_layout(plans: Plans, dataset: Any, dataset_json: Path) -> list[int] | None:
+    """Plan index of each of the dataset's channels (None: the plan's own layout).
+
+    A site of a mix-modal plan holds a subset of the plan's channels (matched by name);
+    otherwise the dataset must have the plan's number of channels.
+    """
+    try:
+        return site_channel_indices(plan_channel_list(plans.channel_names), plan_channel_list(dataset.channel_names))
+    except InputError as exc:
+        raise InputError(f"dataset has {dataset.n_channels} channel(s), the plan expects {plans.n_channels} ({exc.detail})",
+                         dataset_json) from None
+
+
 def load_training_cases(
     plans: Plans,
     site: str,
@@ -169,10 +184,7 @@ def load_training_cases(
     from fedseg.data.preprocessing import preprocess_case
 
     dataset = load_dataset(dataset_root)
-    if dataset.n_channels != plans.n_channels:
-        raise InputError(
-            f"dataset has {dataset.n_channels} channel(s), the plan expects {plans.n_channels}", Path(dataset_root) / "dataset.json"
-        )
+    layout = site_layout(plans, dataset, Path(dataset_root) / "dataset.json")
     config = plans.configuration_for(site)
     label_values = sorted(plans.labels.values())
     folder = cache_dir(plans, state_dir)
@@ -184,7 +196,10 @@ def load_training_cases(
                 data, seg = arrays["data"], arrays["seg"]
             properties = json.loads(meta.read_text())
         else:
-            pre = preprocess_case(load_case(case, label_values), plans, config)
+            case_data = load_case(case, label_values)
+            if layout is not None:   # a mix-modal site: its channels in the plan's order, absent ones zero
+                case_data = dataclasses.replace(case_data, data=expand_to_plan(case_data.data, layout, plans.n_channels))
+            pre = preprocess_case(case_data, plans, config)
             data, seg, properties = pre.data, pre.seg, _jsonable(pre.properties)
             with atomic_path(npz) as tmp, open(tmp, "wb") as handle:
                 np.savez(handle, data=data, seg=seg)
@@ -274,7 +289,7 @@ class SiteTrainer:
     """One site's local training; subclass and override the hooks to change a piece.
 
     Hooks: `on_round_start(round_index)`, `train_step(batch) -> float`,
-    `compute_loss(outputs, target)`, `validate() -> float`.
+    `compute_loss(outputs, target)`, `on_round_end(round_index)`, `validate() -> float`.
     """
 
     checkpoint_every: int = CHECKPOINT_EVERY
@@ -335,6 +350,10 @@ class SiteTrainer:
     # -- hooks --------------------------------------------------------------------------
     def on_round_start(self, round_index: int) -> None:
         """Called once before the first iteration of a round (also when resuming)."""
+
+    def on_round_end(self, round_index: int) -> None:
+        """Called once after the last iteration of a round, before validation and the final
+        checkpoint (so what it changes in the model is part of the round's outcome)."""
 
     def compute_loss(self, outputs: torch.Tensor | list[torch.Tensor], target: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         return self.loss(outputs, target)
@@ -507,6 +526,7 @@ class SiteTrainer:
             finally:
                 batches.close()
 
+        self.on_round_end(round_index)
         val_dice = self.validate()
         mean_loss = log_state["loss_sum"] / per_round
         # Momentum for the next round first, then the finished checkpoint: if killed in

@@ -14,13 +14,19 @@ from fedseg.data.cropping import bbox_of_mask, crop_to_nonzero
 from fedseg.data.dataset import load_dataset
 from fedseg.errors import InputError
 from fedseg.planning.fingerprint import (
+    FINGERPRINT_FORMAT_VERSION,
     compute_fingerprint,
+    foreground_sketch,
     load_fingerprint,
     nonzero_bbox,
     save_fingerprint,
 )
 from fedseg.planning.merge import merge_fingerprints
-from fedseg.planning.sketch import DEFAULT_ALPHA
+from fedseg.planning.sketch import DEFAULT_ALPHA, WEIGHT_UNIT
+
+PROPS = "foreground_intensity_properties_per_channel"
+VOXEL_PROPS = "foreground_intensity_properties_per_channel_voxel_weighted"
+QUANTILE_KEYS = (("percentile_00_5", 0.005), ("median", 0.5), ("percentile_99_5", 0.995))
 
 LABELS = {"background": 0, "organ": 1, "lesion": 2}
 CHANNELS = {"0": "T1", "1": "T2"}
@@ -79,6 +85,21 @@ def federation(tmp_path_factory):
     return site_dirs, pooled_dir, pooled_cases
 
 
+def weighted_inverted_cdf(values: np.ndarray, weights: np.ndarray, q: float, tol: float) -> np.ndarray:
+    """nnU-Net's percentile of equally many samples per case, in the limit: the weighted inverted CDF.
+
+    Rank rule: sort the values ascending, C_i = cumulative weight of x_(0..i), W = total
+    weight; the q-quantile is x_(i) for the smallest i with C_i >= q * W. The sketch rounds
+    bucket weights to 2**-30, so where q * W is within `tol` of a C_i both neighbours are
+    accepted: every candidate is returned.
+    """
+    order = np.argsort(values, kind="stable")
+    v, cum = values[order], np.cumsum(weights[order])
+    lo = np.searchsorted(cum, q * cum[-1] - tol, side="left")
+    hi = np.searchsorted(cum, q * cum[-1] + tol, side="left")
+    return v[min(lo, v.size - 1): min(hi, v.size - 1) + 1]
+
+
 def test_nonzero_bbox_equals_bbox_of_hole_filled_mask():
     rng = np.random.default_rng(0)
     for _ in range(20):
@@ -106,23 +127,43 @@ def test_merged_sites_equal_pooled_fingerprint(federation):
 
     # reference values straight from the voxels, with the data module's nnU-Net crop (holes filled)
     for c in range(2):
-        fg = []
+        per_case = []
         for _, data, seg, spacing in pooled_cases:
             cropped, cropped_seg, _ = crop_to_nonzero(data, seg.astype(np.int16))
-            fg.append(cropped[c][cropped_seg > 0].astype(np.float64))
-        fg = np.concatenate(fg)
-        props = merged["foreground_intensity_properties_per_channel"][str(c)]
-        pooled_props = pooled["foreground_intensity_properties_per_channel"][str(c)]
-        assert props.keys() == pooled_props.keys()
-        for key, value in pooled_props.items():       # equal up to float summation order
-            assert props[key] == pytest.approx(value, rel=1e-12), key
+            per_case.append(cropped[c][cropped_seg > 0].astype(np.float64))
+        fg = np.concatenate(per_case)
+        for key in (PROPS, VOXEL_PROPS):
+            props, pooled_props = merged[key][str(c)], pooled[key][str(c)]
+            assert props.keys() == pooled_props.keys()
+            for name, value in pooled_props.items():   # equal up to float summation order
+                assert props[name] == pytest.approx(value, rel=1e-12), (key, name)
+
+        # voxel-weighted: the exact statistics of all pooled foreground voxels
+        props = merged[VOXEL_PROPS][str(c)]
         assert props["mean"] == pytest.approx(fg.mean(), rel=1e-9)
         assert props["std"] == pytest.approx(fg.std(), rel=1e-9)
         assert props["min"] == fg.min() and props["max"] == fg.max()
-        for key, q in (("percentile_00_5", 0.5), ("median", 50.0), ("percentile_99_5", 99.5)):
-            lo, hi = np.percentile(fg, q, method="lower"), np.percentile(fg, q, method="higher")
-            exact = np.percentile(fg, q)
+        for key, q in QUANTILE_KEYS:
+            lo, hi = np.percentile(fg, 100 * q, method="lower"), np.percentile(fg, 100 * q, method="higher")
+            exact = np.percentile(fg, 100 * q)
             assert abs(props[key] - exact) <= DEFAULT_ALPHA * max(abs(lo), abs(hi)) + 1e-9, key
+
+        # case-weighted (nnU-Net's key): every case weighs 1, each of its voxels 1 / its voxel count
+        weights = np.concatenate([np.full(v.size, 1.0 / v.size) for v in per_case])
+        props = merged[PROPS][str(c)]
+        mean = np.average(fg, weights=weights)
+        assert props["mean"] == pytest.approx(mean, rel=1e-12)
+        assert props["mean"] == pytest.approx(np.mean([v.mean() for v in per_case]), rel=1e-12)
+        assert props["std"] == pytest.approx(np.sqrt(np.average((fg - mean) ** 2, weights=weights)), rel=1e-9)
+        assert props["min"] == fg.min() and props["max"] == fg.max()
+        n_buckets = sum(len(foreground_sketch(fp, str(c), case_weighted=True).to_dict()[sign])
+                        for fp in site_fps for sign in ("positive", "negative")) + 1
+        tol = 0.5 * WEIGHT_UNIT * n_buckets * len(per_case)     # the sketch's 2**-30 rounding of weights
+        for key, q in QUANTILE_KEYS:
+            candidates = weighted_inverted_cdf(fg, weights, q, tol)
+            assert np.any(np.abs(props[key] - candidates) <= DEFAULT_ALPHA * np.abs(candidates) + 1e-9), key
+        assert merged["foreground_cases_per_channel"][str(c)] == len(pooled_cases)
+        assert merged["foreground_voxels_per_channel"][str(c)] == fg.size
 
     # the per-case lists also match what the images say
     expected_shapes = []
@@ -136,11 +177,13 @@ def test_merged_sites_equal_pooled_fingerprint(federation):
 def test_fingerprint_holds_no_voxels_and_round_trips(federation, tmp_path):
     site_dirs, _, _ = federation
     fp = compute_fingerprint(load_dataset(site_dirs["a_site"]), "a_site")
-    assert fp["format_version"] == 1 and fp["site"] == "a_site"
+    assert fp["format_version"] == FINGERPRINT_FORMAT_VERSION == 2 and fp["site"] == "a_site"
     assert fp["labels"] == LABELS and fp["channel_names"] == CHANNELS and fp["file_ending"] == ".nii.gz"
     assert fp["n_cases"] == 3 and len(fp["case_ids"]) == 3
     stats = fp["foreground_stats_per_channel"]["0"]
-    assert set(stats) == {"count", "sum", "sumsq", "min", "max", "sketch"}
+    assert set(stats) == {"count", "sum", "sumsq", "min", "max", "sketch", "case_weighted"}
+    assert set(stats["case_weighted"]) == {"cases", "weight", "sum", "sumsq", "sketch"}
+    assert stats["case_weighted"]["cases"] == 3 and stats["case_weighted"]["weight"] == pytest.approx(3, rel=1e-15)
     path = tmp_path / "a.json"
     save_fingerprint(fp, path)
     assert load_fingerprint(path) == fp
@@ -184,6 +227,47 @@ def test_load_fingerprint_refuses_other_json(tmp_path):
     garbage.write_text("{not json")
     with pytest.raises(InputError, match="not a fedseg fingerprint"):
         load_fingerprint(garbage)
+
+
+def test_load_fingerprint_refuses_old_or_inconsistent_files(federation, tmp_path):
+    site_dirs, _, _ = federation
+    fp = compute_fingerprint(load_dataset(site_dirs["a_site"]), "a_site")
+
+    def refused(change, match):
+        broken = json.loads(json.dumps(fp))
+        change(broken)
+        path = tmp_path / "broken.json"
+        path.write_text(json.dumps(broken))
+        with pytest.raises(InputError, match=match) as info:
+            load_fingerprint(path)
+        assert info.value.path == path
+
+    refused(lambda d: d.update(format_version=1), "format_version 1, expected 2; recompute")
+    refused(lambda d: d["foreground_stats_per_channel"]["0"].pop("case_weighted"), "channel 0: no 'case_weighted'")
+    refused(lambda d: d["foreground_stats_per_channel"]["1"]["case_weighted"].update(sum=1.0),
+            "channel 1: case_weighted weight/sum/sumsq disagree")
+    refused(lambda d: d["foreground_stats_per_channel"]["0"]["case_weighted"].update(cases=7), "cases must be")
+    refused(lambda d: d["foreground_stats_per_channel"]["0"]["case_weighted"].update(cases=2),
+            "is not its number of cases")
+    # the two sketches swapped: a weighted sketch where counts belong
+    refused(lambda d: d["foreground_stats_per_channel"]["0"].update(
+        sketch=d["foreground_stats_per_channel"]["0"]["case_weighted"]["sketch"]), "channel 0")
+
+
+def test_cases_without_foreground_are_left_out_like_nnunet(tmp_path):
+    """nnU-Net samples no intensities from a case without foreground; the case still counts for shapes."""
+    rng = np.random.default_rng(9)
+    with_fg = [(f"f_{i:03d}", *make_case(rng, i)) for i in range(2)]
+    data, seg, spacing = make_case(rng, 2)
+    empty = ("f_009", data, np.zeros_like(seg), spacing)
+    fp_all = compute_fingerprint(load_dataset(write_dataset(tmp_path / "all", [*with_fg, empty])), "s")
+    fp_fg = compute_fingerprint(load_dataset(write_dataset(tmp_path / "fg", with_fg)), "s")
+    for c in ("0", "1"):
+        assert fp_all["foreground_stats_per_channel"][c] == fp_fg["foreground_stats_per_channel"][c]
+        assert fp_all["foreground_stats_per_channel"][c]["case_weighted"]["cases"] == 2
+    merged = merge_fingerprints([fp_all])
+    assert merged["n_cases"] == 3 and merged["foreground_cases_per_channel"] == {"0": 2, "1": 2}
+    assert merged[PROPS] == merge_fingerprints([fp_fg])[PROPS]
 
 
 def test_merge_refuses_incompatible_fingerprints(federation):

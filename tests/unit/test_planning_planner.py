@@ -10,6 +10,7 @@ import pytest
 from fedseg.errors import InputError
 from fedseg.planning.planner import make_plans, plan_patch_and_network, pool_and_conv_props, target_spacing
 from fedseg.planning.plans import Plans
+from fedseg.planning.fingerprint import FINGERPRINT_FORMAT_VERSION, channel_stats
 from fedseg.planning.sketch import QuantileSketch
 
 LABELS = {"background": 0, "tumour": 1}
@@ -19,15 +20,15 @@ def fake_fingerprint(site, spacings, shapes, channel_names=None, labels=None, re
     """A valid site fingerprint built from synthetic foreground values (no images needed)."""
     rng = np.random.default_rng(seed)
     channel_names = channel_names or {"0": "T1"}
+    n = len(spacings)
     stats = {}
     for c in channel_names:
-        sketch = QuantileSketch().add(rng.normal(100 + 10 * seed, 20, 2000))
-        stats[c] = {"count": sketch.count, "sum": sketch.sum, "sumsq": sketch.sumsq, "min": sketch.min,
-                    "max": sketch.max, "sketch": sketch.to_dict()}
-    n = len(spacings)
+        # one sketch per case, foregrounds of different sizes
+        stats[c] = channel_stats([QuantileSketch().add(rng.normal(100 + 10 * seed, 20, 500 * (i + 1)))
+                                  for i in range(n)])
     return {
-        "format": "fedseg.fingerprint", "format_version": 1, "site": site, "dataset_name": "demo",
-        "modality": "MRI", "channel_names": channel_names, "labels": dict(labels or LABELS),
+        "format": "fedseg.fingerprint", "format_version": FINGERPRINT_FORMAT_VERSION, "site": site,
+        "dataset_name": "demo", "modality": "MRI", "channel_names": channel_names, "labels": dict(labels or LABELS),
         "file_ending": ".png" if image_dim == 2 else ".nii.gz", "image_dim": image_dim, "n_cases": n,
         "case_ids": [f"{site}_{i}" for i in range(n)],
         "spacings": [list(map(float, s)) for s in spacings], "shapes_after_crop": [list(map(int, s)) for s in shapes],
@@ -121,8 +122,12 @@ def test_normalisation_by_channel_name():
     assert cfg.use_mask_for_norm == [False, True]    # cropped to < 75 %: z-score inside the mask
     lower = make_plans(three_sites(channel_names={"0": "ct"}, relative=0.9)).configuration_for(None)
     assert lower.normalization_schemes == ["CTNormalization"] and lower.use_mask_for_norm == [False]
-    props = make_plans(fps).fingerprint["foreground_intensity_properties_per_channel"]["0"]
+    fingerprint = make_plans(fps).fingerprint
+    props = fingerprint["foreground_intensity_properties_per_channel"]["0"]
     assert set(props) == {"mean", "median", "std", "min", "max", "percentile_00_5", "percentile_99_5"}
+    # CT normalisation reads nnU-Net's case-weighted values; the voxel-weighted ones are kept beside them
+    voxel = fingerprint["foreground_intensity_properties_per_channel_voxel_weighted"]["0"]
+    assert voxel.keys() == props.keys() and voxel["min"] == props["min"] and voxel["mean"] != props["mean"]
 
 
 def test_overrides():

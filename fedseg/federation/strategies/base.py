@@ -28,12 +28,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, Union
 import numpy as np
 
 from fedseg.errors import InputError
+from fedseg.federation.robust import ROBUST_PARAMS, parse_robust
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from fedseg.planning.plans import Plans
 
-# Engine-level parameters every strategy accepts in plans.strategy.params.
-ENGINE_PARAMS: frozenset[str] = frozenset({"max_update_norm"})
+# Engine-level parameters every strategy accepts in plans.strategy.params
+# (robust / clip_norm: fedseg.federation.robust).
+ENGINE_PARAMS: frozenset[str] = frozenset({"max_update_norm"}) | ROBUST_PARAMS
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,12 @@ class Strategy:
         bound = params.get("max_update_norm")
         if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound > 0):
             raise InputError(f"max_update_norm must be a positive number, got {bound!r}")
+        parse_robust(params)
+
+    def requires_same_channels(self, params: Mapping[str, Any]) -> bool:
+        """Whether every site must hold the plan's channels (False: mix-modal sites hold subsets,
+        laid out in the plan's channel order with absent channels zero; fedseg.data.channels)."""
+        return True
 
     # -- 1. the network ------------------------------------------------------------------
     def network(self, plans: Plans, site: str) -> Any:
@@ -80,6 +88,17 @@ class Strategy:
         from fedseg.training.network import build_network
 
         return build_network(plans.configuration_for(site), plans.n_channels, plans.n_classes, seed=plans.seed)
+
+    def trainer_class(self, plans: Plans) -> Any:
+        """The SiteTrainer subclass a site trains with (torch imported lazily); default: SiteTrainer."""
+        from fedseg.training.trainer import SiteTrainer
+
+        return SiteTrainer
+
+    def planned_extra(self, plans: Plans) -> dict[str, Any]:
+        """Strategy data decided at plan time, merged into plans.extra by `attach_manifests`
+        once every configuration's manifest is known (e.g. asymfedavg's shared-parameter map)."""
+        return {}
 
     # -- 2. where each parameter goes ------------------------------------------------------
     def scope(self, plans: Plans, site: str, name: str) -> str | None:

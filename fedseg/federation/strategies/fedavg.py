@@ -3,6 +3,8 @@
 w' = Σ_k n_k w_k / Σ_k n_k — the same rule as Flower's `aggregate()`, but accumulated in
 float64 (Flower multiplies and sums in the tensors' own dtype, float32). Set
 `weighting=uniform` (`fedseg plan --set weighting=uniform`) for an unweighted mean.
+`missing=zero` admits sites that hold different subsets of channels (mix-modal MRI): every
+site's input has all of the plan's channels, the absent ones zero-filled.
 """
 
 from __future__ import annotations
@@ -20,18 +22,27 @@ if TYPE_CHECKING:  # pragma: no cover
 
 GLOBAL_POOL = "global"
 WEIGHTINGS = ("n_cases", "uniform")
+MISSING_MODES = ("zero",)
 
 
 class FedAvg(Strategy):
     name = "fedavg"
     description = "one global model; weighted mean by n_cases (Flower's aggregate)"
-    known_params = frozenset({"weighting"})
+    known_params = frozenset({"weighting", "missing"})
 
     def check_params(self, params: Mapping[str, Any]) -> None:
         super().check_params(params)
         weighting = params.get("weighting", "n_cases")
         if weighting not in WEIGHTINGS:
             raise InputError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
+        missing = params.get("missing")
+        if missing is not None and missing not in MISSING_MODES:
+            raise InputError(f"missing must be one of {', '.join(MISSING_MODES)}, got {missing!r}")
+
+    def requires_same_channels(self, params: Mapping[str, Any]) -> bool:
+        # `missing=zero`: sites may hold different subsets of channels; the network sees the
+        # plan's channels with the absent ones zero (the mix-modal FedAvg baseline).
+        return params.get("missing") != "zero"
 
     def scope(self, plans: Plans, site: str, name: str) -> str | None:
         return GLOBAL_POOL

@@ -1,0 +1,110 @@
+"""Local-only vs fedavg (one common plan) vs asymfedavg (per-site plans) on the `fednnunet` preset.
+
+Runs `fedseg simulate` three times on the same synthetic sites (1, 2.5 and 4 mm slices) with
+the same rounds, iterations and seed, then prints a markdown table of each site's test
+Dice and HD95 (foreground mean; HD95 in mm). Single-threaded torch, so it finishes in a few
+minutes on 2 CPU cores.
+
+    .venv/bin/python benchmarks/asymfedavg_table.py                      # defaults below
+    .venv/bin/python benchmarks/asymfedavg_table.py --rounds 6 --iterations 15 --keep /tmp/afa
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+STRATEGIES = (("local", "local only (common plan)"), ("fedavg", "fedavg (common plan)"), ("asymfedavg", "asymfedavg (per-site plans)"))
+
+
+def fedseg_command() -> list[str]:
+    return [sys.executable, "-m", "fedseg.cli.main"]
+
+
+def run(args: argparse.Namespace, work: Path) -> dict[str, dict[str, dict]]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    sites = work / "sites"
+    if not sites.is_dir():
+        subprocess.run([*fedseg_command(), "synth", str(sites), "--preset", "fednnunet", "--seed", str(args.seed), "--quiet"],
+                       check=True, env=env)
+    results: dict[str, dict[str, dict]] = {}
+    for strategy, _label in STRATEGIES:
+        run_dir = work / f"run_{strategy}"
+        start = time.monotonic()
+        command = [
+            *fedseg_command(), "simulate", str(sites), "--strategy", strategy, "--rounds", str(args.rounds),
+            "--iterations", str(args.iterations), "--workers", "0", "--seed", str(args.seed), "-o", str(run_dir), "--quiet",
+        ]
+        subprocess.run(command, check=True, env=env)
+        print(f"{strategy}: {time.monotonic() - start:.0f} s", file=sys.stderr)
+        results[strategy] = {
+            site.name: json.loads((run_dir / "report" / f"metrics_{site.name}.json").read_text())["foreground_mean"]
+            for site in sorted(sites.iterdir()) if (site / "dataset.json").is_file()
+        }
+    return results
+
+
+def shared_summary(work: Path) -> str:
+    """Per-site plan and shared-tensor counts of the asymfedavg run."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from fedseg.planning.plans import load_plans
+
+    plans = load_plans(work / "run_asymfedavg" / "plans.json")
+    shared = plans.extra["shared_parameters"]["sites"]
+    lines = ["| site | spacing (mm) | patch | stages | shared / total tensors |", "|---|---|---|---|---|"]
+    for site in sorted(plans.sites):
+        cfg = plans.configuration_for(site)
+        total = len(plans.extra["manifests"][plans.sites[site].configuration])
+        spacing = "x".join(f"{s:g}" for s in (round(v, 2) for v in cfg.spacing))
+        lines.append(f"| {site} | {spacing} | {'x'.join(map(str, cfg.patch_size))} | {cfg.network.n_stages} | "
+                     f"{len(shared[site])} / {total} |")
+    return "\n".join(lines)
+
+
+def table(results: dict[str, dict[str, dict]]) -> str:
+    sites = sorted(next(iter(results.values())))
+    header = "| strategy | " + " | ".join(f"{s} Dice | {s} HD95" for s in sites) + " | mean Dice |"
+    lines = [header, "|---" * (2 * len(sites) + 2) + "|"]
+    for strategy, label in STRATEGIES:
+        row = results[strategy]
+        cells = []
+        for site in sites:
+            dice, hd95 = row[site].get("dice"), row[site].get("hd95")
+            cells.append("n/a" if dice is None else f"{dice:.3f}")
+            cells.append("n/a" if hd95 is None else f"{hd95:.1f}")
+        dices = [row[s]["dice"] for s in sites if row[s].get("dice") is not None]
+        mean = sum(dices) / len(dices) if dices else float("nan")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {mean:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--iterations", type=int, default=10, help="iterations per site per round")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and of training")
+    parser.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: a temporary one)")
+    args = parser.parse_args()
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        work = args.keep
+        results = run(args, work)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            results = run(args, work)
+            print(shared_summary(work) + "\n")
+            print(table(results))
+            return
+    print(shared_summary(work) + "\n")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

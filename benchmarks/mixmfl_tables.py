@@ -1,0 +1,123 @@
+"""MDM-MixMFL on the `mixmfl` synthetic preset: the two tables of docs/strategies/mixmfl.md.
+
+Runs whole federations with `fedseg.federation.simulation.simulate` (6 sites, each holding a
+different pair of T1/T1ce/T2/FLAIR) and prints:
+
+1. per-site test Dice (mean over tumour core and oedema) of FedAvg with zero-filled missing
+   sequences vs MDM-MixMFL (as the paper's Table 1);
+2. the ablation: the full model vs without tailored updating, memory, triplet loss,
+   classifier (as the paper's Table 3);
+3. oedema Dice of the site that lacks T2/FLAIR, with and without the memory.
+
+    .venv/bin/python benchmarks/mixmfl_tables.py --out /tmp/mixmfl_bench [--rounds 6 --iterations 10]
+
+Variants can run as parallel processes (`--only fedavg MDM-MixMFL`, `--only wo_memory`, ...);
+a final call without --only reuses the finished runs and prints the tables.
+
+Single-threaded torch (so timings do not depend on the core count), augmentation in-process.
+Results and per-run folders are kept under --out; a rerun reuses finished runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
+    "fedavg (zero-fill)": ("fedavg", {"missing": "zero"}),
+    "MDM-MixMFL": ("mixmfl", {}),
+    "w/o tailored updating": ("mixmfl", {"tailored": "false"}),
+    "w/o memory": ("mixmfl", {"memory": "false"}),
+    "w/o triplet loss": ("mixmfl", {"triplet": "false"}),
+    "w/o classifier": ("mixmfl", {"classifier": "false"}),
+}
+FOREGROUND = ("tumour_core", "oedema")
+SITE_WITHOUT_T2_FLAIR = "site1"
+
+
+def run_variant(sites: Path, run_dir: Path, strategy: str, params: dict[str, str], rounds: int, iterations: int, seed: int) -> dict:
+    from fedseg.federation.simulation import SimulationConfig, simulate
+
+    done = run_dir / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    start = time.monotonic()
+    result = simulate(SimulationConfig(sites, strategy, rounds, run_dir, iterations=iterations, overrides=dict(params),
+                                       seed=seed, workers=0))
+    per_site = {}
+    for site, metrics in sorted(result.test_metrics.items()):
+        dice = {label: metrics["mean"][label]["dice"] for label in FOREGROUND}
+        per_site[site] = {"dice": dice, "mean": sum(dice.values()) / len(dice)}
+    out = {"strategy": strategy, "params": params, "per_site": per_site, "seconds": time.monotonic() - start}
+    done.write_text(json.dumps(out, indent=2))
+    return out
+
+
+def table(rows: dict[str, dict], sites: list[str], reference: str | None = None) -> str:
+    head = "| Method | " + " | ".join(sites) + " | Average |\n|---|" + "---|" * (len(sites) + 1) + "\n"
+    ref_avg = None if reference is None else _average(rows[reference], sites)
+    lines = []
+    for name, result in rows.items():
+        cells = [f"{100 * result['per_site'][s]['mean']:.2f}" for s in sites]
+        avg = _average(result, sites)
+        delta = "" if ref_avg is None or name == reference else f" ({100 * (avg - ref_avg):+.2f})"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * avg:.2f}{delta} |")
+    return head + "\n".join(lines)
+
+
+def _slug(name: str) -> str:
+    """"w/o memory" -> "wo_memory", "fedavg (zero-fill)" -> "fedavg": the run's folder name."""
+    return name.split(" (")[0].replace("/", "").replace(" ", "_")
+
+
+def _average(result: dict, sites: list[str]) -> float:
+    return sum(result["per_site"][s]["mean"] for s in sites) / len(sites)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--data-seed", type=int, default=0)
+    parser.add_argument("--patch", default="16,16,16", help="configuration.patch_size for every run (small: CPU time)")
+    parser.add_argument("--only", nargs="*", default=None, help="run just these variants (slugs), then stop (for parallel runs)")
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(1)
+    from fedseg.data.synth import generate
+
+    sites = args.out / "sites"
+    if not (sites / "site6" / "dataset.json").is_file():
+        generate(sites, preset="mixmfl", seed=args.data_seed)
+    results = {}
+    for name, (strategy, params) in VARIANTS.items():
+        slug = _slug(name)
+        if args.only is not None and slug not in args.only:
+            continue
+        params = {**params, "configuration.patch_size": args.patch}
+        results[name] = run_variant(sites, args.out / slug, strategy, params, args.rounds, args.iterations, args.seed)
+        print(f"{name}: {100 * _average(results[name], sorted(results[name]['per_site'])):.2f} "
+              f"({results[name]['seconds']:.0f}s)", flush=True)
+    if args.only is not None:
+        return
+    site_names = sorted(results["MDM-MixMFL"]["per_site"])
+
+    print("\nTable 1: per-site test Dice (%, mean of tumour core and oedema)\n")
+    print(table({k: results[k] for k in ("fedavg (zero-fill)", "MDM-MixMFL")}, site_names))
+    print("\nTable 3: ablation (%, mean of tumour core and oedema)\n")
+    print(table({k: v for k, v in results.items() if k != "fedavg (zero-fill)"}, site_names, reference="MDM-MixMFL"))
+    full = results["MDM-MixMFL"]["per_site"][SITE_WITHOUT_T2_FLAIR]["dice"]["oedema"]
+    without = results["w/o memory"]["per_site"][SITE_WITHOUT_T2_FLAIR]["dice"]["oedema"]
+    print(f"\n{SITE_WITHOUT_T2_FLAIR} (T1 + T1ce only) oedema Dice: with memory {100 * full:.2f}, without {100 * without:.2f}")
+    summary = {"rounds": args.rounds, "iterations": args.iterations, "seed": args.seed, "results": results}
+    (args.out / "tables.json").write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

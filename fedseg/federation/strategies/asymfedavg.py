@@ -1,0 +1,196 @@
+"""AsymFedAvg (FednnU-Net): every site trains the network nnU-Net plans from its own data;
+the parameters on which those networks agree are averaged, everything else stays local.
+
+Sites scanned with 1 mm and 4 mm slices want different target spacings, patches, kernels
+(1x3x3 across thick slices) and depths. `fedseg plan --strategy asymfedavg` therefore plans
+one configuration per site ("3d_fullres@<site>", from the site's own fingerprint; see
+fedseg.planning.planner.site_configurations) and, once the parameter manifests exist, the
+shared-parameter map (`plans.extra["shared_parameters"]`):
+
+- positions are structural: encoder stage s is counted from the input (stage 0 sees the
+  image at every site), decoder stage j from the bottleneck (j = 0 upsamples the deepest
+  features at every site). The plain U-Net's parameter names already count this way
+  (fedseg.training.network), so a position's key is the parameter name itself; a tensor
+  outside that layout gets no position and stays local;
+- the sites holding a position are split by tensor shape and dtype; every group of two or
+  more sites is a pool: "global" when it is every site of the plan, "sites:<a>+<b>" for a
+  subset. One site alone, or a position whose shape differs from everyone else's, is local;
+- `local_norms=true` keeps the InstanceNorm affine parameters local (FedBN).
+
+The update a site writes holds only its pooled tensors; the rest lives in its state folder
+(`local.safetensors`). A pool is averaged weighted by n_cases (Σ n_k w_k / Σ n_k over the
+pool's sites); `weighting=uniform` gives the reference implementation's plain mean.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedseg.errors import InputError
+from fedseg.federation.strategies.base import Contribution, Strategy, weighted_mean
+from fedseg.federation.strategies.fedavg import WEIGHTINGS
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fedseg.planning.plans import Plans
+
+MAP_KEY = "shared_parameters"
+GLOBAL_POOL = "global"
+SUBSET_POOL_PREFIX = "sites:"
+RULE = (
+    "encoder stages matched from the input, decoder stages from the bottleneck; "
+    "a tensor is shared by every group of >= 2 sites whose shapes agree, local otherwise"
+)
+
+# encoder.stages.{s}.<rest>: s counted from the input (0 = full resolution)
+_ENCODER = re.compile(r"^encoder\.stages\.(\d+)\.(.+)$")
+# decoder.{transpconvs|stages|seg_layers}.{j}.<rest>: j counted from the bottleneck
+_DECODER = re.compile(r"^decoder\.(transpconvs|stages|seg_layers)\.(\d+)\.(.+)$")
+# InstanceNorm affine parameters of a ConvNormNonlin block
+_NORM = re.compile(r"(^|\.)norm\.(weight|bias)$")
+
+
+def structural_key(name: str) -> str | None:
+    """The position of a parameter that is comparable across sites, or None (not shareable).
+
+    Encoder positions count from the input, decoder positions from the bottleneck; with the
+    plain U-Net's naming both equal the parameter name, so the key IS the name (which keeps
+    the global model file readable). What this function decides is which names have a
+    cross-site position at all.
+    """
+    match = _ENCODER.match(name)
+    if match:
+        return f"encoder.stages.{int(match.group(1))}.{match.group(2)}"
+    match = _DECODER.match(name)
+    if match:
+        return f"decoder.{match.group(1)}.{int(match.group(2))}.{match.group(3)}"
+    return None
+
+
+def is_norm_parameter(name: str) -> bool:
+    return bool(_NORM.search(name))
+
+
+def shared_parameter_map(
+    manifests: Mapping[str, Mapping[str, tuple[Sequence[int], str]]], local_norms: bool = False
+) -> dict[str, Any]:
+    """The map for sites with the given manifests ({site: {name: (shape, dtype)}}).
+
+    Returns {"rule", "local_norms", "sites": {site: {name: key}} (shared names only),
+             "keys": {pool/key id: {"key", "pool", "shape", "dtype", "sites"}}}.
+    Deterministic: sites and names are visited in sorted order.
+    """
+    all_sites = sorted(manifests)
+    # key -> (shape, dtype) -> [(site, name)]
+    positions: dict[str, dict[tuple[tuple[int, ...], str], list[tuple[str, str]]]] = {}
+    for site in all_sites:
+        for name in sorted(manifests[site]):
+            shape, dtype = manifests[site][name]
+            if not np.issubdtype(np.dtype(dtype), np.floating):
+                continue  # integer buffers are never averaged
+            if local_norms and is_norm_parameter(name):
+                continue
+            key = structural_key(name)
+            if key is None:
+                continue
+            positions.setdefault(key, {}).setdefault((tuple(int(s) for s in shape), str(dtype)), []).append((site, name))
+    sites_map: dict[str, dict[str, dict[str, str]]] = {site: {} for site in all_sites}
+    keys: dict[str, dict[str, Any]] = {}
+    for key in sorted(positions):
+        for (shape, dtype), members in sorted(positions[key].items()):
+            member_sites = sorted(site for site, _ in members)
+            if len(member_sites) < 2:
+                continue
+            pool = GLOBAL_POOL if member_sites == all_sites else SUBSET_POOL_PREFIX + "+".join(member_sites)
+            keys[f"{pool}/{key}"] = {"key": key, "pool": pool, "shape": list(shape), "dtype": dtype, "sites": member_sites}
+            for site, name in members:
+                sites_map[site][name] = {"pool": pool, "key": key}
+    return {"rule": RULE, "local_norms": bool(local_norms), "sites": sites_map, "keys": keys}
+
+
+def summarise_map(shared: Mapping[str, Any], manifests_by_site: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, str]:
+    """Human-readable lines: per module (stage), which pools hold how many tensors; per site, shared / total."""
+    modules: dict[str, dict[str, int]] = {}
+    for entry in shared.get("keys", {}).values():
+        module = _module_of(entry["key"])
+        modules.setdefault(module, {})
+        modules[module][entry["pool"]] = modules[module].get(entry["pool"], 0) + 1
+    lines = {"rule": shared.get("rule", ""), "local_norms": str(shared.get("local_norms", False))}
+    for module in sorted(modules, key=_module_order):
+        lines[module] = ", ".join(f"{pool} ({n} tensors)" for pool, n in sorted(modules[module].items()))
+    for site, names in sorted(shared.get("sites", {}).items()):
+        total = len(manifests_by_site[site]) if manifests_by_site and site in manifests_by_site else None
+        lines[f"site {site}"] = f"{len(names)} shared" + (f" of {total} tensors, {total - len(names)} local" if total is not None else "")
+    return lines
+
+
+def _module_of(key: str) -> str:
+    parts = key.split(".")
+    return ".".join(parts[:3])
+
+
+def _module_order(module: str) -> tuple:
+    parts = module.split(".")
+    order = {"encoder": 0, "decoder": 1}.get(parts[0], 2)
+    index = int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else 0
+    return (order, index, parts[1] if len(parts) > 1 else "")
+
+
+class AsymFedAvg(Strategy):
+    name = "asymfedavg"
+    description = "per-site plans (FednnU-Net); structurally matching, same-shape parameters averaged, the rest local"
+    known_params = frozenset({"weighting", "local_norms"})
+    # make_plans plans one configuration per site from its own fingerprint
+    plans_per_site = True
+
+    def check_params(self, params: Mapping[str, Any]) -> None:
+        super().check_params(params)
+        weighting = params.get("weighting", "n_cases")
+        if weighting not in WEIGHTINGS:
+            raise InputError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
+        if not isinstance(params.get("local_norms", False), bool):
+            raise InputError(f"local_norms must be true or false, got {params.get('local_norms')!r}")
+
+    # -- plan time -----------------------------------------------------------------------
+    def planned_extra(self, plans: Plans) -> dict[str, Any]:
+        from fedseg.federation.manifest import expected_parameters
+
+        self.check_params(plans.strategy.params)
+        manifests = {site: expected_parameters(plans, site) for site in sorted(plans.sites)}
+        return {MAP_KEY: shared_parameter_map(manifests, local_norms=plans.strategy.params.get("local_norms", False))}
+
+    # -- routing ---------------------------------------------------------------------------
+    def _entry(self, plans: Plans, site: str, name: str) -> Mapping[str, str] | None:
+        shared = plans.extra.get(MAP_KEY)
+        if not isinstance(shared, dict) or "sites" not in shared:
+            raise InputError("the plan has no shared-parameter map for asymfedavg (re-run `fedseg plan`)")
+        return shared["sites"].get(site, {}).get(name)
+
+    def scope(self, plans: Plans, site: str, name: str) -> str | None:
+        entry = self._entry(plans, site, name)
+        return None if entry is None else entry["pool"]
+
+    def key(self, plans: Plans, site: str, name: str) -> str:
+        entry = self._entry(plans, site, name)
+        return name if entry is None else entry["key"]
+
+    def model_pools(self, plans: Plans) -> list[str]:
+        shared = plans.extra.get(MAP_KEY) or {}
+        has_global = any(e["pool"] == GLOBAL_POOL for e in shared.get("keys", {}).values())
+        return [GLOBAL_POOL] if has_global else []
+
+    # -- merging -----------------------------------------------------------------------------
+    def pool_weights(self, plans: Plans, pool: str, contributions: Sequence[Contribution]) -> dict[str, float]:
+        if plans.strategy.params.get("weighting", "n_cases") == "uniform":
+            raw = [1.0] * len(contributions)
+        else:
+            raw = [float(c.n_cases) for c in contributions]
+        total = sum(raw)
+        return {c.site: w / total for c, w in zip(contributions, raw)}
+
+    def combine(self, plans: Plans, pool: str, key: str, contributions: Sequence[Contribution]) -> np.ndarray:
+        weights = self.pool_weights(plans, pool, contributions)
+        return weighted_mean(contributions, [weights[c.site] for c in contributions])

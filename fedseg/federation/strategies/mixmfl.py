@@ -1,0 +1,156 @@
+"""MDM-MixMFL: mix-modal federated learning with modality decoupling and a modality memory.
+
+Every site holds a subset of the federation's MRI sequences (plans.channel_names is the
+union, plans.sites[s].channels a site's subset). The network (fedseg.training.mixmfl_network)
+has one modality-tailored encoder per sequence, a modality-shared encoder, a decoupler and a
+shared decoder, plus one prototype memory per sequence. Where each tensor goes:
+
+- `tailored.<seq>.*`  -> pool "group:<seq>": averaged over the sites that hold the sequence
+                         (Σ m_i n_i w_i / Σ m_i n_i, m_i = 1 when site i holds it; weights
+                         n_cases); a site without the sequence keeps its (unused) copy local.
+                         `tailored=false` (ablation "w/o tailored updating"): one "global" pool
+                         over all sites, as plain FedAvg would average them;
+- `shared.*`, `fuse.*`, `decoder.*`, `decoupler.*` -> "global" (all sites, weights n_cases);
+- `memory.<seq>`      -> pool "memory:<seq>", merged by concatenation + FIFO truncation
+                         (fedseg.training.prototype_memory.fifo_merge): every site receives the
+                         merged memory; `memory=false`: memories stay local and unused.
+
+Strategy params (`fedseg plan --set key=value`): tailored, memory, triplet, classifier (true/
+false: the paper's ablation switches), lambda_cls (0.5), lambda_triplet (1e-4),
+triplet_margin (1.0), memory_size (200), prototypes (k-means centres per sequence, site and
+round: 16).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedseg.errors import InputError
+from fedseg.federation.strategies.base import Contribution, Strategy, weighted_mean
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fedseg.planning.plans import Plans
+
+GLOBAL_POOL = "global"
+TAILORED_PREFIX = "group:"
+MEMORY_PREFIX = "memory:"
+
+DEFAULTS: dict[str, Any] = {
+    "tailored": True,
+    "memory": True,
+    "triplet": True,
+    "classifier": True,
+    "lambda_cls": 0.5,          # the paper's λ1
+    "lambda_triplet": 1e-4,     # the paper's λ2
+    "triplet_margin": 1.0,
+    "memory_size": 200,         # the paper's memory size per modality
+    "prototypes": 16,
+}
+_SWITCHES = ("tailored", "memory", "triplet", "classifier")
+
+
+def mixmfl_params(plans: Plans) -> dict[str, Any]:
+    """The plan's mixmfl params with defaults filled in."""
+    return {**DEFAULTS, **{k: v for k, v in plans.strategy.params.items() if k in DEFAULTS}}
+
+
+def sequences(plans: Plans) -> list[str]:
+    from fedseg.data.channels import plan_channel_list
+
+    return plan_channel_list(plans.channel_names)
+
+
+def sequence_keys(plans: Plans) -> list[str]:
+    from fedseg.data.channels import channel_keys
+
+    return channel_keys(sequences(plans))
+
+
+def present_indices(plans: Plans, site: str) -> list[int]:
+    from fedseg.data.channels import present_channels
+
+    return present_channels(sequences(plans), plans.site(site).channels)
+
+
+class MixMFL(Strategy):
+    name = "mixmfl"
+    description = "mix-modal: per-sequence tailored encoders (averaged over holders), shared encoder/decoder, prototype memory"
+    known_params = frozenset(DEFAULTS)
+
+    def check_params(self, params: Mapping[str, Any]) -> None:
+        super().check_params(params)
+        for key in _SWITCHES:
+            if key in params and not isinstance(params[key], bool):
+                raise InputError(f"{key} must be true or false, got {params[key]!r}")
+        for key in ("lambda_cls", "lambda_triplet", "triplet_margin"):
+            value = params.get(key, DEFAULTS[key])
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise InputError(f"{key} must be a number >= 0, got {value!r}")
+        for key in ("memory_size", "prototypes"):
+            value = params.get(key, DEFAULTS[key])
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{key} must be a positive integer, got {value!r}")
+
+    def requires_same_channels(self, params: Mapping[str, Any]) -> bool:
+        return False
+
+    # -- the network and its trainer ------------------------------------------------------
+    def network(self, plans: Plans, site: str) -> Any:
+        from fedseg.training.mixmfl_network import build_mixmfl_network
+
+        params = mixmfl_params(plans)
+        return build_mixmfl_network(
+            plans.configuration_for(site), sequence_keys(plans), plans.n_classes,
+            present=present_indices(plans, site), memory_size=params["memory_size"],
+            use_memory=params["memory"], seed=plans.seed,
+        )
+
+    def trainer_class(self, plans: Plans) -> Any:
+        from fedseg.training.mixmfl_trainer import MixMFLTrainer
+
+        return MixMFLTrainer
+
+    # -- scopes ------------------------------------------------------------------------
+    def scope(self, plans: Plans, site: str, name: str) -> str | None:
+        head, _, rest = name.partition(".")
+        if head == "tailored":
+            key = rest.partition(".")[0]
+            params = mixmfl_params(plans)
+            if not params["tailored"]:
+                return GLOBAL_POOL
+            index = sequence_keys(plans).index(key)
+            if index not in present_indices(plans, site):
+                return None     # never trained here: its holders' average must not be diluted
+            return TAILORED_PREFIX + sequences(plans)[index]
+        if head == "memory":
+            if not mixmfl_params(plans)["memory"]:
+                return None
+            return MEMORY_PREFIX + sequences(plans)[sequence_keys(plans).index(rest)]
+        return GLOBAL_POOL
+
+    def model_pools(self, plans: Plans) -> list[str]:
+        pools = [GLOBAL_POOL]
+        if mixmfl_params(plans)["tailored"]:
+            holders = {seq for site in plans.sites for seq in plans.sites[site].channels}
+            pools += [TAILORED_PREFIX + seq for seq in sequences(plans) if seq in holders]
+        return pools
+
+    # -- merging -----------------------------------------------------------------------
+    def pool_weights(self, plans: Plans, pool: str, contributions: Sequence[Contribution]) -> dict[str, float] | None:
+        if pool.startswith(MEMORY_PREFIX):
+            return None   # not a weighting: concatenation + FIFO
+        total = float(sum(c.n_cases for c in contributions))
+        return {c.site: c.n_cases / total for c in contributions}
+
+    def combine(self, plans: Plans, pool: str, key: str, contributions: Sequence[Contribution]) -> np.ndarray:
+        if pool.startswith(MEMORY_PREFIX):
+            from fedseg.training.prototype_memory import fifo_merge
+
+            ordered = sorted(contributions, key=lambda c: c.site)
+            return fifo_merge([c.array for c in ordered], capacity=ordered[0].array.shape[0])
+        weights = self.pool_weights(plans, pool, contributions)
+        assert weights is not None
+        return weighted_mean(contributions, [weights[c.site] for c in contributions])

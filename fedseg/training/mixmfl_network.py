@@ -1,0 +1,238 @@
+"""MDM-MixMFL's network: modality-tailored encoders, a modality-shared encoder, a decoupler and a
+prototype memory in front of nnU-Net's decoder.
+
+For a site holding the plan's sequences `present` (indices into the plan's channel list; the
+input always has every plan channel, absent ones zero and ignored):
+
+- `tailored.<seq>`: one encoder per sequence (1 input channel), only run for present ones;
+- `shared`:        one encoder (1 input channel) run on every present sequence; the shared
+                   representation at each stage is the mean over the present sequences
+                   (order-free and defined for any number of sequences);
+- `memory.<seq>`:  buffer of prototypes (fedseg.training.prototype_memory); at the bottleneck
+                   a missing sequence's tailored representation is retrieved from it by
+                   cosine similarity between the shared representation (query) and the
+                   prototypes' keys, a softmax over similarities weighting their values.
+                   At the other stages a missing sequence contributes zeros (skip features
+                   are not memorised: the bottleneck carries the context, and keeping one
+                   memory per sequence keeps the exchanged memory small);
+- `fuse.<s>`:      per stage a 1x1 conv-norm-nonlin from [shared, tailored of every sequence
+                   in plan order] to the plan's width of that stage, so the unchanged
+                   nnU-Net `decoder` (same parameter names as the plain U-Net) decodes it;
+- `decoupler.classifier`: modality classifier on pooled bottleneck features (tailored as is,
+                   shared through a gradient-reversal layer);
+  `decoupler.fusion`: the pair-wise fusion layer of the entropy triplet loss.
+
+Encoder branches are half the plan's width (BRANCH_DIVISOR): a site runs 2·|present| encoder
+passes, so the encoder cost stays near one plain U-Net's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fedseg.planning.plans import ConfigurationPlan, NetworkSpec
+from fedseg.training.network import ConvNormNonlin, Decoder, Encoder, _check_spec, init_weights
+from fedseg.training.prototype_memory import memory_width
+
+# Each encoder branch has half the plan's features per stage: two encoders per present
+# sequence then cost about what one plain U-Net encoder costs on a two-sequence site.
+BRANCH_DIVISOR = 2
+MIN_BRANCH_FEATURES = 8
+# Softmax temperature of memory retrieval over cosine similarities in [-1, 1]: 0.1 lets the
+# few most similar prototypes dominate while keeping retrieval differentiable in the query.
+RETRIEVAL_TEMPERATURE = 0.1
+# Default memory capacity per sequence (the paper's 200 slots).
+DEFAULT_MEMORY_SIZE = 200
+# Variance floor of the entropy of a (near-)constant feature channel.
+ENTROPY_EPS = 1e-6
+
+
+class _GradientReversal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return -ctx.scale * grad, None
+
+
+def grad_reverse(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Identity forward; gradient multiplied by -scale backward (the GRL of domain adaptation)."""
+    return _GradientReversal.apply(x, float(scale))
+
+
+def entropy_profile(features: torch.Tensor) -> torch.Tensor:
+    """(B, D, *spatial) -> (B, D): Gaussian entropy 0.5·log(2πe·σ²) of each channel over space."""
+    var = features.flatten(2).var(dim=-1, unbiased=False)
+    return 0.5 * torch.log(2 * math.pi * math.e * (var + ENTROPY_EPS))
+
+
+def entropy_triplet_loss(
+    anchors: Sequence[torch.Tensor], positives: Sequence[torch.Tensor], negatives: Sequence[torch.Tensor], margin: float
+) -> torch.Tensor:
+    """MDM-MixMFL's triplet loss on information entropy, per sample, averaged over the batch.
+
+    d(a, b) = ‖H(a) − H(b)‖₂ / √D between the per-channel entropy profiles of two
+    representations; loss = max(0, max_{a,p} d(a, p) − min_{a,n} d(a, n) + margin): the
+    farthest positive (fused shared+shared) must be closer to the anchors (shared) than the
+    nearest negative (fused shared+tailored), by the margin.
+    """
+    a = torch.stack([entropy_profile(t) for t in anchors])     # (Na, B, D)
+    p = torch.stack([entropy_profile(t) for t in positives])   # (Np, B, D)
+    n = torch.stack([entropy_profile(t) for t in negatives])   # (Nn, B, D)
+    scale = math.sqrt(a.shape[-1])
+    d_ap = (a[:, None] - p[None]).norm(dim=-1) / scale         # (Na, Np, B)
+    d_an = (a[:, None] - n[None]).norm(dim=-1) / scale
+    d_max = d_ap.flatten(0, 1).amax(0)
+    d_min = d_an.flatten(0, 1).amin(0)
+    return F.relu(d_max - d_min + margin).mean()
+
+
+def retrieve(memory: torch.Tensor, query: torch.Tensor, temperature: float = RETRIEVAL_TEMPERATURE) -> torch.Tensor:
+    """Pseudo representation (B, D, *spatial) of a missing sequence from its memory.
+
+    Per voxel: softmax over the filled prototypes of cos(query, key) / temperature, times
+    their values. An empty memory gives zeros (the sequence is then simply absent).
+    """
+    filled = memory[:, 0] >= 1
+    dim = query.shape[1]
+    if not bool(filled.any()):
+        return torch.zeros_like(query)
+    rows = memory[filled].to(query.dtype)
+    keys, values = rows[:, 3:3 + dim], rows[:, 3 + dim:3 + 2 * dim]
+    q = F.normalize(query.flatten(2).transpose(1, 2), dim=-1)          # (B, N, D)
+    weights = torch.softmax(q @ F.normalize(keys, dim=-1).T / temperature, dim=-1)
+    out = weights @ values                                              # (B, N, D)
+    return out.transpose(1, 2).reshape(query.shape)
+
+
+class MixMFLNet(nn.Module):
+    """Mix-modal U-Net; `forward(x)` as the plain U-Net, `forward(x, return_aux=True)` adds features."""
+
+    def __init__(
+        self,
+        spec: NetworkSpec,
+        ndim: int,
+        sequence_keys: Sequence[str],
+        n_classes: int,
+        present: Sequence[int] | None = None,
+        memory_size: int = DEFAULT_MEMORY_SIZE,
+        use_memory: bool = True,
+    ) -> None:
+        super().__init__()
+        _check_spec(spec, ndim)
+        self.spec = spec
+        self.ndim = ndim
+        self.sequence_keys = list(sequence_keys)
+        self.n_channels = len(self.sequence_keys)
+        self.n_classes = n_classes
+        self.present = sorted(range(self.n_channels) if present is None else {int(i) for i in present})
+        if not self.present or any(not 0 <= i < self.n_channels for i in self.present):
+            raise ValueError(f"present sequences {list(present or [])} must be a non-empty subset of 0..{self.n_channels - 1}")
+        self.use_memory = bool(use_memory)
+        self.deep_supervision = bool(spec.deep_supervision)
+
+        branch = [max(MIN_BRANCH_FEATURES, f // BRANCH_DIVISOR) for f in spec.features_per_stage]
+        branch_spec = dataclasses.replace(spec, features_per_stage=branch)
+        self.feature_dim = branch[-1]
+        self.tailored = nn.ModuleDict({key: Encoder(branch_spec, ndim, 1) for key in self.sequence_keys})
+        self.shared = Encoder(branch_spec, ndim, 1)
+        ones = [1] * ndim
+        self.fuse = nn.ModuleList(
+            [ConvNormNonlin(ndim, (1 + self.n_channels) * b, f, ones, ones) for b, f in zip(branch, spec.features_per_stage)]
+        )
+        self.decoder = Decoder(spec, ndim, n_classes)
+        d = self.feature_dim
+        self.decoupler = nn.Module()
+        self.decoupler.classifier = nn.Sequential(nn.Linear(d, d), nn.LeakyReLU(1e-2), nn.Linear(d, self.n_channels))
+        self.decoupler.fusion = ConvNormNonlin(ndim, 2 * d, d, [3] * ndim, ones)
+        self.memory = nn.Module()
+        for key in self.sequence_keys:
+            self.memory.register_buffer(key, torch.zeros(int(memory_size), memory_width(d)))
+
+    # -- pieces used by the trainer ------------------------------------------------------
+    def memory_of(self, index: int) -> torch.Tensor:
+        return getattr(self.memory, self.sequence_keys[index])
+
+    def set_memory(self, index: int, value: torch.Tensor) -> None:
+        self.memory_of(index).copy_(value)
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.decoupler.classifier(pooled)
+
+    def fuse_pair(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.decoupler.fusion(torch.cat((a, b), dim=1))
+
+    # -- forward -------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> tuple[dict[int, list[torch.Tensor]], dict[int, list[torch.Tensor]]]:
+        """(tailored, shared) skip lists per present sequence index."""
+        if x.shape[1] != self.n_channels:
+            raise ValueError(f"input has {x.shape[1]} channel(s), the network expects {self.n_channels} (absent ones zero)")
+        tailored = {m: self.tailored[self.sequence_keys[m]](x[:, m:m + 1]) for m in self.present}
+        # one batched pass of the shared encoder over all present sequences
+        stacked = self.shared(torch.cat([x[:, m:m + 1] for m in self.present], dim=0))
+        b = x.shape[0]
+        shared = {m: [s[i * b:(i + 1) * b] for s in stacked] for i, m in enumerate(self.present)}
+        return tailored, shared
+
+    def forward(self, x: torch.Tensor, return_aux: bool = False):
+        tailored, shared = self.encode(x)
+        n_stages = len(self.fuse)
+        bottleneck = n_stages - 1
+        shared_mean = [torch.stack([shared[m][s] for m in self.present]).mean(0) for s in range(n_stages)]
+        retrieved: dict[int, torch.Tensor] = {}
+        fused = []
+        for s in range(n_stages):
+            slots = [shared_mean[s]]
+            for m in range(self.n_channels):
+                if m in tailored:
+                    slots.append(tailored[m][s])
+                elif s == bottleneck and self.use_memory:
+                    retrieved[m] = retrieve(self.memory_of(m), shared_mean[s])
+                    slots.append(retrieved[m])
+                else:
+                    slots.append(torch.zeros_like(shared_mean[s]))
+            fused.append(self.fuse[s](torch.cat(slots, dim=1)))
+        outputs = self.decoder(fused, self.deep_supervision)
+        seg = outputs if self.deep_supervision else outputs[0]
+        if not return_aux:
+            return seg
+        aux = {
+            "tailored": {m: t[bottleneck] for m, t in tailored.items()},
+            "shared": {m: t[bottleneck] for m, t in shared.items()},
+            "shared_mean": shared_mean[bottleneck],
+            "retrieved": retrieved,
+        }
+        return seg, aux
+
+
+def build_mixmfl_network(
+    config: ConfigurationPlan,
+    sequence_keys: Sequence[str],
+    n_classes: int,
+    present: Sequence[int] | None = None,
+    memory_size: int = DEFAULT_MEMORY_SIZE,
+    use_memory: bool = True,
+    seed: int | None = None,
+) -> MixMFLNet:
+    """The mix-modal network of a plan's configuration; `seed` makes the initial weights deterministic."""
+    def make() -> MixMFLNet:
+        return MixMFLNet(config.network, config.ndim, sequence_keys, n_classes, present, memory_size, use_memory)
+
+    if seed is None:
+        net = make()
+        init_weights(net)
+        return net
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))   # the Linear layers' default init draws from the global RNG
+        net = make()
+    init_weights(net, torch.Generator().manual_seed(int(seed)))
+    return net

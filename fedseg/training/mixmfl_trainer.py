@@ -1,0 +1,163 @@
+"""MDM-MixMFL's local training: segmentation loss + decoupling losses, and memory refreshing.
+
+Loss (paper eq. 3): L = L_seg + λ1·L_cls + λ2·L_triplet, with L_seg the plan's loss
+(nnU-Net's Dice + CE with deep supervision), λ1 = 0.5, λ2 = 1e-4 by default.
+
+- L_cls: cross-entropy of the modality classifier on the pooled bottleneck features of every
+  present sequence: tailored features as they are, shared features through a gradient-
+  reversal layer, both labelled with their sequence. The classifier learns to tell
+  sequences apart; the tailored encoders are pushed to be modality-specific, the shared
+  encoder (reversed gradient) to be modality-invariant.
+- L_triplet: the entropy triplet loss (mixmfl_network.entropy_triplet_loss): anchors = the
+  shared representations, positives = fusion(shared_i, shared_j), negatives =
+  fusion(shared_i, tailored_j), over all present i, j.
+- Memory: at the end of a round the site runs its training cases through the network,
+  takes the bottleneck features of each present sequence (key: shared mean, value: the
+  sequence's tailored features) at class-balanced voxels, clusters them with k-means and
+  pushes the centres into that sequence's memory (FIFO); the coordinator merges all sites'
+  memories. Switches `classifier`, `triplet`, `memory` turn the pieces off.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from fedseg.training.mixmfl_network import MixMFLNet, entropy_triplet_loss, grad_reverse
+from fedseg.training.prototype_memory import kmeans, prototype_rows, push
+from fedseg.training.trainer import SiteTrainer, _derived_seed
+
+# Voxels per class (background, each label) fed to k-means per sequence: class-balanced so
+# that the rare lesion voxels get prototypes of their own instead of being swamped by tissue.
+VOXELS_PER_CLASS = 256
+
+
+class MixMFLTrainer(SiteTrainer):
+    """SiteTrainer with the decoupling losses and the end-of-round memory refresh."""
+
+    def __init__(self, plans, site, network, **kwargs) -> None:
+        super().__init__(plans, site, network, **kwargs)
+        if not isinstance(network, MixMFLNet):
+            raise TypeError("MixMFLTrainer trains a MixMFLNet")
+        from fedseg.federation.strategies.mixmfl import mixmfl_params
+
+        self.params = mixmfl_params(plans)
+        self.lambda_cls = float(self.params["lambda_cls"]) if self.params["classifier"] else 0.0
+        self.lambda_triplet = float(self.params["lambda_triplet"]) if self.params["triplet"] else 0.0
+        self.site_number = sorted(plans.sites).index(site) + 1
+        self.last_terms: dict[str, float] = {}
+
+    # -- losses --------------------------------------------------------------------------
+    def decoupling_losses(self, aux: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        net: MixMFLNet = self.network
+        present = net.present
+        zero = aux["shared_mean"].new_zeros(())
+        cls_loss, triplet_loss = zero, zero
+        if self.lambda_cls > 0:
+            feats, labels = [], []
+            for m in present:
+                batch = aux["tailored"][m].shape[0]
+                feats.append(aux["tailored"][m].flatten(2).mean(-1))
+                feats.append(grad_reverse(aux["shared"][m]).flatten(2).mean(-1))
+                labels += [m] * (2 * batch)
+            logits = net.classify(torch.cat(feats))
+            cls_loss = F.cross_entropy(logits, torch.tensor(labels, device=logits.device))
+        if self.lambda_triplet > 0:
+            shared = [aux["shared"][m] for m in present]
+            tailored = [aux["tailored"][m] for m in present]
+            positives = [net.fuse_pair(a, b) for a in shared for b in shared]
+            negatives = [net.fuse_pair(a, t) for a in shared for t in tailored]
+            triplet_loss = entropy_triplet_loss(shared, positives, negatives, float(self.params["triplet_margin"]))
+        return cls_loss, triplet_loss
+
+    def train_step(self, batch: dict) -> float:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) else target.to(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        outputs, aux = self.network(data, return_aux=True)
+        seg_loss = self.compute_loss(outputs, target)
+        cls_loss, triplet_loss = self.decoupling_losses(aux)
+        loss = seg_loss + self.lambda_cls * cls_loss + self.lambda_triplet * triplet_loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
+        self.optimizer.step()
+        self.last_terms = {"seg": float(seg_loss.detach()), "cls": float(cls_loss.detach()),
+                           "triplet": float(triplet_loss.detach())}
+        return float(loss.detach().cpu())
+
+    # -- memory --------------------------------------------------------------------------
+    def on_round_end(self, round_index: int) -> None:
+        if not self.params["memory"] or not self.train_cases:
+            return
+        keys, values, classes = self.bottleneck_features()
+        rng = np.random.default_rng(_derived_seed(self.plans.seed, self.site, round_index, "prototypes"))
+        net: MixMFLNet = self.network
+        for m in net.present:
+            chosen = _balanced(classes, VOXELS_PER_CLASS, rng)
+            k, v = keys[chosen], values[m][chosen]
+            points = np.concatenate([_unit(k), _unit(v)], axis=1)
+            labels = kmeans(points, int(self.params["prototypes"]), rng)
+            centres_k = np.stack([k[labels == c].mean(0) for c in np.unique(labels)])
+            centres_v = np.stack([v[labels == c].mean(0) for c in np.unique(labels)])
+            rows = prototype_rows(centres_k, centres_v, round_index, self.site_number)
+            memory = net.memory_of(m)
+            updated = push(memory.detach().cpu().numpy(), rows)
+            net.set_memory(m, torch.from_numpy(updated).to(memory.device, memory.dtype))
+        self.log(f"round {round_index}: pushed prototypes of {len(net.present)} sequence(s) to the memory")
+
+    @torch.no_grad()
+    def bottleneck_features(self) -> tuple[np.ndarray, dict[int, np.ndarray], np.ndarray]:
+        """(shared keys (N, D), tailored values per present sequence (N, D), class per voxel (N,))."""
+        net: MixMFLNet = self.network
+        was_training = net.training
+        net.eval()
+        keys, values, classes = [], {m: [] for m in net.present}, []
+        patch = list(self.config.patch_size)
+        try:
+            for case in self.train_cases:
+                data, seg = _centre_patch(case.data, patch), _centre_patch(np.maximum(case.seg, 0).astype(np.float32), patch)
+                _, aux = net(torch.from_numpy(data)[None].to(self.device), return_aux=True)
+                shape = aux["shared_mean"].shape[2:]
+                small = F.interpolate(torch.from_numpy(seg)[None], size=tuple(shape), mode="nearest")[0, 0]
+                keys.append(aux["shared_mean"][0].flatten(1).T.cpu().numpy())
+                for m in net.present:
+                    values[m].append(aux["tailored"][m][0].flatten(1).T.cpu().numpy())
+                classes.append(small.flatten().numpy().astype(np.int64))
+        finally:
+            net.train(was_training)
+        return np.concatenate(keys), {m: np.concatenate(v) for m, v in values.items()}, np.concatenate(classes)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-8)
+
+
+def _balanced(classes: np.ndarray, per_class: int, rng: np.random.Generator) -> np.ndarray:
+    chosen = []
+    for c in np.unique(classes):
+        idx = np.flatnonzero(classes == c)
+        chosen.append(idx if len(idx) <= per_class else rng.choice(idx, per_class, replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+def _centre_patch(array: np.ndarray, patch: list[int]) -> np.ndarray:
+    """The patch-sized centre of a (C, *spatial) array, zero-padded where the array is smaller."""
+    spatial = array.shape[1:]
+    if len(patch) == 2:          # 2D configuration: the middle slice
+        array = array[:, spatial[0] // 2]
+        spatial = array.shape[1:]
+    out = np.zeros((array.shape[0], *patch), dtype=np.float32)
+    src, dst = [], []
+    for n, p in zip(spatial, patch):
+        if n >= p:
+            lo = (n - p) // 2
+            src.append(slice(lo, lo + p))
+            dst.append(slice(0, p))
+        else:
+            lo = (p - n) // 2
+            src.append(slice(0, n))
+            dst.append(slice(lo, lo + n))
+    out[(slice(None), *dst)] = array[(slice(None), *src)]
+    return np.ascontiguousarray(out)

@@ -1,0 +1,205 @@
+"""asymfedavg: per-site plans, the structural shared-parameter map, and aggregation over it."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedseg.errors import InputError
+from fedseg.federation.strategies import get_strategy
+from fedseg.federation.strategies.asymfedavg import MAP_KEY, is_norm_parameter, shared_parameter_map, summarise_map
+from fedseg.planning.plans import ConfigurationPlan, NetworkSpec
+
+
+def _config(features: list[int], name: str = "3d_fullres") -> ConfigurationPlan:
+    n = len(features)
+    spec = NetworkSpec(
+        n_stages=n,
+        features_per_stage=features,
+        kernel_sizes=[[3, 3, 3]] * n,
+        strides=[[1, 1, 1]] + [[2, 2, 2]] * (n - 1),
+        n_conv_per_stage=[2] * n,
+        n_conv_per_stage_decoder=[2] * (n - 1),
+    )
+    return ConfigurationPlan(name, [1.0, 1.0, 1.0], [2 ** n] * 3, [32.0] * 3, 2, ["ZScoreNormalization"], [False], spec)
+
+
+def _manifest(config: ConfigurationPlan) -> dict[str, tuple[tuple[int, ...], str]]:
+    torch = pytest.importorskip("torch")
+    from fedseg.training.network import build_network
+
+    with torch.device("meta"):
+        net = build_network(config, 1, 2)
+    return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in net.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def deep_and_shallow() -> dict[str, dict]:
+    # Features capped at the bottleneck (as nnU-Net caps at 320): the stages right above the
+    # bottleneck agree in shape although one network is a stage deeper.
+    return {"deep": _manifest(_config([32, 64, 64, 64])), "shallow": _manifest(_config([32, 64, 64]))}
+
+
+def test_map_pairs_decoder_stages_from_the_bottleneck(deep_and_shallow):
+    shared = shared_parameter_map(deep_and_shallow)
+    deep, shallow = shared["sites"]["deep"], shared["sites"]["shallow"]
+    # decoder stage 0 upsamples the bottleneck in both networks: paired, one global key
+    for name in ("decoder.stages.0.convs.0.conv.weight", "decoder.transpconvs.0.weight", "decoder.stages.0.convs.1.conv.weight"):
+        assert deep[name] == shallow[name] == {"pool": "global", "key": name}
+    # The full-resolution decoder stage is j=2 in the deep net and j=1 in the shallow one, and
+    # their tensors have identical shapes: matching by resolution level (or by names counted
+    # from the output) would average them. Counted from the bottleneck they are different
+    # positions, so neither is shared.
+    assert deep_and_shallow["deep"]["decoder.stages.2.convs.0.conv.weight"] == \
+        deep_and_shallow["shallow"]["decoder.stages.1.convs.0.conv.weight"]
+    assert "decoder.stages.2.convs.0.conv.weight" not in deep       # only the deep net has j=2
+    assert "decoder.stages.1.convs.0.conv.weight" not in shallow    # j=1: 64->32 vs 128->64 channels
+    assert "decoder.stages.1.convs.0.conv.weight" not in deep
+    # encoder stages pair from the input; the deep net's extra stage stays local
+    assert deep["encoder.stages.0.convs.0.conv.weight"]["pool"] == "global"
+    assert deep["encoder.stages.2.convs.1.conv.weight"] == shallow["encoder.stages.2.convs.1.conv.weight"]
+    assert not any(name.startswith("encoder.stages.3.") for name in deep)
+    # every key of the map has one shape over all its sites
+    for entry in shared["keys"].values():
+        shapes = {deep_and_shallow[s][n][0] for s in entry["sites"] for n, e in shared["sites"][s].items()
+                  if e["key"] == entry["key"] and e["pool"] == entry["pool"]}
+        assert shapes == {tuple(entry["shape"])}
+
+
+def test_subset_pools_and_local_norms(deep_and_shallow):
+    manifests = {**deep_and_shallow, "deep2": deep_and_shallow["deep"]}
+    shared = shared_parameter_map(manifests)
+    # the extra encoder stage of the two deep networks is shared between those two only
+    entry = shared["sites"]["deep"]["encoder.stages.3.convs.0.conv.weight"]
+    assert entry["pool"] == "sites:deep+deep2"
+    assert shared["sites"]["deep2"]["encoder.stages.3.convs.0.conv.weight"] == entry
+    assert "encoder.stages.3.convs.0.conv.weight" not in shared["sites"]["shallow"]
+
+    fedbn = shared_parameter_map(manifests, local_norms=True)
+    for site in manifests:
+        assert not any(is_norm_parameter(n) for n in fedbn["sites"][site])
+        assert any(is_norm_parameter(n) for n in shared["sites"][site])
+    lines = summarise_map(shared, manifests)
+    assert lines["encoder.stages.3"] == "sites:deep+deep2 (8 tensors)"
+    assert lines["site shallow"].endswith("local")
+
+
+def test_check_params():
+    strategy = get_strategy("asymfedavg")
+    strategy.check_params({"weighting": "uniform", "local_norms": True})
+    with pytest.raises(InputError, match="weighting"):
+        strategy.check_params({"weighting": "median"})
+    with pytest.raises(InputError, match="local_norms"):
+        strategy.check_params({"local_norms": "yes"})
+    with pytest.raises(InputError, match="does not know"):
+        strategy.check_params({"share": "all"})
+
+
+# -- plans and aggregation on the fednnunet preset -----------------------------------------
+
+@pytest.fixture(scope="module")
+def preset_fingerprints(tmp_path_factory) -> list[dict]:
+    from fedseg.data.dataset import load_dataset
+    from fedseg.data.synth import generate
+    from fedseg.planning.fingerprint import compute_fingerprint
+
+    root = tmp_path_factory.mktemp("fednnunet")
+    return [compute_fingerprint(load_dataset(d), d.name) for d in generate(root, preset="fednnunet", seed=0)]
+
+
+def _plans(fingerprints, **overrides):
+    from fedseg.federation.manifest import attach_manifests
+    from fedseg.planning.planner import make_plans
+
+    plans = make_plans(fingerprints, strategy="asymfedavg", overrides=overrides)
+    return attach_manifests(plans)
+
+
+def test_per_site_plans(preset_fingerprints):
+    plans = _plans(preset_fingerprints)
+    assert sorted(plans.configurations) == ["3d_fullres@site_a", "3d_fullres@site_b", "3d_fullres@site_c"]
+    configs = {site: plans.configuration_for(site) for site in plans.sites}
+    for site, info in plans.sites.items():
+        assert info.configuration == f"3d_fullres@{site}"
+    # each site's own slice spacing: 1, 2.5 and 4 mm
+    assert [round(configs[s].spacing[0], 2) for s in ("site_a", "site_b", "site_c")] == [1.0, 2.5, 4.0]
+    assert len({tuple(c.patch_size) for c in configs.values()}) == 3
+    assert configs["site_c"].network.kernel_sizes[0] == [1, 3, 3]    # no convolution across 4 mm slices
+    assert configs["site_a"].network.kernel_sizes[0] == [3, 3, 3]
+    assert configs["site_c"].network.n_stages < configs["site_a"].network.n_stages
+    # the merged fingerprint is still the plan's fingerprint (CT statistics come from it)
+    assert plans.fingerprint["n_cases"] == sum(fp["n_cases"] for fp in preset_fingerprints)
+    shared = plans.extra[MAP_KEY]
+    assert any(e["pool"] == "global" for e in shared["keys"].values())
+    # the same fingerprints with fedavg: one common configuration
+    from fedseg.planning.planner import make_plans
+
+    common = make_plans(preset_fingerprints, strategy="fedavg")
+    assert list(common.configurations) == ["3d_fullres"]
+    assert all(info.configuration is None for info in common.sites.values())
+    # a plan does not depend on the order the fingerprints come in
+    assert _plans(preset_fingerprints[::-1]).plan_id == plans.plan_id
+
+
+def test_aggregate_over_the_map(preset_fingerprints, tmp_path: Path):
+    from fedseg.federation.engine import aggregate_round, initial_round, write_site_update
+    from fedseg.federation.weightfile import read_weight_file
+
+    plans = _plans(preset_fingerprints, **{"training.rounds": "2"})
+    plans = dataclasses.replace(plans, sites={**plans.sites, "site_b": dataclasses.replace(plans.sites["site_b"], n_cases=24)})
+    initial_round(plans, tmp_path / "round_000")
+    shared = plans.extra[MAP_KEY]["sites"]
+    states, updates = {}, []
+    for i, site in enumerate(sorted(plans.sites)):
+        state, _ = read_weight_file(tmp_path / "round_000" / f"{site}.safetensors")
+        states[site] = {k: v + np.float32(i + 1) for k, v in state.items()}     # site k adds k+1 everywhere
+        path = tmp_path / "round_001" / "updates" / f"{site}.safetensors"
+        write_site_update(plans, site, states[site], path, round_index=1, n_iterations=3)
+        sent, meta = read_weight_file(path)
+        assert set(sent) == set(shared[site])                    # only mapped tensors leave the site
+        assert meta.scopes == {n: e["pool"] for n, e in shared[site].items()}
+        updates.append(path)
+    aggregate_round(plans, updates, tmp_path / "round_001")
+
+    n = {site: plans.sites[site].n_cases for site in plans.sites}
+    name = next(k for k, e in shared["site_a"].items() if e["pool"] == "global" and k.endswith("conv.weight"))
+    out_a, _ = read_weight_file(tmp_path / "round_001" / "site_a.safetensors")
+    assert set(out_a) == set(shared["site_a"])
+    init, _ = read_weight_file(tmp_path / "round_000" / "site_a.safetensors")
+    expected = init[name] + (1 * n["site_a"] + 2 * n["site_b"] + 3 * n["site_c"]) / sum(n.values())
+    np.testing.assert_allclose(out_a[name], expected, rtol=1e-5, atol=1e-5)
+    # a subset pool averages over its own sites only (site_b weighs 24 against site_c's 8)
+    subset = next(k for k, e in shared["site_c"].items() if e["pool"] == "sites:site_b+site_c")
+    out_c, _ = read_weight_file(tmp_path / "round_001" / "site_c.safetensors")
+    init_c, _ = read_weight_file(tmp_path / "round_000" / "site_c.safetensors")
+    expected = init_c[subset] + (2 * n["site_b"] + 3 * n["site_c"]) / (n["site_b"] + n["site_c"])
+    np.testing.assert_allclose(out_c[subset], expected, rtol=1e-5, atol=1e-5)
+    assert subset not in out_a
+    global_model, meta = read_weight_file(tmp_path / "round_001" / "models" / "global.safetensors")
+    assert all(e["pool"] == "global" for e in (v for s in shared.values() for v in s.values() if v["key"] in global_model))
+
+
+def test_uniform_weighting(preset_fingerprints):
+    from fedseg.federation.strategies.base import Contribution
+
+    plans = _plans(preset_fingerprints, weighting="uniform")
+    strategy = get_strategy("asymfedavg")
+    contributions = [Contribution("site_a", 1, 1, np.zeros(3, np.float32)), Contribution("site_b", 9, 1, np.ones(3, np.float32))]
+    np.testing.assert_allclose(strategy.combine(plans, "global", "k", contributions), 0.5)
+    weighted = _plans(preset_fingerprints)
+    np.testing.assert_allclose(strategy.combine(weighted, "global", "k", contributions), 0.9)
+
+
+def test_inspect_shows_the_map(preset_fingerprints, tmp_path: Path):
+    from fedseg.cli.inspect_view import summarise
+
+    plans = _plans(preset_fingerprints)
+    plans.save(tmp_path / "plans.json")
+    summary = summarise(tmp_path / "plans.json")
+    lines = summary["shared parameters"]
+    assert lines["encoder.stages.1"].startswith("global")
+    assert set(k for k in lines if k.startswith("site ")) == {"site site_a", "site site_b", "site site_c"}
+    assert MAP_KEY not in summary      # the per-tensor map itself is not dumped

@@ -1,0 +1,105 @@
+"""mixmfl planning and aggregation: mix-modal plans, scopes per sequence, memory merge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedseg.errors import InputError
+from fedseg.federation.strategies import get_strategy
+from fedseg.federation.strategies.base import Contribution
+
+
+@pytest.fixture(scope="module")
+def mixmfl_fingerprints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    from fedseg.data.dataset import load_dataset
+    from fedseg.data.synth import generate
+    from fedseg.planning.fingerprint import compute_fingerprint
+
+    root = tmp_path_factory.mktemp("mixmfl_sites")
+    generate(root, preset="mixmfl", seed=0)
+    fps = [compute_fingerprint(load_dataset(root / s), s) for s in ("site1", "site2", "site6")]
+    return root, fps
+
+
+def _plans(fps, strategy="mixmfl", **overrides):
+    from fedseg.federation.manifest import attach_manifests
+    from fedseg.planning.planner import make_plans
+
+    plans = make_plans(fps, strategy=strategy, overrides={k: str(v) for k, v in overrides.items()})
+    return attach_manifests(plans)
+
+
+def test_plan_records_global_sequences_and_site_subsets(mixmfl_fingerprints):
+    _root, fps = mixmfl_fingerprints
+    plans = _plans(fps)
+    assert list(plans.channel_names.values()) == ["T1", "T1ce", "T2", "FLAIR"]
+    assert plans.sites["site1"].channels == ["T1", "T1ce"]
+    assert plans.sites["site6"].channels == ["T2", "FLAIR"]
+    assert plans.configuration_for(None).normalization_schemes == ["ZScoreNormalization"] * 4
+
+
+def test_fedavg_needs_missing_zero_for_sites_with_different_sequences(mixmfl_fingerprints):
+    _root, fps = mixmfl_fingerprints
+    from fedseg.planning.planner import make_plans
+
+    # plain fedavg pairs channels by index (site1's T1 with site6's T2): two mixed channels
+    assert make_plans(fps, strategy="fedavg").n_channels == 2
+    plans = make_plans(fps, strategy="fedavg", overrides={"missing": "zero"})
+    assert list(plans.channel_names.values()) == ["T1", "T1ce", "T2", "FLAIR"]
+    with pytest.raises(InputError, match="channel"):
+        make_plans(fps[:1] + [{**fps[1], "channel_names": {"0": "T1"}}], strategy="fedavg")
+    with pytest.raises(InputError, match="missing"):
+        get_strategy("fedavg").check_params({"missing": "mean"})
+
+
+def test_scopes_per_sequence_and_ablation_switches(mixmfl_fingerprints):
+    _root, fps = mixmfl_fingerprints
+    plans = _plans(fps)
+    s = get_strategy("mixmfl")
+    names = plans.extra["manifests"]["3d_fullres"]
+    t1 = next(n for n in names if n.startswith("tailored.T1."))
+    t2 = next(n for n in names if n.startswith("tailored.T2."))
+    assert s.scope(plans, "site1", t1) == "group:T1"
+    assert s.scope(plans, "site2", t1) == "group:T1"
+    assert s.scope(plans, "site6", t1) is None          # site6 has no T1: its copy stays local
+    assert s.scope(plans, "site1", t2) is None
+    assert s.scope(plans, "site6", t2) == "group:T2"
+    for prefix in ("shared.", "decoder.", "fuse.", "decoupler."):
+        name = next(n for n in names if n.startswith(prefix))
+        assert {s.scope(plans, site, name) for site in plans.sites} == {"global"}
+    assert s.scope(plans, "site6", "memory.T1") == "memory:T1"   # everyone receives every memory
+    assert s.model_pools(plans) == ["global", "group:T1", "group:T1ce", "group:T2", "group:FLAIR"]
+
+    no_tailored = _plans(fps, tailored="false")
+    assert s.scope(no_tailored, "site6", t1) == "global"
+    no_memory = _plans(fps, memory="false")
+    assert s.scope(no_memory, "site1", "memory.T1") is None
+    with pytest.raises(InputError):
+        s.check_params({"memory": "maybe"})
+
+
+def test_tailored_pool_is_the_weighted_mean_over_holders_only(mixmfl_fingerprints):
+    _root, fps = mixmfl_fingerprints
+    plans = _plans(fps)
+    s = get_strategy("mixmfl")
+    holders = [Contribution("site1", 10, 5, np.full(3, 1.0, np.float32)), Contribution("site2", 30, 5, np.full(3, 5.0, np.float32))]
+    assert np.allclose(s.combine(plans, "group:T1", "tailored.T1.x", holders), 4.0)   # (10·1 + 30·5) / 40
+
+
+def test_memory_pool_merges_by_fifo(mixmfl_fingerprints):
+    from fedseg.training.prototype_memory import empty_memory, filled_rows, prototype_rows, push
+
+    _root, fps = mixmfl_fingerprints
+    plans = _plans(fps, memory_size=4)
+    s = get_strategy("mixmfl")
+    base = empty_memory(4, 2)
+    a = push(base, prototype_rows(np.ones((3, 2)), np.ones((3, 2)), 1, 1))
+    b = push(base, prototype_rows(np.zeros((2, 2)) + 2, np.zeros((2, 2)) + 2, 1, 2))
+    merged = s.combine(plans, "memory:T1", "memory.T1", [Contribution("site1", 10, 5, a), Contribution("site2", 10, 5, b),
+                                                           Contribution("site6", 10, 5, base)])
+    assert merged.shape == (4, 7)
+    assert [tuple(r[:3]) for r in filled_rows(merged)] == [(1, 1, 1), (1, 1, 2), (1, 2, 0), (1, 2, 1)]
+    assert s.pool_weights(plans, "memory:T1", []) is None

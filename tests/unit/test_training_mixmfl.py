@@ -1,0 +1,124 @@
+"""MDM-MixMFL network pieces: shapes with sequence subsets, gradient reversal, triplet loss,
+memory retrieval and the FIFO prototype memory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedseg.planning.plans import NetworkSpec
+from fedseg.training.mixmfl_network import (
+    MixMFLNet,
+    entropy_triplet_loss,
+    grad_reverse,
+    retrieve,
+)
+from fedseg.training.prototype_memory import (
+    empty_memory,
+    fifo_merge,
+    filled_rows,
+    kmeans,
+    prototype_rows,
+    push,
+)
+
+SEQS = ["T1", "T1ce", "T2", "FLAIR"]
+SPEC = NetworkSpec(
+    n_stages=3,
+    features_per_stage=[8, 16, 32],
+    kernel_sizes=[[3, 3, 3]] * 3,
+    strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+    n_conv_per_stage=[1, 1, 1],
+    n_conv_per_stage_decoder=[1, 1],
+)
+
+
+@pytest.mark.parametrize("present", [[0], [0, 1], [2, 3], [1, 3], [0, 1, 2, 3]])
+def test_network_output_shapes_for_any_subset_of_sequences(present):
+    torch.manual_seed(0)
+    net = MixMFLNet(SPEC, 3, SEQS, n_classes=3, present=present, memory_size=10)
+    x = torch.randn(2, 4, 16, 16, 16)
+    outputs, aux = net(x, return_aux=True)
+    assert [tuple(o.shape) for o in outputs] == [(2, 3, 16, 16, 16), (2, 3, 8, 8, 8)]
+    assert sorted(aux["tailored"]) == present and sorted(aux["shared"]) == present
+    assert aux["shared_mean"].shape == (2, net.feature_dim, 4, 4, 4)
+    net.deep_supervision = False
+    assert net(x).shape == (2, 3, 16, 16, 16)
+
+
+def test_absent_sequences_are_ignored_and_state_is_the_same_for_every_site():
+    torch.manual_seed(0)
+    a = MixMFLNet(SPEC, 3, SEQS, 3, present=[0, 1], memory_size=10)
+    b = MixMFLNet(SPEC, 3, SEQS, 3, present=[2, 3], memory_size=10)
+    assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+    a.eval()
+    x = torch.randn(1, 4, 16, 16, 16)
+    y = x.clone()
+    y[:, 2:] = torch.randn(1, 2, 16, 16, 16)   # change only sequences site a does not hold
+    with torch.no_grad():
+        assert torch.equal(a(x)[0], a(y)[0])
+
+
+def test_gradient_reversal_flips_the_gradient():
+    x = torch.randn(5, requires_grad=True)
+    (grad_reverse(x, 1.0) * torch.arange(5.0)).sum().backward()
+    assert torch.allclose(x.grad, -torch.arange(5.0))
+    x.grad = None
+    (grad_reverse(x, 0.5) ** 2).sum().backward()
+    assert torch.allclose(x.grad, -0.5 * 2 * x.detach())
+    assert torch.equal(grad_reverse(x), x)   # identity forward
+
+
+def test_entropy_triplet_loss_orders_positives_before_negatives():
+    torch.manual_seed(0)
+    anchor = torch.randn(2, 4, 3, 3, 3)
+    close = anchor * 1.01                          # almost the same spread per channel
+    far = anchor * 10.0                            # entropy differs by log(10) per channel
+    assert entropy_triplet_loss([anchor], [close], [far], margin=1.0).item() == 0.0
+    # swapped roles: the positive is far, the negative close -> penalised by about log(10)
+    swapped = entropy_triplet_loss([anchor], [far], [close], margin=1.0).item()
+    assert swapped == pytest.approx(np.log(10) - np.log(1.01) + 1.0, rel=1e-3)
+    # it has gradients for the encoders that produced the representations
+    a = anchor.clone().requires_grad_(True)
+    entropy_triplet_loss([a], [a * 3], [a * 1.1], margin=1.0).backward()
+    assert a.grad is not None and torch.isfinite(a.grad).all()
+
+
+def test_retrieval_picks_the_prototype_with_the_most_similar_key():
+    d = 4
+    rows = prototype_rows(np.eye(2, d) * 3, np.array([[1.0, 0, 0, 0], [0, 0, 0, 5.0]]), round_index=1, site_number=1)
+    memory = torch.from_numpy(push(empty_memory(5, d), rows))
+    query = torch.zeros(1, d, 1, 1, 2)
+    query[0, 0, 0, 0, 0] = 1.0    # voxel 0 looks like key 0
+    query[0, 1, 0, 0, 1] = 2.0    # voxel 1 looks like key 1
+    out = retrieve(memory, query, temperature=0.01)
+    assert torch.allclose(out[0, :, 0, 0, 0], torch.tensor([1.0, 0, 0, 0]), atol=1e-4)
+    assert torch.allclose(out[0, :, 0, 0, 1], torch.tensor([0, 0, 0, 5.0]), atol=1e-4)
+    assert torch.equal(retrieve(torch.zeros(5, 3 + 2 * d), query), torch.zeros_like(query))   # empty memory
+
+
+def test_memory_fifo_merge_is_deterministic_deduplicated_and_truncated():
+    d, capacity = 2, 5
+    old = push(empty_memory(capacity, d), prototype_rows(np.ones((2, d)), np.ones((2, d)), 1, 1))
+    site_a = push(old, prototype_rows(np.full((2, d), 2.0), np.full((2, d), 2.0), 2, 1))
+    site_b = push(old, prototype_rows(np.full((3, d), 3.0), np.full((3, d), 3.0), 2, 2))
+    site_c = old.copy()                       # a site that holds no such sequence sends it back unchanged
+    merged = fifo_merge([site_a, site_b, site_c])
+    assert merged.shape == (capacity, 3 + 2 * d)
+    assert np.array_equal(fifo_merge([site_c, site_b, site_a]), merged)      # order-free
+    rows = filled_rows(merged)
+    # 2 old + 2 + 3 new = 7 distinct prototypes: the 5 newest kept, oldest first
+    assert [tuple(r[:3]) for r in rows] == [(2, 1, 0), (2, 1, 1), (2, 2, 0), (2, 2, 1), (2, 2, 2)]
+    assert np.all(rows[:2, 3:] == 2.0) and np.all(rows[2:, 3:] == 3.0)
+    # with room to spare, nothing is dropped and the shared old rows count once
+    assert len(filled_rows(fifo_merge([site_a, site_b, site_c], capacity=10))) == 7
+
+
+def test_kmeans_separates_clear_clusters_deterministically():
+    rng = np.random.default_rng(0)
+    points = np.concatenate([rng.normal(0, 0.1, (30, 2)), rng.normal(5, 0.1, (20, 2))])
+    labels = kmeans(points, 2, np.random.default_rng(1))
+    assert len(set(labels[:30])) == 1 and len(set(labels[30:])) == 1 and labels[0] != labels[-1]
+    assert np.array_equal(labels, kmeans(points, 2, np.random.default_rng(1)))
+    assert len(set(kmeans(points[:3], 10, np.random.default_rng(0)))) <= 3
