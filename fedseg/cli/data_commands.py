@@ -17,7 +17,9 @@ def synth(
 ) -> None:
     """Generate synthetic multi-site data (nnU-Net raw format, Tr and Ts splits).
 
-    Presets: tiny (3 sites, 3D, different scanners), brain (a real MRI through 3 scanners).
+    Presets: tiny (3 sites, 3D, different scanners), brain (a real MRI through 3 scanners),
+    flames (2D PNG: 3 large MRI sites + 2 small ultrasound sites of other organs, and a
+    mixed server test set in _server_test/).
     Refuses to write into site folders that already hold files.
 
     Example: fedseg synth sites --preset tiny --seed 0

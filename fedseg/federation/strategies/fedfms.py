@@ -10,6 +10,8 @@ average by FedAvg's rule (Σ n_k w_k / Σ n_k, float64; `weighting=uniform` for 
                     site provably starts from the same backbone
     sam.image_size  encoder input size (default: the configuration's, 1024 for vit_*, 64 for
                     tiny); position embeddings of a checkpoint are interpolated to it
+    sam.lr          AdamW learning rate (default 1e-3 for tiny, 1e-4 for vit_*, MSA's rate);
+                    the trainer's poly schedule is applied to it
 
 fedmsa: the image encoder (except the adapters) is frozen and is not part of the model's
 state at all: every site rebuilds it from `sam.checkpoint` (or, without a checkpoint, from
@@ -29,7 +31,7 @@ from fedseg.federation.strategies.fedavg import GLOBAL_POOL, FedAvg
 if TYPE_CHECKING:  # pragma: no cover
     from fedseg.planning.plans import Plans
 
-SAM_PARAMS = frozenset({"sam.config", "sam.checkpoint", "sam.checkpoint_sha256", "sam.image_size"})
+SAM_PARAMS = frozenset({"sam.config", "sam.checkpoint", "sam.checkpoint_sha256", "sam.image_size", "sam.lr"})
 DEFAULT_SAM_CONFIG = "tiny"
 # Names of SAM's variants (fedseg.training.sam.SAM_CONFIGS), repeated here so that checking a
 # plan does not import torch.
@@ -57,6 +59,9 @@ class _FedFMS(FedAvg):
         digest = params.get("sam.checkpoint_sha256")
         if digest is not None and (not isinstance(digest, str) or len(digest) != 64):
             raise InputError("sam.checkpoint_sha256 must be a 64-character hex digest")
+        lr = params.get("sam.lr")
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
+            raise InputError(f"sam.lr must be a positive number, got {lr!r}")
         size = params.get("sam.image_size")
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
             raise InputError(f"sam.image_size must be a positive integer, got {size!r}")
@@ -73,6 +78,11 @@ class _FedFMS(FedAvg):
             checkpoint=params.get("sam.checkpoint"), checkpoint_sha256=params.get("sam.checkpoint_sha256"),
             seed=plans.seed,
         )
+
+    def trainer_class(self, plans: Plans) -> Any:
+        from fedseg.training.sam_trainer import SamTrainer
+
+        return SamTrainer
 
     def scope(self, plans: Plans, site: str, name: str) -> str | None:
         if self.adapters and _frozen_backbone(name):

@@ -1,0 +1,98 @@
+"""fedmsa / fedsam strategies: parameters, scopes, what an update holds, round-trip through the engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedseg.errors import InputError
+from fedseg.federation.strategies import get_strategy, strategy_names
+from fedseg.planning.plans import ConfigurationPlan, NetworkSpec, Plans, SiteInfo, StrategySpec
+
+
+def _plans(strategy: str, **params) -> Plans:
+    config = ConfigurationPlan(
+        name="2d", spacing=[1.0, 1.0], patch_size=[64, 64], median_image_size_in_voxels=[1, 64, 64], batch_size=2,
+        normalization_schemes=["ZScoreNormalization"], use_mask_for_norm=[False],
+        network=NetworkSpec(2, [32, 64], [[3, 3], [3, 3]], [[1, 1], [2, 2]], [2, 2], [2]),
+    )
+    return Plans(
+        dataset_name="t", channel_names={"0": "fundus"}, labels={"background": 0, "disc": 1, "cup": 2},
+        file_ending=".png", fingerprint={}, sites={s: SiteInfo("fundus", ["fundus"], 4) for s in ("a", "b")},
+        strategy=StrategySpec(strategy, dict(params)), configurations={"2d": config}, default_configuration="2d",
+    )
+
+
+def test_registered() -> None:
+    assert {"fedmsa", "fedsam"} <= set(strategy_names())
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"sam.config": "vit_z"}, "sam.config"),
+    ({"sam.image_size": "big"}, "sam.image_size"),
+    ({"sam.lr": -1}, "sam.lr"),
+    ({"sam.checkpoint_sha256": "abc"}, "sha256"),
+    ({"sam.typo": 1}, "does not know"),
+])
+def test_bad_params_are_refused(params, message) -> None:
+    with pytest.raises(InputError, match=message):
+        get_strategy("fedmsa").check_params(params)
+
+
+def test_fedmsa_keeps_the_backbone_out_of_every_file() -> None:
+    from fedseg.federation.manifest import attach_manifests
+
+    msa, sam = _plans("fedmsa"), _plans("fedsam")
+    strategy = get_strategy("fedmsa")
+    assert strategy.scope(msa, "a", "image_encoder.blocks.0.attn.qkv.weight") is None
+    assert strategy.scope(msa, "a", "image_encoder.blocks.0.Space_Adapter.D_fc1.weight") == "global"
+    assert strategy.scope(msa, "a", "mask_decoder.class_head.weight") == "global"
+    assert get_strategy("fedsam").scope(sam, "a", "image_encoder.blocks.0.attn.qkv.weight") == "global"
+
+    msa_manifest = attach_manifests(msa).extra["manifests"]["2d"]
+    sam_manifest = attach_manifests(sam).extra["manifests"]["2d"]
+    # the frozen backbone is rebuilt at each site (checkpoint or seed): not even in the manifest
+    assert not any(n.startswith("image_encoder.") and "Adapter" not in n for n in msa_manifest)
+    assert any("Space_Adapter" in n for n in msa_manifest) and not any("Adapter" in n for n in sam_manifest)
+    size = lambda m: sum(torch.Size(e["shape"]).numel() for e in m.values())  # noqa: E731
+    assert size(msa_manifest) * 3 <= size(sam_manifest)
+
+
+def test_network_follows_the_plan_params(tmp_path: Path) -> None:
+    net = get_strategy("fedsam").network(_plans("fedsam", **{"sam.image_size": 96}), "a")
+    assert net.config.image_size == 96 and net.n_classes == 3
+    assert net(torch.randn(1, 1, 64, 64)).shape == (1, 3, 64, 64)
+    with pytest.raises(InputError, match="not found"):
+        get_strategy("fedmsa").network(_plans("fedmsa", **{"sam.checkpoint": str(tmp_path / "none.pth")}), "a")
+    assert get_strategy("fedmsa").trainer_class(_plans("fedmsa")).__name__ == "SamTrainer"
+
+
+def test_fedmsa_round_trip_through_the_engine(tmp_path: Path) -> None:
+    """init -> a site's update (adapters + decoder only) -> aggregate -> the site composes its model."""
+    from fedseg.federation.engine import aggregate_round, compose_site_state, initial_round, write_site_update
+    from fedseg.federation.manifest import attach_manifests
+    from fedseg.federation.weightfile import read_weight_file
+
+    plans = attach_manifests(_plans("fedmsa"))
+    initial_round(plans, tmp_path / "r0")
+    tensors, _ = read_weight_file(tmp_path / "r0" / "a.safetensors")
+    assert not any(n.startswith("image_encoder.") and "Adapter" not in n for n in tensors)
+    strategy = get_strategy("fedmsa")
+    updates = []
+    for site, shift in (("a", 1.0), ("b", 3.0)):
+        net = strategy.network(plans, site)
+        state = compose_site_state(plans, site, tmp_path / "r0" / f"{site}.safetensors", None)
+        net.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.items()})
+        with torch.no_grad():
+            net.mask_decoder.class_head.bias.fill_(shift)
+        write_site_update(plans, site, net.state_dict(), tmp_path / f"{site}.safetensors", round_index=1, n_iterations=1)
+        updates.append(tmp_path / f"{site}.safetensors")
+    report = aggregate_round(plans, updates, tmp_path / "r1")
+    merged, _ = read_weight_file(tmp_path / "r1" / "a.safetensors")
+    assert torch.allclose(torch.from_numpy(merged["mask_decoder.class_head.bias"]), torch.full((3,), 2.0))
+    traffic = report.traffic
+    assert traffic["per_site"]["a"]["upload"] == (tmp_path / "a.safetensors").stat().st_size
+    assert traffic["per_site"]["b"]["download"] == (tmp_path / "r1" / "b.safetensors").stat().st_size
+    assert traffic["upload"] == sum(v["upload"] for v in traffic["per_site"].values())
