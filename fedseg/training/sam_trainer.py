@@ -22,7 +22,7 @@ from fedseg.training.trainer import SiteTrainer
 
 # Adam learning rates: MSA fine-tunes pretrained SAM at 1e-4; the tiny configuration is
 # trained from its seeded initialisation and needs a larger step to move within a few rounds.
-DEFAULT_LR = {"tiny": 1e-3}
+DEFAULT_LR = {"tiny": 1e-2}
 DEFAULT_PRETRAINED_LR = 1e-4
 # Separator between a parameter name and the Adam state entry in saved optimizer files.
 STATE_SEPARATOR = "::"

@@ -10,7 +10,7 @@ import pytest
 
 from fedseg.federation.simulation import SimulationConfig, simulate
 
-ROUNDS, ITERATIONS = 2, 25
+ROUNDS, ITERATIONS = 3, 25
 
 
 @pytest.fixture(scope="module")

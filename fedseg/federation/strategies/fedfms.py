@@ -10,7 +10,7 @@ average by FedAvg's rule (Σ n_k w_k / Σ n_k, float64; `weighting=uniform` for 
                     site provably starts from the same backbone
     sam.image_size  encoder input size (default: the configuration's, 1024 for vit_*, 64 for
                     tiny); position embeddings of a checkpoint are interpolated to it
-    sam.lr          AdamW learning rate (default 1e-3 for tiny, 1e-4 for vit_*, MSA's rate);
+    sam.lr          AdamW learning rate (default 1e-2 for tiny, 1e-4 for vit_*, MSA's rate);
                     the trainer's poly schedule is applied to it
 
 fedmsa: the image encoder (except the adapters) is frozen and is not part of the model's
