@@ -6,22 +6,24 @@ from pathlib import Path
 
 import typer
 
-from fedseg.cli.options import JSON, QUIET, parse_set_options
+from fedseg.cli.options import (
+    CONFIGURATION, DEVICE, ITERATIONS, JSON, QUIET, RESUME, ROUNDS, RUN_OUTPUT, SEED, SET, SITES_ROOT, WORKERS, parse_set_options,
+)
 
 
 def simulate(
-    sites_root: Path = typer.Argument(..., help="Folder holding one nnU-Net raw folder per site."),
+    sites_root: Path = SITES_ROOT,
     strategy: str = typer.Option("fedavg", "--strategy", help="Federation strategy (fedavg, local, ...)."),
-    rounds: int = typer.Option(3, "--rounds", min=1, help="Federated rounds."),
-    output: Path = typer.Option(..., "-o", "--output", help="Run folder (plans, rounds, report)."),
-    config: str = typer.Option("3d_fullres", "--config", help="Configuration: 3d_fullres or 2d."),
-    iterations: int = typer.Option(None, "--iterations", min=1, help="Training iterations per site per round."),
-    set_: list[str] = typer.Option(None, "--set", help="Plan override or strategy parameter: key=value."),
-    seed: int = typer.Option(1234, "--seed", help="Seed for weights and training."),
-    workers: int = typer.Option(2, "--workers", min=0, help="Background augmentation workers per site."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    rounds: int = ROUNDS,
+    output: Path = RUN_OUTPUT,
+    config: str = CONFIGURATION,
+    iterations: int = ITERATIONS,
+    set_: list[str] = SET,
+    seed: int = SEED,
+    workers: int = WORKERS,
+    device: str = DEVICE,
     mirror: bool = typer.Option(False, "--mirror/--no-mirror", help="Mirroring at test time."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in OUTPUT from its last complete round."),
+    resume: bool = RESUME,
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ) -> None:

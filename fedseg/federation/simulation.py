@@ -11,9 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedseg.errors import InputError
 from fedseg.federation.server_eval import SERVER_TEST_DIR, evaluate_server_models, is_server_test_set
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fedseg.planning.plans import Plans
 
 
 @dataclass
@@ -81,19 +85,15 @@ def simulate(
     progress_factory: Callable | None = None,
 ) -> SimulationResult:
     """Run fingerprint -> plan -> init -> rounds of train/aggregate -> predict -> evaluate."""
-    from fedseg.atomic import write_text_atomic
     from fedseg.data.dataset import load_dataset
-    from fedseg.federation.engine import aggregate_round, initial_round
-    from fedseg.federation.manifest import attach_manifests
+    from fedseg.federation.engine import aggregate_round
     from fedseg.federation.site_training import run_site_round
     from fedseg.federation.strategies import get_strategy
     from fedseg.planning.fingerprint import compute_fingerprint, load_fingerprint, save_fingerprint
-    from fedseg.planning.plans import load_plans
-    from fedseg.planning.planner import make_plans
 
     run_dir = Path(config.run_dir)
     site_dirs = {p.name: p for p in discover_sites(Path(config.sites_root))}
-    strategy = get_strategy(config.strategy)
+    get_strategy(config.strategy)   # an unknown strategy fails before any work
     progress_factory = progress_factory or _no_progress
 
     # 1. fingerprints, one per site (reused when present)
@@ -106,26 +106,11 @@ def simulate(
                 save_fingerprint(compute_fingerprint(dataset, name, workers=config.fingerprint_workers, progress=advance), fp_path)
         fingerprints.append(load_fingerprint(fp_path))
 
-    # 2. plan
-    plans_path = run_dir / "plans.json"
-    overrides = {"training.rounds": str(config.rounds), **config.overrides}
-    if config.iterations is not None:
-        overrides["training.iterations_per_round"] = str(config.iterations)
-    plans = make_plans(fingerprints, strategy=config.strategy, configuration=config.configuration,
-                       overrides=overrides, seed=config.seed)
-    plans = attach_manifests(plans, strategy)
-    if plans_path.is_file():
-        existing = load_plans(plans_path)
-        if existing.plan_id != plans.plan_id:
-            raise InputError("holds a different plan; use a new run folder (or delete it) to start over", plans_path)
-    else:
-        plans.save(plans_path)
-    log(f"plan {plans.plan_id[:12]}: {len(plans.sites)} sites, strategy {config.strategy}, {config.rounds} rounds")
-
-    # 3. init
-    if not (round_dir(run_dir, 0) / "done").is_file():
-        initial_round(plans, round_dir(run_dir, 0), seed=plans.seed)
-        write_text_atomic(round_dir(run_dir, 0) / "done", "")
+    # 2. plan, 3. init
+    plans = plan_and_init(
+        run_dir, fingerprints, strategy=config.strategy, rounds=config.rounds, configuration=config.configuration,
+        iterations=config.iterations, overrides=config.overrides, seed=config.seed, log=log,
+    )
 
     # 4. rounds
     val_dice: dict[str, list[float | None]] = {name: [] for name in site_dirs}
@@ -165,6 +150,56 @@ def simulate(
                             server_metrics, traffic=traffic)
 
 
+def plan_and_init(
+    run_dir: Path,
+    fingerprints: list[dict],
+    *,
+    strategy: str,
+    rounds: int,
+    configuration: str,
+    iterations: int | None,
+    overrides: dict[str, str],
+    seed: int,
+    log: Callable[[str], None] = lambda message: None,
+    keys: dict[str, str] | None = None,
+    signing_key=None,
+) -> Plans:
+    """Plan from the sites' fingerprints into run_dir/plans.json and write round_000.
+
+    Run again on the same folder (resume), the plan must come out the same; `keys` (site ->
+    public key) make the plan require signed files, `signing_key` signs round_000.
+    """
+    from fedseg.atomic import write_text_atomic
+    from fedseg.federation.engine import initial_round
+    from fedseg.federation.manifest import attach_manifests
+    from fedseg.federation.strategies import get_strategy
+    from fedseg.planning.plans import load_plans
+    from fedseg.planning.planner import make_plans
+
+    plans_path = Path(run_dir) / "plans.json"
+    overrides = {"training.rounds": str(rounds), **overrides}
+    if iterations is not None:
+        overrides["training.iterations_per_round"] = str(iterations)
+    plans = make_plans(fingerprints, strategy=strategy, configuration=configuration, overrides=overrides, seed=seed)
+    if keys:
+        from fedseg.federation.signing import check_plan_keys
+
+        plans.keys = dict(keys)
+        check_plan_keys(plans.keys, sorted(plans.sites))
+    plans = attach_manifests(plans, get_strategy(strategy))
+    if plans_path.is_file():
+        existing = load_plans(plans_path)
+        if existing.plan_id != plans.plan_id:
+            raise InputError("holds a different plan; use a new run folder (or delete it) to start over", plans_path)
+    else:
+        plans.save(plans_path)
+    log(f"plan {plans.plan_id[:12]}: {len(plans.sites)} sites, strategy {strategy}, {rounds} rounds")
+    if not (round_dir(run_dir, 0) / "done").is_file():
+        initial_round(plans, round_dir(run_dir, 0), seed=plans.seed, signing_key=signing_key)
+        write_text_atomic(round_dir(run_dir, 0) / "done", "")
+    return plans
+
+
 def _collect_val_dice(rdir: Path, val_dice: dict[str, list[float | None]]) -> None:
     from fedseg.federation.weightfile import read_weight_file
 
@@ -199,26 +234,41 @@ def collect_traffic(run_dir: Path, rounds: int, sites: list[str]) -> dict[str, l
 
 
 def evaluate_sites(plans, run_dir: Path, site_dirs: dict[str, Path], config: SimulationConfig, progress_factory) -> dict[str, dict]:
-    from fedseg.federation.site_training import load_site_model
-    from fedseg.training.evaluation import evaluate_folders, save_metrics
-    from fedseg.training.inference import predict_folder
+    from fedseg.training.evaluation import save_metrics
 
     final = round_dir(run_dir, config.rounds)
     results = {}
     for name, path in site_dirs.items():
-        images, labels = path / "imagesTs", path / "labelsTs"
-        if not images.is_dir() or not labels.is_dir():
-            continue
-        network = load_site_model(plans, name, final / f"{name}.safetensors", run_dir / "state" / name)
-        out = run_dir / "report" / "predictions" / name
-        n = len(list(labels.iterdir()))
-        with progress_factory(f"predict {name}", n) as advance:
-            predict_folder(network, images, out, plans, plans.configuration_for(name), device=config.device,
-                           mirror=config.mirror, progress=advance, site=name)
-        result = evaluate_folders(out, labels, plans.labels, plans.file_ending)
-        save_metrics(result, run_dir / "report" / f"metrics_{name}.json")
-        results[name] = result
+        result = evaluate_site(
+            plans, name, path, final / f"{name}.safetensors", run_dir / "state" / name,
+            run_dir / "report" / "predictions" / name, device=config.device, mirror=config.mirror,
+            progress_factory=progress_factory,
+        )
+        if result is not None:
+            save_metrics(result, run_dir / "report" / f"metrics_{name}.json")
+            results[name] = result
     return results
+
+
+def evaluate_site(
+    plans, site: str, dataset_root: Path, weights_path: Path, state_dir: Path, predictions_dir: Path,
+    device: str = "cpu", mirror: bool = False, progress_factory=None,
+) -> dict | None:
+    """Predict a site's test split (imagesTs) with the model it would use and score it against
+    labelsTs; None when the site has no test split."""
+    from fedseg.federation.site_training import load_site_model
+    from fedseg.training.evaluation import evaluate_folders
+    from fedseg.training.inference import predict_folder
+
+    images, labels = Path(dataset_root) / "imagesTs", Path(dataset_root) / "labelsTs"
+    if not images.is_dir() or not labels.is_dir():
+        return None
+    network = load_site_model(plans, site, weights_path, state_dir)
+    n = len(list(labels.iterdir()))
+    with (progress_factory or _no_progress)(f"predict {site}", n) as advance:
+        predict_folder(network, images, predictions_dir, plans, plans.configuration_for(site), device=device,
+                       mirror=mirror, progress=advance, site=site)
+    return evaluate_folders(predictions_dir, labels, plans.labels, plans.file_ending)
 
 
 def write_report(run_dir: Path, plan_id: str, val_dice, test_metrics, labels, traffic=None) -> Path:

@@ -1,0 +1,145 @@
+"""The coordinator's side of a Flower federation, written as a file-based run would be.
+
+The coordinator keeps the run folder of `fedseg simulate` (ARCHITECTURE.md §6): plans.json,
+fingerprints/, round_000/, round_r/updates/<site>.safetensors, round_r/<site>.safetensors,
+round_r/models/, round_r/aggregate.json, report/. Updates that arrive in Flower messages are
+written to round_r/updates/ byte for byte and merged by `engine.aggregate_round`, the same call
+as `fedseg aggregate`: the strategy code and every check (hash, plan, round, signature,
+shapes, finite values) are shared. A round whose aggregate.json exists is complete, so a
+coordinator started again on the same folder skips it: Flower runs get fedseg's resume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedseg.errors import InputError
+from fedseg.federation.simulation import round_dir
+from fedseg.transport.payload import read_weight_bundle, write_weight_bundle
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fedseg.federation.engine import AggregateReport
+    from fedseg.federation.simulation import SimulationResult
+    from fedseg.planning.plans import Plans
+
+
+@dataclass
+class CoordinatorSettings:
+    """What `fedseg simulate` takes, minus the sites (they answer over the network)."""
+
+    run_dir: Path
+    strategy: str = "fedavg"
+    rounds: int = 3
+    configuration: str = "3d_fullres"
+    iterations: int | None = None          # per site per round (default: the plan's)
+    overrides: dict[str, str] = field(default_factory=dict)
+    seed: int = 1234
+    keys: Path | None = None               # folder of <name>.pub: the plan then requires signatures
+    key: Path | None = None                # the coordinator's private key (with keys)
+
+
+class Coordinator:
+    """Plan, hand out models, aggregate and report, on the run folder."""
+
+    def __init__(self, settings: CoordinatorSettings, log: Callable[[str], None] = lambda message: None) -> None:
+        self.settings = settings
+        self.run_dir = Path(settings.run_dir)
+        self.log = log
+        self.plans: Plans | None = None
+        self._signing_key = None
+        if settings.key is not None:
+            from fedseg.federation.signing import load_signing_key
+
+            self._signing_key = load_signing_key(settings.key)
+
+    # -- planning --------------------------------------------------------------------------
+    def plan(self, fingerprints: Mapping[str, dict[str, Any]]) -> Plans:
+        """Store each site's fingerprint, plan (or check the stored plan on resume), write round_000."""
+        from fedseg.federation.simulation import plan_and_init
+        from fedseg.planning.fingerprint import load_fingerprint, save_fingerprint
+
+        loaded = []
+        for site in sorted(fingerprints):
+            path = self.run_dir / "fingerprints" / f"{site}.json"
+            save_fingerprint(fingerprints[site], path)
+            fingerprint = load_fingerprint(path)         # validates what the site sent
+            if fingerprint.get("site") not in (None, site):
+                raise InputError(f"site {site!r} sent the fingerprint of site {fingerprint.get('site')!r}", path)
+            loaded.append(fingerprint)
+        keys = None
+        if self.settings.keys is not None:
+            from fedseg.federation.signing import load_public_keys
+
+            keys = load_public_keys(self.settings.keys)
+        s = self.settings
+        self.plans = plan_and_init(
+            self.run_dir, loaded, strategy=s.strategy, rounds=s.rounds, configuration=s.configuration,
+            iterations=s.iterations, overrides=s.overrides, seed=s.seed, log=self.log, keys=keys,
+            signing_key=self._signing_key,
+        )
+        return self.plans
+
+    def _require_plans(self) -> Plans:
+        if self.plans is None:
+            raise RuntimeError("Coordinator.plan() must run first")
+        return self.plans
+
+    @property
+    def plans_json(self) -> str:
+        return (self.run_dir / "plans.json").read_text()
+
+    # -- rounds ------------------------------------------------------------------------------
+    def pending_rounds(self) -> list[int]:
+        """Rounds without aggregate.json; complete rounds are reported and skipped."""
+        pending = []
+        for r in range(1, self._require_plans().training.rounds + 1):
+            if (round_dir(self.run_dir, r) / "aggregate.json").is_file():
+                self.log(f"round {r}: already complete, skipped")
+            else:
+                pending.append(r)
+        return pending
+
+    def model_for(self, site: str, round_index: int) -> dict[str, bytes]:
+        """The bundle `site` trains round `round_index` from: round_<r-1>/<site>.safetensors (+ .sig)."""
+        return read_weight_bundle(round_dir(self.run_dir, round_index - 1) / f"{site}.safetensors")
+
+    def final_model_for(self, site: str) -> dict[str, bytes]:
+        return self.model_for(site, self._require_plans().training.rounds + 1)
+
+    def aggregate(self, round_index: int, updates: Mapping[str, dict[str, bytes]]) -> AggregateReport:
+        """Write the received updates to round_r/updates/ and aggregate them as `fedseg aggregate` does."""
+        from fedseg.federation.engine import aggregate_round
+        from fedseg.federation.weightfile import open_weight_file
+
+        plans = self._require_plans()
+        rdir = round_dir(self.run_dir, round_index)
+        paths = []
+        for site in sorted(updates):
+            path = write_weight_bundle(updates[site], rdir / "updates" / f"{site}.safetensors", f"site {site!r}")
+            with open_weight_file(path) as reader:
+                if reader.meta.site != site:
+                    raise InputError(f"the node of site {site!r} sent an update of site {reader.meta.site!r}", path)
+            paths.append(path)
+        return aggregate_round(plans, paths, rdir, expected_round=round_index, log=self.log, signing_key=self._signing_key)
+
+    # -- report ------------------------------------------------------------------------------
+    def finish(self, sites: list[str], test_metrics: Mapping[str, dict]) -> SimulationResult:
+        """report/: per-site test metrics (computed at the sites), validation Dice per round, traffic."""
+        from fedseg.federation.simulation import SimulationResult, _collect_val_dice, collect_traffic, write_report
+        from fedseg.training.evaluation import save_metrics
+
+        plans = self._require_plans()
+        rounds = plans.training.rounds
+        for site, result in sorted(test_metrics.items()):
+            save_metrics(result, self.run_dir / "report" / f"metrics_{site}.json")
+        val_dice: dict[str, list[float | None]] = {site: [] for site in sorted(sites)}
+        for r in range(1, rounds + 1):
+            _collect_val_dice(round_dir(self.run_dir, r), val_dice)
+        traffic = collect_traffic(self.run_dir, rounds, sorted(sites))
+        report_dir = write_report(self.run_dir, plans.plan_id, val_dice, dict(test_metrics), plans.labels, traffic=traffic)
+        return SimulationResult(
+            str(self.run_dir), plans.plan_id, rounds, val_dice, dict(test_metrics), str(report_dir), traffic=traffic
+        )

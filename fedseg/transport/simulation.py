@@ -1,0 +1,68 @@
+"""`fedseg flower simulate`: the federation through Flower's Simulation Runtime on one machine.
+
+The ServerApp (coordinator) runs in this process and writes the run folder; each site's
+ClientApp runs in a Ray actor of Flower's simulation backend (flwr 1.41 has no other backend),
+on virtual SuperNode `partition-id` = index of the site in name order. Site state folders are
+RUN_DIR/state/<site>, as in `fedseg simulate`, so both runs start every round from the same
+files and train the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from fedseg.federation.server_eval import SERVER_TEST_DIR, evaluate_server_models, is_server_test_set
+from fedseg.federation.simulation import SimulationConfig, SimulationResult, discover_sites, round_dir
+from fedseg.transport.coordinator import CoordinatorSettings
+from fedseg.transport.site import SiteSettings
+
+
+def flower_simulate(
+    config: SimulationConfig,
+    parallel: int = 1,
+    cpus_per_site: int = 1,
+    log: Callable[[str], None] = lambda message: None,
+) -> SimulationResult:
+    """Run `config` through Flower's simulation engine; the same run folder and result as `simulate`.
+
+    `parallel`: sites that train at the same time (Ray actors); `cpus_per_site`: CPU threads
+    each of them may use.
+    """
+    from flwr.simulation import run_simulation
+
+    from fedseg.transport.apps import make_client_app, make_server_app
+
+    run_dir = Path(config.run_dir)
+    sites = [
+        SiteSettings(site=path.name, data=path.resolve(), state=(run_dir / "state" / path.name).resolve(),
+                     device=config.device, workers=config.workers)
+        for path in discover_sites(Path(config.sites_root))
+    ]
+    settings = CoordinatorSettings(
+        run_dir=run_dir, strategy=config.strategy, rounds=config.rounds, configuration=config.configuration,
+        iterations=config.iterations, overrides=dict(config.overrides), seed=config.seed,
+    )
+    results: list[SimulationResult] = []
+    server_app = make_server_app(settings, n_sites=len(sites), wait_s=60.0, log=log, results=results)
+    client_app = make_client_app(lambda context: sites[int(context.node_config["partition-id"])])
+    gpus = 1.0 / parallel if config.device.startswith("cuda") else 0.0
+    backend_config = {
+        "init_args": {"num_cpus": parallel * cpus_per_site, "num_gpus": 1 if gpus else 0},
+        "client_resources": {"num_cpus": cpus_per_site, "num_gpus": gpus},
+    }
+    run_simulation(server_app, client_app, num_supernodes=len(sites), backend_config=backend_config)
+    if not results:
+        raise RuntimeError("the Flower simulation ended without a result (see the log above)")
+    result = results[0]
+    # the server models on SITES_ROOT/_server_test, as `fedseg simulate` does (one machine: the
+    # coordinator can read that folder)
+    server_dir = Path(config.sites_root) / SERVER_TEST_DIR
+    if is_server_test_set(server_dir):
+        from fedseg.planning.plans import load_plans
+
+        result.server_metrics = evaluate_server_models(
+            load_plans(run_dir / "plans.json"), round_dir(run_dir, config.rounds), server_dir, Path(result.report_dir),
+            state_root=run_dir / "state", device=config.device, mirror=config.mirror,
+        )
+    return result
