@@ -20,7 +20,14 @@ import tempfile
 import time
 from pathlib import Path
 
-STRATEGIES = (("local", "local only (common plan)"), ("fedavg", "fedavg (common plan)"), ("asymfedavg", "asymfedavg (per-site plans)"))
+# (run name, strategy, table label, extra simulate arguments). "local only (own plan)" is what
+# a hospital training alone would have: nnU-Net planned from its own fingerprint.
+STRATEGIES = (
+    ("local_own", "local", "local only (own plan)", ("--set", "configuration.per_site=true")),
+    ("local", "local", "local only (common plan)", ()),
+    ("fedavg", "fedavg", "fedavg (common plan)", ()),
+    ("asymfedavg", "asymfedavg", "asymfedavg (per-site plans)", ()),
+)
 
 
 def fedseg_command() -> list[str]:
@@ -34,16 +41,18 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, dict[str, dict]]:
         subprocess.run([*fedseg_command(), "synth", str(sites), "--preset", "fednnunet", "--seed", str(args.seed), "--quiet"],
                        check=True, env=env)
     results: dict[str, dict[str, dict]] = {}
-    for strategy, _label in STRATEGIES:
-        run_dir = work / f"run_{strategy}"
+    for run_name, strategy, _label, extra in STRATEGIES:
+        run_dir = work / f"run_{run_name}"
         start = time.monotonic()
         command = [
             *fedseg_command(), "simulate", str(sites), "--strategy", strategy, "--rounds", str(args.rounds),
             "--iterations", str(args.iterations), "--workers", "0", "--seed", str(args.seed), "-o", str(run_dir), "--quiet",
+            *extra,
         ]
-        subprocess.run(command, check=True, env=env)
-        print(f"{strategy}: {time.monotonic() - start:.0f} s", file=sys.stderr)
-        results[strategy] = {
+        if not (run_dir / "report" / "metrics.json").is_file():   # a kept work folder reuses finished runs
+            subprocess.run(command, check=True, env=env)
+            print(f"{run_name}: {time.monotonic() - start:.0f} s", file=sys.stderr)
+        results[run_name] = {
             site.name: json.loads((run_dir / "report" / f"metrics_{site.name}.json").read_text())["foreground_mean"]
             for site in sorted(sites.iterdir()) if (site / "dataset.json").is_file()
         }
@@ -71,8 +80,8 @@ def table(results: dict[str, dict[str, dict]]) -> str:
     sites = sorted(next(iter(results.values())))
     header = "| strategy | " + " | ".join(f"{s} Dice | {s} HD95" for s in sites) + " | mean Dice |"
     lines = [header, "|---" * (2 * len(sites) + 2) + "|"]
-    for strategy, label in STRATEGIES:
-        row = results[strategy]
+    for run_name, _strategy, label, _extra in STRATEGIES:
+        row = results[run_name]
         cells = []
         for site in sites:
             dice, hd95 = row[site].get("dice"), row[site].get("hd95")

@@ -402,8 +402,11 @@ def _split_overrides(overrides: Mapping[str, Any]) -> tuple[dict, dict, dict, in
             elif name == "batch_size":
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                     raise InputError(f"configuration.batch_size must be a positive integer, not {value!r}")
+            elif name == "per_site":
+                if not isinstance(value, bool):
+                    raise InputError(f"configuration.per_site must be true or false, not {value!r}")
             else:
-                raise InputError(f"unknown --set key {key!r} (configuration keys: batch_size, patch_size)")
+                raise InputError(f"unknown --set key {key!r} (configuration keys: batch_size, patch_size, per_site)")
             configuration[name] = value
         elif key == "seed":
             if isinstance(value, bool) or not isinstance(value, int):
@@ -515,6 +518,9 @@ def make_plans(
     if not (math.isfinite(budget) and budget > 0):
         raise InputError(f"--budget must be a positive number, not {budget}")
     training_over, config_over, strategy_over, seed_over = _split_overrides(overrides or {})
+    # `--set configuration.per_site=true`: e.g. local-only training on each site's own plan,
+    # the baseline a hospital training nnU-Net alone would have.
+    per_site = config_over.pop("per_site", per_site)
     if require_same_channels is None:
         # mix-modal strategies (mixmfl, fedavg with missing=zero) take sites holding different channels
         require_same_channels = strategy_requires_same_channels(strategy, {**dict(strategy_params or {}), **strategy_over})

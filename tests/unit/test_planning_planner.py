@@ -174,3 +174,17 @@ def test_2d_images_get_the_2d_configuration():
     assert plans.file_ending == ".png"
     with pytest.raises(InputError, match="budget"):
         make_plans(fps, budget=0)
+
+
+def test_per_site_configurations_on_request():
+    fps = three_sites()
+    common = make_plans(fps, strategy="local")
+    own = make_plans(fps, strategy="local", overrides={"configuration.per_site": "true"})
+    assert not any(info.configuration for info in common.sites.values())
+    # each site trains the configuration planned from its own fingerprint
+    assert {site: info.configuration for site, info in own.sites.items()} == {
+        site: own.configuration_for(site).name for site in own.sites}
+    assert len(set(own.configurations)) == 3 and own.plan_id != common.plan_id
+    assert own.configuration_for("hospital_c").spacing != own.configuration_for("hospital_a").spacing
+    with pytest.raises(InputError, match="per_site must be true or false"):
+        make_plans(fps, strategy="local", overrides={"configuration.per_site": "3"})
