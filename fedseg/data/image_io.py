@@ -89,6 +89,10 @@ def _read_sitk(path: Path) -> tuple[np.ndarray, Geometry]:
     import SimpleITK as sitk
 
     nifti = check_nifti_complete(path)
+    if nifti is not None:
+        fast = _read_float_nifti(path, nifti)
+        if fast is not None:
+            return fast
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -108,6 +112,41 @@ def _read_sitk(path: Path) -> tuple[np.ndarray, Geometry]:
     if array.ndim != 3:
         raise InputError(f"expected a 2D or 3D image, got {array.ndim} dimensions", path)
     data = array.astype(np.float32)
+    return data, Geometry(tuple(data.shape), spacing, origin, direction, False)
+
+
+def _read_float_nifti(path: Path, nifti) -> tuple[np.ndarray, Geometry] | None:
+    """A plain 3D float NIfTI, decompressed once: voxels from nibabel, geometry from ITK's header.
+
+    Reading it with ITK would turn NaN/inf into 0, so `_restore_nonfinite` must decompress
+    the file a second time with nibabel; for the common case (3D, one component, no intensity
+    scaling) nibabel's voxels are ITK's voxels (same file order, NaN kept), so they are used
+    directly and ITK reads only the header (spacing, origin, direction, exactly as ReadImage
+    gives them). Anything else returns None and takes the general path.
+    """
+    import SimpleITK as sitk
+
+    proxy = nifti.dataobj
+    if (
+        len(nifti.shape) != 3
+        or not np.issubdtype(nifti.header.get_data_dtype(), np.floating)
+        or float(getattr(proxy, "slope", 1.0)) != 1.0
+        or float(getattr(proxy, "inter", 0.0)) != 0.0
+    ):
+        return None
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None   # the general path reports the fault
+    if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1 or tuple(reader.GetSize()) != tuple(nifti.shape):
+        return None
+    # nibabel is (x, y, z) in Fortran order: the transpose is SimpleITK's C-ordered (z, y, x)
+    data = np.ascontiguousarray(np.asarray(proxy, dtype=np.float32).T)
+    spacing = tuple(float(s) for s in reader.GetSpacing()[::-1])
+    origin = tuple(float(v) for v in reader.GetOrigin())
+    direction = tuple(float(v) for v in reader.GetDirection())
     return data, Geometry(tuple(data.shape), spacing, origin, direction, False)
 
 

@@ -144,6 +144,26 @@ def test_nan_image(tmp_path: Path) -> None:
     assert info.value.path == bad
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int16])
+def test_read_image_gives_simpleitks_voxels_and_geometry(tmp_path: Path, dtype) -> None:
+    """Float NIfTI is decompressed once (nibabel voxels, ITK header): same result as ITK's reader."""
+    import SimpleITK as sitk
+
+    array = (np.random.default_rng(1).normal(size=SHAPE) * 100).astype(dtype)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.5, 0.7, 2.0))
+    image.SetOrigin((1.0, -2.0, 3.5))
+    image.SetDirection((0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0))   # rotated axes
+    path = tmp_path / "img.nii.gz"
+    sitk.WriteImage(image, str(path))
+    data, geometry = read_image(path)
+    expected = sitk.ReadImage(str(path))
+    assert data.dtype == np.float32 and data.flags.c_contiguous
+    np.testing.assert_array_equal(data, sitk.GetArrayFromImage(expected).astype(np.float32))
+    assert geometry.spacing == tuple(expected.GetSpacing()[::-1]) and geometry.origin == expected.GetOrigin()
+    assert geometry.direction == expected.GetDirection() and not geometry.is_2d
+
+
 def test_label_value_not_in_dataset_json(tmp_path: Path) -> None:
     root = _write_dataset(tmp_path)
     seg = np.zeros(SHAPE, np.uint8)

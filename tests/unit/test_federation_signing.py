@@ -220,6 +220,12 @@ def _tamper(path: Path) -> None:
     write_weight_file(path, {k: v + np.float32(1) for k, v in tensors.items()}, WeightMeta(**{**meta.__dict__, "content_hash": ""}))
 
 
+def _flip_byte(path: Path) -> None:   # one tensor byte changed, header and signature untouched
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
 def _unsign(path: Path) -> None:
     signature_path(path).unlink()
 
@@ -239,11 +245,13 @@ def _claims_b(keydir: Path):
     return change
 
 
-@pytest.mark.parametrize("case", ["tampered", "unsigned", "wrong signer", "A claims to be B"])
+@pytest.mark.parametrize("case", ["tampered", "flipped byte", "unsigned", "wrong signer", "A claims to be B"])
 def test_cli_refuses_bad_signatures(keydir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, case: str) -> None:
     _plans, plans_path, paths = _cli_round(keydir, tmp_path)
     change, fragment = {
         "tampered": (_tamper, "altered after signing"),
+        # a signed file is hashed once (its bytes against the signed sha256), not by content hash
+        "flipped byte": (_flip_byte, "the file bytes differ from the signed ones"),
         "unsigned": (_unsign, "is not signed"),
         "wrong signer": (_wrong_signer(keydir), "signed by 'C' but claims to come from site 'B'"),
         "A claims to be B": (_claims_b(keydir), "signed by 'A' but claims to come from site 'B'"),

@@ -1,0 +1,110 @@
+"""Inference speed on CPU: `fedseg predict` vs `nnUNetv2_predict`, same network and volume.
+
+Set-up (nnunet_peer.py): 10 training cases of ~64³ voxels, 2 channels, planned by both tools
+(the same 3d_fullres patch, batch, spacing and 5-stage PlainConvUNet, checked), and one test
+volume of ~96³ voxels (at the planned spacing). nnU-Net gets a model folder whose fold_0/checkpoint_final.pth holds
+a randomly initialised network built by nnU-Net's own trainer class; fedseg predicts with its
+round-0 model (`fedseg init`). The weights differ but the computation does not depend on
+them: both run the same network over the same sliding-window tiles (step 0.5, Gaussian
+weighting), without test-time mirroring, on 2 CPU threads, including reading, preprocessing
+(crop, normalisation, resampling), resampling back and writing the label map.
+
+    nice .venv/bin/python benchmarks/predict_speed.py --nnunet-venv /path/to/nnunet_venv
+
+Each command runs REPEAT times as a subprocess (start-up included); the best is reported.
+Runs by hand, about 3 minutes once set up (the set-up takes about 1.5 minutes); ratio last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import Measured, load_average, run_measured  # noqa: E402
+from nnunet_peer import DATASET, Peer, describe  # noqa: E402
+
+TRAINER_FOLDER = "nnUNetTrainer__nnUNetPlans__3d_fullres"
+
+# Run with nnU-Net's python: a checkpoint as nnU-Net's trainer writes it, with initial weights.
+MAKE_CHECKPOINT = r"""
+import json, sys, torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+plans_file, dataset_file, out = sys.argv[1:4]
+plans, dataset_json = json.load(open(plans_file)), json.load(open(dataset_file))
+pm = PlansManager(plans)
+cm = pm.get_configuration("3d_fullres")
+torch.manual_seed(0)
+net = nnUNetTrainer.build_network_architecture(
+    pm, cm, determine_num_input_channels(pm, cm, dataset_json), pm.get_label_manager(dataset_json).num_segmentation_heads,
+    enable_deep_supervision=True)
+torch.save({"network_weights": net.state_dict(), "trainer_name": "nnUNetTrainer",
+            "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": 0, "dataset_json": dataset_json,
+                          "device": torch.device("cpu")},
+            "inference_allowed_mirroring_axes": (0, 1, 2), "optimizer_state": None, "grad_scaler_state": None,
+            "logging": {}, "_best_ema": None, "current_epoch": 0}, out)
+print(sum(p.numel() for p in net.parameters()))
+"""
+
+
+def nnunet_model_folder(peer: Peer) -> int:
+    folder = peer.results / DATASET / TRAINER_FOLDER
+    (folder / "fold_0").mkdir(parents=True, exist_ok=True)
+    shutil.copy(peer.pre / "nnUNetPlans.json", folder / "plans.json")
+    shutil.copy(peer.pre / "dataset.json", folder / "dataset.json")
+    shutil.copy(peer.pre / "dataset_fingerprint.json", folder / "dataset_fingerprint.json")
+    done = subprocess.run([str(peer.venv / "bin" / "python"), "-c", MAKE_CHECKPOINT, str(folder / "plans.json"),
+                           str(folder / "dataset.json"), str(folder / "fold_0" / "checkpoint_final.pth")],
+                          env=peer.env, check=True, capture_output=True, text=True)
+    return int(done.stdout.split()[-1])
+
+
+def best(runs: list[Measured]) -> Measured:
+    return min(runs, key=lambda m: m.seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nnunet-venv", type=Path, required=True)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/fedseg_peer"))
+    parser.add_argument("--repeat", type=int, default=2)
+    args = parser.parse_args()
+
+    peer = Peer(args.work, args.nnunet_venv)
+    peer.prepare(n_cases=10, size=64, test_size=96)
+    config = peer.check_same_configuration()
+    n_params = nnunet_model_folder(peer)
+    images = peer.raw / "imagesTs"
+    print(f"{describe(config)}; {n_params / 1e6:.1f}M parameters; test volume {images}; load {load_average()}")
+
+    out_nn, out_fs = args.work / "pred_nnunet", args.work / "pred_fedseg"
+    nn_cmd = [str(peer.venv / "bin" / "nnUNetv2_predict"), "-i", str(images), "-o", str(out_nn), "-d", "2", "-c",
+              "3d_fullres", "-f", "0", "-chk", "checkpoint_final.pth", "-device", "cpu", "--disable_tta",
+              "--disable_progress_bar"]
+    fs_cmd = [peer.fedseg_cli, "predict", "--plans", str(peer.plans_path), "--weights",
+              str(peer.fedseg / "round_000" / "models" / "global.safetensors"), "-i", str(images), "-o", str(out_fs),
+              "--no-mirror", "--device", "cpu", "--quiet"]
+    runs: dict[str, list[Measured]] = {"nnunet": [], "fedseg": []}
+    env = {**peer.env}
+    env.pop("OMP_NUM_THREADS")   # both use torch's default of one thread per core (2 here)
+    env.pop("MKL_NUM_THREADS")
+    for _ in range(args.repeat):   # interleaved, so a change in the machine's load hits both
+        for name, cmd, out in (("nnunet", nn_cmd, out_nn), ("fedseg", fs_cmd, out_fs)):
+            shutil.rmtree(out, ignore_errors=True)
+            runs[name].append(run_measured(cmd, env=env))
+    nn, fs = best(runs["nnunet"]), best(runs["fedseg"])
+    print(f"{'':<34} {'wall s':>7} {'CPU s':>7} {'peak RSS MB':>12}   all wall s")
+    for label, key, m in (("nnUNetv2_predict --disable_tta", "nnunet", nn), ("fedseg predict --no-mirror", "fedseg", fs)):
+        print(f"{label:<34} {m.seconds:>7.2f} {m.cpu_seconds:>7.2f} {m.peak_rss_mb:>12.0f}   "
+              + " ".join(f"{r.seconds:.2f}" for r in runs[key]))
+    print(f"load after: {load_average()}")
+    print(f"ratio: fedseg predict is {nn.seconds / fs.seconds:.2f}x as fast as nnUNetv2_predict (target >= 1.0)")
+
+
+if __name__ == "__main__":
+    main()

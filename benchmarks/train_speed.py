@@ -1,0 +1,120 @@
+"""Training speed on CPU: `fedseg train` vs nnU-Net's nnUNetTrainer, same network, patch and batch.
+
+Set-up (nnunet_peer.py): 10 cases of ~64³ voxels, 2 channels, planned by both tools (the
+same 3d_fullres patch, batch size, spacing and 5-stage PlainConvUNet, checked), preprocessed
+by each tool its own way (nnUNetv2_plan_and_preprocess; fedseg's cache on its first run).
+
+What is compared, iteration by iteration over the same number of iterations:
+
+- **nnU-Net**: `nnUNetTrainer` for fold 0 built as `nnUNetv2_train` builds it
+  (`get_trainer_from_args`, `on_train_start`: its data loader with 2 augmentation processes,
+  `nnUNet_n_proc_DA=2`), then `next(trainer.dataloader_train)` and `trainer.train_step(batch)`
+  (forward, deep-supervision loss, backward, gradient clipping, SGD step), timed separately.
+  Nothing else (no validation, no checkpoints) — an nnU-Net epoch is 250 such iterations.
+- **fedseg**: `fedseg train --iterations N --workers 2` (a first, untimed run fills the
+  preprocessing cache); the per-iteration batch wait and step times are the ones the trainer
+  records in its checkpoint (`history`).
+
+Both on 2 torch threads; the first WARMUP iterations are left out. iterations/s = iterations /
+(batch wait + step time). Runs by hand, about 5 minutes once set up; the ratio is printed last.
+
+    nice .venv/bin/python benchmarks/train_speed.py --nnunet-venv /path/to/nnunet_venv
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import load_average, run_measured  # noqa: E402
+from nnunet_peer import SITE, Peer, describe, mean  # noqa: E402
+
+# Run with nnU-Net's python: its trainer's own data loader and train_step, timed.
+NNUNET_LOOP = r"""
+import json, os, sys, time, torch
+from nnunetv2.run.run_training import get_trainer_from_args
+n = int(sys.argv[1])
+torch.set_num_threads(2)
+trainer = get_trainer_from_args("2", "3d_fullres", 0, "nnUNetTrainer", "nnUNetPlans", device=torch.device("cpu"))
+trainer.on_train_start()
+trainer.on_train_epoch_start()
+rows = []
+for i in range(n):
+    t0 = time.perf_counter()
+    batch = next(trainer.dataloader_train)
+    t1 = time.perf_counter()
+    trainer.train_step(batch)
+    t2 = time.perf_counter()
+    rows.append({"data_wait_s": t1 - t0, "step_s": t2 - t1})
+print("RESULT " + json.dumps(rows), flush=True)
+os._exit(0)   # the augmentation worker processes are daemons; no clean-up needed for a timing
+"""
+
+
+def summarise(rows: list[dict], warmup: int) -> dict:
+    rows = rows[warmup:]
+    wait = sum(r["data_wait_s"] for r in rows)
+    step = sum(r["step_s"] for r in rows)
+    return {"n": len(rows), "it_per_s": len(rows) / (wait + step), "wait_s": wait, "step_s": step,
+            "wait_per_it": wait / len(rows), "step_per_it": mean([r["step_s"] for r in rows])}
+
+
+def fedseg_history(state: Path) -> list[dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(state / "checkpoint.safetensors"), framework="numpy") as handle:
+        return json.loads(handle.metadata()["state"])["history"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nnunet-venv", type=Path, required=True)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/fedseg_peer"))
+    parser.add_argument("--iterations", type=int, default=14)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args()
+
+    peer = Peer(args.work, args.nnunet_venv)
+    peer.prepare(n_cases=10, size=64, test_size=96)
+    config = peer.check_same_configuration()
+    print(f"{describe(config)}; {args.iterations} iterations, first {args.warmup} left out; load {load_average()}")
+
+    env = {**peer.env, "nnUNet_n_proc_DA": "2"}
+    env.pop("OMP_NUM_THREADS")
+    env.pop("MKL_NUM_THREADS")
+    nn = run_measured([str(peer.venv / "bin" / "python"), "-c", NNUNET_LOOP, str(args.iterations)], env=env)
+    nn_rows = json.loads(nn.stdout.split("RESULT ", 1)[1])
+
+    state, update = args.work / "fedseg_state", args.work / "fedseg_update.safetensors"
+    train = [peer.fedseg_cli, "train", "--site", SITE, "--data", str(peer.raw), "--plans", str(peer.plans_path),
+             "--weights", str(peer.fedseg / "round_000" / f"{SITE}.safetensors"), "--state", str(state),
+             "-o", str(update), "--workers", "2", "--quiet"]
+    shutil.rmtree(state, ignore_errors=True)
+    start = time.perf_counter()
+    subprocess.run([*train, "--iterations", "1"], env=env, check=True)   # fills the preprocessing cache
+    first = time.perf_counter() - start
+    for name in ("checkpoint.safetensors", "optimizer.safetensors"):
+        (state / name).unlink(missing_ok=True)
+    fs = run_measured([*train, "--iterations", str(args.iterations)], env=env)
+    fs_rows = fedseg_history(state)
+
+    a, b = summarise(nn_rows, args.warmup), summarise(fs_rows, args.warmup)
+    print(f"{'':<46} {'it/s':>6} {'step s/it':>10} {'wait s/it':>10} {'wait %':>7} {'peak RSS MB':>12}")
+    for label, s, m in (("nnU-Net nnUNetTrainer (loader + train_step)", a, nn), ("fedseg train --workers 2", b, fs)):
+        print(f"{label:<46} {s['it_per_s']:>6.3f} {s['step_per_it']:>10.3f} {s['wait_per_it']:>10.3f} "
+              f"{100 * s['wait_s'] / (s['wait_s'] + s['step_s']):>6.1f}% {m.peak_rss_mb:>12.0f}")
+    print(f"whole commands: nnU-Net set-up + loop {nn.seconds:.1f} s; fedseg train {fs.seconds:.1f} s "
+          f"(includes validation on its validation cases); first fedseg run (preprocessing + 1 iteration) {first:.1f} s")
+    print(f"load after: {load_average()}")
+    print(f"ratio: fedseg trains at {b['it_per_s'] / a['it_per_s']:.2f}x nnU-Net's iterations/s (target >= 1.0); "
+          f"batch wait {b['wait_per_it']:.3f} s/it = {100 * b['wait_s'] / (b['wait_s'] + b['step_s']):.1f}% of fedseg's loop")
+
+
+if __name__ == "__main__":
+    main()
