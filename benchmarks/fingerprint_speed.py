@@ -14,7 +14,7 @@ difference; Foundation requirement ≤ 1 %) and prints the ratios last.
 
     nice .venv/bin/python benchmarks/fingerprint_speed.py --nnunet-venv /path/to/nnunet_venv
 
-Runs by hand, about 4 minutes on 2 cores once the data exist (about 1 minute to make them).
+Runs by hand: about 1 minute per --repeat on 2 loaded cores (about 15 s to make the data).
 """
 
 from __future__ import annotations

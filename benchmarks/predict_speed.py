@@ -12,7 +12,8 @@ weighting), without test-time mirroring, on 2 CPU threads, including reading, pr
     nice .venv/bin/python benchmarks/predict_speed.py --nnunet-venv /path/to/nnunet_venv
 
 Each command runs REPEAT times as a subprocess (start-up included); the best is reported.
-Runs by hand, about 3 minutes once set up (the set-up takes about 1.5 minutes); ratio last.
+Runs by hand, about 4 minutes on 2 loaded cores once set up (the set-up takes about 1.5
+minutes); ratio last.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ What is compared, iteration by iteration over the same number of iterations:
   records in its checkpoint (`history`).
 
 Both on 2 torch threads; the first WARMUP iterations are left out. iterations/s = iterations /
-(batch wait + step time). Runs by hand, about 5 minutes once set up; the ratio is printed last.
+(batch wait + step time). Runs by hand, about 7.5 minutes on 2 loaded cores once set up; the
+ratio is printed last. On a shared machine run it twice, once with --fedseg-first.
 
     nice .venv/bin/python benchmarks/train_speed.py --nnunet-venv /path/to/nnunet_venv
 """
@@ -78,19 +79,24 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/fedseg_peer"))
     parser.add_argument("--iterations", type=int, default=14)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--fedseg-first", action="store_true",
+                        help="run fedseg before nnU-Net (on a shared machine, compare both orders)")
     args = parser.parse_args()
 
     peer = Peer(args.work, args.nnunet_venv)
     peer.prepare(n_cases=10, size=64, test_size=96)
     config = peer.check_same_configuration()
-    print(f"{describe(config)}; {args.iterations} iterations, first {args.warmup} left out; load {load_average()}")
+    order = "fedseg first" if args.fedseg_first else "nnU-Net first"
+    print(f"{describe(config)}; {args.iterations} iterations, first {args.warmup} left out; {order}; load {load_average()}")
 
     env = {**peer.env, "nnUNet_n_proc_DA": "2"}
     env.pop("OMP_NUM_THREADS")
     env.pop("MKL_NUM_THREADS")
-    nn = run_measured([str(peer.venv / "bin" / "python"), "-c", NNUNET_LOOP, str(args.iterations)], env=env)
-    nn_rows = json.loads(nn.stdout.split("RESULT ", 1)[1])
+    def run_nnunet():
+        return run_measured([str(peer.venv / "bin" / "python"), "-c", NNUNET_LOOP, str(args.iterations)], env=env)
 
+    if not args.fedseg_first:
+        nn = run_nnunet()
     state, update = args.work / "fedseg_state", args.work / "fedseg_update.safetensors"
     train = [peer.fedseg_cli, "train", "--site", SITE, "--data", str(peer.raw), "--plans", str(peer.plans_path),
              "--weights", str(peer.fedseg / "round_000" / f"{SITE}.safetensors"), "--state", str(state),
@@ -103,6 +109,9 @@ def main() -> None:
         (state / name).unlink(missing_ok=True)
     fs = run_measured([*train, "--iterations", str(args.iterations)], env=env)
     fs_rows = fedseg_history(state)
+    if args.fedseg_first:
+        nn = run_nnunet()
+    nn_rows = json.loads(nn.stdout.split("RESULT ", 1)[1])
 
     a, b = summarise(nn_rows, args.warmup), summarise(fs_rows, args.warmup)
     print(f"{'':<46} {'it/s':>6} {'step s/it':>10} {'wait s/it':>10} {'wait %':>7} {'peak RSS MB':>12}")

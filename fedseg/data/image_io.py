@@ -140,7 +140,9 @@ def _read_float_nifti(path: Path, nifti) -> tuple[np.ndarray, Geometry] | None:
         reader.ReadImageInformation()
     except RuntimeError:
         return None   # the general path reports the fault
-    if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1 or tuple(reader.GetSize()) != tuple(nifti.shape):
+    if reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1:
+        return None
+    if tuple(reader.GetSize()) != tuple(nifti.shape):
         return None
     # nibabel is (x, y, z) in Fortran order: the transpose is SimpleITK's C-ordered (z, y, x)
     data = np.ascontiguousarray(np.asarray(proxy, dtype=np.float32).T)
