@@ -12,7 +12,7 @@ FLAMES' Dice + Focal for both, as in the paper's baseline), and prints two markd
 
 It then checks the paper's finding: the ultrasound sites' Dice rises by at least 0.1 under
 FLAMES while the MRI sites stay within 0.03 of FedAvg (exit code 1 when not).
-The two simulations run side by side, one thread each; ~10 min on 2 idle cores.
+The two simulations run side by side, one thread each; ~15 min on 2 cores (12 rounds).
 
 Usage: python benchmarks/flames_tables.py [WORK_DIR] [--rounds R] [--iterations I] [--seed S]
 """
@@ -36,7 +36,7 @@ STRATEGIES = ("fedavg", "flames")
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("work", nargs="?", type=Path, default=None, help="work folder (reused: finished runs are kept)")
-    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--iterations", type=int, default=25, help="local iterations per site per round")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0, help="data seed")
