@@ -12,6 +12,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 
+PLAIN_LINE_SECONDS = 10.0
+
+
 @dataclass
 class Reporter:
     quiet: bool = False
@@ -23,7 +26,7 @@ class Reporter:
 
     @contextlib.contextmanager
     def progress(self, description: str, total: int | None) -> Iterator[Callable[..., None]]:
-        """Yield `advance(n=1, info="")`: a progress bar on a terminal, a line per step otherwise."""
+        """Yield `advance(n=1, info="")`: a progress bar on a terminal, occasional log lines otherwise."""
         if self.quiet:
             yield lambda *args, **kwargs: None
             return
@@ -47,12 +50,24 @@ class Reporter:
             return
         done = [0]
         start = time.monotonic()
+        last_line = [start]
+        # A log file gets about ten lines per task (every 10 % and the last step), or one every
+        # PLAIN_LINE_SECONDS when the total is unknown, not one per iteration.
+        step = max(1, total // 10) if total else None
 
         def advance_plain(n: int = 1, info: str = "") -> None:
-            done[0] += n
+            before, done[0] = done[0], done[0] + n
+            now = time.monotonic()
+            if step is not None:
+                due = done[0] >= total or done[0] // step > before // step
+            else:
+                due = now - last_line[0] >= PLAIN_LINE_SECONDS
+            if not due:
+                return
+            last_line[0] = now
             of = f"/{total}" if total else ""
             suffix = f" {info}" if info else ""
-            print(f"{description}: {done[0]}{of} ({time.monotonic() - start:.1f}s){suffix}", file=sys.stderr, flush=True)
+            print(f"{description}: {done[0]}{of} ({now - start:.1f}s){suffix}", file=sys.stderr, flush=True)
 
         yield advance_plain
 
