@@ -32,7 +32,7 @@ import numpy as np
 
 from fedseg.errors import InputError
 from fedseg.federation.strategies.base import Contribution, Strategy, weighted_mean
-from fedseg.federation.strategies.fedavg import WEIGHTINGS
+from fedseg.federation.strategies.fedavg import WEIGHTINGS, case_weights
 
 if TYPE_CHECKING:  # pragma: no cover
     from fedseg.planning.plans import Plans
@@ -184,12 +184,7 @@ class AsymFedAvg(Strategy):
 
     # -- merging -----------------------------------------------------------------------------
     def pool_weights(self, plans: Plans, pool: str, contributions: Sequence[Contribution]) -> dict[str, float]:
-        if plans.strategy.params.get("weighting", "n_cases") == "uniform":
-            raw = [1.0] * len(contributions)
-        else:
-            raw = [float(c.n_cases) for c in contributions]
-        total = sum(raw)
-        return {c.site: w / total for c, w in zip(contributions, raw)}
+        return case_weights(plans, contributions)
 
     def combine(self, plans: Plans, pool: str, key: str, contributions: Sequence[Contribution]) -> np.ndarray:
         weights = self.pool_weights(plans, pool, contributions)

@@ -51,13 +51,18 @@ class FedAvg(Strategy):
         return [GLOBAL_POOL]
 
     def pool_weights(self, plans: Plans, pool: str, contributions: Sequence[Contribution]) -> dict[str, float]:
-        if plans.strategy.params.get("weighting", "n_cases") == "uniform":
-            raw = [1.0] * len(contributions)
-        else:
-            raw = [float(c.n_cases) for c in contributions]
-        total = sum(raw)
-        return {c.site: w / total for c, w in zip(contributions, raw)}
+        return case_weights(plans, contributions)
 
     def combine(self, plans: Plans, pool: str, key: str, contributions: Sequence[Contribution]) -> np.ndarray:
         weights = self.pool_weights(plans, pool, contributions)
         return weighted_mean(contributions, [weights[c.site] for c in contributions])
+
+
+def case_weights(plans: Plans, contributions: Sequence[Contribution]) -> dict[str, float]:
+    """FedAvg's weights: each site's share of the cases, or equal shares with `weighting=uniform`."""
+    if plans.strategy.params.get("weighting", "n_cases") == "uniform":
+        raw = [1.0] * len(contributions)
+    else:
+        raw = [float(c.n_cases) for c in contributions]
+    total = sum(raw)
+    return {c.site: w / total for c, w in zip(contributions, raw)}
