@@ -12,10 +12,7 @@ same way SGD's momentum does (by parameter name), so a resumed round continues e
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-from torch import nn
 
 from fedseg.planning.plans import Plans
 from fedseg.training.trainer import SiteTrainer
@@ -39,22 +36,12 @@ def sam_learning_rate(plans: Plans) -> float:
 class SamTrainer(SiteTrainer):
     """SiteTrainer with AdamW over the trainable parameters (the adapters and decoder for fedmsa)."""
 
-    def __init__(
-        self,
-        plans: Plans,
-        site: str,
-        network: nn.Module,
-        device: str = "cpu",
-        num_workers: int = 2,
-        progress: Callable[..., None] | None = None,
-        log: Callable[[str], None] | None = None,
-    ) -> None:
-        super().__init__(plans, site, network, device=device, num_workers=num_workers, progress=progress, log=log)
-        self.base_lr = sam_learning_rate(plans)
-        self.optimizer = torch.optim.AdamW(
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        self.base_lr = sam_learning_rate(self.plans)
+        return torch.optim.AdamW(
             [p for p in self.network.parameters() if p.requires_grad],
             lr=self.base_lr,
-            weight_decay=plans.training.weight_decay,
+            weight_decay=self.plans.training.weight_decay,
         )
 
     def on_round_start(self, round_index: int) -> None:

@@ -318,15 +318,20 @@ class SiteTrainer:
             deep_supervision_scales(self.config.network.strides) if getattr(network, "deep_supervision", False) else None
         )
         self.loss = make_loss(plans.training.loss, self.deep_supervision_scales)
-        self.optimizer = torch.optim.SGD(
-            self.network.parameters(),
-            lr=plans.training.initial_lr,
-            momentum=plans.training.momentum,
-            nesterov=True,
-            weight_decay=plans.training.weight_decay,
-        )
+        self.optimizer = self.make_optimizer()
         self.train_cases: list[CachedCase] = []
         self.val_cases: list[CachedCase] = []
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """nnU-Net's SGD (Nesterov momentum); a hook, so a trainer of another model can choose its own."""
+        training = self.plans.training
+        return torch.optim.SGD(
+            self.network.parameters(),
+            lr=training.initial_lr,
+            momentum=training.momentum,
+            nesterov=True,
+            weight_decay=training.weight_decay,
+        )
 
     # -- data ---------------------------------------------------------------------------
     def prepare_data(self, dataset_root: Path, state_dir: Path) -> None:
