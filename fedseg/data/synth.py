@@ -143,6 +143,31 @@ def geometry_3d(shape: tuple[int, int, int], spacing: tuple[float, float, float]
     return Geometry(tuple(int(s) for s in shape), tuple(float(s) for s in spacing), (0.0, 0.0, 0.0), IDENTITY_DIRECTION, False)
 
 
+def lesion_site(
+    description: str,
+    site_index: int,
+    seed: int,
+    n_train: int,
+    n_test: int,
+    spacing: tuple[float, float, float],
+    make_volume: Callable[[np.random.Generator], tuple[np.ndarray, np.ndarray]],
+) -> SyntheticSite:
+    """A one-channel 3D site with labels background/lesion, its cases drawn by `make_volume(rng)`
+    (the `tiny`, `tiny5` and `fednnunet` presets differ only in their volumes)."""
+
+    def cases() -> Iterator[SyntheticCase]:
+        for i, case_id, split in case_splits(n_train, n_test):
+            image, seg = make_volume(case_rng(seed, site_index, i))
+            yield SyntheticCase(case_id, split, [image], seg, geometry_3d(image.shape, spacing))
+
+    return SyntheticSite(
+        channel_names={"0": "MRI"},
+        labels={"background": 0, "lesion": 1},
+        cases=cases(),
+        description=description,
+    )
+
+
 def physical_grid(shape: tuple[int, ...], spacing: tuple[float, ...]) -> list[np.ndarray]:
     """Voxel-centre coordinates in mm, centred on the volume, one open (broadcastable) array per axis."""
     axes = [(np.arange(n) - (n - 1) / 2.0) * sp for n, sp in zip(shape, spacing)]
@@ -192,19 +217,8 @@ TINY_TISSUE, TINY_LESION = 100.0, 200.0
 
 def _tiny_site(site: str, site_index: int, seed: int) -> SyntheticSite:
     style = TINY_STYLES[site_index]
-
-    def cases() -> Iterator[SyntheticCase]:
-        for i, case_id, split in case_splits(TINY_TRAIN, TINY_TEST):
-            rng = case_rng(seed, site_index, i)
-            image, seg = _tiny_volume(rng, style)
-            yield SyntheticCase(case_id, split, [image], seg, geometry_3d(image.shape, style.spacing))
-
-    return SyntheticSite(
-        channel_names={"0": "MRI"},
-        labels={"background": 0, "lesion": 1},
-        cases=cases(),
-        description=f"fedseg synthetic 'tiny' preset, {site}",
-    )
+    return lesion_site(f"fedseg synthetic 'tiny' preset, {site}", site_index, seed, TINY_TRAIN, TINY_TEST,
+                       style.spacing, lambda rng: _tiny_volume(rng, style))
 
 
 def _tiny_volume(rng: np.random.Generator, style: TinySiteStyle) -> tuple[np.ndarray, np.ndarray]:

@@ -20,7 +20,6 @@ site trains at well under a second per iteration on one CPU core.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from typing import TYPE_CHECKING
@@ -62,22 +61,11 @@ DESCRIPTION = "3 sites with 1, 2.5 and 4 mm slices and different fields of view 
 
 
 def make_site(site: str, site_index: int, seed: int) -> SyntheticSite:
-    from fedseg.data.synth import SyntheticCase, SyntheticSite, case_rng, case_splits, geometry_3d
+    from fedseg.data.synth import lesion_site
 
     protocol = PROTOCOLS[site_index]
-
-    def cases() -> Iterator[SyntheticCase]:
-        for i, case_id, split in case_splits(N_TRAIN, N_TEST):
-            rng = case_rng(seed, site_index, i)
-            image, seg = _volume(rng, protocol)
-            yield SyntheticCase(case_id, split, [image], seg, geometry_3d(image.shape, protocol.spacing))
-
-    return SyntheticSite(
-        channel_names={"0": "MRI"},
-        labels={"background": 0, "lesion": 1},
-        cases=cases(),
-        description=f"fedseg synthetic 'fednnunet' preset, {site}: {protocol.spacing[0]} mm slices",
-    )
+    return lesion_site(f"fedseg synthetic 'fednnunet' preset, {site}: {protocol.spacing[0]} mm slices", site_index, seed,
+                       N_TRAIN, N_TEST, protocol.spacing, lambda rng: _volume(rng, protocol))
 
 
 def _volume(rng: np.random.Generator, protocol: ScanProtocol) -> tuple[np.ndarray, np.ndarray]:

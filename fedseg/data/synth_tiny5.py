@@ -8,11 +8,10 @@ Sites site_a..site_c are exactly `tiny`'s; site_d and site_e add two more scanne
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
-    from fedseg.data.synth import SyntheticCase, SyntheticSite
+    from fedseg.data.synth import SyntheticSite
 
 DESCRIPTION = "5 sites like 'tiny' (3D blob in a body; spacing and intensity differ per site), for robustness tests"
 SITES = ("site_a", "site_b", "site_c", "site_d", "site_e")
@@ -28,27 +27,8 @@ def _styles():
 
 
 def tiny5_site(site: str, site_index: int, seed: int) -> SyntheticSite:
-    from fedseg.data.synth import (
-        TINY_TEST,
-        TINY_TRAIN,
-        SyntheticCase,
-        SyntheticSite,
-        _tiny_volume,
-        case_rng,
-        case_splits,
-        geometry_3d,
-    )
+    from fedseg.data.synth import TINY_TEST, TINY_TRAIN, _tiny_volume, lesion_site
 
     style = _styles()[site_index]
-
-    def cases() -> Iterator[SyntheticCase]:
-        for i, case_id, split in case_splits(TINY_TRAIN, TINY_TEST):
-            image, seg = _tiny_volume(case_rng(seed, site_index, i), style)
-            yield SyntheticCase(case_id, split, [image], seg, geometry_3d(image.shape, style.spacing))
-
-    return SyntheticSite(
-        channel_names={"0": "MRI"},
-        labels={"background": 0, "lesion": 1},
-        cases=cases(),
-        description=f"fedseg synthetic 'tiny5' preset, {site}",
-    )
+    return lesion_site(f"fedseg synthetic 'tiny5' preset, {site}", site_index, seed, TINY_TRAIN, TINY_TEST,
+                       style.spacing, lambda rng: _tiny_volume(rng, style))
