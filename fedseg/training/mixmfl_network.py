@@ -8,13 +8,14 @@ input always has every plan channel, absent ones zero and ignored):
 - `shared`:        one encoder (1 input channel) run on every present sequence; the shared
                    representation at each stage is the mean over the present sequences
                    (order-free and defined for any number of sequences);
-- `memory.<seq>`:  buffer of prototypes (fedseg.training.prototype_memory); at the bottleneck
-                   a missing sequence's tailored representation is retrieved from it by
-                   cosine similarity between the shared representation (query) and the
+- `memory.<seq>.<s>`: per sequence and encoder stage s a buffer of prototypes
+                   (fedseg.training.prototype_memory); at every stage a missing sequence's
+                   tailored representation is retrieved from its memory by cosine
+                   similarity between the shared representation (query) and the
                    prototypes' keys, a softmax over similarities weighting their values.
-                   At the other stages a missing sequence contributes zeros (skip features
-                   are not memorised: the bottleneck carries the context, and keeping one
-                   memory per sequence keeps the exchanged memory small);
+                   Every stage has its own memory because the decoder reads every stage
+                   (skip connections): a bottleneck-only memory leaves the fine stages,
+                   which carry the boundaries, with zeros where the sequence is missing;
 - `fuse.<s>`:      per stage a 1x1 conv-norm-nonlin from [shared, tailored of every sequence
                    in plan order] to the plan's width of that stage, so the unchanged
                    nnU-Net `decoder` (same parameter names as the plain U-Net) decodes it;
@@ -154,16 +155,24 @@ class MixMFLNet(nn.Module):
         self.decoupler = nn.Module()
         self.decoupler.classifier = nn.Sequential(nn.Linear(d, d), nn.LeakyReLU(1e-2), nn.Linear(d, self.n_channels))
         self.decoupler.fusion = ConvNormNonlin(ndim, 2 * d, d, [3] * ndim, ones)
-        self.memory = nn.Module()
+        # memory.<seq>.<stage>: one prototype memory per sequence and encoder stage
+        self.memory = nn.ModuleDict()
         for key in self.sequence_keys:
-            self.memory.register_buffer(key, torch.zeros(int(memory_size), memory_width(d)))
+            per_stage = nn.Module()
+            for s, width in enumerate(branch):
+                per_stage.register_buffer(str(s), torch.zeros(int(memory_size), memory_width(width)))
+            self.memory[key] = per_stage
 
     # -- pieces used by the trainer ------------------------------------------------------
-    def memory_of(self, index: int) -> torch.Tensor:
-        return getattr(self.memory, self.sequence_keys[index])
+    @property
+    def n_stages(self) -> int:
+        return len(self.fuse)
 
-    def set_memory(self, index: int, value: torch.Tensor) -> None:
-        self.memory_of(index).copy_(value)
+    def memory_of(self, index: int, stage: int) -> torch.Tensor:
+        return getattr(self.memory[self.sequence_keys[index]], str(stage))
+
+    def set_memory(self, index: int, stage: int, value: torch.Tensor) -> None:
+        self.memory_of(index, stage).copy_(value)
 
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.decoupler.classifier(pooled)
@@ -195,9 +204,11 @@ class MixMFLNet(nn.Module):
             for m in range(self.n_channels):
                 if m in tailored:
                     slots.append(tailored[m][s])
-                elif s == bottleneck and self.use_memory:
-                    retrieved[m] = retrieve(self.memory_of(m), shared_mean[s])
-                    slots.append(retrieved[m])
+                elif self.use_memory:
+                    pseudo = retrieve(self.memory_of(m, s), shared_mean[s])
+                    if s == bottleneck:
+                        retrieved[m] = pseudo
+                    slots.append(pseudo)
                 else:
                     slots.append(torch.zeros_like(shared_mean[s]))
             fused.append(self.fuse[s](torch.cat(slots, dim=1)))
@@ -210,6 +221,9 @@ class MixMFLNet(nn.Module):
             "shared": {m: t[bottleneck] for m, t in shared.items()},
             "shared_mean": shared_mean[bottleneck],
             "retrieved": retrieved,
+            # every stage, for the memory refresh
+            "stage_shared_mean": shared_mean,
+            "stage_tailored": tailored,
         }
         return seg, aux
 

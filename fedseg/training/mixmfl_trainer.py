@@ -12,10 +12,10 @@ Loss (paper eq. 3): L = L_seg + λ1·L_cls + λ2·L_triplet, with L_seg the plan
   shared representations, positives = fusion(shared_i, shared_j), negatives =
   fusion(shared_i, tailored_j), over all present i, j.
 - Memory: at the end of a round the site runs its training cases through the network,
-  takes the bottleneck features of each present sequence (key: shared mean, value: the
-  sequence's tailored features) at class-balanced voxels, clusters them with k-means and
-  pushes the centres into that sequence's memory (FIFO); the coordinator merges all sites'
-  memories. Switches `classifier`, `triplet`, `memory` turn the pieces off.
+  takes at every encoder stage the features of each present sequence (key: shared mean,
+  value: the sequence's tailored features) at class-balanced voxels, clusters them with
+  k-means and pushes the centres into that sequence's memory of that stage (FIFO); the
+  coordinator merges all sites' memories. Switches `classifier`, `triplet`, `memory` turn the pieces off.
 """
 
 from __future__ import annotations
@@ -91,43 +91,48 @@ class MixMFLTrainer(SiteTrainer):
     def on_round_end(self, round_index: int) -> None:
         if not self.params["memory"] or not self.train_cases:
             return
-        keys, values, classes = self.bottleneck_features()
-        rng = np.random.default_rng(_derived_seed(self.plans.seed, self.site, round_index, "prototypes"))
         net: MixMFLNet = self.network
-        for m in net.present:
-            chosen = _balanced(classes, VOXELS_PER_CLASS, rng)
-            k, v = keys[chosen], values[m][chosen]
-            points = np.concatenate([_unit(k), _unit(v)], axis=1)
-            labels = kmeans(points, int(self.params["prototypes"]), rng)
-            centres_k = np.stack([k[labels == c].mean(0) for c in np.unique(labels)])
-            centres_v = np.stack([v[labels == c].mean(0) for c in np.unique(labels)])
-            rows = prototype_rows(centres_k, centres_v, round_index, self.site_number)
-            memory = net.memory_of(m)
-            updated = push(memory.detach().cpu().numpy(), rows)
-            net.set_memory(m, torch.from_numpy(updated).to(memory.device, memory.dtype))
-        self.log(f"round {round_index}: pushed prototypes of {len(net.present)} sequence(s) to the memory")
+        rng = np.random.default_rng(_derived_seed(self.plans.seed, self.site, round_index, "prototypes"))
+        for stage, (keys, values, classes) in enumerate(self.stage_features()):
+            for m in net.present:
+                chosen = _balanced(classes, VOXELS_PER_CLASS, rng)
+                k, v = keys[chosen], values[m][chosen]
+                points = np.concatenate([_unit(k), _unit(v)], axis=1)
+                labels = kmeans(points, int(self.params["prototypes"]), rng)
+                centres_k = np.stack([k[labels == c].mean(0) for c in np.unique(labels)])
+                centres_v = np.stack([v[labels == c].mean(0) for c in np.unique(labels)])
+                rows = prototype_rows(centres_k, centres_v, round_index, self.site_number)
+                memory = net.memory_of(m, stage)
+                updated = push(memory.detach().cpu().numpy(), rows)
+                net.set_memory(m, stage, torch.from_numpy(updated).to(memory.device, memory.dtype))
+        self.log(f"round {round_index}: pushed prototypes of {len(net.present)} sequence(s) x {net.n_stages} stage(s) to the memory")
 
     @torch.no_grad()
-    def bottleneck_features(self) -> tuple[np.ndarray, dict[int, np.ndarray], np.ndarray]:
-        """(shared keys (N, D), tailored values per present sequence (N, D), class per voxel (N,))."""
+    def stage_features(self) -> list[tuple[np.ndarray, dict[int, np.ndarray], np.ndarray]]:
+        """Per encoder stage: (shared keys (N, D), tailored values per present sequence (N, D), class per voxel (N,))."""
         net: MixMFLNet = self.network
         was_training = net.training
         net.eval()
-        keys, values, classes = [], {m: [] for m in net.present}, []
+        n = net.n_stages
+        keys: list[list[np.ndarray]] = [[] for _ in range(n)]
+        values: list[dict[int, list[np.ndarray]]] = [{m: [] for m in net.present} for _ in range(n)]
+        classes: list[list[np.ndarray]] = [[] for _ in range(n)]
         patch = list(self.config.patch_size)
         try:
             for case in self.train_cases:
                 data, seg = _centre_patch(case.data, patch), _centre_patch(np.maximum(case.seg, 0).astype(np.float32), patch)
                 _, aux = net(torch.from_numpy(data)[None].to(self.device), return_aux=True)
-                shape = aux["shared_mean"].shape[2:]
-                small = F.interpolate(torch.from_numpy(seg)[None], size=tuple(shape), mode="nearest")[0, 0]
-                keys.append(aux["shared_mean"][0].flatten(1).T.cpu().numpy())
-                for m in net.present:
-                    values[m].append(aux["tailored"][m][0].flatten(1).T.cpu().numpy())
-                classes.append(small.flatten().numpy().astype(np.int64))
+                for s in range(n):
+                    query = aux["stage_shared_mean"][s]
+                    small = F.interpolate(torch.from_numpy(seg)[None], size=tuple(query.shape[2:]), mode="nearest")[0, 0]
+                    keys[s].append(query[0].flatten(1).T.cpu().numpy())
+                    for m in net.present:
+                        values[s][m].append(aux["stage_tailored"][m][s][0].flatten(1).T.cpu().numpy())
+                    classes[s].append(small.flatten().numpy().astype(np.int64))
         finally:
             net.train(was_training)
-        return np.concatenate(keys), {m: np.concatenate(v) for m, v in values.items()}, np.concatenate(classes)
+        return [(np.concatenate(keys[s]), {m: np.concatenate(v) for m, v in values[s].items()}, np.concatenate(classes[s]))
+                for s in range(n)]
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

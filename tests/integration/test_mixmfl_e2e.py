@@ -31,9 +31,13 @@ def test_mixmfl_two_rounds_with_memory(tmp_path: Path):
     plans = load_plans(run / "plans.json")
     assert plans.sites["site1"].channels == ["T1", "T1ce"]
     tensors, meta = read_weight_file(run / "round_002" / "site1.safetensors")
-    # site1 receives the merged memories (T2 prototypes come from site2 and site6, 4 per round each)
-    assert [tuple(r[:2]) for r in filled_rows(tensors["memory.T2"])] == [(1, 2)] * 4 + [(1, 3)] * 4 + [(2, 2)] * 4 + [(2, 3)] * 4
-    assert meta.scopes["memory.T2"] == "memory:T2"
+    # site1 receives the merged memories of every stage (T2 prototypes come from site2 and
+    # site6, 4 per round each)
+    stages = plans.configuration_for("site1").network.n_stages
+    for stage in range(stages):
+        name = f"memory.T2.{stage}"
+        assert [tuple(r[:2]) for r in filled_rows(tensors[name])] == [(1, 2)] * 4 + [(1, 3)] * 4 + [(2, 2)] * 4 + [(2, 3)] * 4
+        assert meta.scopes[name] == "memory:T2"
     # its T1 encoder comes from the T1 holders' pool; the T2 encoder it never trains is not sent to it
     assert any(name.startswith("tailored.T1.") for name in tensors)
     assert not any(name.startswith("tailored.T2.") for name in tensors)

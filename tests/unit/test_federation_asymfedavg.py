@@ -69,6 +69,22 @@ def test_map_pairs_decoder_stages_from_the_bottleneck(deep_and_shallow):
         assert shapes == {tuple(entry["shape"])}
 
 
+def test_layers_are_shared_whole_not_tensor_by_tensor():
+    # A thick-slice site plans 1x3x3 kernels in its first stage: those convolutions differ in
+    # shape from the isotropic site's, so their biases and norms (same shapes) must stay local
+    # too, or channel k of one site's filters would be averaged with an unrelated channel k.
+    iso = _config([32, 64, 64])
+    thick = dataclasses.replace(iso, network=dataclasses.replace(iso.network, kernel_sizes=[[1, 3, 3], [3, 3, 3], [3, 3, 3]]))
+    manifests = {"iso": _manifest(iso), "thick": _manifest(thick), "thick2": _manifest(thick)}
+    shared = shared_parameter_map(manifests)
+    stage0 = [n for n in manifests["iso"] if n.startswith("encoder.stages.0.") and not n.endswith("running_mean")]
+    assert stage0 and not any(n in shared["sites"]["iso"] for n in stage0)
+    for name in stage0:   # the two thick-slice sites share their whole first stage
+        assert shared["sites"]["thick"][name]["pool"] == "sites:thick+thick2"
+    assert shared["sites"]["iso"]["encoder.stages.1.convs.0.norm.weight"]["pool"] == "global"
+    assert shared["sites"]["iso"]["encoder.stages.1.convs.0.conv.weight"]["pool"] == "global"
+
+
 def test_subset_pools_and_local_norms(deep_and_shallow):
     manifests = {**deep_and_shallow, "deep2": deep_and_shallow["deep"]}
     shared = shared_parameter_map(manifests)

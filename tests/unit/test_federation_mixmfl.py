@@ -70,13 +70,14 @@ def test_scopes_per_sequence_and_ablation_switches(mixmfl_fingerprints):
     for prefix in ("shared.", "decoder.", "fuse.", "decoupler."):
         name = next(n for n in names if n.startswith(prefix))
         assert {s.scope(plans, site, name) for site in plans.sites} == {"global"}
-    assert s.scope(plans, "site6", "memory.T1") == "memory:T1"   # everyone receives every memory
+    assert s.scope(plans, "site6", "memory.T1.0") == "memory:T1"   # everyone receives every memory
+    assert s.scope(plans, "site1", "memory.T1.2") == "memory:T1"   # of every stage
     assert s.model_pools(plans) == ["global", "group:T1", "group:T1ce", "group:T2", "group:FLAIR"]
 
     no_tailored = _plans(fps, tailored="false")
     assert s.scope(no_tailored, "site6", t1) == "global"
     no_memory = _plans(fps, memory="false")
-    assert s.scope(no_memory, "site1", "memory.T1") is None
+    assert s.scope(no_memory, "site1", "memory.T1.0") is None
     with pytest.raises(InputError):
         s.check_params({"memory": "maybe"})
 
@@ -98,7 +99,7 @@ def test_memory_pool_merges_by_fifo(mixmfl_fingerprints):
     base = empty_memory(4, 2)
     a = push(base, prototype_rows(np.ones((3, 2)), np.ones((3, 2)), 1, 1))
     b = push(base, prototype_rows(np.zeros((2, 2)) + 2, np.zeros((2, 2)) + 2, 1, 2))
-    merged = s.combine(plans, "memory:T1", "memory.T1", [Contribution("site1", 10, 5, a), Contribution("site2", 10, 5, b),
+    merged = s.combine(plans, "memory:T1", "memory.T1.0", [Contribution("site1", 10, 5, a), Contribution("site2", 10, 5, b),
                                                            Contribution("site6", 10, 5, base)])
     assert merged.shape == (4, 7)
     assert [tuple(r[:3]) for r in filled_rows(merged)] == [(1, 1, 1), (1, 1, 2), (1, 2, 0), (1, 2, 1)]

@@ -60,6 +60,31 @@ def test_absent_sequences_are_ignored_and_state_is_the_same_for_every_site():
         assert torch.equal(a(x)[0], a(y)[0])
 
 
+def test_missing_sequences_are_filled_from_the_memory_of_every_stage():
+    torch.manual_seed(0)
+    net = MixMFLNet(SPEC, 3, SEQS, 3, present=[0, 1], memory_size=10)
+    net.eval()
+    x = torch.randn(1, 4, 16, 16, 16)
+    with torch.no_grad():
+        empty = net(x)[0]
+        assert set(net.state_dict()) >= {f"memory.{k}.{s}" for k in SEQS for s in range(3)}
+        for s in range(net.n_stages):
+            width = net.memory_of(2, s).shape[1]
+            d = (width - 3) // 2
+            rows = prototype_rows(np.random.default_rng(s).normal(size=(4, d)), np.full((4, d), 5.0), 1, 1)
+            net.set_memory(2, s, torch.from_numpy(push(empty_memory(10, d), rows)))
+            # a filled memory changes the output through this stage's slot of the missing T2
+            filled = net(x)[0]
+            assert not torch.allclose(filled, empty)
+            empty = filled
+        _, aux = net(x, return_aux=True)
+        assert sorted(aux["retrieved"]) == [2, 3]                    # both missing sequences retrieved
+        assert torch.allclose(aux["retrieved"][2], torch.full_like(aux["retrieved"][2], 5.0))
+        assert not aux["retrieved"][3].any()                          # FLAIR's memory is still empty
+        net.use_memory = False
+        assert not torch.allclose(net(x)[0], empty)                   # the switch turns retrieval off
+
+
 def test_gradient_reversal_flips_the_gradient():
     x = torch.randn(5, requires_grad=True)
     (grad_reverse(x, 1.0) * torch.arange(5.0)).sum().backward()

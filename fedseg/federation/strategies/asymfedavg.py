@@ -12,8 +12,11 @@ shared-parameter map (`plans.extra["shared_parameters"]`):
   features at every site). The plain U-Net's parameter names already count this way
   (fedseg.training.network), so a position's key is the parameter name itself; a tensor
   outside that layout gets no position and stays local;
-- the sites holding a position are split by tensor shape and dtype; every group of two or
-  more sites is a pool: "global" when it is every site of the plan, "sites:<a>+<b>" for a
+- the unit of sharing is a layer (a convolution with its bias and its norm's scale and shift,
+  a transposed convolution, a segmentation head): a norm's scale or a bias only means
+  something for the filters that make its channels, so sharing it where the filters differ
+  would average unrelated channels. The sites holding a position are split by the shapes and
+  dtypes of all the layer's tensors; every group of two or more sites is a pool: "global" when it is every site of the plan, "sites:<a>+<b>" for a
   subset. One site alone, or a position whose shape differs from everyone else's, is local;
 - `local_norms=true` keeps the InstanceNorm affine parameters local (FedBN).
 
@@ -42,7 +45,7 @@ GLOBAL_POOL = "global"
 SUBSET_POOL_PREFIX = "sites:"
 RULE = (
     "encoder stages matched from the input, decoder stages from the bottleneck; "
-    "a tensor is shared by every group of >= 2 sites whose shapes agree, local otherwise"
+    "a layer (conv with its norm) is shared by every group of >= 2 sites whose shapes all agree, local otherwise"
 )
 
 # encoder.stages.{s}.<rest>: s counted from the input (0 = full resolution)
@@ -84,9 +87,11 @@ def shared_parameter_map(
     Deterministic: sites and names are visited in sorted order.
     """
     all_sites = sorted(manifests)
-    # key -> (shape, dtype) -> [(site, name)]
-    positions: dict[str, dict[tuple[tuple[int, ...], str], list[tuple[str, str]]]] = {}
+    # block -> signature -> [site]; a signature is the block's ((key, shape, dtype), ...)
+    positions: dict[str, dict[tuple, list[str]]] = {}
+    names_of: dict[tuple[str, str], list[tuple[str, str]]] = {}   # (site, block) -> [(name, key)]
     for site in all_sites:
+        blocks: dict[str, list[tuple[str, tuple[int, ...], str, str]]] = {}
         for name in sorted(manifests[site]):
             shape, dtype = manifests[site][name]
             if not np.issubdtype(np.dtype(dtype), np.floating):
@@ -96,19 +101,35 @@ def shared_parameter_map(
             key = structural_key(name)
             if key is None:
                 continue
-            positions.setdefault(key, {}).setdefault((tuple(int(s) for s in shape), str(dtype)), []).append((site, name))
+            blocks.setdefault(block_of(key), []).append((key, tuple(int(x) for x in shape), str(dtype), name))
+        for block, tensors in blocks.items():
+            signature = tuple((key, shape, dtype) for key, shape, dtype, _ in tensors)
+            positions.setdefault(block, {}).setdefault(signature, []).append(site)
+            names_of[(site, block)] = [(name, key) for key, _, _, name in tensors]
     sites_map: dict[str, dict[str, dict[str, str]]] = {site: {} for site in all_sites}
     keys: dict[str, dict[str, Any]] = {}
-    for key in sorted(positions):
-        for (shape, dtype), members in sorted(positions[key].items()):
-            member_sites = sorted(site for site, _ in members)
+    for block in sorted(positions):
+        for signature, member_sites in sorted(positions[block].items()):
             if len(member_sites) < 2:
                 continue
-            pool = GLOBAL_POOL if member_sites == all_sites else SUBSET_POOL_PREFIX + "+".join(member_sites)
-            keys[f"{pool}/{key}"] = {"key": key, "pool": pool, "shape": list(shape), "dtype": dtype, "sites": member_sites}
-            for site, name in members:
-                sites_map[site][name] = {"pool": pool, "key": key}
+            pool = GLOBAL_POOL if sorted(member_sites) == all_sites else SUBSET_POOL_PREFIX + "+".join(sorted(member_sites))
+            for key, shape, dtype in signature:
+                keys[f"{pool}/{key}"] = {"key": key, "pool": pool, "shape": list(shape), "dtype": dtype, "sites": sorted(member_sites)}
+            for site in member_sites:
+                for name, key in names_of[(site, block)]:
+                    sites_map[site][name] = {"pool": pool, "key": key}
     return {"rule": RULE, "local_norms": bool(local_norms), "sites": sites_map, "keys": keys}
+
+
+def block_of(key: str) -> str:
+    """The layer a parameter belongs to: `...convs.0.conv.weight` and `...convs.0.norm.bias`
+    -> `...convs.0` (a convolution with its norm), `decoder.transpconvs.1.weight` ->
+    `decoder.transpconvs.1`. Layers are shared whole: a norm's scale and a conv's bias only
+    mean something together with the filters that produce their channels."""
+    parts = key.split(".")[:-1]
+    if parts and parts[-1] in ("conv", "norm"):
+        parts = parts[:-1]
+    return ".".join(parts)
 
 
 def summarise_map(shared: Mapping[str, Any], manifests_by_site: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, str]:

@@ -3,7 +3,7 @@
 Every site holds a subset of the federation's MRI sequences (plans.channel_names is the
 union, plans.sites[s].channels a site's subset). The network (fedseg.training.mixmfl_network)
 has one modality-tailored encoder per sequence, a modality-shared encoder, a decoupler and a
-shared decoder, plus one prototype memory per sequence. Where each tensor goes:
+shared decoder, plus one prototype memory per sequence and encoder stage. Where each tensor goes:
 
 - `tailored.<seq>.*`  -> pool "group:<seq>": averaged over the sites that hold the sequence
                          (Σ m_i n_i w_i / Σ m_i n_i, m_i = 1 when site i holds it; weights
@@ -11,14 +11,15 @@ shared decoder, plus one prototype memory per sequence. Where each tensor goes:
                          `tailored=false` (ablation "w/o tailored updating"): one "global" pool
                          over all sites, as plain FedAvg would average them;
 - `shared.*`, `fuse.*`, `decoder.*`, `decoupler.*` -> "global" (all sites, weights n_cases);
-- `memory.<seq>`      -> pool "memory:<seq>", merged by concatenation + FIFO truncation
+- `memory.<seq>.<s>`  -> pool "memory:<seq>" (one memory per encoder stage s), each merged
+                         by concatenation + FIFO truncation
                          (fedseg.training.prototype_memory.fifo_merge): every site receives the
-                         merged memory; `memory=false`: memories stay local and unused.
+                         merged memories; `memory=false`: memories stay local and unused.
 
 Strategy params (`fedseg plan --set key=value`): tailored, memory, triplet, classifier (true/
 false: the paper's ablation switches), lambda_cls (0.5), lambda_triplet (1e-4),
 triplet_margin (1.0), memory_size (200), prototypes (k-means centres per sequence, site and
-round: 16).
+round, per stage: 16).
 """
 
 from __future__ import annotations
@@ -128,7 +129,8 @@ class MixMFL(Strategy):
         if head == "memory":
             if not mixmfl_params(plans)["memory"]:
                 return None
-            return MEMORY_PREFIX + sequences(plans)[sequence_keys(plans).index(rest)]
+            key = rest.partition(".")[0]            # memory.<seq>.<stage>
+            return MEMORY_PREFIX + sequences(plans)[sequence_keys(plans).index(key)]
         return GLOBAL_POOL
 
     def model_pools(self, plans: Plans) -> list[str]:
