@@ -9,7 +9,7 @@ different pair of T1/T1ce/T2/FLAIR) and prints:
    classifier (as the paper's Table 3);
 3. oedema Dice of the site that lacks T2/FLAIR, with and without the memory.
 
-    .venv/bin/python benchmarks/mixmfl_tables.py --out /tmp/mixmfl_bench [--rounds 6 --iterations 10]
+    .venv/bin/python benchmarks/mixmfl_tables.py --out /tmp/mixmfl_bench [--rounds 12 --iterations 10]
 
 Variants can run as parallel processes (`--only fedavg MDM-MixMFL`, `--only wo_memory`, ...);
 a final call without --only reuses the finished runs and prints the tables.
@@ -79,7 +79,7 @@ def _average(result: dict, sites: list[str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--data-seed", type=int, default=0)

@@ -11,8 +11,9 @@ input always has every plan channel, absent ones zero and ignored):
 - `memory.<seq>.<s>`: per sequence and encoder stage s a buffer of prototypes
                    (fedseg.training.prototype_memory); at every stage a missing sequence's
                    tailored representation is retrieved from its memory by cosine
-                   similarity between the shared representation (query) and the
-                   prototypes' keys, a softmax over similarities weighting their values.
+                   similarity between the site's representations (queries: the shared one
+                   and the tailored one of each sequence it holds) and the prototypes' keys
+                   in the same space, a softmax over similarities weighting their values.
                    Every stage has its own memory because the decoder reads every stage
                    (skip connections): a bottleneck-only memory leaves the fine stages,
                    which carry the boundaries, with zeros where the sequence is missing;
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -39,7 +40,7 @@ from torch.nn import functional as F
 
 from fedseg.planning.plans import ConfigurationPlan, NetworkSpec
 from fedseg.training.network import ConvNormNonlin, Decoder, Encoder, _check_spec, init_weights
-from fedseg.training.prototype_memory import memory_width
+from fedseg.training.prototype_memory import KEY_SOURCE_COLUMN, META_COLUMNS, SHARED_KEY, memory_width, tailored_key
 
 # Each encoder branch has half the plan's features per stage: two encoders per present
 # sequence then cost about what one plain U-Net encoder costs on a two-sequence site.
@@ -97,22 +98,35 @@ def entropy_triplet_loss(
     return F.relu(d_max - d_min + margin).mean()
 
 
-def retrieve(memory: torch.Tensor, query: torch.Tensor, temperature: float = RETRIEVAL_TEMPERATURE) -> torch.Tensor:
+def retrieve(
+    memory: torch.Tensor, queries: Mapping[int, torch.Tensor], temperature: float = RETRIEVAL_TEMPERATURE
+) -> torch.Tensor:
     """Pseudo representation (B, D, *spatial) of a missing sequence from its memory.
 
-    Per voxel: softmax over the filled prototypes of cos(query, key) / temperature, times
-    their values. An empty memory gives zeros (the sequence is then simply absent).
+    `queries` maps a key source (prototype_memory.SHARED_KEY, or tailored_key(q) for a
+    sequence q the site holds) to the site's representation in that space, all (B, D,
+    *spatial). Per voxel: one softmax over every filled prototype whose key is in one of
+    those spaces, of cos(query of that space, key) / temperature, times their values. No
+    such prototype (an empty memory in round 1) gives zeros: the sequence is then absent.
     """
+    reference = next(iter(queries.values()))
+    dim = reference.shape[1]
     filled = memory[:, 0] >= 1
-    dim = query.shape[1]
-    if not bool(filled.any()):
-        return torch.zeros_like(query)
-    rows = memory[filled].to(query.dtype)
-    keys, values = rows[:, 3:3 + dim], rows[:, 3 + dim:3 + 2 * dim]
-    q = F.normalize(query.flatten(2).transpose(1, 2), dim=-1)          # (B, N, D)
-    weights = torch.softmax(q @ F.normalize(keys, dim=-1).T / temperature, dim=-1)
-    out = weights @ values                                              # (B, N, D)
-    return out.transpose(1, 2).reshape(query.shape)
+    logits, values = [], []
+    for source, query in sorted(queries.items()):
+        rows = memory[filled & (memory[:, KEY_SOURCE_COLUMN] == source)]
+        if not len(rows):
+            continue
+        rows = rows.to(query.dtype)
+        keys = rows[:, META_COLUMNS:META_COLUMNS + dim]
+        q = F.normalize(query.flatten(2).transpose(1, 2), dim=-1)        # (B, N, D)
+        logits.append(q @ F.normalize(keys, dim=-1).T / temperature)     # (B, N, rows)
+        values.append(rows[:, META_COLUMNS + dim:META_COLUMNS + 2 * dim])
+    if not logits:
+        return torch.zeros_like(reference)
+    weights = torch.softmax(torch.cat(logits, dim=-1), dim=-1)
+    out = weights @ torch.cat(values)                                    # (B, N, D)
+    return out.transpose(1, 2).reshape(reference.shape)
 
 
 class MixMFLNet(nn.Module):
@@ -205,7 +219,8 @@ class MixMFLNet(nn.Module):
                 if m in tailored:
                     slots.append(tailored[m][s])
                 elif self.use_memory:
-                    pseudo = retrieve(self.memory_of(m, s), shared_mean[s])
+                    queries = {SHARED_KEY: shared_mean[s], **{tailored_key(q): tailored[q][s] for q in self.present}}
+                    pseudo = retrieve(self.memory_of(m, s), queries)
                     if s == bottleneck:
                         retrieved[m] = pseudo
                     slots.append(pseudo)

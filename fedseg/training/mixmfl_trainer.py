@@ -12,10 +12,11 @@ Loss (paper eq. 3): L = L_seg + λ1·L_cls + λ2·L_triplet, with L_seg the plan
   shared representations, positives = fusion(shared_i, shared_j), negatives =
   fusion(shared_i, tailored_j), over all present i, j.
 - Memory: at the end of a round the site runs its training cases through the network,
-  takes at every encoder stage the features of each present sequence (key: shared mean,
-  value: the sequence's tailored features) at class-balanced voxels, clusters them with
-  k-means and pushes the centres into that sequence's memory of that stage (FIFO); the
-  coordinator merges all sites' memories. Switches `classifier`, `triplet`, `memory` turn the pieces off.
+  takes at every encoder stage the features of each present sequence m at class-balanced
+  voxels (value: m's tailored features; key: the shared mean, and in a second batch of
+  prototypes the tailored features of each other sequence the site holds), clusters
+  [key, value] with k-means and pushes the centres into m's memory of that stage (FIFO);
+  the coordinator merges all sites' memories. Switches `classifier`, `triplet`, `memory` turn the pieces off.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from torch.nn import functional as F
 
 from fedseg.training.mixmfl_network import MixMFLNet, entropy_triplet_loss, grad_reverse
-from fedseg.training.prototype_memory import kmeans, prototype_rows, push
+from fedseg.training.prototype_memory import SHARED_KEY, kmeans, prototype_rows, push, tailored_key
 from fedseg.training.trainer import SiteTrainer, _derived_seed
 
 # Voxels per class (background, each label) fed to k-means per sequence: class-balanced so
@@ -93,17 +94,22 @@ class MixMFLTrainer(SiteTrainer):
             return
         net: MixMFLNet = self.network
         rng = np.random.default_rng(_derived_seed(self.plans.seed, self.site, round_index, "prototypes"))
-        for stage, (keys, values, classes) in enumerate(self.stage_features()):
+        for stage, (shared, tailored, classes) in enumerate(self.stage_features()):
             for m in net.present:
-                chosen = _balanced(classes, VOXELS_PER_CLASS, rng)
-                k, v = keys[chosen], values[m][chosen]
-                points = np.concatenate([_unit(k), _unit(v)], axis=1)
-                labels = kmeans(points, int(self.params["prototypes"]), rng)
-                centres_k = np.stack([k[labels == c].mean(0) for c in np.unique(labels)])
-                centres_v = np.stack([v[labels == c].mean(0) for c in np.unique(labels)])
-                rows = prototype_rows(centres_k, centres_v, round_index, self.site_number)
+                # keys in the shared space, and in the tailored space of each other sequence
+                # held here (what a site holding that sequence but not m will query with)
+                key_spaces = [(SHARED_KEY, shared)] + [(tailored_key(q), tailored[q]) for q in net.present if q != m]
+                batches, slot = [], 0
+                for source, keys in key_spaces:
+                    chosen = _balanced(classes, VOXELS_PER_CLASS, rng)
+                    k, v = keys[chosen], tailored[m][chosen]
+                    labels = kmeans(np.concatenate([_unit(k), _unit(v)], axis=1), int(self.params["prototypes"]), rng)
+                    centres_k = np.stack([k[labels == c].mean(0) for c in np.unique(labels)])
+                    centres_v = np.stack([v[labels == c].mean(0) for c in np.unique(labels)])
+                    batches.append(prototype_rows(centres_k, centres_v, round_index, self.site_number, source, slot))
+                    slot += len(centres_k)
                 memory = net.memory_of(m, stage)
-                updated = push(memory.detach().cpu().numpy(), rows)
+                updated = push(memory.detach().cpu().numpy(), np.concatenate(batches))
                 net.set_memory(m, stage, torch.from_numpy(updated).to(memory.device, memory.dtype))
         self.log(f"round {round_index}: pushed prototypes of {len(net.present)} sequence(s) x {net.n_stages} stage(s) to the memory")
 

@@ -1,14 +1,18 @@
 """MDM-MixMFL's modality memory as plain arrays: layout, FIFO merge and k-means (numpy only).
 
-One memory per MRI sequence, a fixed-shape float32 array (capacity, 3 + 2·D) so it travels in
-the weight files like any tensor (the engine checks shapes against the plan's manifest). Row:
+One memory per MRI sequence (and network stage), a fixed-shape float32 array
+(capacity, 4 + 2·D) so it travels in the weight files like any tensor (the engine checks
+shapes against the plan's manifest). Row:
 
-    [round, site number, slot, key (D), value (D)]
+    [round, site number, slot, key source, key (D), value (D)]
 
-- key:   the modality-shared representation where the prototype was taken (the query space
-         of retrieval: shared features are trained to be modality-invariant, so a site lacking
-         the sequence can compare its own shared features with them);
 - value: the sequence's modality-tailored representation (what retrieval returns);
+- key:   a representation taken at the same voxels, in the space named by key source:
+         SHARED_KEY (0) = the modality-shared representation, 1 + q = the tailored
+         representation of sequence q (another sequence the writing site holds). A site that
+         lacks the sequence queries each key space it can produce (its shared representation,
+         and the tailored representation of each sequence it holds): a T2+FLAIR site asks the
+         T1ce memory through the prototypes a T1ce+T2 site keyed by its T2 features;
 - (round, site number, slot) identify a prototype: round >= 1 for a filled row, 0 for an
   empty one; site number is the 1-based index of the site in the plan's sorted site names.
 
@@ -24,17 +28,25 @@ from collections.abc import Sequence
 
 import numpy as np
 
-META_COLUMNS = 3          # round, site number, slot
+IDENTITY_COLUMNS = 3      # round, site number, slot: identify a prototype
+KEY_SOURCE_COLUMN = 3     # which representation the key is in
+META_COLUMNS = 4
+SHARED_KEY = 0            # key source of keys in the modality-shared space; 1 + q: tailored of sequence q
 
 
 def memory_width(dim: int) -> int:
     return META_COLUMNS + 2 * int(dim)
 
 
+def tailored_key(sequence_index: int) -> int:
+    """The key source of keys in the tailored space of sequence `sequence_index`."""
+    return 1 + int(sequence_index)
+
+
 def feature_dim(memory: np.ndarray) -> int:
     width = memory.shape[-1] - META_COLUMNS
     if width <= 0 or width % 2:
-        raise ValueError(f"a memory row holds 3 + 2·D values, got width {memory.shape[-1]}")
+        raise ValueError(f"a memory row holds {META_COLUMNS} + 2·D values, got width {memory.shape[-1]}")
     return width // 2
 
 
@@ -65,26 +77,33 @@ def fifo_merge(memories: Sequence[np.ndarray], capacity: int | None = None) -> n
     stacked = np.concatenate(rows, axis=0) if rows else np.zeros((0, width))
     if not len(stacked):
         return out
-    identity = stacked[:, :META_COLUMNS]
+    identity = stacked[:, :IDENTITY_COLUMNS]
     # np.unique sorts lexicographically by (round, site, slot): the FIFO order; return_index
     # keeps the first copy of a duplicated identity (the same prototype sent back by many sites).
     _, first = np.unique(identity, axis=0, return_index=True)
     ordered = stacked[first]
-    ordered = ordered[np.lexsort(ordered[:, :META_COLUMNS].T[::-1])]
+    ordered = ordered[np.lexsort(ordered[:, :IDENTITY_COLUMNS].T[::-1])]
     kept = ordered[-capacity:] if capacity > 0 else ordered[:0]
     out[: len(kept)] = kept
     return out
 
 
-def prototype_rows(keys: np.ndarray, values: np.ndarray, round_index: int, site_number: int) -> np.ndarray:
-    """New memory rows for k prototypes (keys, values: (k, D)) made at `round_index` by a site."""
+def prototype_rows(
+    keys: np.ndarray, values: np.ndarray, round_index: int, site_number: int, key_source: int = SHARED_KEY, first_slot: int = 0
+) -> np.ndarray:
+    """New memory rows for k prototypes (keys, values: (k, D)) made at `round_index` by a site,
+    keys in the space `key_source`, slots numbered from `first_slot` (a site writing several
+    batches in one round numbers them on, so every prototype keeps its own identity)."""
     keys, values = np.asarray(keys, dtype=np.float64), np.asarray(values, dtype=np.float64)
     if keys.shape != values.shape or keys.ndim != 2:
         raise ValueError(f"keys {keys.shape} and values {values.shape} must both be (k, D)")
     if round_index < 1 or site_number < 1:
         raise ValueError("round and site number start at 1 (0 marks an empty row)")
+    if key_source < 0 or first_slot < 0:
+        raise ValueError("key source and slot are >= 0")
     k = keys.shape[0]
-    meta = np.stack([np.full(k, float(round_index)), np.full(k, float(site_number)), np.arange(k, dtype=np.float64)], axis=1)
+    meta = np.stack([np.full(k, float(round_index)), np.full(k, float(site_number)),
+                     first_slot + np.arange(k, dtype=np.float64), np.full(k, float(key_source))], axis=1)
     return np.concatenate([meta, keys, values], axis=1)
 
 

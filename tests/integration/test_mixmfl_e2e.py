@@ -14,7 +14,7 @@ def test_mixmfl_two_rounds_with_memory(tmp_path: Path):
     from fedseg.federation.simulation import SimulationConfig, simulate
     from fedseg.federation.weightfile import read_weight_file
     from fedseg.planning.plans import load_plans
-    from fedseg.training.prototype_memory import filled_rows
+    from fedseg.training.prototype_memory import SHARED_KEY, filled_rows, tailored_key
 
     generate(tmp_path / "all", preset="mixmfl", seed=0)
     sites = tmp_path / "sites"
@@ -31,12 +31,16 @@ def test_mixmfl_two_rounds_with_memory(tmp_path: Path):
     plans = load_plans(run / "plans.json")
     assert plans.sites["site1"].channels == ["T1", "T1ce"]
     tensors, meta = read_weight_file(run / "round_002" / "site1.safetensors")
-    # site1 receives the merged memories of every stage (T2 prototypes come from site2 and
-    # site6, 4 per round each)
+    # site1 receives the merged memories of every stage: T2 prototypes come from site2
+    # (T1+T2) and site6 (T2+FLAIR), per round 4 keyed by the shared representation and 4 by
+    # the tailored one of the site's other sequence (T1 at site2, FLAIR at site6)
     stages = plans.configuration_for("site1").network.n_stages
     for stage in range(stages):
         name = f"memory.T2.{stage}"
-        assert [tuple(r[:2]) for r in filled_rows(tensors[name])] == [(1, 2)] * 4 + [(1, 3)] * 4 + [(2, 2)] * 4 + [(2, 3)] * 4
+        rows = filled_rows(tensors[name])
+        assert [tuple(r[:2]) for r in rows] == [(1, 2)] * 8 + [(1, 3)] * 8 + [(2, 2)] * 8 + [(2, 3)] * 8
+        sources = {(int(r[1]), int(r[3])) for r in rows}
+        assert sources == {(2, SHARED_KEY), (2, tailored_key(0)), (3, SHARED_KEY), (3, tailored_key(3))}
         assert meta.scopes[name] == "memory:T2"
     # its T1 encoder comes from the T1 holders' pool; the T2 encoder it never trains is not sent to it
     assert any(name.startswith("tailored.T1.") for name in tensors)

@@ -101,6 +101,6 @@ def test_memory_pool_merges_by_fifo(mixmfl_fingerprints):
     b = push(base, prototype_rows(np.zeros((2, 2)) + 2, np.zeros((2, 2)) + 2, 1, 2))
     merged = s.combine(plans, "memory:T1", "memory.T1.0", [Contribution("site1", 10, 5, a), Contribution("site2", 10, 5, b),
                                                            Contribution("site6", 10, 5, base)])
-    assert merged.shape == (4, 7)
+    assert merged.shape == (4, 8)
     assert [tuple(r[:3]) for r in filled_rows(merged)] == [(1, 1, 1), (1, 1, 2), (1, 2, 0), (1, 2, 1)]
     assert s.pool_weights(plans, "memory:T1", []) is None

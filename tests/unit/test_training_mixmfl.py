@@ -15,12 +15,14 @@ from fedseg.training.mixmfl_network import (
     retrieve,
 )
 from fedseg.training.prototype_memory import (
+    SHARED_KEY,
     empty_memory,
     fifo_merge,
     filled_rows,
     kmeans,
     prototype_rows,
     push,
+    tailored_key,
 )
 
 SEQS = ["T1", "T1ce", "T2", "FLAIR"]
@@ -70,7 +72,7 @@ def test_missing_sequences_are_filled_from_the_memory_of_every_stage():
         assert set(net.state_dict()) >= {f"memory.{k}.{s}" for k in SEQS for s in range(3)}
         for s in range(net.n_stages):
             width = net.memory_of(2, s).shape[1]
-            d = (width - 3) // 2
+            d = (width - 4) // 2
             rows = prototype_rows(np.random.default_rng(s).normal(size=(4, d)), np.full((4, d), 5.0), 1, 1)
             net.set_memory(2, s, torch.from_numpy(push(empty_memory(10, d), rows)))
             # a filled memory changes the output through this stage's slot of the missing T2
@@ -117,10 +119,32 @@ def test_retrieval_picks_the_prototype_with_the_most_similar_key():
     query = torch.zeros(1, d, 1, 1, 2)
     query[0, 0, 0, 0, 0] = 1.0    # voxel 0 looks like key 0
     query[0, 1, 0, 0, 1] = 2.0    # voxel 1 looks like key 1
-    out = retrieve(memory, query, temperature=0.01)
+    out = retrieve(memory, {SHARED_KEY: query}, temperature=0.01)
     assert torch.allclose(out[0, :, 0, 0, 0], torch.tensor([1.0, 0, 0, 0]), atol=1e-4)
     assert torch.allclose(out[0, :, 0, 0, 1], torch.tensor([0, 0, 0, 5.0]), atol=1e-4)
-    assert torch.equal(retrieve(torch.zeros(5, 3 + 2 * d), query), torch.zeros_like(query))   # empty memory
+    assert torch.equal(retrieve(torch.zeros(5, 4 + 2 * d), {SHARED_KEY: query}), torch.zeros_like(query))   # empty memory
+
+
+def test_retrieval_compares_each_query_with_keys_of_its_own_space():
+    # Two prototypes with the same key vector, one keyed in the shared space, one in the
+    # tailored space of sequence 1: which one a voxel retrieves depends on which space the
+    # matching query comes from, and a site that cannot produce a space never sees its rows.
+    d = 3
+    key = np.array([[1.0, 0, 0]])
+    rows = np.concatenate([
+        prototype_rows(key, np.array([[7.0, 7, 7]]), 1, 1, key_source=SHARED_KEY, first_slot=0),
+        prototype_rows(key, np.array([[-2.0, -2, -2]]), 1, 1, key_source=tailored_key(1), first_slot=1),
+    ])
+    memory = torch.from_numpy(push(empty_memory(4, d), rows))
+    along, across = torch.zeros(1, d, 1, 1, 1), torch.zeros(1, d, 1, 1, 1)
+    along[0, 0] = 1.0     # parallel to the key
+    across[0, 1] = 1.0    # orthogonal to it
+    only_shared = retrieve(memory, {SHARED_KEY: along}, temperature=0.01)
+    assert torch.allclose(only_shared.flatten(), torch.full((d,), 7.0))
+    both = retrieve(memory, {SHARED_KEY: across, tailored_key(1): along}, temperature=0.01)
+    assert torch.allclose(both.flatten(), torch.full((d,), -2.0), atol=1e-3)
+    assert torch.equal(retrieve(memory, {tailored_key(2): along}), torch.zeros_like(along))   # no such keys
+    assert [r[3] for r in filled_rows(memory.numpy())] == [SHARED_KEY, tailored_key(1)]
 
 
 def test_memory_fifo_merge_is_deterministic_deduplicated_and_truncated():
@@ -130,12 +154,12 @@ def test_memory_fifo_merge_is_deterministic_deduplicated_and_truncated():
     site_b = push(old, prototype_rows(np.full((3, d), 3.0), np.full((3, d), 3.0), 2, 2))
     site_c = old.copy()                       # a site that holds no such sequence sends it back unchanged
     merged = fifo_merge([site_a, site_b, site_c])
-    assert merged.shape == (capacity, 3 + 2 * d)
+    assert merged.shape == (capacity, 4 + 2 * d)
     assert np.array_equal(fifo_merge([site_c, site_b, site_a]), merged)      # order-free
     rows = filled_rows(merged)
     # 2 old + 2 + 3 new = 7 distinct prototypes: the 5 newest kept, oldest first
     assert [tuple(r[:3]) for r in rows] == [(2, 1, 0), (2, 1, 1), (2, 2, 0), (2, 2, 1), (2, 2, 2)]
-    assert np.all(rows[:2, 3:] == 2.0) and np.all(rows[2:, 3:] == 3.0)
+    assert np.all(rows[:2, 4:] == 2.0) and np.all(rows[2:, 4:] == 3.0)
     # with room to spare, nothing is dropped and the shared old rows count once
     assert len(filled_rows(fifo_merge([site_a, site_b, site_c], capacity=10))) == 7
 
