@@ -18,8 +18,8 @@ shared decoder, plus one prototype memory per sequence and encoder stage. Where 
 
 Strategy params (`fedseg plan --set key=value`): tailored, memory, triplet, classifier (true/
 false: the paper's ablation switches), lambda_cls (0.5), lambda_triplet (1e-4),
-triplet_margin (1.0), memory_size (200), prototypes (k-means centres per sequence, site and
-round, per stage: 16).
+triplet_margin (1.0), memory_size (200), prototypes (k-means centres per sequence, stage,
+key space, site and round: 16).
 """
 
 from __future__ import annotations
