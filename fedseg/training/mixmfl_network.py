@@ -40,7 +40,14 @@ from torch.nn import functional as F
 
 from fedseg.planning.plans import ConfigurationPlan, NetworkSpec
 from fedseg.training.network import ConvNormNonlin, Decoder, Encoder, _check_spec, init_weights
-from fedseg.training.prototype_memory import KEY_SOURCE_COLUMN, META_COLUMNS, SHARED_KEY, memory_width, tailored_key
+from fedseg.training.prototype_memory import (
+    KEY_SOURCE_COLUMN,
+    MEMORY_QUERIES,
+    META_COLUMNS,
+    SHARED_KEY,
+    memory_width,
+    tailored_key,
+)
 
 # Each encoder branch has half the plan's features per stage: two encoders per present
 # sequence then cost about what one plain U-Net encoder costs on a two-sequence site.
@@ -141,6 +148,7 @@ class MixMFLNet(nn.Module):
         present: Sequence[int] | None = None,
         memory_size: int = DEFAULT_MEMORY_SIZE,
         use_memory: bool = True,
+        memory_query: str = "both",
     ) -> None:
         super().__init__()
         _check_spec(spec, ndim)
@@ -153,6 +161,9 @@ class MixMFLNet(nn.Module):
         if not self.present or any(not 0 <= i < self.n_channels for i in self.present):
             raise ValueError(f"present sequences {list(present or [])} must be a non-empty subset of 0..{self.n_channels - 1}")
         self.use_memory = bool(use_memory)
+        if memory_query not in MEMORY_QUERIES:
+            raise ValueError(f"memory_query must be one of {', '.join(MEMORY_QUERIES)}, got {memory_query!r}")
+        self.memory_query = memory_query
         self.deep_supervision = bool(spec.deep_supervision)
 
         branch = [max(MIN_BRANCH_FEATURES, f // BRANCH_DIVISOR) for f in spec.features_per_stage]
@@ -206,6 +217,15 @@ class MixMFLNet(nn.Module):
         shared = {m: [s[i * b:(i + 1) * b] for s in stacked] for i, m in enumerate(self.present)}
         return tailored, shared
 
+    def _queries(self, shared_mean: torch.Tensor, tailored: dict[int, list[torch.Tensor]], stage: int) -> dict[int, torch.Tensor]:
+        """The key spaces this site queries a missing sequence's memory with (see MEMORY_QUERIES)."""
+        queries: dict[int, torch.Tensor] = {}
+        if self.memory_query in ("shared", "both"):
+            queries[SHARED_KEY] = shared_mean
+        if self.memory_query in ("tailored", "both"):
+            queries.update({tailored_key(q): tailored[q][stage] for q in self.present})
+        return queries
+
     def forward(self, x: torch.Tensor, return_aux: bool = False):
         tailored, shared = self.encode(x)
         n_stages = len(self.fuse)
@@ -219,8 +239,7 @@ class MixMFLNet(nn.Module):
                 if m in tailored:
                     slots.append(tailored[m][s])
                 elif self.use_memory:
-                    queries = {SHARED_KEY: shared_mean[s], **{tailored_key(q): tailored[q][s] for q in self.present}}
-                    pseudo = retrieve(self.memory_of(m, s), queries)
+                    pseudo = retrieve(self.memory_of(m, s), self._queries(shared_mean[s], tailored, s))
                     if s == bottleneck:
                         retrieved[m] = pseudo
                     slots.append(pseudo)
@@ -250,11 +269,12 @@ def build_mixmfl_network(
     present: Sequence[int] | None = None,
     memory_size: int = DEFAULT_MEMORY_SIZE,
     use_memory: bool = True,
+    memory_query: str = "both",
     seed: int | None = None,
 ) -> MixMFLNet:
     """The mix-modal network of a plan's configuration; `seed` makes the initial weights deterministic."""
     def make() -> MixMFLNet:
-        return MixMFLNet(config.network, config.ndim, sequence_keys, n_classes, present, memory_size, use_memory)
+        return MixMFLNet(config.network, config.ndim, sequence_keys, n_classes, present, memory_size, use_memory, memory_query)
 
     if seed is None:
         net = make()

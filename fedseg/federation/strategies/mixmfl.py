@@ -49,6 +49,7 @@ DEFAULTS: dict[str, Any] = {
     "triplet_margin": 1.0,
     "memory_size": 200,         # the paper's memory size per modality
     "prototypes": 16,
+    "memory_query": "both",     # key spaces a site queries: both, tailored, shared
 }
 _SWITCHES = ("tailored", "memory", "triplet", "classifier")
 
@@ -90,6 +91,10 @@ class MixMFL(Strategy):
             value = params.get(key, DEFAULTS[key])
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise InputError(f"{key} must be a number >= 0, got {value!r}")
+        from fedseg.training.prototype_memory import MEMORY_QUERIES
+
+        if params.get("memory_query", DEFAULTS["memory_query"]) not in MEMORY_QUERIES:
+            raise InputError(f"memory_query must be one of {', '.join(MEMORY_QUERIES)}, got {params['memory_query']!r}")
         for key in ("memory_size", "prototypes"):
             value = params.get(key, DEFAULTS[key])
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -106,7 +111,7 @@ class MixMFL(Strategy):
         return build_mixmfl_network(
             plans.configuration_for(site), sequence_keys(plans), plans.n_classes,
             present=present_indices(plans, site), memory_size=params["memory_size"],
-            use_memory=params["memory"], seed=plans.seed,
+            use_memory=params["memory"], memory_query=params["memory_query"], seed=plans.seed,
         )
 
     def trainer_class(self, plans: Plans) -> Any:
