@@ -80,6 +80,9 @@ def test_scopes_per_sequence_and_ablation_switches(mixmfl_fingerprints):
     assert s.scope(no_memory, "site1", "memory.T1.0") is None
     with pytest.raises(InputError):
         s.check_params({"memory": "maybe"})
+    with pytest.raises(InputError, match="memory_query"):
+        s.check_params({"memory_query": "nearest"})
+    s.check_params({"memory_query": "tailored"})
 
 
 def test_tailored_pool_is_the_weighted_mean_over_holders_only(mixmfl_fingerprints):

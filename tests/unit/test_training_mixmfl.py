@@ -87,6 +87,23 @@ def test_missing_sequences_are_filled_from_the_memory_of_every_stage():
         assert not torch.allclose(net(x)[0], empty)                   # the switch turns retrieval off
 
 
+@pytest.mark.parametrize("memory_query, uses_shared_rows", [("tailored", False), ("shared", True), ("both", True)])
+def test_memory_query_chooses_the_key_spaces(memory_query, uses_shared_rows):
+    torch.manual_seed(0)
+    net = MixMFLNet(SPEC, 3, SEQS, 3, present=[2, 3], memory_size=10, memory_query=memory_query)
+    net.eval()
+    x = torch.randn(1, 4, 16, 16, 16)
+    with torch.no_grad():
+        empty = net(x)[0]
+        for s in range(net.n_stages):
+            d = (net.memory_of(0, s).shape[1] - 4) // 2
+            rows = prototype_rows(np.ones((2, d)), np.full((2, d), 3.0), 1, 1, key_source=SHARED_KEY)
+            net.set_memory(0, s, torch.from_numpy(push(empty_memory(10, d), rows)))
+        assert torch.allclose(net(x)[0], empty) != uses_shared_rows
+    with pytest.raises(ValueError, match="memory_query"):
+        MixMFLNet(SPEC, 3, SEQS, 3, present=[2, 3], memory_query="nearest")
+
+
 def test_gradient_reversal_flips_the_gradient():
     x = torch.randn(5, requires_grad=True)
     (grad_reverse(x, 1.0) * torch.arange(5.0)).sum().backward()
