@@ -4,15 +4,17 @@ Runs whole federations with `fedseg.federation.simulation.simulate` (6 sites, ea
 different pair of T1/T1ce/T2/FLAIR) and prints:
 
 1. per-site test Dice (mean over tumour core and oedema) of FedAvg with zero-filled missing
-   sequences vs MDM-MixMFL (as the paper's Table 1);
-2. the ablation: the full model vs without tailored updating, memory, triplet loss,
+   sequences vs MDM-MixMFL (as the paper's Table 1), averaged over three training seeds
+   (`--seed` and `--extra-seeds`);
+2. the ablation (at `--seed`): the full model vs without tailored updating, memory, triplet loss,
    classifier (as the paper's Table 3);
 3. oedema Dice of the site that lacks T2/FLAIR, with and without the memory.
 
     .venv/bin/python benchmarks/mixmfl_tables.py --out /tmp/mixmfl_bench [--rounds 12 --iterations 10]
 
-Variants can run as parallel processes (`--only fedavg MDM-MixMFL`, `--only wo_memory`, ...);
-a final call without --only reuses the finished runs and prints the tables.
+Variants can run as parallel processes (`--only fedavg MDM-MixMFL`, `--only wo_memory`,
+`--only seed1235`, ...); a final call without --only reuses the finished runs and prints the
+tables.
 
 Single-threaded torch (so timings do not depend on the core count), augmentation in-process.
 Results and per-run folders are kept under --out; a rerun reuses finished runs.
@@ -76,15 +78,31 @@ def _average(result: dict, sites: list[str]) -> float:
     return sum(result["per_site"][s]["mean"] for s in sites) / len(sites)
 
 
+TABLE1 = ("fedavg (zero-fill)", "MDM-MixMFL")
+
+
+def seed_mean(runs: list[dict]) -> dict:
+    """A result whose per-site Dice is the mean over several seeds' results."""
+    sites = sorted(runs[0]["per_site"])
+    per_site = {}
+    for site in sites:
+        dice = {label: sum(r["per_site"][site]["dice"][label] for r in runs) / len(runs) for label in FOREGROUND}
+        per_site[site] = {"dice": dice, "mean": sum(dice.values()) / len(dice)}
+    return {"per_site": per_site, "seconds": sum(r["seconds"] for r in runs)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--iterations", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--seed", type=int, default=1234, help="training seed of every variant (Tables 1 and 3)")
+    parser.add_argument("--extra-seeds", type=int, nargs="*", default=[1235, 1236],
+                        help="more training seeds for Table 1 (fedavg vs MDM-MixMFL), runs under --out/seed<N>/")
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--patch", default="16,16,16", help="configuration.patch_size for every run (small: CPU time)")
-    parser.add_argument("--only", nargs="*", default=None, help="run just these variants (slugs), then stop (for parallel runs)")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="run just these variants (slugs, e.g. fedavg MDM-MixMFL wo_memory; add seed<N> for an extra seed's pair), then stop")
     args = parser.parse_args()
 
     import torch
@@ -95,27 +113,45 @@ def main() -> None:
     sites = args.out / "sites"
     if not (sites / "site6" / "dataset.json").is_file():
         generate(sites, preset="mixmfl", seed=args.data_seed)
+    wanted = None if args.only is None else set(args.only)
     results = {}
     for name, (strategy, params) in VARIANTS.items():
         slug = _slug(name)
-        if args.only is not None and slug not in args.only:
+        if wanted is not None and slug not in wanted:
             continue
         params = {**params, "configuration.patch_size": args.patch}
         results[name] = run_variant(sites, args.out / slug, strategy, params, args.rounds, args.iterations, args.seed)
         print(f"{name}: {100 * _average(results[name], sorted(results[name]['per_site'])):.2f} "
               f"({results[name]['seconds']:.0f}s)", flush=True)
+    extra: dict[int, dict[str, dict]] = {}
+    for seed in args.extra_seeds:
+        if wanted is not None and f"seed{seed}" not in wanted:
+            continue
+        extra[seed] = {}
+        for name in TABLE1:
+            strategy, params = VARIANTS[name]
+            params = {**params, "configuration.patch_size": args.patch}
+            extra[seed][name] = run_variant(sites, args.out / f"seed{seed}" / _slug(name), strategy, params,
+                                            args.rounds, args.iterations, seed)
+            print(f"{name}, seed {seed}: {100 * _average(extra[seed][name], sorted(extra[seed][name]['per_site'])):.2f}", flush=True)
     if args.only is not None:
         return
     site_names = sorted(results["MDM-MixMFL"]["per_site"])
+    seeds = [args.seed, *args.extra_seeds]
 
-    print("\nTable 1: per-site test Dice (%, mean of tumour core and oedema)\n")
-    print(table({k: results[k] for k in ("fedavg (zero-fill)", "MDM-MixMFL")}, site_names))
-    print("\nTable 3: ablation (%, mean of tumour core and oedema)\n")
+    print(f"\nTable 1: per-site test Dice (%, mean of tumour core and oedema), mean over seeds {', '.join(map(str, seeds))}\n")
+    table1 = {name: seed_mean([results[name], *(extra[s][name] for s in args.extra_seeds)]) for name in TABLE1}
+    print(table(table1, site_names))
+    print("\nper seed (average over sites): " + "; ".join(
+        f"{seed}: " + ", ".join(f"{name} {100 * _average(run[name], site_names):.2f}" for name in TABLE1)
+        for seed, run in [(args.seed, results), *extra.items()]))
+    print(f"\nTable 3: ablation (%, mean of tumour core and oedema), seed {args.seed}\n")
     print(table({k: v for k, v in results.items() if k != "fedavg (zero-fill)"}, site_names, reference="MDM-MixMFL"))
     full = results["MDM-MixMFL"]["per_site"][SITE_WITHOUT_T2_FLAIR]["dice"]["oedema"]
     without = results["w/o memory"]["per_site"][SITE_WITHOUT_T2_FLAIR]["dice"]["oedema"]
     print(f"\n{SITE_WITHOUT_T2_FLAIR} (T1 + T1ce only) oedema Dice: with memory {100 * full:.2f}, without {100 * without:.2f}")
-    summary = {"rounds": args.rounds, "iterations": args.iterations, "seed": args.seed, "results": results}
+    summary = {"rounds": args.rounds, "iterations": args.iterations, "seed": args.seed, "results": results,
+               "extra_seeds": {str(k): v for k, v in extra.items()}, "table1_seed_mean": table1}
     (args.out / "tables.json").write_text(json.dumps(summary, indent=2))
 
 
