@@ -11,15 +11,24 @@ from fedseg.cli.options import JSON, QUIET, parse_set_options, require_dir, requ
 
 def synth(
     out: Path = typer.Argument(..., help="Folder to create; one nnU-Net raw folder per site inside."),
-    preset: str = typer.Option("tiny", "--preset", help="Which synthetic federation to generate (tiny, brain, ...)."),
+    preset: str = typer.Option("tiny", "--preset", help="Which synthetic federation to generate (see the list above)."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same data)."),
     quiet: bool = QUIET,
 ) -> None:
     """Generate synthetic multi-site data (nnU-Net raw format, Tr and Ts splits).
 
-    Presets: tiny (3 sites, 3D, different scanners), brain (a real MRI through 3 scanners),
-    flames (2D PNG: 3 large MRI sites + 2 small ultrasound sites of other organs, and a
-    mixed server test set in _server_test/).
+    Presets:
+
+    \b
+    - tiny: 3 sites, 3D, a bright blob; spacing and intensity differ per site (the demo's)
+    - tiny5: 5 sites like tiny, for robust-aggregation tests
+    - brain: a real T1 MRI seen through 3 simulated scanners; label = tissue mask
+    - fednnunet: 3 sites with 1, 2.5 and 4 mm slices and different fields of view (asymfedavg)
+    - flames: 2D PNG, 3 large MRI sites + 2 small ultrasound sites of other organs,
+      and a mixed server test set in _server_test/ (flames)
+    - mixmfl: 6 sites, 4 MRI sequences, each site holds a different pair (mixmfl)
+    - fedfms: 3 sites, 2D fundus-like PNGs, optic disc and cup (fedmsa, fedsam)
+
     Refuses to write into site folders that already hold files.
 
     Example: fedseg synth sites --preset tiny --seed 0

@@ -83,3 +83,10 @@ def test_unknown_preset_and_existing_output(tmp_path: Path) -> None:
         generate(tmp_path, preset="tiny")
     assert not (tmp_path / "site_a").exists()                 # checked before writing anything
     assert sorted(PRESETS) == ["brain", "tiny"] or {"brain", "tiny"} <= set(PRESETS)
+
+
+def test_synth_help_lists_every_preset() -> None:
+    from fedseg.cli.data_commands import synth
+
+    listed = {line.strip()[2:].split(":")[0] for line in (synth.__doc__ or "").splitlines() if line.strip().startswith("- ")}
+    assert listed == set(PRESETS)
