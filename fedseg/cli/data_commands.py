@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from fedseg.cli.options import JSON, QUIET, parse_set_options, require_dir, require_file
+from fedseg.cli.options import JSON, QUIET, STRATEGY_HELP, parse_set_options, require_dir, require_file
 
 
 def synth(
@@ -70,7 +70,7 @@ def fingerprint(
 
 def plan(
     fingerprints: list[Path] = typer.Argument(..., help="Fingerprint files, one per site."),
-    strategy: str = typer.Option("fedavg", "--strategy", help="Federation strategy (fedavg, local, ...)."),
+    strategy: str = typer.Option("fedavg", "--strategy", help=STRATEGY_HELP),
     output: Path = typer.Option(..., "-o", "--output", help="plans.json to write."),
     config: str = typer.Option("3d_fullres", "--config", help="Configuration: 3d_fullres or 2d."),
     budget: float = typer.Option(None, "--budget", help="Compute budget for the patch size (nnU-Net GPU-memory gigabytes; default 0.8 suits a CPU; see docs/fingerprint.md)."),

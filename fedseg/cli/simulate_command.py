@@ -7,13 +7,14 @@ from pathlib import Path
 import typer
 
 from fedseg.cli.options import (
-    CONFIGURATION, DEVICE, ITERATIONS, JSON, QUIET, RESUME, ROUNDS, RUN_OUTPUT, SEED, SET, SITES_ROOT, WORKERS, parse_set_options,
+    CONFIGURATION, DEVICE, ITERATIONS, JSON, QUIET, RESUME, ROUNDS, RUN_OUTPUT, SEED, SET, SITES_ROOT, STRATEGY_HELP, WORKERS,
+    parse_set_options,
 )
 
 
 def simulate(
     sites_root: Path = SITES_ROOT,
-    strategy: str = typer.Option("fedavg", "--strategy", help="Federation strategy (fedavg, local, ...)."),
+    strategy: str = typer.Option("fedavg", "--strategy", help=STRATEGY_HELP),
     rounds: int = ROUNDS,
     output: Path = RUN_OUTPUT,
     config: str = CONFIGURATION,

@@ -22,3 +22,10 @@ def test_quiet_prints_nothing(capsys: pytest.CaptureFixture) -> None:
         advance()
     reporter.log("done")
     assert capsys.readouterr().err == ""
+
+
+def test_strategy_help_names_every_registered_strategy() -> None:
+    from fedseg.cli.options import STRATEGY_NAMES
+    from fedseg.federation.strategies import strategy_names
+
+    assert sorted(STRATEGY_NAMES) == strategy_names()
