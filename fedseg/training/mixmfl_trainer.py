@@ -48,6 +48,10 @@ class MixMFLTrainer(SiteTrainer):
         self.lambda_triplet = float(self.params["lambda_triplet"]) if self.params["triplet"] else 0.0
         self.site_number = sorted(plans.sites).index(site) + 1
         self.last_terms: dict[str, float] = {}
+        # Sums of each loss term over the round's steps: logged at the end of the round so a
+        # user tuning λ1 / λ2 sees how large each weighted term is next to the segmentation loss.
+        self.term_sums: dict[str, float] = {}
+        self.term_steps = 0
 
     # -- losses --------------------------------------------------------------------------
     def decoupling_losses(self, aux: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,10 +90,29 @@ class MixMFLTrainer(SiteTrainer):
         self.optimizer.step()
         self.last_terms = {"seg": float(seg_loss.detach()), "cls": float(cls_loss.detach()),
                            "triplet": float(triplet_loss.detach())}
+        for name, value in self.last_terms.items():
+            self.term_sums[name] = self.term_sums.get(name, 0.0) + value
+        self.term_steps += 1
         return float(loss.detach().cpu())
+
+    def on_round_start(self, round_index: int) -> None:
+        super().on_round_start(round_index)
+        self.term_sums, self.term_steps = {}, 0
+
+    def loss_terms_line(self, round_index: int) -> str | None:
+        """'round r: mean loss terms ...': each term's mean over the round's steps (since a resume), with its weight."""
+        if not self.term_steps:
+            return None
+        mean = {name: total / self.term_steps for name, total in self.term_sums.items()}
+        return (f"round {round_index}: mean loss terms: segmentation {mean['seg']:.4f}, "
+                f"classifier {mean['cls']:.4f} x λ1={self.lambda_cls:g}, "
+                f"triplet {mean['triplet']:.4f} x λ2={self.lambda_triplet:g}")
 
     # -- memory --------------------------------------------------------------------------
     def on_round_end(self, round_index: int) -> None:
+        line = self.loss_terms_line(round_index)
+        if line is not None:
+            self.log(line)
         if not self.params["memory"] or not self.train_cases:
             return
         net: MixMFLNet = self.network

@@ -188,3 +188,14 @@ def test_kmeans_separates_clear_clusters_deterministically():
     assert len(set(labels[:30])) == 1 and len(set(labels[30:])) == 1 and labels[0] != labels[-1]
     assert np.array_equal(labels, kmeans(points, 2, np.random.default_rng(1)))
     assert len(set(kmeans(points[:3], 10, np.random.default_rng(0)))) <= 3
+
+
+def test_loss_terms_line_reports_each_terms_mean_and_weight():
+    from types import SimpleNamespace
+
+    from fedseg.training.mixmfl_trainer import MixMFLTrainer
+
+    trainer = SimpleNamespace(term_sums={"seg": 1.0, "cls": 2.6, "triplet": 2.0}, term_steps=2, lambda_cls=0.5, lambda_triplet=1e-4)
+    line = MixMFLTrainer.loss_terms_line(trainer, 3)
+    assert line == "round 3: mean loss terms: segmentation 0.5000, classifier 1.3000 x λ1=0.5, triplet 1.0000 x λ2=0.0001"
+    assert MixMFLTrainer.loss_terms_line(SimpleNamespace(term_steps=0), 3) is None
