@@ -1,7 +1,7 @@
 """Local-only vs fedavg (one common plan) vs asymfedavg (per-site plans) on the `fednnunet` preset.
 
-Runs `fedseg simulate` four times (local-only with each site's own plan and with the common
-plan, fedavg, asymfedavg) on the same synthetic sites (1, 2.5 and 4 mm slices) with the
+Runs `fedseg simulate` five times (local-only with each site's own plan and with the common
+plan, fedavg, asymfedavg, and asymfedavg with `aligned_init=false`) on the same synthetic sites (1, 2.5 and 4 mm slices) with the
 same rounds, iterations and seed, then prints a markdown table of each site's test Dice and
 HD95 (foreground mean; HD95 in mm). With several `--seeds` (each a new draw of the data and
 of training) it also prints the Dice averaged over seeds. Single-threaded torch: a few
@@ -9,6 +9,9 @@ minutes per seed on 2 CPU cores.
 
     .venv/bin/python benchmarks/asymfedavg_table.py                      # defaults below
     .venv/bin/python benchmarks/asymfedavg_table.py --seeds 0 1 2 --keep /tmp/afa   # 3 seeds + mean
+
+Seeds are independent: `--seeds 0 --keep DIR` and `--seeds 1 --keep DIR` can run as parallel
+processes; a last call with all seeds and the same --keep reuses their runs and prints the mean.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ STRATEGIES = (
     ("local", "local", "local only (common plan)", ()),
     ("fedavg", "fedavg", "fedavg (common plan)", ()),
     ("asymfedavg", "asymfedavg", "asymfedavg (per-site plans)", ()),
+    ("asymfedavg_unaligned", "asymfedavg", "asymfedavg, aligned_init=false", ("--set", "aligned_init=false")),
 )
 
 

@@ -490,6 +490,7 @@ def initial_round(
                     )
             built[config] = state
         states[site] = dict(built[config])
+    states = strategy.initial_states(plans, states)
 
     pooled: dict[tuple[str, str], np.ndarray] = {}
     scopes: dict[str, dict[str, str]] = {}

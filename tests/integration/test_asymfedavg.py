@@ -69,3 +69,16 @@ def test_updates_hold_only_mapped_tensors_and_local_ones_stay(run: Path):
     np.testing.assert_array_equal(models["site_a"][name], models["site_c"][name])
     report = (run / "report" / "metrics.json")
     assert report.is_file()
+
+
+def test_round_zero_local_filters_follow_one_reference(run: Path):
+    """site_a's first convolution is 3x3x3, site_b's and site_c's are 1x3x3: the thinner ones
+    start as site_a's filters summed across slices, so the shared layer after them reads
+    channels that mean the same at every site."""
+    from fedseg.federation.weightfile import read_weight_file
+
+    name = "encoder.stages.0.convs.0.conv.weight"
+    start = {site: read_weight_file(run / "round_000" / f"{site}.safetensors")[0][name] for site in ("site_a", "site_b", "site_c")}
+    assert start["site_a"].shape[2:] == (3, 3, 3) and start["site_c"].shape[2:] == (1, 3, 3)
+    np.testing.assert_allclose(start["site_c"], start["site_a"].sum(axis=2, keepdims=True), rtol=1e-6)
+    np.testing.assert_array_equal(start["site_b"], start["site_c"])

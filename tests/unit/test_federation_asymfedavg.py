@@ -219,3 +219,55 @@ def test_inspect_shows_the_map(preset_fingerprints, tmp_path: Path):
     assert lines["encoder.stages.1"].startswith("global")
     assert set(k for k in lines if k.startswith("site ")) == {"site site_a", "site site_b", "site site_c"}
     assert MAP_KEY not in summary      # the per-tensor map itself is not dumped
+
+
+def test_a_thin_filter_derived_from_a_thick_one_answers_a_slice_as_the_thick_one_a_constant_volume():
+    import torch
+
+    from fedseg.federation.strategies.asymfedavg import derive_from_reference
+
+    rng = np.random.default_rng(0)
+    thick = rng.standard_normal((4, 2, 3, 3, 3)).astype(np.float32)
+    thin = derive_from_reference(thick, (4, 2, 1, 3, 3))
+    image = rng.standard_normal((1, 2, 1, 8, 8)).astype(np.float32)
+    volume = np.repeat(image, 5, axis=2)                       # the same slice five times
+    by_thick = torch.nn.functional.conv3d(torch.from_numpy(volume), torch.from_numpy(thick))[0, :, 1]
+    by_thin = torch.nn.functional.conv3d(torch.from_numpy(image), torch.from_numpy(thin))[0, :, 0]
+    np.testing.assert_allclose(by_thin.numpy(), by_thick.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_derived_tensors_keep_leading_channels_and_he_variance():
+    from fedseg.federation.strategies.asymfedavg import derive_from_reference
+
+    rng = np.random.default_rng(1)
+    fan_in = 64 * 27
+    wide = (rng.standard_normal((128, 64, 3, 3, 3)) * np.sqrt(2 / fan_in)).astype(np.float32)
+    narrow = derive_from_reference(wide, (32, 16, 1, 3, 3))
+    np.testing.assert_allclose(narrow, wide[:32, :16].sum(axis=2, keepdims=True) * 2.0, rtol=1e-5)   # sqrt(64/16)
+    assert narrow.std() == pytest.approx(np.sqrt(2 / (16 * 9)), rel=0.05)                           # He for its own fan-in
+    np.testing.assert_array_equal(derive_from_reference(np.arange(8.0), (3,)), [0.0, 1.0, 2.0])
+    assert derive_from_reference(wide, (128, 64, 5, 3, 3)) is None      # wider than the reference
+    assert derive_from_reference(wide, (128, 64, 2, 3, 3)) is None      # not a sum to extent 1
+
+
+def test_aligned_initial_states_follow_the_largest_tensor_and_keep_the_rest():
+    from fedseg.federation.strategies.asymfedavg import aligned_initial_states
+
+    rng = np.random.default_rng(2)
+    name = "encoder.stages.0.convs.0.conv.weight"
+    states = {
+        "a": {name: rng.standard_normal((4, 1, 3, 3, 3)).astype(np.float32), "other.weight": np.ones(3, np.float32)},
+        "b": {name: rng.standard_normal((4, 1, 1, 3, 3)).astype(np.float32), "other.weight": np.zeros(3, np.float32)},
+    }
+    aligned = aligned_initial_states(states)
+    np.testing.assert_array_equal(aligned["a"][name], states["a"][name])
+    np.testing.assert_allclose(aligned["b"][name], states["a"][name].sum(axis=2, keepdims=True))
+    np.testing.assert_array_equal(aligned["b"]["other.weight"], 0.0)   # no structural position: as built
+    assert states["b"][name].shape == aligned["b"][name].shape
+
+
+def test_aligned_init_can_be_switched_off_and_is_checked():
+    strategy = get_strategy("asymfedavg")
+    strategy.check_params({"aligned_init": False})
+    with pytest.raises(InputError, match="aligned_init must be true or false"):
+        strategy.check_params({"aligned_init": "yes"})

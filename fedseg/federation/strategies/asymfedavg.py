@@ -20,6 +20,16 @@ shared-parameter map (`plans.extra["shared_parameters"]`):
   subset. One site alone, or a position whose shape differs from everyone else's, is local;
 - `local_norms=true` keeps the InstanceNorm affine parameters local (FedBN).
 
+Round 0 (`aligned_init`, on by default): a shared layer is only worth averaging if its input
+channels mean the same at every site, and they come from layers that may be local (site_a's
+3x3x3 first convolution next to site_c's 1x3x3 one). Built independently, those local layers
+start with unrelated filters, so the first shared layer after them would average weights
+that read unrelated channels. Instead every position's tensors are derived from one
+reference (the largest, first site in name order): a kernel axis of extent 1 is the
+reference summed along that axis (a 1x3x3 filter responds to a slice as the 3x3x3 one does to a
+volume constant across slices), fewer channels are the first ones, and the weights are
+rescaled so that the He initialisation's variance holds for the smaller fan-in.
+
 The update a site writes holds only its pooled tensors; the rest lives in its state folder
 (`local.safetensors`). A pool is averaged weighted by n_cases (Σ n_k w_k / Σ n_k over the
 pool's sites); `weighting=uniform` gives the reference implementation's plain mean.
@@ -121,6 +131,60 @@ def shared_parameter_map(
     return {"rule": RULE, "local_norms": bool(local_norms), "sites": sites_map, "keys": keys}
 
 
+def derive_from_reference(reference: np.ndarray, shape: Sequence[int]) -> np.ndarray | None:
+    """A tensor of `shape` whose channels and filters follow `reference`, or None if it cannot.
+
+    Convolution weights (out, in, *kernel) and transposed ones (in, out, *kernel): a kernel axis
+    of extent 1 where the reference is wider is the sum along that axis; the leading channels
+    are kept where there are fewer; the result is scaled by sqrt(reference.shape[1] / shape[1]) so
+    that He initialisation's variance (fan-in = shape[1] x kernel volume) holds. Vectors (bias,
+    norm scale and shift): the leading entries.
+    """
+    shape = tuple(int(n) for n in shape)
+    if reference.ndim != len(shape) or any(n > r for n, r in zip(shape, reference.shape)):
+        return None
+    if reference.ndim == 1:
+        return reference[: shape[0]].copy()
+    if reference.ndim < 3:
+        return None
+    out = reference
+    for axis in range(2, reference.ndim):
+        if shape[axis] == out.shape[axis]:
+            continue
+        if shape[axis] != 1:
+            return None
+        out = out.sum(axis=axis, keepdims=True)
+    out = out[: shape[0], : shape[1]]
+    return (out * np.sqrt(reference.shape[1] / shape[1])).astype(reference.dtype)
+
+
+def aligned_initial_states(states: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
+    """Round-0 weights whose differently shaped tensors at one structural position all follow
+    one reference (the largest; the first site in name order among equals); see the module
+    docstring. Tensors that cannot be derived, and positions where every site agrees, are kept."""
+    holders: dict[str, list[tuple[str, str]]] = {}
+    for site in sorted(states):
+        for name in sorted(states[site]):
+            array = states[site][name]
+            if np.issubdtype(array.dtype, np.floating) and structural_key(name) is not None:
+                holders.setdefault(structural_key(name), []).append((site, name))
+    aligned = {site: dict(tensors) for site, tensors in states.items()}
+    for key, members in holders.items():
+        if len({states[site][name].shape for site, name in members}) < 2:
+            continue
+        ref_site, ref_name = max(members, key=lambda m: states[m[0]][m[1]].size)   # first of the largest
+        reference = states[ref_site][ref_name]
+        for site, name in members:
+            own = states[site][name]
+            if own.shape == reference.shape:
+                aligned[site][name] = reference
+                continue
+            derived = derive_from_reference(reference, own.shape)
+            if derived is not None:
+                aligned[site][name] = derived.astype(own.dtype)
+    return aligned
+
+
 def block_of(key: str) -> str:
     """The layer a parameter belongs to: `...convs.0.conv.weight` and `...convs.0.norm.bias`
     -> `...convs.0` (a convolution with its norm), `decoder.transpconvs.1.weight` ->
@@ -163,7 +227,7 @@ def _module_order(module: str) -> tuple:
 class AsymFedAvg(Strategy):
     name = "asymfedavg"
     description = "per-site plans (FednnU-Net); structurally matching, same-shape parameters averaged, the rest local"
-    known_params = frozenset({"weighting", "local_norms"})
+    known_params = frozenset({"weighting", "local_norms", "aligned_init"})
     # make_plans plans one configuration per site from its own fingerprint
     plans_per_site = True
 
@@ -172,8 +236,14 @@ class AsymFedAvg(Strategy):
         weighting = params.get("weighting", "n_cases")
         if weighting not in WEIGHTINGS:
             raise InputError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
-        if not isinstance(params.get("local_norms", False), bool):
-            raise InputError(f"local_norms must be true or false, got {params.get('local_norms')!r}")
+        for flag in ("local_norms", "aligned_init"):
+            if not isinstance(params.get(flag, flag == "aligned_init"), bool):
+                raise InputError(f"{flag} must be true or false, got {params.get(flag)!r}")
+
+    def initial_states(self, plans: Plans, states: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        if not plans.strategy.params.get("aligned_init", True):
+            return states
+        return aligned_initial_states(states)
 
     # -- plan time -----------------------------------------------------------------------
     def planned_extra(self, plans: Plans) -> dict[str, Any]:

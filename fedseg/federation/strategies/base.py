@@ -95,6 +95,11 @@ class Strategy:
 
         return SiteTrainer
 
+    def initial_states(self, plans: Plans, states: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Round-0 weights per site ({site: {name: array}}, each built from its configuration
+        with the plan's seed), before pooled tensors are made identical; default: as built."""
+        return states
+
     def planned_extra(self, plans: Plans) -> dict[str, Any]:
         """Strategy data decided at plan time, merged into plans.extra by `attach_manifests`
         once every configuration's manifest is known (e.g. asymfedavg's shared-parameter map)."""
