@@ -1,8 +1,8 @@
 """Local-only vs fedavg (one common plan) vs asymfedavg (per-site plans) on the `fednnunet` preset.
 
 Runs `fedseg simulate` five times (local-only with each site's own plan and with the common
-plan, fedavg, asymfedavg, and asymfedavg with `aligned_init=false`) on the same synthetic sites (1, 2.5 and 4 mm slices) with the
-same rounds, iterations and seed, then prints a markdown table of each site's test Dice and
+plan, fedavg, asymfedavg, and asymfedavg with `aligned_init=false`) on the same synthetic
+sites (1, 2.5 and 4 mm slices) with the same rounds, iterations and seed, then prints a markdown table of each site's test Dice and
 HD95 (foreground mean; HD95 in mm). With several `--seeds` (each a new draw of the data and
 of training) it also prints the Dice averaged over seeds. Single-threaded torch: a few
 minutes per seed on 2 CPU cores.

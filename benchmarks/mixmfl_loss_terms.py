@@ -7,8 +7,8 @@ last steps, and each decoupling term's gradient as a fraction of the segmentatio
 
     .venv/bin/python benchmarks/mixmfl_loss_terms.py --out /tmp/mixmfl_terms [--rounds 3 --iterations 10]
 
-The measurement wraps MixMFLTrainer.train_step in this process (three extra backward
-passes per step; the training itself is unchanged). Single-threaded torch, augmentation
+The measurement wraps MixMFLTrainer.train_step in this process (one extra forward and six
+extra gradient passes per step; the training itself is unchanged). Single-threaded torch, augmentation
 in-process.
 """
 

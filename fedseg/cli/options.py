@@ -11,11 +11,12 @@ from fedseg.errors import InputError
 QUIET = typer.Option(False, "--quiet", "-q", help="Print nothing but errors.")
 JSON = typer.Option(False, "--json", help="Print a machine-readable JSON summary on stdout.")
 
-# The options `fedseg simulate` and `fedseg flower simulate` share: one federation, two engines.
 # Kept in sync with fedseg.federation.strategies (a unit test checks); spelled out here so
 # that `--help` does not import the strategies and torch with them.
 STRATEGY_NAMES = ("fedavg", "local", "asymfedavg", "flames", "mixmfl", "fedmsa", "fedsam")
 STRATEGY_HELP = f"Federation strategy: {', '.join(STRATEGY_NAMES)} (docs/strategies/)."
+
+# The options `fedseg simulate` and `fedseg flower simulate` share: one federation, two engines.
 SITES_ROOT = typer.Argument(..., help="Folder holding one nnU-Net raw folder per site.")
 ROUNDS = typer.Option(3, "--rounds", min=1, help="Federated rounds.")
 RUN_OUTPUT = typer.Option(..., "-o", "--output", help="Run folder (plans, rounds, report).")

@@ -127,8 +127,9 @@ class MixMFLTrainer(SiteTrainer):
                     chosen = _balanced(classes, VOXELS_PER_CLASS, rng)
                     k, v = keys[chosen], tailored[m][chosen]
                     labels = kmeans(np.concatenate([_unit(k), _unit(v)], axis=1), int(self.params["prototypes"]), rng)
-                    centres_k = np.stack([k[labels == c].mean(0) for c in np.unique(labels)])
-                    centres_v = np.stack([v[labels == c].mean(0) for c in np.unique(labels)])
+                    clusters = np.unique(labels)
+                    centres_k = np.stack([k[labels == c].mean(0) for c in clusters])
+                    centres_v = np.stack([v[labels == c].mean(0) for c in clusters])
                     batches.append(prototype_rows(centres_k, centres_v, round_index, self.site_number, source, slot))
                     slot += len(centres_k)
                 memory = net.memory_of(m, stage)

@@ -58,6 +58,9 @@ RULE = (
     "a layer (conv with its norm) is shared by every group of >= 2 sites whose shapes all agree, local otherwise"
 )
 
+# true/false strategy params and their defaults
+FLAG_DEFAULTS = {"local_norms": False, "aligned_init": True}
+
 # encoder.stages.{s}.<rest>: s counted from the input (0 = full resolution)
 _ENCODER = re.compile(r"^encoder\.stages\.(\d+)\.(.+)$")
 # decoder.{transpconvs|stages|seg_layers}.{j}.<rest>: j counted from the bottleneck
@@ -119,12 +122,13 @@ def shared_parameter_map(
     sites_map: dict[str, dict[str, dict[str, str]]] = {site: {} for site in all_sites}
     keys: dict[str, dict[str, Any]] = {}
     for block in sorted(positions):
+        # member_sites are in sorted order: sites were visited sorted
         for signature, member_sites in sorted(positions[block].items()):
             if len(member_sites) < 2:
                 continue
-            pool = GLOBAL_POOL if sorted(member_sites) == all_sites else SUBSET_POOL_PREFIX + "+".join(sorted(member_sites))
+            pool = GLOBAL_POOL if member_sites == all_sites else SUBSET_POOL_PREFIX + "+".join(member_sites)
             for key, shape, dtype in signature:
-                keys[f"{pool}/{key}"] = {"key": key, "pool": pool, "shape": list(shape), "dtype": dtype, "sites": sorted(member_sites)}
+                keys[f"{pool}/{key}"] = {"key": key, "pool": pool, "shape": list(shape), "dtype": dtype, "sites": list(member_sites)}
             for site in member_sites:
                 for name, key in names_of[(site, block)]:
                     sites_map[site][name] = {"pool": pool, "key": key}
@@ -165,9 +169,9 @@ def aligned_initial_states(states: Mapping[str, Mapping[str, np.ndarray]]) -> di
     holders: dict[str, list[tuple[str, str]]] = {}
     for site in sorted(states):
         for name in sorted(states[site]):
-            array = states[site][name]
-            if np.issubdtype(array.dtype, np.floating) and structural_key(name) is not None:
-                holders.setdefault(structural_key(name), []).append((site, name))
+            key = structural_key(name)
+            if key is not None and np.issubdtype(states[site][name].dtype, np.floating):
+                holders.setdefault(key, []).append((site, name))
     aligned = {site: dict(tensors) for site, tensors in states.items()}
     for key, members in holders.items():
         if len({states[site][name].shape for site, name in members}) < 2:
@@ -227,7 +231,7 @@ def _module_order(module: str) -> tuple:
 class AsymFedAvg(Strategy):
     name = "asymfedavg"
     description = "per-site plans (FednnU-Net); structurally matching, same-shape parameters averaged, the rest local"
-    known_params = frozenset({"weighting", "local_norms", "aligned_init"})
+    known_params = frozenset({"weighting", *FLAG_DEFAULTS})
     # make_plans plans one configuration per site from its own fingerprint
     plans_per_site = True
 
@@ -236,12 +240,12 @@ class AsymFedAvg(Strategy):
         weighting = params.get("weighting", "n_cases")
         if weighting not in WEIGHTINGS:
             raise InputError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
-        for flag in ("local_norms", "aligned_init"):
-            if not isinstance(params.get(flag, flag == "aligned_init"), bool):
+        for flag, default in FLAG_DEFAULTS.items():
+            if not isinstance(params.get(flag, default), bool):
                 raise InputError(f"{flag} must be true or false, got {params.get(flag)!r}")
 
     def initial_states(self, plans: Plans, states: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        if not plans.strategy.params.get("aligned_init", True):
+        if not plans.strategy.params.get("aligned_init", FLAG_DEFAULTS["aligned_init"]):
             return states
         return aligned_initial_states(states)
 
@@ -251,7 +255,7 @@ class AsymFedAvg(Strategy):
 
         self.check_params(plans.strategy.params)
         manifests = {site: expected_parameters(plans, site) for site in sorted(plans.sites)}
-        return {MAP_KEY: shared_parameter_map(manifests, local_norms=plans.strategy.params.get("local_norms", False))}
+        return {MAP_KEY: shared_parameter_map(manifests, local_norms=plans.strategy.params.get("local_norms", FLAG_DEFAULTS["local_norms"]))}
 
     # -- routing ---------------------------------------------------------------------------
     def _entry(self, plans: Plans, site: str, name: str) -> Mapping[str, str] | None:
