@@ -27,7 +27,6 @@ is pending (`check_committed`). Every step runs under the round folder's lock.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -38,6 +37,7 @@ from typing import Any
 
 from fedseg.atomic import write_json_atomic
 from fedseg.errors import InputError
+from fedseg.federation.weightfile import sha256_file
 from fedseg.names import path_inside
 
 STAGING_DIR = ".incoming"
@@ -47,14 +47,6 @@ INIT_RECORD = "init.json"
 AGGREGATE_RECORD = "aggregate.json"
 RECORD_NAMES = (INIT_RECORD, AGGREGATE_RECORD)
 UPDATES_DIR = "updates"
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_record(folder: str | Path) -> tuple[str, dict[str, Any]] | None:

@@ -25,10 +25,10 @@ from fedseg.federation.round_commit import (
     read_record,
     record_files,
     round_number_of,
-    sha256_file,
 )
 from fedseg.federation.server_eval import SERVER_TEST_DIR, evaluate_server_models, is_server_test_set
 from fedseg.federation.site_training import restore_site_state
+from fedseg.federation.weightfile import sha256_file
 from fedseg.folder_lock import folder_lock
 from fedseg.names import check_site_name, path_inside
 

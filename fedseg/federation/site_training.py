@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from fedseg.errors import InputError
-from fedseg.federation.round_commit import sha256_file
 from fedseg.federation.signing import SigningKey, require_signing_key
+from fedseg.federation.weightfile import sha256_file
 from fedseg.folder_lock import folder_lock
 from fedseg.planning.plans import Plans
 
