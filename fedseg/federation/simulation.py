@@ -120,7 +120,7 @@ def simulate(
     # 1. fingerprints, one per site (reused when present)
     fingerprints = []
     for name, path in site_dirs.items():
-        fp_path = run_dir / "fingerprints" / f"{name}.json"
+        fp_path = path_inside(run_dir / "fingerprints", f"{name}.json")
         if not fp_path.is_file():
             dataset = load_dataset(path)
             with progress_factory(f"fingerprint {name}", len(dataset.cases("Tr"))) as advance:
@@ -146,8 +146,8 @@ def simulate(
             continue
         updates = []
         for name, path in site_dirs.items():
-            update = rdir / "updates" / f"{name}.safetensors"
-            snapshot_site_state(run_dir / "state" / name, r)
+            update = path_inside(rdir / "updates", f"{name}.safetensors")
+            snapshot_site_state(path_inside(run_dir / "state", name), r)
             with progress_factory(f"round {r}/{config.rounds} train {name}", config.iterations or plans.training.iterations_per_round) as advance:
                 result = run_site_round(
                     plans, name, path, round_dir(run_dir, r - 1) / f"{name}.safetensors", run_dir / "state" / name,
