@@ -166,3 +166,16 @@ def test_readers_trust_only_what_the_record_lists(rounds, tmp_path: Path, capsys
               "--weights", str(out / "A.safetensors"), "--state", str(state), "-o", str(update), "-q"])
     assert_refused(capsys, rc, out / "A.safetensors", "differs from the sha256 that aggregate.json")
     assert not state.exists() and not update.exists()
+
+
+def test_every_atomic_write_reports_a_full_disk_by_its_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same mapping serves `train` (update, local state, checkpoint) and `init`."""
+    from fedseg.atomic import write_bytes_atomic
+
+    target = tmp_path / "update.safetensors"
+    target.write_bytes(b"old")
+    monkeypatch.setattr(os, "fsync", DiskFull(1))
+    with pytest.raises(InputError, match="No space left on device") as caught:
+        write_bytes_atomic(target, b"new")
+    assert caught.value.path == target
+    assert files_of(tmp_path) == {"update.safetensors": b"old"}   # no temporary file left either
