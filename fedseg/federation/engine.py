@@ -46,6 +46,7 @@ from fedseg.federation.round_commit import (
     AGGREGATE_RECORD,
     INIT_RECORD,
     check_output_folder,
+    check_committed,
     check_round_number,
     damaged_files,
     finish_commit,
@@ -164,6 +165,7 @@ def open_previous_model(plans: Plans, site: str, folder: Path, round_index: int)
             f"not found: clip_norm measures each update against the model its site started from "
             f"(round {round_index}); pass the previous round folder (--previous)", path,
         )
+    check_committed(path)   # only a file its round's record lists
     reader = open_reader(path)
     reader.verify_hash()
     meta = reader.meta
