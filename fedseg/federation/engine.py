@@ -9,8 +9,10 @@ rest, the same way for every strategy:
   is O(model), not O(sites x model) (a strategy that personalises per site holds one result per
   site of that pool, which is inherent to personalisation);
 - write `<site>.safetensors` for every site of the plan (what it loads next: only pooled
-  tensors), `models/<pool>.safetensors` for the strategy's model pools, then `aggregate.json`
-  last: a round folder is complete when aggregate.json exists. Every file is atomic.
+  tensors), `models/<pool>.safetensors` for the strategy's model pools, then `aggregate.json`,
+  the record of every output's sha256: all staged and committed together under the round
+  folder's lock (fedseg.federation.round_commit), so a round is the old one or the new one,
+  never a mix. A round folder is complete when aggregate.json exists.
 
 Site-side helpers (`compose_site_state`, `split_site_state`, `write_site_update`) live here
 too, so what a site sends and what it loads follow the same scope rules as the engine.
@@ -45,8 +47,8 @@ from fedseg.federation.robust import RobustSpec, clip_factor, clipped, delta_sum
 from fedseg.federation.round_commit import (
     AGGREGATE_RECORD,
     INIT_RECORD,
-    check_output_folder,
     check_committed,
+    check_output_folder,
     check_round_number,
     damaged_files,
     finish_commit,

@@ -27,8 +27,8 @@ from fedseg.federation.round_commit import (
     round_number_of,
 )
 from fedseg.federation.server_eval import SERVER_TEST_DIR, evaluate_server_models, is_server_test_set
-from fedseg.federation.site_training import restore_site_state
-from fedseg.federation.weightfile import sha256_file
+from fedseg.federation.site_training import STARTED_FROM, restore_site_state
+from fedseg.federation.weightfile import open_weight_file, sha256_file
 from fedseg.folder_lock import folder_lock
 from fedseg.names import check_site_name, path_inside
 
@@ -240,9 +240,6 @@ def first_round_to_redo(run_dir: Path, rounds: int, log: Callable[[str], None] =
 
 def round_chain_problem(run_dir: Path, r: int, previous: dict | None) -> str | None:
     """Why round r cannot be trusted as the successor of `previous` (its record); None when it can."""
-    from fedseg.federation.site_training import STARTED_FROM
-    from fedseg.federation.weightfile import open_weight_file
-
     rdir = round_dir(run_dir, r)
     with folder_lock(rdir, "round folder"):
         finish_commit(rdir)
@@ -279,7 +276,7 @@ def discard_rounds_from(run_dir: Path, first: int, sites: list[str], log: Callab
     for folder in later:
         shutil.rmtree(folder)
     for site in sites:
-        restore_site_state(run_dir / "state" / site, first)
+        restore_site_state(path_inside(run_dir / "state", site), first)
 
 
 def _collect_val_dice(rdir: Path, val_dice: dict[str, list[float | None]]) -> None:
