@@ -417,8 +417,14 @@ def _existing_round(
         same = False
     damaged = damaged_files(out_dir, record)
     if same and not damaged:
-        _log(log, f"round {round_index}: {out_dir} already holds this round from the same updates; nothing to do")
-        return AggregateReport.from_dict(record)
+        try:
+            report = AggregateReport.from_dict(record)
+        except (KeyError, TypeError):
+            report = None   # a record edited by hand: the round is written again
+        if report is not None:
+            _log(log, f"round {round_index}: {out_dir} already holds this round from the same updates; nothing to do")
+            return report
+        damaged = [REPORT_FILE]
     if same:
         _log(log, f"round {round_index}: rewriting {len(damaged)} damaged output(s) ({', '.join(damaged[:3])})")
         return None

@@ -71,17 +71,28 @@ def record_files(record: dict[str, Any]) -> dict[str, str]:
     files = record.get("files")
     if isinstance(files, dict):
         return {str(k): str(v) for k, v in files.items()}
-    return {str(o["path"]): str(o["sha256"]) for o in record.get("outputs", []) if isinstance(o, dict) and "path" in o}
+    outputs = record.get("outputs")
+    if not isinstance(outputs, list):
+        return {}
+    return {str(o["path"]): str(o["sha256"]) for o in outputs if isinstance(o, dict) and "path" in o and "sha256" in o}
 
 
 def damaged_files(folder: str | Path, record: dict[str, Any]) -> list[str]:
     """The files a record lists that are missing or whose sha256 differs."""
     bad = []
     for rel, digest in sorted(record_files(record).items()):
-        path = Path(folder) / rel
-        if not path.is_file() or sha256_file(path) != digest:
+        path = _inside(folder, rel)
+        if path is None or not path.is_file() or sha256_file(path) != digest:
             bad.append(rel)
     return bad
+
+
+def _inside(folder: str | Path, rel: str) -> Path | None:
+    """`folder/rel` when it stays inside `folder` (a record is a file like any other: it may lie)."""
+    try:
+        return path_inside(folder, *rel.split("/"))
+    except InputError:
+        return None
 
 
 def round_folder_of(path: Path) -> Path:
@@ -142,7 +153,7 @@ class RoundStage:
         record = {**record, "files": files}
         write_json_atomic(self.path(record_name), record)
         old = read_record(self.out_dir)
-        obsolete = sorted(set(record_files(old[1])) - set(files)) if old is not None else []
+        obsolete = sorted(rel for rel in set(record_files(old[1])) - set(files) if _inside(self.out_dir, rel)) if old else []
         stale_records = [name for name in RECORD_NAMES if name != record_name and (self.out_dir / name).exists()]
         write_json_atomic(self.root / JOURNAL_FILE, {"record": record_name, "obsolete": obsolete + stale_records})
         _fsync_dir(self.root)
@@ -180,8 +191,13 @@ def finish_commit(out_dir: str | Path) -> bool:
     if not pending.is_dir():
         return False
     journal_path = pending / JOURNAL_FILE
-    journal = json.loads(journal_path.read_text(encoding="utf-8"))
-    record_name = journal["record"]
+    try:
+        journal = json.loads(journal_path.read_text(encoding="utf-8"))
+        record_name, obsolete = journal["record"], list(journal["obsolete"])
+        if record_name not in RECORD_NAMES:
+            raise ValueError(f"unknown record {record_name!r}")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"is not an unfinished fedseg commit ({exc}); remove it by hand", pending) from None
     new_record = pending / record_name
     if new_record.is_file():
         with contextlib.suppress(FileNotFoundError):
@@ -193,7 +209,7 @@ def finish_commit(out_dir: str | Path) -> bool:
             target = out_dir / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, target)
-        for rel in journal["obsolete"]:
+        for rel in obsolete:
             with contextlib.suppress(FileNotFoundError):
                 path_inside(out_dir, *rel.split("/")).unlink()
         _fsync_dir(out_dir)
