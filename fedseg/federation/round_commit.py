@@ -198,6 +198,16 @@ def finish_commit(out_dir: str | Path) -> bool:
             raise ValueError(f"unknown record {record_name!r}")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"is not an unfinished fedseg commit ({exc}); remove it by hand", pending) from None
+    try:
+        _roll_forward(out_dir, pending, record_name, obsolete)
+    except OSError as exc:   # renames need no space, but a folder (models/) may
+        raise InputError(
+            f"cannot finish committing the round ({exc.strerror or exc}); fix that and run the same command again", out_dir,
+        ) from exc
+    return True
+
+
+def _roll_forward(out_dir: Path, pending: Path, record_name: str, obsolete: list[str]) -> None:
     new_record = pending / record_name
     if new_record.is_file():
         with contextlib.suppress(FileNotFoundError):
@@ -206,7 +216,7 @@ def finish_commit(out_dir: str | Path) -> bool:
             rel = path.relative_to(pending).as_posix()
             if rel in (JOURNAL_FILE, record_name):
                 continue
-            target = out_dir / rel
+            target = path_inside(out_dir, *rel.split("/"))
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, target)
         for rel in obsolete:
@@ -216,7 +226,6 @@ def finish_commit(out_dir: str | Path) -> bool:
         os.replace(new_record, out_dir / record_name)   # the new round is complete
         _fsync_dir(out_dir)
     shutil.rmtree(pending)
-    return True
 
 
 def _fsync_dir(folder: Path) -> None:
