@@ -102,3 +102,21 @@ def test_update_from_another_round_is_refused(fedavg_run, tmp_path: Path, capsys
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "round" in err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_resume_redoes_a_round_whose_record_is_gone(fedavg_run, tiny_sites: Path) -> None:
+    """Last in this module: it rewrites round 2 of the shared run (with the same content)."""
+    from fedseg.federation.simulation import first_round_to_redo
+
+    run_dir, result = fedavg_run
+    (run_dir / "round_002" / "aggregate.json").unlink()
+    stale = run_dir / "round_002" / "stale.txt"
+    stale.write_text("not part of the round")
+    said: list[str] = []
+    config = SimulationConfig(sites_root=tiny_sites, strategy="fedavg", rounds=2, run_dir=run_dir, iterations=15, workers=1)
+    again = simulate(config, log=said.append)
+    assert "round 1: already complete, skipped" in said
+    assert not stale.exists() and (run_dir / "round_002" / "aggregate.json").is_file()
+    # each site's state went back to where round 2 started: the finished round 2 comes out again
+    assert again.val_dice == result.val_dice
+    assert first_round_to_redo(run_dir, 2) == 3
