@@ -32,6 +32,7 @@ import numpy as np
 from fedseg.atomic import atomic_path, write_json_atomic
 from fedseg.errors import InputError
 from fedseg.federation.manifest import expected_parameters
+from fedseg.federation.privacy import SitePrivacy, prepare_private_round
 from fedseg.federation.strategies import get_strategy
 from fedseg.federation.strategies.base import (
     CombineResult,
@@ -100,6 +101,7 @@ class AggregateReport:
     # bytes on the wire this round: per site, "upload" (its update file) and "download" (the
     # model file it loads next), plus totals; what communication-efficient strategies save
     traffic: dict[str, Any] = field(default_factory=dict)
+    privacy: dict[str, Any] | None = None          # secure aggregation / DP record, ε so far (fedseg.federation.privacy)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -207,12 +209,14 @@ def aggregate_round(
     log: Callable[[str], None] | None = None,
     signing_key: SigningKey | None = None,
     previous_dir: str | Path | None = None,
+    recovery: Sequence[str | Path] = (),
 ) -> AggregateReport:
     """Validate a round's updates, merge them by the plan's strategy and write the round folder.
 
     `signing_key`: the coordinator's key; required when the plan lists public keys (every
     output then gets a `.sig`). `previous_dir`: the round folder the sites started from, read
-    only with `clip_norm` (default: `round_<r-1>` beside `out_dir`).
+    only with `clip_norm` and DP accounting (default: `round_<r-1>` beside `out_dir`).
+    `recovery`: survivors' seed files for sites that dropped out under secure aggregation.
     """
     out_dir = Path(out_dir)
     strategy = get_strategy(plans.strategy.name)
@@ -224,6 +228,9 @@ def aggregate_round(
     by_site = {u.site: u for u in updates}
     _log(log, f"round {round_index}: {len(updates)} update(s) valid ({', '.join(sorted(by_site))})")
     clip = _clip_factors(plans, robust, updates, out_dir, previous_dir, round_index, log)
+    private = prepare_private_round(
+        plans, strategy, updates, out_dir, Path(previous_dir or previous_round_dir(out_dir, round_index)), recovery, log,
+    )
 
     routing = _routing(strategy, plans)
     # (pool, key) -> [(site, name)] over the sites that sent an update, sorted by site
@@ -252,7 +259,9 @@ def aggregate_round(
         ]
         if pool not in weights:
             weights[pool] = strategy.pool_weights(plans, pool, contributions)
-        if robust.replaces_combine:
+        if private is not None:   # secure aggregation (masked sum) and/or DP (noised sum)
+            combined = private.combine(pool, key, contributions)
+        elif robust.replaces_combine:
             if weights[pool] is None:
                 raise InputError(
                     f"robust={plans.strategy.params.get('robust')} replaces weighted-mean pools, but strategy "
@@ -334,6 +343,8 @@ def aggregate_round(
         robust=robust.to_dict() if robust.active else None,
         signed_by=COORDINATOR if signing_key is not None else None,
     )
+    if private is not None:
+        report.privacy = private.record()
     report.traffic = round_traffic(report.inputs, report.outputs)
     write_json_atomic(out_dir / REPORT_FILE, report.to_dict())
     _log(log, f"round {round_index}: wrote {len(outputs)} weight file(s) and {REPORT_FILE} to {out_dir}")
@@ -598,16 +609,21 @@ def write_site_update(
     n_cases: int | None = None,
     extra: dict[str, Any] | None = None,
     signing_key: SigningKey | None = None,
+    privacy: SitePrivacy | None = None,
 ) -> WeightMeta:
     """Write the update of `site` for `round_index`: only its shared tensors, with their scopes.
 
-    With `signing_key` (the site's own), `<path>.sig` is written too."""
+    With `signing_key` (the site's own), `<path>.sig` is written too. With `privacy` (plans
+    with secure_aggregation / dp.*), the tensors are clipped, noised and masked first."""
     strategy = get_strategy(plans.strategy.name)
     shared, _local = split_site_state(plans, site, state)
     scopes = {name: resolved_scope(strategy, plans, site, name, a.dtype.name) for name, a in shared.items()}
+    n_cases = plans.sites[site].n_cases if n_cases is None else int(n_cases)
+    if privacy is not None:
+        shared = privacy.protect(plans, strategy, site, shared, int(round_index), n_cases)
     meta = WeightMeta(
         kind="update", plan_id=plans.plan_id, strategy=plans.strategy.name, site=site, round=int(round_index),
-        n_cases=plans.sites[site].n_cases if n_cases is None else int(n_cases), n_iterations=int(n_iterations),
+        n_cases=n_cases, n_iterations=int(n_iterations),
         scopes={k: v for k, v in scopes.items() if v is not None}, extra=dict(extra or {}),
     )
     return _write_signed(Path(path), shared, meta, signing_key)

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from fedseg.errors import InputError
+from fedseg.federation.privacy import site_privacy
+from fedseg.federation.secure_aggregation import AgreementKey
 from fedseg.federation.signing import SigningKey, require_signing_key
 from fedseg.planning.plans import Plans
 
@@ -91,12 +93,14 @@ def run_site_round(
     progress: Callable | None = None,
     log: Callable[[str], None] | None = None,
     signing_key: SigningKey | None = None,
+    agreement_key: AgreementKey | None = None,
 ) -> SiteRoundResult:
     """Train `site` for one round starting from `weights_path`; write the update to `output`.
 
     `signing_key`: the site's private key; required when the plan lists public keys (the
     update then gets `<output>.sig`, and the incoming model must carry the coordinator's).
     Checked before training, so a site never trains a round it cannot sign.
+    `agreement_key`: the site's key-agreement key; required when the plan uses secure aggregation.
     """
     from fedseg.federation.engine import split_site_state, write_site_update
     from fedseg.training.trainer import train_local
@@ -114,6 +118,8 @@ def run_site_round(
     from fedseg.federation.strategies import get_strategy
 
     network, state = site_network_and_state(plans, site, weights_path, state_dir)
+    # the starting point of the update (DP clips the delta from it) and the key, checked before training
+    privacy = site_privacy(plans, site, split_site_state(plans, site, state)[0], agreement_key)
     outcome = train_local(
         plans, site, Path(dataset_root), Path(state_dir), network, state, round_index,
         iterations=iterations, device=device, num_workers=num_workers, progress=progress, log=log,
@@ -122,7 +128,7 @@ def run_site_round(
     meta = write_site_update(
         plans, site, outcome.state_dict, output, round_index=round_index, n_iterations=outcome.n_iterations,
         extra={"val_dice": _finite_or_none(outcome.val_dice), "mean_loss": _finite_or_none(outcome.mean_loss)},
-        signing_key=signing_key,
+        signing_key=signing_key, privacy=privacy,
     )
     _shared, local = split_site_state(plans, site, outcome.state_dict)
     # Local parameters last: the trainer recognises a finished round by the hash of its
