@@ -305,3 +305,16 @@ def test_max_epsilon_stops_the_federation_before_the_budget_is_exceeded(tmp_path
     # without the first round's record the privacy spent so far is unknown: refused too
     with pytest.raises(InputError, match="cannot account for the privacy spent before round 2"):
         aggregate_round(plans, list(second.values()), tmp_path / "round_002", previous_dir=tmp_path / "nowhere")
+
+
+def test_simulate_checks_the_budget_before_training_a_round(tmp_path: Path) -> None:
+    from fedseg.federation.privacy import check_budget_before_round
+
+    one_round = dp.epsilon([1.0], 1e-5)
+    plans = private_plans(None, dp_params(**{"dp.max_epsilon": one_round * 1.01}))
+    check_budget_before_round(plans, tmp_path / "round_000", 1)      # round 1 fits
+    start = random_state(99)
+    states = {site: random_state(i + 1) for i, site in enumerate(SITES)}
+    aggregate_round(plans, list(write_round(plans, tmp_path / "round_001", states, start=start).values()), tmp_path / "round_001")
+    with pytest.raises(InputError, match="round 2 would bring ε"):
+        check_budget_before_round(plans, tmp_path / "round_001", 2)
