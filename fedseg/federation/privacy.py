@@ -54,8 +54,9 @@ def key_members(plans: Plans, strategy: Strategy) -> dict[PoolKey, list[str]]:
     return {pk: sorted(sites) for pk, sites in sorted(members.items())}
 
 
-def check_privacy_plan(plans: Plans, strategy: Strategy) -> PrivacySpec:
-    """Refuse a plan whose privacy options cannot hold (one-line InputError); returns the spec."""
+def check_privacy_plan(plans: Plans, strategy: Strategy, keys: bool = True) -> PrivacySpec:
+    """Refuse a plan whose privacy options cannot hold (one-line InputError); returns the spec.
+    `keys`: also check that every site's key-agreement key is in the plan."""
     params = plans.strategy.params
     spec = parse_privacy(params)
     if not spec.active:
@@ -83,9 +84,8 @@ def check_privacy_plan(plans: Plans, strategy: Strategy) -> PrivacySpec:
                 f"secure_aggregation=true: {key!r} of pool {pool!r} comes from one site ({sites[0]}) only, so its sum "
                 f"would be that site's update"
             )
-    if spec.secure_aggregation:
-        keys = sa.plan_public_keys(plans)
-        missing = sorted(set(plans.sites) - set(keys))
+    if spec.secure_aggregation and keys:
+        missing = sorted(set(plans.sites) - set(sa.plan_public_keys(plans)))
         if missing:
             raise InputError(
                 f"secure_aggregation=true needs every site's key-agreement public key in the plan (missing: "
@@ -369,6 +369,7 @@ def reveal_seeds(plans: Plans, key: sa.AgreementKey, round_index: int, dropped: 
 def plan_privacy(plans: Plans, strategy: Strategy, keys_folder: str | Path | None = None) -> Plans:
     """At plan time, after the manifests: record the sites' key-agreement keys (secure
     aggregation, from `keys_folder`'s <site>.pub files) and refuse impossible combinations."""
+    check_privacy_plan(plans, strategy, keys=False)   # an impossible combination first, keys second
     if parse_privacy(plans.strategy.params).secure_aggregation:
         if keys_folder is None:
             raise InputError("secure_aggregation=true needs --keys DIR holding every site's .pub from `fedseg keygen`")
