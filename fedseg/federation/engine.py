@@ -345,6 +345,9 @@ def aggregate_round(
     )
     if private is not None:
         report.privacy = private.record()
+        if private.spec.secure_aggregation:   # masked files hold ring words: no weight norm to state
+            for record in report.inputs:
+                record.update_norm = None
     report.traffic = round_traffic(report.inputs, report.outputs)
     write_json_atomic(out_dir / REPORT_FILE, report.to_dict())
     _log(log, f"round {round_index}: wrote {len(outputs)} weight file(s) and {REPORT_FILE} to {out_dir}")

@@ -84,6 +84,7 @@ def test_masked_round_equals_the_plain_round(keydir: Path, tmp_path: Path) -> No
     got = global_model(tmp_path / "secure" / "round_001")
     assert relative_error(got, expected) <= 1e-6
     assert report.privacy["secure_aggregation"]["dropped"] == [] and report.privacy["dp"] is None
+    assert all(record.update_norm is None for record in report.inputs)
     # every update on the wire is ring words, none of them the site's weights
     tensors, meta = read_weight_file(paths["A"])
     assert {a.dtype for a in tensors.values()} == {np.dtype(np.uint64)} and meta.n_cases == N_CASES["A"]
