@@ -85,12 +85,16 @@ def plan(
     """Merge site fingerprints exactly and plan the federation (nnU-Net rules).
 
     With --keys, the plan lists every site's and the coordinator's public key; from then on
-    unsigned or wrongly signed weight files are refused (docs/security.md).
+    unsigned or wrongly signed weight files are refused (docs/security.md). Privacy options
+    (docs/privacy.md): --set secure_aggregation=true (needs --keys: the sites' key-agreement
+    keys come from the same .pub files), --set dp.clip=C --set dp.noise_multiplier=S
+    [--set dp.delta=D --set dp.max_epsilon=E].
 
     Example: fedseg plan fp/*.json --strategy fedavg -o plans.json --set training.rounds=3
     """
     from fedseg.cli.console import Reporter, print_json
     from fedseg.federation.manifest import attach_manifests
+    from fedseg.federation.privacy import plan_privacy
     from fedseg.federation.strategies import get_strategy
     from fedseg.planning.fingerprint import load_fingerprint
     from fedseg.planning.planner import make_plans
@@ -117,6 +121,7 @@ def plan(
         plans.keys = load_public_keys(keys)
         check_plan_keys(plans.keys, sorted(plans.sites))
     plans = attach_manifests(plans, strategy_impl)
+    plans = plan_privacy(plans, strategy_impl, keys)
     plans.save(output)
     cfg = plans.configuration_for(None)
     reporter.log(

@@ -42,8 +42,9 @@ def aggregate(
     plans_path: Path = typer.Option(..., "--plans", help="plans.json the updates were trained under."),
     output: Path = typer.Option(..., "-o", "--output", help="Round folder to write (e.g. run/round_001)."),
     key: Path = typer.Option(None, "--key", help="The coordinator's private key; required when the plan lists keys."),
-    previous: Path = typer.Option(None, "--previous", help="Round folder the sites started from (clip_norm only; default: round_<r-1> beside OUTPUT)."),
+    previous: Path = typer.Option(None, "--previous", help="Round folder the sites started from (clip_norm and DP accounting; default: round_<r-1> beside OUTPUT)."),
     replace: bool = REPLACE,
+    recovery: list[Path] = typer.Option(None, "--recovery", help="Secure aggregation: a surviving site's seed file for sites that dropped out (fedseg reveal-seeds); repeat per survivor."),
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ) -> None:
@@ -56,6 +57,9 @@ def aggregate(
     (plan --set robust=median | robust=trimmed:0.2 | clip_norm=X) apply here. Re-running
     with the same updates changes nothing; other updates for a complete round are refused
     unless --replace. Two aggregations of one round never interleave (the second: exit 2).
+    With differential privacy (plan --set dp.*) aggregate.json states ε at δ so far, and a
+    round that would exceed dp.max_epsilon is refused (exit 2). With secure aggregation, a
+    site that dropped out needs a --recovery file from every surviving site (docs/privacy.md).
 
     Example: fedseg aggregate --plans plans.json run/round_001/updates/*.safetensors -o run/round_001
     """
@@ -70,10 +74,46 @@ def aggregate(
     report = aggregate_round(
         plans, [require_file(p, "update file") for p in updates], output, log=reporter.log,
         signing_key=_signing_key(key), previous_dir=previous, replace=replace,
+        recovery=[require_file(p, "recovery file") for p in recovery or []],
     )
     reporter.log(f"aggregated round {report.round} from {len(updates)} updates into {output}")
     if as_json:
         print_json(asdict(report))
+
+
+def reveal_seeds(
+    site: str = typer.Option(..., "--site", help="This (surviving) site's name in the plan."),
+    plans_path: Path = typer.Option(..., "--plans", help="plans.json of the federation."),
+    key: Path = typer.Option(..., "--key", help="This site's private key (fedseg keygen)."),
+    round_index: int = typer.Option(..., "--round", min=1, help="The round the other sites dropped out of."),
+    dropped: list[str] = typer.Option(..., "--dropped", help="A site that sent no update this round; repeat for several."),
+    output: Path = typer.Option(..., "-o", "--output", help="Recovery file to write (send it to the coordinator)."),
+    quiet: bool = QUIET,
+) -> None:
+    """Secure aggregation: reveal this site's mask seeds with sites that dropped out of a round.
+
+    The coordinator can then remove the dropped sites' masks from the sum. Only the seeds of
+    this round, with the named sites, are revealed: this site's update stays hidden behind its
+    masks with the other survivors. Reveal only for sites the coordinator never got an
+    update from (docs/security.md).
+
+    Example: fedseg reveal-seeds --site site_a --plans plans.json --key keys/site_a.key --round 3
+    --dropped site_c -o run/round_003/recovery/site_a.json
+    """
+    from fedseg.cli.console import Reporter
+    from fedseg.federation.privacy import reveal_seeds as write_seeds
+    from fedseg.federation.secure_aggregation import load_agreement_key
+    from fedseg.planning.plans import load_plans
+
+    plans = load_plans(require_file(plans_path, "plans file"))
+    plans.site(site)
+    agreement = load_agreement_key(require_file(key, "private key"))
+    if agreement.site != site:
+        from fedseg.errors import InputError
+
+        raise InputError(f"is the key of {agreement.site!r}, not of site {site!r}", key)
+    path = write_seeds(plans, agreement, round_index, dropped, output)
+    Reporter(quiet=quiet).log(f"wrote {path}: {site}'s round-{round_index} seeds with {', '.join(sorted(set(dropped)))}")
 
 
 def _signing_key(path: Path | None):
@@ -87,3 +127,4 @@ def _signing_key(path: Path | None):
 def register(app: typer.Typer) -> None:
     app.command("init")(init)
     app.command("aggregate")(aggregate)
+    app.command("reveal-seeds")(reveal_seeds)

@@ -27,7 +27,8 @@ def train(
     """Train one round locally and write the update (only what may leave the site).
 
     With --key the update is signed (UPDATE.sig beside it); when the plan lists keys, the
-    incoming model must carry the coordinator's signature.
+    incoming model must carry the coordinator's signature. When the plan uses secure
+    aggregation, --key is required too: its key-agreement key masks the update.
 
     A killed run started again with the same arguments resumes from its last checkpoint.
 
@@ -38,6 +39,7 @@ def train(
 
     from fedseg.cli.console import Reporter, print_json
     from fedseg.errors import InputError
+    from fedseg.federation.privacy import wants_secure_aggregation
     from fedseg.federation.site_training import run_site_round
     from fedseg.planning.plans import load_plans
 
@@ -50,6 +52,11 @@ def train(
         from fedseg.federation.signing import load_signing_key
 
         signing_key = load_signing_key(require_file(key, "private key"))
+    agreement_key = None
+    if key is not None and wants_secure_aggregation(None, plans.strategy.params):
+        from fedseg.federation.secure_aggregation import load_agreement_key
+
+        agreement_key = load_agreement_key(key)
     if iterations is not None and epochs is not None:
         raise InputError("give --iterations or --epochs, not both")
     if epochs is not None:
@@ -59,7 +66,7 @@ def train(
         result = run_site_round(
             plans, site, require_dir(data, "dataset folder"), require_file(weights, "weights file"), state, output,
             iterations=iterations, device=device, num_workers=workers, progress=advance, log=reporter.log,
-            signing_key=signing_key,
+            signing_key=signing_key, agreement_key=agreement_key,
         )
     reporter.log(
         f"round {result.round} {site}: {result.n_iterations} iterations, val Dice {result.val_dice:.3f}, "

@@ -34,6 +34,7 @@ import numpy as np
 from fedseg.atomic import atomic_path
 from fedseg.errors import InputError
 from fedseg.federation.manifest import expected_parameters
+from fedseg.federation.privacy import SitePrivacy, prepare_private_round
 from fedseg.federation.strategies import get_strategy
 from fedseg.federation.strategies.base import (
     CombineResult,
@@ -116,6 +117,7 @@ class AggregateReport:
     # bytes on the wire this round: per site, "upload" (its update file) and "download" (the
     # model file it loads next), plus totals; what communication-efficient strategies save
     traffic: dict[str, Any] = field(default_factory=dict)
+    privacy: dict[str, Any] | None = None          # secure aggregation / DP record, ε so far (fedseg.federation.privacy)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -233,12 +235,14 @@ def aggregate_round(
     signing_key: SigningKey | None = None,
     previous_dir: str | Path | None = None,
     replace: bool = False,
+    recovery: Sequence[str | Path] = (),
 ) -> AggregateReport:
     """Validate a round's updates, merge them by the plan's strategy and write the round folder.
 
     `signing_key`: the coordinator's key; required when the plan lists public keys (every
     output then gets a `.sig`). `previous_dir`: the round folder the sites started from, read
-    only with `clip_norm` (default: `round_<r-1>` beside `out_dir`).
+    only with `clip_norm` and DP accounting (default: `round_<r-1>` beside `out_dir`).
+    `recovery`: survivors' seed files for sites that dropped out under secure aggregation.
 
     The round folder's outputs are committed together (fedseg.federation.round_commit), under
     its lock. A complete round aggregated from the same updates is returned as it is; one
@@ -248,7 +252,7 @@ def aggregate_round(
     check_output_folder(out_dir, update_paths)
     with folder_lock(out_dir, "round folder"):
         return _aggregate_locked(
-            plans, update_paths, out_dir, expected_round, log, signing_key, previous_dir, replace
+            plans, update_paths, out_dir, expected_round, log, signing_key, previous_dir, replace, recovery
         )
 
 
@@ -261,6 +265,7 @@ def _aggregate_locked(
     signing_key: SigningKey | None,
     previous_dir: str | Path | None,
     replace: bool,
+    recovery: Sequence[str | Path],
 ) -> AggregateReport:
     strategy = get_strategy(plans.strategy.name)
     strategy.check_params(plans.strategy.params)
@@ -270,6 +275,11 @@ def _aggregate_locked(
     round_index = updates[0].meta.round
     by_site = {u.site: u for u in updates}
     _log(log, f"round {round_index}: {len(updates)} update(s) valid ({', '.join(sorted(by_site))})")
+    # secure aggregation first: a late file from a site whose masks were recovered is refused
+    # as such, even over the complete round it was left out of
+    private = prepare_private_round(
+        plans, strategy, updates, out_dir, Path(previous_dir or previous_round_dir(out_dir, round_index)), recovery, log,
+    )
     existing = _existing_round(plans, updates, out_dir, round_index, replace, log)
     if existing is not None:
         return existing
@@ -302,7 +312,9 @@ def _aggregate_locked(
         ]
         if pool not in weights:
             weights[pool] = strategy.pool_weights(plans, pool, contributions)
-        if robust.replaces_combine:
+        if private is not None:   # secure aggregation (masked sum) and/or DP (noised sum)
+            combined = private.combine(pool, key, contributions)
+        elif robust.replaces_combine:
             if weights[pool] is None:
                 raise InputError(
                     f"robust={plans.strategy.params.get('robust')} replaces weighted-mean pools, but strategy "
@@ -385,6 +397,11 @@ def _aggregate_locked(
             robust=robust.to_dict() if robust.active else None,
             signed_by=COORDINATOR if signing_key is not None else None,
         )
+        if private is not None:
+            report.privacy = private.record()
+            if private.spec.secure_aggregation:   # masked files hold ring words: no weight norm to state
+                for record in report.inputs:
+                    record.update_norm = None
         report.traffic = round_traffic(report.inputs, report.outputs)
         stage.commit(REPORT_FILE, report.to_dict(), known={o.path: o.sha256 for o in outputs})
     _log(log, f"round {round_index}: wrote {len(outputs)} weight file(s) and {REPORT_FILE} to {out_dir}")
@@ -731,16 +748,21 @@ def write_site_update(
     n_cases: int | None = None,
     extra: dict[str, Any] | None = None,
     signing_key: SigningKey | None = None,
+    privacy: SitePrivacy | None = None,
 ) -> WeightMeta:
     """Write the update of `site` for `round_index`: only its shared tensors, with their scopes.
 
-    With `signing_key` (the site's own), `<path>.sig` is written too."""
+    With `signing_key` (the site's own), `<path>.sig` is written too. With `privacy` (plans
+    with secure_aggregation / dp.*), the tensors are clipped, noised and masked first."""
     strategy = get_strategy(plans.strategy.name)
     shared, _local = split_site_state(plans, site, state)
     scopes = {name: resolved_scope(strategy, plans, site, name, a.dtype.name) for name, a in shared.items()}
+    n_cases = plans.sites[site].n_cases if n_cases is None else int(n_cases)
+    if privacy is not None:
+        shared = privacy.protect(plans, strategy, site, shared, int(round_index), n_cases)
     meta = WeightMeta(
         kind="update", plan_id=plans.plan_id, strategy=plans.strategy.name, site=site, round=int(round_index),
-        n_cases=plans.sites[site].n_cases if n_cases is None else int(n_cases), n_iterations=int(n_iterations),
+        n_cases=n_cases, n_iterations=int(n_iterations),
         scopes={k: v for k, v in scopes.items() if v is not None}, extra=dict(extra or {}),
     )
     return _write_signed(Path(path), shared, meta, signing_key)

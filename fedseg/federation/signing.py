@@ -83,12 +83,15 @@ def _check_signer_name(signer: str) -> str:
 
 
 def generate_key(signer: str, out_dir: str | Path) -> tuple[Path, Path]:
-    """Write `<signer>.key` (private, mode 0600) and `<signer>.pub` under `out_dir`.
+    """Write `<signer>.key` (private, mode 0600) and `<signer>.pub` under `out_dir`: an Ed25519
+    signing pair and an X25519 key-agreement pair (secure aggregation) in the same two files.
 
     Refuses to overwrite an existing private key: losing a key locks a site out of the plan.
     """
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from fedseg.federation.secure_aggregation import AGREEMENT_PRIVATE_FIELD, AGREEMENT_PUBLIC_FIELD, new_agreement_pair
 
     _check_signer_name(signer)
     out_dir = Path(out_dir)
@@ -101,13 +104,19 @@ def generate_key(signer: str, out_dir: str | Path) -> tuple[Path, Path]:
         serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
     ).hex()
     public_hex = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+    # the X25519 key pair for secure aggregation's pairwise masks travels in the same files
+    agreement_private, agreement_public = new_agreement_pair()
     # atomic_path's temporary file is created with mode 0600 (mkstemp), so the private key
     # is never readable by others, not even for a moment.
     with atomic_path(private_path) as tmp:
         os.chmod(tmp, 0o600)
-        tmp.write_text(json.dumps({"format": PRIVATE_FORMAT, "signer": signer, "private_key": private_hex}, indent=2) + "\n")
+        tmp.write_text(json.dumps({
+            "format": PRIVATE_FORMAT, "signer": signer, "private_key": private_hex, AGREEMENT_PRIVATE_FIELD: agreement_private,
+        }, indent=2) + "\n")
     with atomic_path(public_path) as tmp:
-        tmp.write_text(json.dumps({"format": PUBLIC_FORMAT, "signer": signer, "public_key": public_hex}, indent=2) + "\n")
+        tmp.write_text(json.dumps({
+            "format": PUBLIC_FORMAT, "signer": signer, "public_key": public_hex, AGREEMENT_PUBLIC_FIELD: agreement_public,
+        }, indent=2) + "\n")
         os.chmod(tmp, 0o644)
     return private_path, public_path
 

@@ -108,6 +108,7 @@ def simulate(
     """Run fingerprint -> plan -> init -> rounds of train/aggregate -> predict -> evaluate."""
     from fedseg.data.dataset import load_dataset
     from fedseg.federation.engine import aggregate_round
+    from fedseg.federation.privacy import check_budget_before_round
     from fedseg.federation.site_training import run_site_round, snapshot_site_state
     from fedseg.federation.strategies import get_strategy
     from fedseg.planning.fingerprint import compute_fingerprint, load_fingerprint, save_fingerprint
@@ -144,6 +145,7 @@ def simulate(
             _collect_val_dice(rdir, val_dice)
             log(f"round {r}: already complete, skipped")
             continue
+        check_budget_before_round(plans, round_dir(run_dir, r - 1), r)
         updates = []
         for name, path in site_dirs.items():
             update = path_inside(rdir / "updates", f"{name}.safetensors")
@@ -152,7 +154,7 @@ def simulate(
                 result = run_site_round(
                     plans, name, path, round_dir(run_dir, r - 1) / f"{name}.safetensors", run_dir / "state" / name,
                     update, iterations=config.iterations, device=config.device, num_workers=config.workers,
-                    progress=advance,
+                    progress=advance, agreement_key=agreement_key(run_dir, plans, name),
                 )
             log(f"round {r} {name}: val Dice {result.val_dice:.3f} ({result.seconds:.1f}s)")
             updates.append(update)
@@ -196,6 +198,7 @@ def plan_and_init(
     """
     from fedseg.federation.engine import initial_round
     from fedseg.federation.manifest import attach_manifests
+    from fedseg.federation.privacy import plan_privacy
     from fedseg.federation.strategies import get_strategy
     from fedseg.planning.plans import load_plans
     from fedseg.planning.planner import make_plans
@@ -211,6 +214,7 @@ def plan_and_init(
         plans.keys = dict(keys)
         check_plan_keys(plans.keys, sorted(plans.sites))
     plans = attach_manifests(plans, get_strategy(strategy))
+    plans = plan_privacy(plans, get_strategy(strategy), privacy_keys(run_dir, plans))
     if plans_path.is_file():
         existing = load_plans(plans_path)
         if existing.plan_id != plans.plan_id:
@@ -277,6 +281,27 @@ def discard_rounds_from(run_dir: Path, first: int, sites: list[str], log: Callab
         shutil.rmtree(folder)
     for site in sites:
         restore_site_state(path_inside(run_dir / "state", site), first)
+
+
+KEYS_DIR = "keys"
+
+
+def privacy_keys(run_dir: Path, plans: Plans) -> Path | None:
+    """With secure aggregation, the sites' key pairs in RUN_DIR/keys (made on first use)."""
+    from fedseg.federation.privacy import ensure_site_keys
+    from fedseg.federation.privacy_params import parse_privacy
+
+    if not parse_privacy(plans.strategy.params).secure_aggregation:
+        return None
+    return ensure_site_keys(Path(run_dir) / KEYS_DIR, sorted(plans.sites))
+
+
+def agreement_key(run_dir: Path, plans: Plans, site: str):
+    """The site's key-agreement key from RUN_DIR/keys, when the plan uses secure aggregation."""
+    from fedseg.federation.secure_aggregation import load_agreement_key
+
+    folder = privacy_keys(run_dir, plans)
+    return None if folder is None else load_agreement_key(folder / f"{site}.key")
 
 
 def _collect_val_dice(rdir: Path, val_dice: dict[str, list[float | None]]) -> None:

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from fedseg.errors import InputError
+from fedseg.federation.privacy import site_privacy
+from fedseg.federation.secure_aggregation import AgreementKey
 from fedseg.federation.signing import SigningKey, require_signing_key
 from fedseg.federation.weightfile import sha256_file
 from fedseg.folder_lock import folder_lock
@@ -97,12 +99,14 @@ def run_site_round(
     progress: Callable | None = None,
     log: Callable[[str], None] | None = None,
     signing_key: SigningKey | None = None,
+    agreement_key: AgreementKey | None = None,
 ) -> SiteRoundResult:
     """Train `site` for one round starting from `weights_path`; write the update to `output`.
 
     `signing_key`: the site's private key; required when the plan lists public keys (the
     update then gets `<output>.sig`, and the incoming model must carry the coordinator's).
     Checked before training, so a site never trains a round it cannot sign.
+    `agreement_key`: the site's key-agreement key; required when the plan uses secure aggregation.
     """
     from fedseg.federation.engine import split_site_state, write_site_update
     from fedseg.training.trainer import train_local
@@ -122,6 +126,8 @@ def run_site_round(
     with folder_lock(state_dir, "site state folder"):
         network, state = site_network_and_state(plans, site, weights_path, state_dir)
         started_from = sha256_file(weights_path)
+        # the starting point of the update (DP clips the delta from it) and the key, checked before training
+        privacy = site_privacy(plans, site, split_site_state(plans, site, state)[0], agreement_key)
         outcome = train_local(
             plans, site, Path(dataset_root), Path(state_dir), network, state, round_index,
             iterations=iterations, device=device, num_workers=num_workers, progress=progress, log=log,
@@ -134,7 +140,7 @@ def run_site_round(
                 # sha256 of the model file this update started from: links the round to the one before
                 STARTED_FROM: started_from,
             },
-            signing_key=signing_key,
+            signing_key=signing_key, privacy=privacy,
         )
         _shared, local = split_site_state(plans, site, outcome.state_dict)
         # Local parameters last: the trainer recognises a finished round by the hash of its

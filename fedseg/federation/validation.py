@@ -31,6 +31,8 @@ import numpy as np
 
 from fedseg.errors import InputError
 from fedseg.federation.manifest import expected_parameters
+from fedseg.federation.privacy_params import parse_privacy
+from fedseg.federation.secure_aggregation import WIRE_DTYPE
 from fedseg.federation.signing import verify_signature
 from fedseg.federation.strategies.base import Strategy, resolved_scope
 from fedseg.federation.weightfile import (
@@ -78,6 +80,11 @@ def expected_update(strategy: Strategy, plans: Plans, site: str) -> dict[str, tu
     return out
 
 
+def wire_dtype(plans: Plans, dtype: str) -> str:
+    """The dtype an update carries for a tensor of `dtype`: ring words under secure aggregation."""
+    return WIRE_DTYPE if parse_privacy(plans.strategy.params).secure_aggregation else dtype
+
+
 def _check_structure(reader: WeightFileReader, strategy: Strategy, plans: Plans, expected_round: int | None) -> WeightMeta:
     path, meta, infos = reader.path, reader.meta, reader.infos
     if meta.kind != "update":
@@ -109,6 +116,7 @@ def _check_structure(reader: WeightFileReader, strategy: Strategy, plans: Plans,
         )
     for name, (shape, dtype, _pool) in expected.items():
         info = infos[name]
+        dtype = wire_dtype(plans, dtype)
         if info.shape != shape:
             raise InputError(f"tensor {name!r} has shape {list(info.shape)}, the plan expects {list(shape)}", path)
         if info.dtype != dtype:

@@ -45,7 +45,7 @@ import numpy as np
 
 from fedseg.errors import InputError
 from fedseg.federation.strategies.base import Contribution, Strategy, weighted_mean
-from fedseg.federation.strategies.fedavg import WEIGHTINGS, case_weights
+from fedseg.federation.strategies.fedavg import WEIGHTINGS, case_weight, case_weights
 
 if TYPE_CHECKING:  # pragma: no cover
     from fedseg.planning.plans import Plans
@@ -280,6 +280,9 @@ class AsymFedAvg(Strategy):
     # -- merging -----------------------------------------------------------------------------
     def pool_weights(self, plans: Plans, pool: str, contributions: Sequence[Contribution]) -> dict[str, float]:
         return case_weights(plans, contributions)
+
+    def sum_weight(self, plans: Plans, pool: str, n_cases: int) -> float:
+        return case_weight(plans, n_cases)
 
     def combine(self, plans: Plans, pool: str, key: str, contributions: Sequence[Contribution]) -> np.ndarray:
         weights = self.pool_weights(plans, pool, contributions)

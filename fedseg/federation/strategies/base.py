@@ -28,14 +28,15 @@ from typing import TYPE_CHECKING, Any, ClassVar, Union
 import numpy as np
 
 from fedseg.errors import InputError
+from fedseg.federation.privacy_params import PRIVACY_PARAMS, parse_privacy
 from fedseg.federation.robust import ROBUST_PARAMS, parse_robust
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from fedseg.planning.plans import Plans
 
 # Engine-level parameters every strategy accepts in plans.strategy.params
-# (robust / clip_norm: fedseg.federation.robust).
-ENGINE_PARAMS: frozenset[str] = frozenset({"max_update_norm"}) | ROBUST_PARAMS
+# (robust / clip_norm: fedseg.federation.robust; secure_aggregation / dp.*: fedseg.federation.privacy_params).
+ENGINE_PARAMS: frozenset[str] = frozenset({"max_update_norm"}) | ROBUST_PARAMS | PRIVACY_PARAMS
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class Strategy:
         if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound > 0):
             raise InputError(f"max_update_norm must be a positive number, got {bound!r}")
         parse_robust(params)
+        parse_privacy(params)
 
     def requires_same_channels(self, params: Mapping[str, Any]) -> bool:
         """Whether every site must hold the plan's channels (False: mix-modal sites hold subsets,
@@ -133,6 +135,12 @@ class Strategy:
 
     def pool_weights(self, plans: Plans, pool: str, contributions: Sequence[Contribution]) -> dict[str, float] | None:
         """Weight of each site in the pool, for the round report (None when not a simple weighting)."""
+        return None
+
+    def sum_weight(self, plans: Plans, pool: str, n_cases: int) -> float | None:
+        """The unnormalised weight a_k of a site with `n_cases` when `combine` for `pool` is
+        Σ a_k w_k / Σ a_k; None when the pool needs the individual updates. Secure aggregation
+        and differential privacy work only on pools with a weight (fedseg.federation.privacy)."""
         return None
 
 

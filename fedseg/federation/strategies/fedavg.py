@@ -53,16 +53,21 @@ class FedAvg(Strategy):
     def pool_weights(self, plans: Plans, pool: str, contributions: Sequence[Contribution]) -> dict[str, float]:
         return case_weights(plans, contributions)
 
+    def sum_weight(self, plans: Plans, pool: str, n_cases: int) -> float:
+        return case_weight(plans, n_cases)
+
     def combine(self, plans: Plans, pool: str, key: str, contributions: Sequence[Contribution]) -> np.ndarray:
         weights = self.pool_weights(plans, pool, contributions)
         return weighted_mean(contributions, [weights[c.site] for c in contributions])
 
 
+def case_weight(plans: Plans, n_cases: int) -> float:
+    """A site's unnormalised FedAvg weight: its case count, or 1 with `weighting=uniform`."""
+    return 1.0 if plans.strategy.params.get("weighting", "n_cases") == "uniform" else float(n_cases)
+
+
 def case_weights(plans: Plans, contributions: Sequence[Contribution]) -> dict[str, float]:
     """FedAvg's weights: each site's share of the cases, or equal shares with `weighting=uniform`."""
-    if plans.strategy.params.get("weighting", "n_cases") == "uniform":
-        raw = [1.0] * len(contributions)
-    else:
-        raw = [float(c.n_cases) for c in contributions]
+    raw = [case_weight(plans, c.n_cases) for c in contributions]
     total = sum(raw)
     return {c.site: w / total for c, w in zip(contributions, raw)}

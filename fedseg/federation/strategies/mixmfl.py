@@ -152,6 +152,9 @@ class MixMFL(Strategy):
         total = float(sum(c.n_cases for c in contributions))
         return {c.site: c.n_cases / total for c in contributions}
 
+    def sum_weight(self, plans: Plans, pool: str, n_cases: int) -> float | None:
+        return None if pool.startswith(MEMORY_PREFIX) else float(n_cases)
+
     def combine(self, plans: Plans, pool: str, key: str, contributions: Sequence[Contribution]) -> np.ndarray:
         if pool.startswith(MEMORY_PREFIX):
             from fedseg.training.prototype_memory import fifo_merge
