@@ -30,6 +30,7 @@ import contextlib
 import hashlib
 import json
 import math
+import mmap
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -53,10 +54,28 @@ _CODE_TO_NUMPY: dict[str, str] = {
 }
 _NUMPY_NAME_TO_CODE: dict[str, str] = {np.dtype(v).name: k for k, v in _CODE_TO_NUMPY.items()}
 
-# safetensors itself refuses headers above 100 MB; a fedseg header (a few thousand tensor
-# entries + metadata) is well under 1 MB, so this only guards against absurd allocations.
-MAX_HEADER_BYTES = 100_000_000
+# Header limits, checked before the header is parsed: parsing JSON costs ~100 bytes of Python
+# objects and ~0.2 µs per input byte, so a hostile 60 MB header with a million entries would
+# take seconds and a gigabyte before any other check could refuse it. fedseg's largest
+# networks have a few hundred tensors (~250 header bytes each with their scope), so 16 MiB
+# and 65,536 entries leave a margin of more than 100x for real models while bounding the
+# parse to a fraction of a second and tens of MB. (safetensors' own cap is 100 MB.)
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+MAX_TENSORS = 65_536
+# Metadata numbers, bounded at read time so that no arithmetic on them can overflow (a JSON
+# integer can have hundreds of digits, a JSON float can be 1e400 = inf). A pool model sums the
+# counts of its sites, hence the wider bound for model files; every bound is far below 2**53,
+# so sums over many files stay exact in float64.
+MAX_ROUND = 1_000_000
+MAX_SITE_CASES = 10_000_000             # training cases at one site (an update's n_cases)
+MAX_SITE_ITERATIONS = 1_000_000_000     # iterations of one site in one round (an update's n_iterations)
+MAX_TOTAL_COUNT = 10**12                # n_cases / n_iterations of a model file (summed over sites)
+# integers in `extra` (metrics, seeds): what a float64 and every JSON reader hold exactly
+MAX_EXTRA_INT = 2**53
 _HASH_DOMAIN = b"fedseg-weights-v1\x00"
+# braces the brace pre-count allows besides one per entry: `__metadata__` values are JSON texts
+# (scopes, extra with nested metrics), which hold braces inside their strings
+_METADATA_BRACES = 4096
 
 
 @dataclass
@@ -115,14 +134,50 @@ def _check_meta_types(v: dict[str, Any], path: str | Path) -> None:
     for name in ("plan_id", "strategy", "site", "fedseg_version", "content_hash"):
         if not isinstance(v[name], str):
             raise bad(name, "expected a string")
-    for name in ("round", "n_cases", "n_iterations"):
-        if not is_int(v[name]) or v[name] < 0:
-            raise bad(name, "expected a non-negative integer")
+    for name, upper in _count_bounds(v["kind"]).items():
+        if not is_int(v[name]) or not 0 <= v[name] <= upper:
+            raise bad(name, f"expected an integer from 0 to {upper:,}, got {_short(v[name])}")
     scopes = v["scopes"]
     if not isinstance(scopes, dict) or not all(isinstance(k, str) and isinstance(s, str) and s for k, s in scopes.items()):
         raise bad("scopes", "expected a map of tensor name -> pool name")
     if not isinstance(v["extra"], dict):
         raise bad("extra", "expected a JSON object")
+    problem = _unbounded_number(v["extra"])
+    if problem is not None:
+        raise bad("extra", problem)
+
+
+def _count_bounds(kind: Any) -> dict[str, int]:
+    """Upper bound of each count field: an update is one site's round, a model may sum sites."""
+    if kind == "update":
+        return {"round": MAX_ROUND, "n_cases": MAX_SITE_CASES, "n_iterations": MAX_SITE_ITERATIONS}
+    return {"round": MAX_ROUND, "n_cases": MAX_TOTAL_COUNT, "n_iterations": MAX_TOTAL_COUNT}
+
+
+def _short(value: Any) -> str:
+    """A metadata value for an error message, never hundreds of digits long."""
+    text = repr(value)
+    if type(value) is int and len(text) > 24:
+        return f"an integer of {len(text.lstrip('-'))} digits"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _unbounded_number(value: Any) -> str | None:
+    """Why a JSON value holds a number no reader can use (inf/NaN, a 400-digit integer), or None.
+
+    Iterative (a hostile value may nest deeply; its size is bounded by the header cap)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            return f"holds a non-finite number ({item})"
+        elif type(item) is int and abs(item) > MAX_EXTRA_INT:
+            return f"holds an integer beyond ±2^53 ({len(str(abs(item)))} digits)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -179,6 +234,10 @@ def parse_header(path: str | Path) -> tuple[dict[str, TensorInfo], Any, int]:
         raise InputError("weight file is not readable (permission denied)", path) from None
     if raw[:1] != b"{":
         raise _not_weight_file(path, "the header is not a JSON object")
+    # Every entry is a JSON object, and braces are never escaped, so the count of '{' bounds
+    # the entries from above: a C-speed scan refuses a million-entry header before parsing it.
+    if raw.count(b"{") > MAX_TENSORS + 1 + _METADATA_BRACES:
+        raise _not_weight_file(path, f"the header declares more than {MAX_TENSORS:,} entries")
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -190,6 +249,8 @@ def parse_header(path: str | Path) -> tuple[dict[str, TensorInfo], Any, int]:
         isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(x, str) for k, x in metadata.items())
     ):
         raise _not_weight_file(path, "__metadata__ is not a map of strings")
+    if len(header) > MAX_TENSORS:
+        raise _not_weight_file(path, f"the header declares {len(header):,} tensors, more than {MAX_TENSORS:,}")
     data_start = 8 + n
     data_size = size - data_start
     infos: dict[str, TensorInfo] = {}
@@ -386,10 +447,27 @@ class WeightFileReader:
         return hashlib.sha256(self._mapped()).hexdigest()
 
     def verify_hash(self) -> None:
+        """Check the content hash, streaming over the mapping tensor by tensor.
+
+        Pages already hashed are handed back to the kernel as the pass goes (they are file
+        pages: a later read maps them again from the page cache), so checking a file keeps
+        resident memory at one chunk, whatever the file declares.
+        """
         hasher = ContentHasher(self.meta)
-        for name, array in self.iter_tensors():
-            hasher.add(name, array)
+        for name in self.keys():
+            hasher.add(name, self.get_tensor(name))
+            info = self.infos[name]
+            self._release(self._data_start + info.begin, self._data_start + info.end)
         check_hash(self.path, self.meta, hasher.hexdigest())
+
+    def _release(self, begin: int, end: int) -> None:
+        handle = getattr(self._mapped(), "_mmap", None)
+        advice = getattr(mmap, "MADV_DONTNEED", None)
+        start = begin - begin % mmap.PAGESIZE
+        if handle is None or advice is None or end <= start:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            handle.madvise(advice, start, end - start)
 
 
 def check_hash(path: str | Path, meta: WeightMeta, actual: str) -> None:
@@ -423,13 +501,39 @@ def open_reader(path: str | Path) -> WeightFileReader:
     return WeightFileReader(path, infos, meta, data_start)
 
 
+def check_declared_tensors(
+    reader: WeightFileReader, allowed: Mapping[str, tuple[tuple[int, ...], str]], owner: str
+) -> None:
+    """Refuse, from the header alone, a tensor that is not in `allowed` ({name: (shape, dtype)})
+    or that has another shape or dtype; `owner` says whose parameters `allowed` lists.
+
+    Run before any tensor byte is read: a file that declares a stowaway tensor (of any size)
+    is refused without touching it, so what is hashed and copied afterwards is bounded by the
+    plan's manifest, i.e. by one model.
+    """
+    unknown = set(reader.infos) - set(allowed)
+    if unknown:
+        raise InputError(f"holds {len(unknown)} tensor(s) that are not parameters of {owner}: {describe(unknown)}", reader.path)
+    for name, info in sorted(reader.infos.items()):
+        shape, dtype = allowed[name]
+        if info.shape != tuple(shape) or info.dtype != dtype:
+            raise InputError(
+                f"tensor {name!r} is {info.dtype}{list(info.shape)}, the plan expects {dtype}{list(shape)}", reader.path
+            )
+
+
 def read_weight_file(path: str | Path, *, verify_hash: bool = True) -> tuple[dict[str, np.ndarray], WeightMeta]:
-    """Load every tensor (as writable copies) and the metadata; InputError on any fault."""
+    """Load every tensor (as writable copies) and the metadata; InputError on any fault.
+
+    Copies whatever the file declares: for a file from another site, check its header
+    against the plan first (`open_reader` + `check_declared_tensors`, as `compose_site_state`
+    and the update validation do). The hash is checked on the mapping before anything is copied.
+    """
     with open_weight_file(path) as reader:
+        if verify_hash:
+            reader.verify_hash()
         tensors = {name: np.array(array) for name, array in reader.iter_tensors()}
         meta = reader.meta
-    if verify_hash:
-        check_hash(path, meta, compute_content_hash(tensors, meta))
     return tensors, meta
 
 
