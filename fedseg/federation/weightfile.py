@@ -40,6 +40,14 @@ import numpy as np
 
 import fedseg
 from fedseg.atomic import atomic_path
+from fedseg.bounds import (
+    MAX_ROUND,
+    MAX_SITE_CASES,
+    MAX_SITE_ITERATIONS,
+    MAX_TOTAL_COUNT,
+    short,
+    unbounded_number,
+)
 from fedseg.errors import InputError
 
 WEIGHT_FORMAT_VERSION = 1
@@ -62,16 +70,6 @@ _NUMPY_NAME_TO_CODE: dict[str, str] = {np.dtype(v).name: k for k, v in _CODE_TO_
 # parse to a fraction of a second and tens of MB. (safetensors' own cap is 100 MB.)
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_TENSORS = 65_536
-# Metadata numbers, bounded at read time so that no arithmetic on them can overflow (a JSON
-# integer can have hundreds of digits, a JSON float can be 1e400 = inf). A pool model sums the
-# counts of its sites, hence the wider bound for model files; every bound is far below 2**53,
-# so sums over many files stay exact in float64.
-MAX_ROUND = 1_000_000
-MAX_SITE_CASES = 10_000_000             # training cases at one site (an update's n_cases)
-MAX_SITE_ITERATIONS = 1_000_000_000     # iterations of one site in one round (an update's n_iterations)
-MAX_TOTAL_COUNT = 10**12                # n_cases / n_iterations of a model file (summed over sites)
-# integers in `extra` (metrics, seeds): what a float64 and every JSON reader hold exactly
-MAX_EXTRA_INT = 2**53
 _HASH_DOMAIN = b"fedseg-weights-v1\x00"
 # braces the brace pre-count allows besides one per entry: `__metadata__` values are JSON texts
 # (scopes, extra with nested metrics), which hold braces inside their strings
@@ -136,48 +134,23 @@ def _check_meta_types(v: dict[str, Any], path: str | Path) -> None:
             raise bad(name, "expected a string")
     for name, upper in _count_bounds(v["kind"]).items():
         if not is_int(v[name]) or not 0 <= v[name] <= upper:
-            raise bad(name, f"expected an integer from 0 to {upper:,}, got {_short(v[name])}")
+            raise bad(name, f"expected an integer from 0 to {upper:,}, got {short(v[name])}")
     scopes = v["scopes"]
     if not isinstance(scopes, dict) or not all(isinstance(k, str) and isinstance(s, str) and s for k, s in scopes.items()):
         raise bad("scopes", "expected a map of tensor name -> pool name")
     if not isinstance(v["extra"], dict):
         raise bad("extra", "expected a JSON object")
-    problem = _unbounded_number(v["extra"])
+    problem = unbounded_number(v["extra"])
     if problem is not None:
         raise bad("extra", problem)
 
 
 def _count_bounds(kind: Any) -> dict[str, int]:
-    """Upper bound of each count field: an update is one site's round, a model may sum sites."""
+    """Upper bound of each count field (fedseg.bounds): an update is one site's round, a model
+    may sum its sites' counts."""
     if kind == "update":
         return {"round": MAX_ROUND, "n_cases": MAX_SITE_CASES, "n_iterations": MAX_SITE_ITERATIONS}
     return {"round": MAX_ROUND, "n_cases": MAX_TOTAL_COUNT, "n_iterations": MAX_TOTAL_COUNT}
-
-
-def _short(value: Any) -> str:
-    """A metadata value for an error message, never hundreds of digits long."""
-    text = repr(value)
-    if type(value) is int and len(text) > 24:
-        return f"an integer of {len(text.lstrip('-'))} digits"
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _unbounded_number(value: Any) -> str | None:
-    """Why a JSON value holds a number no reader can use (inf/NaN, a 400-digit integer), or None.
-
-    Iterative (a hostile value may nest deeply; its size is bounded by the header cap)."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-        elif isinstance(item, float) and not math.isfinite(item):
-            return f"holds a non-finite number ({item})"
-        elif type(item) is int and abs(item) > MAX_EXTRA_INT:
-            return f"holds an integer beyond ±2^53 ({len(str(abs(item)))} digits)"
-    return None
 
 
 @dataclass(frozen=True)
