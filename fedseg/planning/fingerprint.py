@@ -241,8 +241,9 @@ def load_fingerprint(path: str | Path) -> dict[str, Any]:
         raise InputError("fingerprint file not found", path)
     try:
         fp = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"not a fedseg fingerprint (invalid JSON: {exc})", path) from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        # ValueError: also an integer of more than 4300 digits; RecursionError: absurd nesting
+        raise InputError(f"not a fedseg fingerprint (invalid JSON: {str(exc)[:120]})", path) from None
     validate_fingerprint(fp, path)
     return fp
 
