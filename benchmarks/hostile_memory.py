@@ -4,6 +4,7 @@
    by `fedseg init`; its model file then gets one more header entry declaring a 1.5 GiB
    float32 tensor, stored as a sparse hole (the file takes 5 MB on disk). `fedseg predict`
    and `fedseg train` are run on it; both must refuse it (exit 2) and stay under 1 GB.
+   `fedseg inspect` (no plan to check against) hashes all 1.5 GiB, streamed from the map.
 2. **clip_norm.** `fedseg aggregate` of one round of the same network with `clip_norm`
    (every site's delta clipped) at 10 and 50 sites; the non-file memory must grow by less
    than one model between the two.
@@ -113,6 +114,7 @@ def stowaway(work: Path, env: dict) -> list[tuple[str, dict]]:
             "train", "--site", "site_a", "--data", str(data), "--plans", str(plans), "--weights", str(hostile),
             "--state", str(work / "state"), "-o", str(work / "upd" / "site_a.safetensors"), "--iterations", "1",
             "-q"), env)),
+        ("inspect", measured(fedseg_cmd("inspect", str(hostile)), env)),
     ]
     print(f"model file: {model.stat().st_size / 1e6:.1f} MB; hostile copy declares +{STOWAWAY_BYTES / 2**30:.1f} GiB "
           f"({hostile.stat().st_size / 2**30:.2f} GiB apparent, {os.stat(hostile).st_blocks * 512 / 1e6:.1f} MB on disk)")
@@ -208,7 +210,7 @@ def main() -> None:
     print(f"clip_norm {CLIP_SITES[0]} -> {CLIP_SITES[1]} sites: peak anon {many['peak_anon_mb'] - few['peak_anon_mb']:+.1f} MB, "
           f"traced {many['traced_mb'] - few['traced_mb']:+.1f} MB (one model: {model_mb:.1f} MB); "
           f"clipped sites {few['clipped']}, {many['clipped']}")
-    worst = max(r["ru_maxrss_mb"] for name, r in rows[:2])
+    worst = max(r["ru_maxrss_mb"] for name, r in rows[:3])
     print(f"stowaway: worst ru_maxrss {worst:.0f} MB (target < 1000); load at end: {load_average()}")
     if not args.keep:
         shutil.rmtree(args.work)

@@ -31,7 +31,7 @@ import hashlib
 import json
 import math
 import mmap
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,9 @@ _NUMPY_NAME_TO_CODE: dict[str, str] = {np.dtype(v).name: k for k, v in _CODE_TO_
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_TENSORS = 65_536
 _HASH_DOMAIN = b"fedseg-weights-v1\x00"
+# bytes hashed per hashlib call when streaming a tensor: large enough that the call overhead
+# vanishes, small enough that a pass over a mapped file keeps only this much of it resident
+_HASH_CHUNK = 16 * 1024 * 1024
 # braces the brace pre-count allows besides one per entry: `__metadata__` values are JSON texts
 # (scopes, extra with nested metrics), which hold braces inside their strings
 _METADATA_BRACES = 4096
@@ -267,14 +270,22 @@ class ContentHasher:
         self._h.update(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8") + b"\x00")
         self._last: str | None = None
 
-    def add(self, name: str, array: np.ndarray) -> None:
+    def add(self, name: str, array: np.ndarray, after_chunk: Callable[[int, int], None] | None = None) -> None:
+        """Hash one tensor, in chunks of _HASH_CHUNK bytes; `after_chunk(begin, end)` is told
+        each byte range of the tensor once it is hashed (to release memory-mapped pages)."""
         if self._last is not None and name <= self._last:
             raise ValueError("tensors must be hashed in sorted name order")
         self._last = name
         desc = json.dumps([name, array.dtype.name, list(array.shape)], separators=(",", ":"))
         self._h.update(desc.encode("utf-8") + b"\x00")
-        if array.size:
-            self._h.update(np.asarray(array, order="C").reshape(-1).view(np.uint8))
+        if not array.size:
+            return
+        flat = np.asarray(array, order="C").reshape(-1).view(np.uint8)
+        for begin in range(0, flat.size, _HASH_CHUNK):
+            end = min(begin + _HASH_CHUNK, flat.size)
+            self._h.update(flat[begin:end])
+            if after_chunk is not None:
+                after_chunk(begin, end)
 
     def hexdigest(self) -> str:
         return self._h.hexdigest()
@@ -428,12 +439,14 @@ class WeightFileReader:
         """
         hasher = ContentHasher(self.meta)
         for name in self.keys():
-            hasher.add(name, self.get_tensor(name))
-            info = self.infos[name]
-            self._release(self._data_start + info.begin, self._data_start + info.end)
+            offset = self._data_start + self.infos[name].begin
+            hasher.add(name, self.get_tensor(name), lambda b, e, o=offset: self._release(o + b, o + e))
         check_hash(self.path, self.meta, hasher.hexdigest())
 
     def _release(self, begin: int, end: int) -> None:
+        """madvise(DONTNEED) the mapped file bytes [begin, end): drops them from this process's
+        resident set; the mapping stays valid (a later read faults them in again)."""
+        # np.memmap keeps its mmap.mmap object as `_mmap` (the only handle that can madvise)
         handle = getattr(self._mapped(), "_mmap", None)
         advice = getattr(mmap, "MADV_DONTNEED", None)
         start = begin - begin % mmap.PAGESIZE
