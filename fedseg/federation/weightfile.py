@@ -74,9 +74,21 @@ _HASH_DOMAIN = b"fedseg-weights-v1\x00"
 # bytes hashed per hashlib call when streaming a tensor: large enough that the call overhead
 # vanishes, small enough that a pass over a mapped file keeps only this much of it resident
 _HASH_CHUNK = 16 * 1024 * 1024
-# braces the brace pre-count allows besides one per entry: `__metadata__` values are JSON texts
-# (scopes, extra with nested metrics), which hold braces inside their strings
-_METADATA_BRACES = 4096
+# What parsing a header can build, bounded before it is parsed. JSON's structural characters
+# are never escaped, so counting them (a C-speed scan) bounds from above how many objects,
+# lists, keys and values the parse would create. Per tensor entry a fedseg header holds one
+# object, two lists (shape, data_offsets), three keys, and about ndim + 4 commas; its scope in
+# `__metadata__` adds a ':' and a ','. The budgets below allow that for MAX_TENSORS entries of
+# up to 12 dimensions, plus a slack for the other metadata (`extra` holds free-form metrics):
+# a 16 MiB header of a few million empty lists or numbers, which would parse into ~400 MB of
+# Python objects over seconds, is refused in milliseconds.
+_HEADER_SLACK = 4096
+_HEADER_BUDGET = {
+    b"{": MAX_TENSORS + 1 + _HEADER_SLACK,
+    b"[": 2 * MAX_TENSORS + _HEADER_SLACK,
+    b":": 5 * MAX_TENSORS + _HEADER_SLACK,
+    b",": 17 * MAX_TENSORS + _HEADER_SLACK,
+}
 
 
 @dataclass
@@ -210,10 +222,7 @@ def parse_header(path: str | Path) -> tuple[dict[str, TensorInfo], Any, int]:
         raise InputError("weight file is not readable (permission denied)", path) from None
     if raw[:1] != b"{":
         raise _not_weight_file(path, "the header is not a JSON object")
-    # Every entry is a JSON object, and braces are never escaped, so the count of '{' bounds
-    # the entries from above: a C-speed scan refuses a million-entry header before parsing it.
-    if raw.count(b"{") > MAX_TENSORS + 1 + _METADATA_BRACES:
-        raise _not_weight_file(path, f"the header declares more than {MAX_TENSORS:,} entries")
+    _check_header_budget(path, raw)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -241,6 +250,16 @@ def parse_header(path: str | Path) -> tuple[dict[str, TensorInfo], Any, int]:
         what = "truncated" if cursor > data_size else "trailing bytes"
         raise _not_weight_file(path, f"tensor data is {cursor} bytes but the file holds {data_size} ({what})")
     return infos, metadata, data_start
+
+
+def _check_header_budget(path: Path, raw: bytes) -> None:
+    """Refuse, before parsing, a header with more JSON structure than MAX_TENSORS entries need."""
+    for char, budget in _HEADER_BUDGET.items():
+        count = raw.count(char)
+        if count > budget:
+            raise _not_weight_file(
+                path, f"the header is too large for {MAX_TENSORS:,} tensor entries ({count:,} {char.decode()!r}, at most {budget:,})"
+            )
 
 
 def _tensor_info(path: Path, name: str, entry: Any) -> TensorInfo:

@@ -62,13 +62,26 @@ def no_large_parse(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(weightfile.json, "loads", guarded)
 
 
+@pytest.fixture(scope="module")
+def many_lists(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One entry whose shape is 5 million empty lists: a 15 MiB header (under the byte cap)
+    that would parse into ~400 MB of Python lists over seconds."""
+    text = b'{"a":{"dtype":"F32","shape":[' + b",".join([b"[]"] * 5_000_000) + b'],"data_offsets":[0,0]}}'
+    text += b" " * (-len(text) % 8)
+    path = tmp_path_factory.mktemp("lists") / "lists.safetensors"
+    path.write_bytes(len(text).to_bytes(8, "little") + text)
+    assert path.stat().st_size < MAX_HEADER_BYTES
+    return path
+
+
 def _timed(argv: list[str]) -> tuple[int, float]:
     start = time.perf_counter()
     rc = run(argv)
     return rc, time.perf_counter() - start
 
 
-@pytest.mark.parametrize("which, fragment", [("huge_header", "header length"), ("many_entries", "more than 65,536 entries")])
+@pytest.mark.parametrize("which, fragment", [("huge_header", "header length"), ("many_entries", "too large for 65,536 tensor entries"),
+                                            ("many_lists", "too large for 65,536 tensor entries")])
 def test_inspect_refuses_oversized_headers_without_parsing(
     request: pytest.FixtureRequest, tmp_path: Path, capsys: pytest.CaptureFixture, which: str, fragment: str
 ) -> None:
@@ -78,7 +91,8 @@ def test_inspect_refuses_oversized_headers_without_parsing(
     assert seconds < 2.0, f"{seconds:.2f} s"
 
 
-@pytest.mark.parametrize("which, fragment", [("huge_header", "header length"), ("many_entries", "more than 65,536 entries")])
+@pytest.mark.parametrize("which, fragment", [("huge_header", "header length"), ("many_entries", "too large for 65,536 tensor entries"),
+                                            ("many_lists", "too large for 65,536 tensor entries")])
 def test_aggregate_refuses_each_oversized_header_fast(
     request: pytest.FixtureRequest, tmp_path: Path, capsys: pytest.CaptureFixture, which: str, fragment: str
 ) -> None:
