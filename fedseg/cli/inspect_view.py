@@ -58,13 +58,19 @@ def summarise(path: Path) -> dict[str, Any]:
 
 
 def _weight_file(path: Path) -> dict[str, Any]:
-    from fedseg.federation.weightfile import read_weight_file
+    import math
 
-    tensors, meta = read_weight_file(path)
-    n_params = int(sum(t.size for t in tensors.values()))
-    n_bytes = int(sum(t.nbytes for t in tensors.values()))
+    from fedseg.federation.weightfile import open_weight_file
+
+    # the content hash is streamed from the memory-mapped file: no tensor is copied, whatever
+    # the file declares (inspect has no plan to check the header against)
+    with open_weight_file(path) as reader:
+        reader.verify_hash()
+        infos, meta = reader.infos, reader.meta
+    n_params = int(sum(math.prod(i.shape) for i in infos.values()))
+    n_bytes = int(sum(i.end - i.begin for i in infos.values()))
     pools: dict[str, int] = {}
-    for name in tensors:
+    for name in infos:
         pool = meta.scopes.get(name, "?")
         pools[pool] = pools.get(pool, 0) + 1
     return {
@@ -75,7 +81,7 @@ def _weight_file(path: Path) -> dict[str, Any]:
         "round": meta.round,
         "n_cases": meta.n_cases,
         "n_iterations": meta.n_iterations,
-        "tensors": len(tensors),
+        "tensors": len(infos),
         "parameters": n_params,
         "bytes": n_bytes,
         "tensors per pool": pools,

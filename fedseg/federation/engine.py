@@ -44,7 +44,14 @@ from fedseg.federation.strategies.base import (
     resolved_loads,
     resolved_scope,
 )
-from fedseg.federation.robust import RobustSpec, clip_factor, clipped, delta_sumsq, parse_robust, robust_combine
+from fedseg.federation.robust import (
+    ClippedTensor,
+    RobustSpec,
+    clip_factor,
+    delta_sumsq,
+    parse_robust,
+    robust_combine,
+)
 from fedseg.federation.round_commit import (
     AGGREGATE_RECORD,
     INIT_RECORD,
@@ -62,9 +69,10 @@ from fedseg.federation.validation import ValidatedUpdate, validate_updates
 from fedseg.federation.weightfile import (
     WeightFileReader,
     WeightMeta,
+    check_declared_tensors,
     describe,
     open_reader,
-    read_weight_file,
+    open_weight_file,
     to_numpy,
     write_weight_file_digest,
 )
@@ -171,6 +179,8 @@ def open_previous_model(plans: Plans, site: str, folder: Path, round_index: int)
         )
     check_committed(path)   # only a file its round's record lists
     reader = open_reader(path)
+    # header against the manifest first: the hash pass then reads at most one model
+    check_declared_tensors(reader, expected_parameters(plans, site), f"site {site!r}'s network")
     reader.verify_hash()
     meta = reader.meta
     if meta.kind != "model" or meta.plan_id != plans.plan_id or meta.round != round_index:
@@ -220,10 +230,12 @@ def _clip_factors(
     return clips
 
 
-def _contribution_array(array: np.ndarray, clip: _Clip | None, name: str) -> np.ndarray:
+def _contribution_array(array: np.ndarray, clip: _Clip | None, name: str) -> np.ndarray | ClippedTensor:
+    """The site's tensor as the combiner reads it: clipped lazily, block by block (O(model)
+    memory over all sites, see ClippedTensor), or the memory-mapped tensor itself."""
     if clip is None or clip.factor == 1.0:
         return array
-    return clipped(array, clip.previous.get_tensor(name), clip.factor)
+    return ClippedTensor(array, clip.previous.get_tensor(name), clip.factor)
 
 
 def aggregate_round(
@@ -710,27 +722,25 @@ def compose_site_state(
     shape and dtype; whatever is neither incoming nor local is an InputError.
     """
     path = Path(incoming_path)
-    tensors, meta = read_weight_file(path)
-    if meta.kind != "model":
-        raise InputError(f"is a {meta.kind!r} file; a site starts from a model file (round_r/<site>.safetensors)", path)
-    if meta.plan_id != plans.plan_id:
-        raise InputError(f"was made under another plan (plan_id {meta.plan_id[:12]}…, this plan {plans.plan_id[:12]}…)", path)
-    if plans.keys:
-        # read_weight_file verified the content hash, so the signature over it covers the data
-        verify_signature(plans.keys, path, meta.content_hash, COORDINATOR)
-    if meta.site in plans.sites and meta.site != site:
-        raise InputError(f"is the model for site {meta.site!r}, not {site!r}", path)
     expected = expected_parameters(plans, site)
     state: dict[str, np.ndarray] = {name: to_numpy(v) for name, v in (local_state or {}).items()}
-    for name, array in tensors.items():
-        if name not in expected:
-            raise InputError(f"tensor {name!r} is not a parameter of site {site!r}'s network", path)
-        shape, dtype = expected[name]
-        if array.shape != shape or array.dtype.name != dtype:
-            raise InputError(
-                f"tensor {name!r} is {array.dtype.name}{list(array.shape)}, the plan expects {dtype}{list(shape)}", path
-            )
-        state[name] = array
+    with open_weight_file(path) as reader:
+        meta = reader.meta
+        if meta.plan_id != plans.plan_id:
+            raise InputError(f"was made under another plan (plan_id {meta.plan_id[:12]}…, this plan {plans.plan_id[:12]}…)", path)
+        # the header against the manifest before any tensor byte is read: what is hashed and
+        # copied below is at most one model, whatever the file declares
+        check_declared_tensors(reader, expected, f"site {site!r}'s network")
+        reader.verify_hash()   # streamed from the mapping, nothing copied
+        if meta.kind != "model":
+            raise InputError(f"is a {meta.kind!r} file; a site starts from a model file (round_r/<site>.safetensors)", path)
+        if plans.keys:
+            # the content hash was verified, so the signature over it covers the data
+            verify_signature(plans.keys, path, meta.content_hash, COORDINATOR)
+        if meta.site in plans.sites and meta.site != site:
+            raise InputError(f"is the model for site {meta.site!r}, not {site!r}", path)
+        for name, array in reader.iter_tensors():
+            state[name] = np.array(array)   # writable copies that outlive the mapping
     missing = set(expected) - set(state)
     if missing:
         raise InputError(f"lacks {len(missing)} tensor(s) that the site has no local copy of: {describe(missing)}", path)

@@ -140,3 +140,47 @@ def clipped(current: np.ndarray, previous: np.ndarray, factor: float) -> np.ndar
         return current
     prev = np.asarray(previous, dtype=np.float64)
     return prev + factor * (np.asarray(current, dtype=np.float64) - prev)
+
+
+class ClippedTensor:
+    """A site's clipped contribution to one key, computed block by block when it is read.
+
+    Materialising previous + factor·(current − previous) for every site of a key would hold
+    one float64 copy of the key per site at once (O(sites x model)); this keeps only the two
+    memory-mapped inputs and computes the slice asked for. The combiners read contributions
+    as `.shape`, `.size`, `.reshape(-1)` and slices `flat[a:b]` (weighted_mean,
+    robust_combine), so a weighted or robust mean over clipped updates stays O(block) per
+    site; `np.asarray` materialises one site's clipped key (a personalised result needs it).
+    """
+
+    dtype = np.dtype(np.float64)
+
+    def __init__(self, current: np.ndarray, previous: np.ndarray, factor: float) -> None:
+        if current.shape != previous.shape:
+            raise ValueError(f"clipping needs equal shapes, got {current.shape} and {previous.shape}")
+        self.current, self.previous, self.factor = current, previous, float(factor)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.current.shape
+
+    @property
+    def size(self) -> int:
+        return int(self.current.size)
+
+    @property
+    def ndim(self) -> int:
+        return self.current.ndim
+
+    def __len__(self) -> int:
+        return len(self.current)
+
+    def reshape(self, *shape: Any) -> ClippedTensor:
+        return ClippedTensor(self.current.reshape(*shape), self.previous.reshape(*shape), self.factor)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        return clipped(self.current[index], self.previous[index], self.factor)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        full = clipped(self.current, self.previous, self.factor)
+        return full if dtype is None else full.astype(dtype, copy=False)

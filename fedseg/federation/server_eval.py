@@ -57,7 +57,7 @@ def evaluate_server_models(
     from fedseg.atomic import write_json_atomic
     from fedseg.data.dataset import load_dataset
     from fedseg.federation.site_training import load_site_model
-    from fedseg.federation.weightfile import read_weight_file
+    from fedseg.federation.weightfile import open_weight_file
     from fedseg.training.evaluation import evaluate_folders, save_metrics
     from fedseg.training.inference import predict_folder
 
@@ -78,7 +78,8 @@ def evaluate_server_models(
     progress_factory = progress_factory or _no_progress
     summary: dict[str, Any] = {"server_test": str(server_dir), "round": None, "n_cases": n_cases, "models": {}}
     for path in pool_model_files(round_dir):
-        _tensors, meta = read_weight_file(path)
+        with open_weight_file(path) as reader:   # metadata only; load_site_model checks the file
+            meta = reader.meta
         summary["round"] = meta.round
         sites = sorted(s for s in (meta.extra.get("sites") or plans.sites) if s in plans.sites)
         if not sites:

@@ -305,14 +305,14 @@ def agreement_key(run_dir: Path, plans: Plans, site: str):
 
 
 def _collect_val_dice(rdir: Path, val_dice: dict[str, list[float | None]]) -> None:
-    from fedseg.federation.weightfile import read_weight_file
+    from fedseg.federation.weightfile import open_weight_file
 
     for name in val_dice:
         update = rdir / "updates" / f"{name}.safetensors"
         value = None
         if update.is_file():
-            _, meta = read_weight_file(update, verify_hash=False)
-            value = meta.extra.get("val_dice")
+            with open_weight_file(update) as reader:   # metadata only
+                value = reader.meta.extra.get("val_dice")
         val_dice[name].append(value)
 
 

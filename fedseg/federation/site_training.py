@@ -60,7 +60,9 @@ def site_network_and_state(plans: Plans, site: str, weights_path: Path, state_di
     network = get_strategy(plans.strategy.name).network(plans, site)
     local = load_local_state(state_dir) if state_dir is not None else {}
     arrays = compose_site_state(plans, site, weights_path, local)
-    state = {name: torch.from_numpy(np.array(array, copy=True)) for name, array in arrays.items()}
+    # compose_site_state returns arrays the caller owns (copies of the file's tensors, the
+    # local state as loaded): share them with torch instead of copying the model once more
+    state = {name: torch.from_numpy(np.require(array, requirements=["C", "W"])) for name, array in arrays.items()}
     return network, state
 
 

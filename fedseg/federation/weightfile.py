@@ -30,7 +30,8 @@ import contextlib
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Iterator, Mapping
+import mmap
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,14 @@ import numpy as np
 
 import fedseg
 from fedseg.atomic import atomic_path
+from fedseg.bounds import (
+    MAX_ROUND,
+    MAX_SITE_CASES,
+    MAX_SITE_ITERATIONS,
+    MAX_TOTAL_COUNT,
+    short,
+    unbounded_number,
+)
 from fedseg.errors import InputError
 
 WEIGHT_FORMAT_VERSION = 1
@@ -53,10 +62,33 @@ _CODE_TO_NUMPY: dict[str, str] = {
 }
 _NUMPY_NAME_TO_CODE: dict[str, str] = {np.dtype(v).name: k for k, v in _CODE_TO_NUMPY.items()}
 
-# safetensors itself refuses headers above 100 MB; a fedseg header (a few thousand tensor
-# entries + metadata) is well under 1 MB, so this only guards against absurd allocations.
-MAX_HEADER_BYTES = 100_000_000
+# Header limits, checked before the header is parsed: parsing JSON costs ~100 bytes of Python
+# objects and ~0.2 µs per input byte, so a hostile 60 MB header with a million entries would
+# take seconds and a gigabyte before any other check could refuse it. fedseg's largest
+# networks have a few hundred tensors (~250 header bytes each with their scope), so 16 MiB
+# and 65,536 entries leave a margin of more than 100x for real models while bounding the
+# parse to a fraction of a second and tens of MB. (safetensors' own cap is 100 MB.)
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+MAX_TENSORS = 65_536
 _HASH_DOMAIN = b"fedseg-weights-v1\x00"
+# bytes hashed per hashlib call when streaming a tensor: large enough that the call overhead
+# vanishes, small enough that a pass over a mapped file keeps only this much of it resident
+_HASH_CHUNK = 16 * 1024 * 1024
+# What parsing a header can build, bounded before it is parsed. JSON's structural characters
+# are never escaped, so counting them (a C-speed scan) bounds from above how many objects,
+# lists, keys and values the parse would create. Per tensor entry a fedseg header holds one
+# object, two lists (shape, data_offsets), three keys, and about ndim + 4 commas; its scope in
+# `__metadata__` adds a ':' and a ','. The budgets below allow that for MAX_TENSORS entries of
+# up to 12 dimensions, plus a slack for the other metadata (`extra` holds free-form metrics):
+# a 16 MiB header of a few million empty lists or numbers, which would parse into ~400 MB of
+# Python objects over seconds, is refused in milliseconds.
+_HEADER_SLACK = 4096
+_HEADER_BUDGET = {
+    b"{": MAX_TENSORS + 1 + _HEADER_SLACK,
+    b"[": 2 * MAX_TENSORS + _HEADER_SLACK,
+    b":": 5 * MAX_TENSORS + _HEADER_SLACK,
+    b",": 17 * MAX_TENSORS + _HEADER_SLACK,
+}
 
 
 @dataclass
@@ -115,14 +147,25 @@ def _check_meta_types(v: dict[str, Any], path: str | Path) -> None:
     for name in ("plan_id", "strategy", "site", "fedseg_version", "content_hash"):
         if not isinstance(v[name], str):
             raise bad(name, "expected a string")
-    for name in ("round", "n_cases", "n_iterations"):
-        if not is_int(v[name]) or v[name] < 0:
-            raise bad(name, "expected a non-negative integer")
+    for name, upper in _count_bounds(v["kind"]).items():
+        if not is_int(v[name]) or not 0 <= v[name] <= upper:
+            raise bad(name, f"expected an integer from 0 to {upper:,}, got {short(v[name])}")
     scopes = v["scopes"]
     if not isinstance(scopes, dict) or not all(isinstance(k, str) and isinstance(s, str) and s for k, s in scopes.items()):
         raise bad("scopes", "expected a map of tensor name -> pool name")
     if not isinstance(v["extra"], dict):
         raise bad("extra", "expected a JSON object")
+    problem = unbounded_number(v["extra"])
+    if problem is not None:
+        raise bad("extra", problem)
+
+
+def _count_bounds(kind: Any) -> dict[str, int]:
+    """Upper bound of each count field (fedseg.bounds): an update is one site's round, a model
+    may sum its sites' counts."""
+    if kind == "update":
+        return {"round": MAX_ROUND, "n_cases": MAX_SITE_CASES, "n_iterations": MAX_SITE_ITERATIONS}
+    return {"round": MAX_ROUND, "n_cases": MAX_TOTAL_COUNT, "n_iterations": MAX_TOTAL_COUNT}
 
 
 @dataclass(frozen=True)
@@ -179,6 +222,7 @@ def parse_header(path: str | Path) -> tuple[dict[str, TensorInfo], Any, int]:
         raise InputError("weight file is not readable (permission denied)", path) from None
     if raw[:1] != b"{":
         raise _not_weight_file(path, "the header is not a JSON object")
+    _check_header_budget(path, raw)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -190,6 +234,8 @@ def parse_header(path: str | Path) -> tuple[dict[str, TensorInfo], Any, int]:
         isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(x, str) for k, x in metadata.items())
     ):
         raise _not_weight_file(path, "__metadata__ is not a map of strings")
+    if len(header) > MAX_TENSORS:
+        raise _not_weight_file(path, f"the header declares {len(header):,} tensors, more than {MAX_TENSORS:,}")
     data_start = 8 + n
     data_size = size - data_start
     infos: dict[str, TensorInfo] = {}
@@ -204,6 +250,16 @@ def parse_header(path: str | Path) -> tuple[dict[str, TensorInfo], Any, int]:
         what = "truncated" if cursor > data_size else "trailing bytes"
         raise _not_weight_file(path, f"tensor data is {cursor} bytes but the file holds {data_size} ({what})")
     return infos, metadata, data_start
+
+
+def _check_header_budget(path: Path, raw: bytes) -> None:
+    """Refuse, before parsing, a header with more JSON structure than MAX_TENSORS entries need."""
+    for char, budget in _HEADER_BUDGET.items():
+        count = raw.count(char)
+        if count > budget:
+            raise _not_weight_file(
+                path, f"the header is too large for {MAX_TENSORS:,} tensor entries ({count:,} {char.decode()!r}, at most {budget:,})"
+            )
 
 
 def _tensor_info(path: Path, name: str, entry: Any) -> TensorInfo:
@@ -233,14 +289,22 @@ class ContentHasher:
         self._h.update(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8") + b"\x00")
         self._last: str | None = None
 
-    def add(self, name: str, array: np.ndarray) -> None:
+    def add(self, name: str, array: np.ndarray, after_chunk: Callable[[int, int], None] | None = None) -> None:
+        """Hash one tensor, in chunks of _HASH_CHUNK bytes; `after_chunk(begin, end)` is told
+        each byte range of the tensor once it is hashed (to release memory-mapped pages)."""
         if self._last is not None and name <= self._last:
             raise ValueError("tensors must be hashed in sorted name order")
         self._last = name
         desc = json.dumps([name, array.dtype.name, list(array.shape)], separators=(",", ":"))
         self._h.update(desc.encode("utf-8") + b"\x00")
-        if array.size:
-            self._h.update(np.asarray(array, order="C").reshape(-1).view(np.uint8))
+        if not array.size:
+            return
+        flat = np.asarray(array, order="C").reshape(-1).view(np.uint8)
+        for begin in range(0, flat.size, _HASH_CHUNK):
+            end = min(begin + _HASH_CHUNK, flat.size)
+            self._h.update(flat[begin:end])
+            if after_chunk is not None:
+                after_chunk(begin, end)
 
     def hexdigest(self) -> str:
         return self._h.hexdigest()
@@ -386,10 +450,29 @@ class WeightFileReader:
         return hashlib.sha256(self._mapped()).hexdigest()
 
     def verify_hash(self) -> None:
+        """Check the content hash, streaming over the mapping tensor by tensor.
+
+        Pages already hashed are handed back to the kernel as the pass goes (they are file
+        pages: a later read maps them again from the page cache), so checking a file keeps
+        resident memory at one chunk, whatever the file declares.
+        """
         hasher = ContentHasher(self.meta)
-        for name, array in self.iter_tensors():
-            hasher.add(name, array)
+        for name in self.keys():
+            offset = self._data_start + self.infos[name].begin
+            hasher.add(name, self.get_tensor(name), lambda b, e, o=offset: self._release(o + b, o + e))
         check_hash(self.path, self.meta, hasher.hexdigest())
+
+    def _release(self, begin: int, end: int) -> None:
+        """madvise(DONTNEED) the mapped file bytes [begin, end): drops them from this process's
+        resident set; the mapping stays valid (a later read faults them in again)."""
+        # np.memmap keeps its mmap.mmap object as `_mmap` (the only handle that can madvise)
+        handle = getattr(self._mapped(), "_mmap", None)
+        advice = getattr(mmap, "MADV_DONTNEED", None)
+        start = begin - begin % mmap.PAGESIZE
+        if handle is None or advice is None or end <= start:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            handle.madvise(advice, start, end - start)
 
 
 def check_hash(path: str | Path, meta: WeightMeta, actual: str) -> None:
@@ -423,13 +506,39 @@ def open_reader(path: str | Path) -> WeightFileReader:
     return WeightFileReader(path, infos, meta, data_start)
 
 
+def check_declared_tensors(
+    reader: WeightFileReader, allowed: Mapping[str, tuple[tuple[int, ...], str]], owner: str
+) -> None:
+    """Refuse, from the header alone, a tensor that is not in `allowed` ({name: (shape, dtype)})
+    or that has another shape or dtype; `owner` says whose parameters `allowed` lists.
+
+    Run before any tensor byte is read: a file that declares a stowaway tensor (of any size)
+    is refused without touching it, so what is hashed and copied afterwards is bounded by the
+    plan's manifest, i.e. by one model.
+    """
+    unknown = set(reader.infos) - set(allowed)
+    if unknown:
+        raise InputError(f"holds {len(unknown)} tensor(s) that are not parameters of {owner}: {describe(unknown)}", reader.path)
+    for name, info in sorted(reader.infos.items()):
+        shape, dtype = allowed[name]
+        if info.shape != tuple(shape) or info.dtype != dtype:
+            raise InputError(
+                f"tensor {name!r} is {info.dtype}{list(info.shape)}, the plan expects {dtype}{list(shape)}", reader.path
+            )
+
+
 def read_weight_file(path: str | Path, *, verify_hash: bool = True) -> tuple[dict[str, np.ndarray], WeightMeta]:
-    """Load every tensor (as writable copies) and the metadata; InputError on any fault."""
+    """Load every tensor (as writable copies) and the metadata; InputError on any fault.
+
+    Copies whatever the file declares: for a file from another site, check its header
+    against the plan first (`open_reader` + `check_declared_tensors`, as `compose_site_state`
+    and the update validation do). The hash is checked on the mapping before anything is copied.
+    """
     with open_weight_file(path) as reader:
+        if verify_hash:
+            reader.verify_hash()
         tensors = {name: np.array(array) for name, array in reader.iter_tensors()}
         meta = reader.meta
-    if verify_hash:
-        check_hash(path, meta, compute_content_hash(tensors, meta))
     return tensors, meta
 
 

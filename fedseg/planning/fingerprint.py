@@ -37,6 +37,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from fedseg.bounds import MAX_AXIS, MAX_LABEL, MAX_SITE_CASES, MAX_SPACING, bounded_float, bounded_int, short
 from fedseg.data.case_loading import load_case
 from fedseg.data.cropping import bbox_of_mask, bbox_to_slices
 from fedseg.data.dataset import Case, Dataset
@@ -240,8 +241,9 @@ def load_fingerprint(path: str | Path) -> dict[str, Any]:
         raise InputError("fingerprint file not found", path)
     try:
         fp = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"not a fedseg fingerprint (invalid JSON: {exc})", path) from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        # ValueError: also an integer of more than 4300 digits; RecursionError: absurd nesting
+        raise InputError(f"not a fedseg fingerprint (invalid JSON: {str(exc)[:120]})", path) from None
     validate_fingerprint(fp, path)
     return fp
 
@@ -269,16 +271,15 @@ def validate_fingerprint(fp: Any, source: str | Path | None = None) -> None:
     if fp["image_dim"] not in (2, 3):
         fail("image_dim must be 2 or 3")
     n = fp["n_cases"]
-    if not isinstance(n, int) or n < 1:
-        fail("n_cases must be a positive integer")
+    if not bounded_int(n, 1, MAX_SITE_CASES):
+        fail(f"n_cases must be an integer from 1 to {MAX_SITE_CASES:,}, not {short(n)}")
     for key in ("case_ids", "spacings", "shapes_after_crop", "relative_sizes_after_crop"):
         if not isinstance(fp[key], list) or len(fp[key]) != n:
             fail(f"{key} must be a list of n_cases = {n} entries")
     for key in ("spacings", "shapes_after_crop"):
         if not all(isinstance(v, list) and len(v) == 3 for v in fp[key]):
             fail(f"every entry of {key} must have 3 numbers (z, y, x)")
-    if not all(isinstance(s, (int, float)) and s > 0 for v in fp["spacings"] for s in v):
-        fail("spacings must be positive numbers")
+    _check_numbers(fp, fail)
     stats = fp["foreground_stats_per_channel"]
     if not isinstance(stats, dict) or sorted(stats) != sorted(fp["channel_names"]):
         fail("foreground_stats_per_channel must have one entry per channel")
@@ -286,6 +287,19 @@ def validate_fingerprint(fp: Any, source: str | Path | None = None) -> None:
         if not isinstance(entry, dict):
             fail(f"channel {channel}: statistics must be an object")
         _validate_channel(entry, n, lambda reason, ch=channel: fail(f"channel {ch}: {reason}"))
+
+
+def _check_numbers(fp: dict[str, Any], fail: Callable[[str], NoReturn]) -> None:
+    """Bound every per-case number (fedseg.bounds): they come from another site, and the
+    planner computes medians, products and percentiles from them."""
+    if not all(bounded_float(s, 0.0, MAX_SPACING) and s > 0 for v in fp["spacings"] for s in v):
+        fail(f"spacings must be finite positive numbers up to {MAX_SPACING:g} mm")
+    if not all(bounded_int(s, 0, MAX_AXIS) for v in fp["shapes_after_crop"] for s in v):
+        fail(f"shapes_after_crop must be integers from 0 to {MAX_AXIS:,}")
+    if not all(bounded_float(r, 0.0, 1.0) for r in fp["relative_sizes_after_crop"]):
+        fail("relative_sizes_after_crop must be numbers from 0 to 1")
+    if not all(bounded_int(v, 0, MAX_LABEL) for v in fp["labels"].values()):
+        fail(f"label values must be integers from 0 to {MAX_LABEL:,}")
 
 
 def _validate_channel(entry: dict[str, Any], n_cases: int, fail: Callable[[str], NoReturn]) -> None:

@@ -56,6 +56,11 @@ SKETCH_FORMAT_VERSION = 2
 # 0.5 % relative error: far below the spread of intensity percentiles across scanners, and
 # it keeps a channel's sketch to a few thousand buckets for any realistic intensity range.
 DEFAULT_ALPHA = 0.005
+# What `from_dict` accepts from a file. The dense bucket store spans the keys present, at most
+# 2 * 745 / ln(gamma) of them (~1.5 million, 12 MB, at alpha 1e-3), so alpha is bounded below;
+# bucket contents (counts, or weights in units of 2**-30) sum in int64, so they are capped at 2**62.
+READ_ALPHA_RANGE = (1e-3, 0.5)
+MAX_CONTENTS = 2**62
 # Values are bucketed in chunks of this many: the float64 work buffers (0.5 MiB each) stay in
 # cache and are reused, instead of page-faulting in whole-array temporaries.
 _CHUNK = 1 << 16
@@ -401,28 +406,40 @@ class QuantileSketch:
         weighted = d.get("weighted")
         if not isinstance(weighted, bool):
             raise ValueError("'weighted' must be true or false")
-        sketch = cls(float(d["alpha"]), weighted=weighted)
+        # Every number is bounded before use (the sketch may come from another site): alpha
+        # sets the key range, which sizes the dense bucket store; counts must fit int64 sums.
+        alpha = _finite(d["alpha"], "alpha")
+        if not READ_ALPHA_RANGE[0] <= alpha <= READ_ALPHA_RANGE[1]:
+            raise ValueError(f"alpha must be in [{READ_ALPHA_RANGE[0]}, {READ_ALPHA_RANGE[1]}], not {alpha}")
+        sketch = cls(alpha, weighted=weighted)
         if d.get("bucket_unit") != sketch.bucket_unit:
             raise ValueError(f"bucket_unit must be {sketch.bucket_unit} for a {'' if weighted else 'un'}weighted sketch")
         sketch.count = _nonnegative_int(d["count"], "count")
-        sketch.sum = float(d["sum"])
-        sketch.sumsq = float(d["sumsq"])
+        sketch.sum = _finite(d["sum"], "sum")
+        sketch.sumsq = _finite(d["sumsq"], "sumsq")
         sketch.zero_count = _nonnegative_int(d["zero_count"], "zero_count")
-        weight = float(d["weight"])
+        weight = _finite(d["weight"], "weight")
         if weighted:
             sketch._weight = weight
         elif weight != sketch.count:
             raise ValueError("weight of an unweighted sketch must equal its count")
         if sketch.count:
-            sketch.min, sketch.max = float(d["min"]), float(d["max"])
+            sketch.min, sketch.max = _finite(d["min"], "min"), _finite(d["max"], "max")
             if not sketch.min <= sketch.max:
                 raise ValueError("min is larger than max")
+        # the keys a float64 can reach: |ln x| <= 745 for every finite nonzero double
+        key_limit = math.ceil(745.0 / sketch._log_gamma) + 1
+        contents = sketch.zero_count
         for store, items in ((sketch._positive, d["positive"]), (sketch._negative, d["negative"])):
+            if not isinstance(items, dict):
+                raise ValueError("bucket contents must be an object")
             if items:
-                keys = np.array([int(k) for k in items], dtype=np.int64)
-                counts = np.array([_nonnegative_int(c, "bucket content") for c in items.values()], dtype=np.int64)
-                _add_sparse(store, keys, counts)
-        contents = sketch._positive.total + sketch._negative.total + sketch.zero_count
+                keys = [_bucket_key(k, key_limit) for k in items]
+                values = [_nonnegative_int(c, "bucket content") for c in items.values()]
+                contents += sum(values)   # Python ints: no wrap-around before the check
+                if contents > MAX_CONTENTS:
+                    raise ValueError(f"bucket contents add up to more than {MAX_CONTENTS}")
+                _add_sparse(store, np.array(keys, dtype=np.int64), np.array(values, dtype=np.int64))
         if not weighted and contents != sketch.count:
             raise ValueError("bucket counts do not add up to count")
         # Weighted: rounding to the 2**-30 grid moves a part's total by far less than 1e-4.
@@ -442,9 +459,33 @@ class QuantileSketch:
 
 
 def _nonnegative_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{what} must be a non-negative integer, not {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_CONTENTS:
+        shown = repr(value) if len(repr(value)) <= 24 else "a number out of range"
+        raise ValueError(f"{what} must be a non-negative integer up to 2^62, not {shown}")
     return value
+
+
+def _finite(value: Any, what: str) -> float:
+    """A JSON number as a finite float; ValueError for inf/NaN, strings or a 400-digit integer."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} must be a number")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ValueError(f"{what} is beyond the float range") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{what} must be finite, not {number}")
+    return number
+
+
+def _bucket_key(text: Any, limit: int) -> int:
+    try:
+        key = int(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"bucket key {str(text)[:24]!r} is not an integer") from None
+    if abs(key) > limit:
+        raise ValueError(f"bucket key {key if abs(key) < 10**12 else '(huge)'} is beyond the float64 range (|key| <= {limit})")
+    return key
 
 
 def _scaled(counts: np.ndarray, factor: float) -> np.ndarray:

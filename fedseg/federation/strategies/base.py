@@ -41,7 +41,11 @@ ENGINE_PARAMS: frozenset[str] = frozenset({"max_update_norm"}) | ROBUST_PARAMS |
 
 @dataclass(frozen=True)
 class Contribution:
-    """One site's tensor for one pool key (read-only, usually memory-mapped)."""
+    """One site's tensor for one pool key (read-only, usually memory-mapped).
+
+    With `clip_norm`, `array` is a ClippedTensor (fedseg.federation.robust): read it in
+    blocks (`.reshape(-1)[a:b]`, as weighted_mean does) or through np.asarray.
+    """
 
     site: str
     n_cases: int
