@@ -32,6 +32,7 @@ import numpy as np
 from fedseg.atomic import atomic_path, write_json_atomic
 from fedseg.errors import InputError
 from fedseg.federation.manifest import expected_parameters
+from fedseg.federation.quorum import check_quorum, quorum_note
 from fedseg.federation.strategies import get_strategy
 from fedseg.federation.strategies.base import (
     CombineResult,
@@ -105,8 +106,8 @@ class AggregateReport:
         return asdict(self)
 
 
-def _log(log: Callable[[str], None] | None, message: str) -> None:
-    if log is not None:
+def _log(log: Callable[[str], None] | None, message: str | None) -> None:
+    if log is not None and message is not None:
         log(message)
 
 
@@ -223,6 +224,7 @@ def aggregate_round(
     round_index = updates[0].meta.round
     by_site = {u.site: u for u in updates}
     _log(log, f"round {round_index}: {len(updates)} update(s) valid ({', '.join(sorted(by_site))})")
+    missing_sites = check_quorum(plans, by_site, round_index)   # too few: refused before anything is written
     clip = _clip_factors(plans, robust, updates, out_dir, previous_dir, round_index, log)
 
     routing = _routing(strategy, plans)
@@ -330,12 +332,13 @@ def aggregate_round(
         inputs=[_input_record(u, clip.get(u.site)) for u in updates],
         weights={p: (None if robust.replaces_combine else w) for p, w in weights.items()},
         outputs=outputs,
-        missing_sites=sorted(set(plans.sites) - set(by_site)),
+        missing_sites=missing_sites,
         robust=robust.to_dict() if robust.active else None,
         signed_by=COORDINATOR if signing_key is not None else None,
     )
     report.traffic = round_traffic(report.inputs, report.outputs)
     write_json_atomic(out_dir / REPORT_FILE, report.to_dict())
+    _log(log, quorum_note(missing_sites, round_index))
     _log(log, f"round {round_index}: wrote {len(outputs)} weight file(s) and {REPORT_FILE} to {out_dir}")
     return report
 

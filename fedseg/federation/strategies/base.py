@@ -28,14 +28,15 @@ from typing import TYPE_CHECKING, Any, ClassVar, Union
 import numpy as np
 
 from fedseg.errors import InputError
+from fedseg.federation.quorum import QUORUM_PARAMS, parse_min_sites
 from fedseg.federation.robust import ROBUST_PARAMS, parse_robust
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from fedseg.planning.plans import Plans
 
 # Engine-level parameters every strategy accepts in plans.strategy.params
-# (robust / clip_norm: fedseg.federation.robust).
-ENGINE_PARAMS: frozenset[str] = frozenset({"max_update_norm"}) | ROBUST_PARAMS
+# (robust / clip_norm: fedseg.federation.robust; min_sites: fedseg.federation.quorum).
+ENGINE_PARAMS: frozenset[str] = frozenset({"max_update_norm"}) | ROBUST_PARAMS | QUORUM_PARAMS
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class Strategy:
         if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound > 0):
             raise InputError(f"max_update_norm must be a positive number, got {bound!r}")
         parse_robust(params)
+        parse_min_sites(params)
 
     def requires_same_channels(self, params: Mapping[str, Any]) -> bool:
         """Whether every site must hold the plan's channels (False: mix-modal sites hold subsets,
