@@ -102,3 +102,21 @@ def test_update_from_another_round_is_refused(fedavg_run, tmp_path: Path, capsys
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "round" in err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_status_and_report_of_a_simulated_run(fedavg_run, tmp_path: Path) -> None:
+    from fedseg.federation.run_report import write_run_report
+    from fedseg.federation.run_status import run_status
+
+    run_dir, result = fedavg_run
+    state = run_status(run_dir)
+    assert state.rounds_completed == 2 and state.next_action.startswith("done: all 2 round(s) complete")
+    assert sorted(state.test_metrics) == sorted(result.val_dice)
+    for r in state.rounds:
+        for site in r.sites:
+            # each update carries the site's training curve: 15 iterations, the poly schedule falling
+            assert site.curve["iteration"][-1] == 15 and len(site.curve["loss"]) == 15
+            assert site.curve["lr"][0] > site.curve["lr"][-1] > 0
+            assert site.val_dice == pytest.approx(result.val_dice[site.site][r.round - 1])
+    page = write_run_report(run_dir, tmp_path).read_text()
+    assert page.count('src="data:image/png;base64,') == 5 and "Test metrics" in page
