@@ -27,6 +27,13 @@ flower_app = typer.Typer(
 )
 
 
+ROUND_TIMEOUT = typer.Option(
+    None, "--round-timeout", min=1,
+    help="Seconds a round waits for the sites' updates; a site that fails or is late is left out of "
+    "the round (recorded) when the plan's quorum holds (--set min_sites=N; default every site).",
+)
+
+
 def require_flower(simulation: bool = False) -> None:
     """One-line InputError (exit 2) when Flower (or its simulation engine, Ray) is missing."""
     missing = [name for name in (("flwr", "ray") if simulation else ("flwr",)) if importlib.util.find_spec(name) is None]
@@ -63,6 +70,7 @@ def simulate(
     mirror: bool = typer.Option(False, "--mirror/--no-mirror", help="Mirroring at test time (server test set)."),
     parallel: int = typer.Option(1, "--parallel", min=1, help="Sites training at the same time (Ray actors)."),
     cpus_per_site: int = typer.Option(1, "--cpus-per-site", min=1, help="CPU threads each training site may use."),
+    round_timeout: float = ROUND_TIMEOUT,
     resume: bool = RESUME,
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's own log."),
     quiet: bool = QUIET,
@@ -91,7 +99,8 @@ def simulate(
         iterations=iterations, overrides=parse_set_options(set_), seed=seed, workers=workers, device=device,
         mirror=mirror,
     )
-    result = flower_simulate(cfg, parallel=parallel, cpus_per_site=cpus_per_site, log=reporter.log)
+    result = flower_simulate(cfg, parallel=parallel, cpus_per_site=cpus_per_site, log=reporter.log,
+                             round_timeout=round_timeout)
     if as_json:
         print_json(result_to_dict(result))
     elif not quiet:
@@ -118,6 +127,7 @@ def serve(
     ssl_ca_certfile: Path = typer.Option(None, "--ssl-ca-certfile", help="The CA certificate that signed it (PEM)."),
     wait: float = typer.Option(600.0, "--wait", min=1, help="Seconds to wait for the sites to connect."),
     flwr_home: Path = typer.Option(None, "--flwr-home", help="Folder where Flower keeps installed apps (default ~/.flwr)."),
+    round_timeout: float = ROUND_TIMEOUT,
     resume: bool = RESUME,
     quiet: bool = QUIET,
 ) -> None:
@@ -141,7 +151,7 @@ def serve(
     reporter = Reporter(quiet=quiet)
     settings = CoordinatorSettings(
         run_dir=output, strategy=strategy, rounds=rounds, configuration=config, iterations=iterations,
-        overrides=parse_set_options(set_), seed=seed, keys=keys, key=key,
+        overrides=parse_set_options(set_), seed=seed, keys=keys, key=key, round_timeout=round_timeout,
     )
     report = run_serve(settings, sites, host=host, port=port, tls=_tls(insecure, ssl_certfile, ssl_keyfile, ssl_ca_certfile),
                        wait_s=wait, flwr_home=flwr_home, log=reporter.log)

@@ -56,7 +56,7 @@ def check_quorum(plans: Plans, present: Iterable[str], round_index: int) -> list
     if len(present) < needed:
         raise InputError(
             f"round {round_index}: {len(present)} of {len(plans.sites)} site update(s), the plan needs {needed} "
-            f"(min_sites); missing: {', '.join(missing)}. Nothing written: aggregate again once their updates arrive"
+            f"(min_sites); missing: {', '.join(missing)}; nothing written"
         )
     return missing
 

@@ -22,6 +22,8 @@ from fedseg.errors import InputError
 from fedseg.federation.quorum import MIN_SITES
 
 AGGREGATE_FILE = "aggregate.json"
+# round_r/site_failures.json: {site: reason}, the sites a Flower round went on without
+SITE_FAILURES_FILE = "site_failures.json"
 SIGNATURE_SUFFIX = ".sig"
 STATUS_FORMAT = "fedseg-status/1"
 
@@ -48,6 +50,7 @@ class RoundStatus:
     signed: bool | None                # complete: outputs signed by the coordinator; pending: every arrived update has a .sig
     wall_s: float | None               # complete rounds: since the previous round finished (plans.json for round 1)
     bytes: int | None                  # uploads + downloads of the round
+    failures: dict[str, str] = field(default_factory=dict)   # site -> why it is missing (Flower runs)
 
 
 @dataclass
@@ -89,6 +92,11 @@ def _round_dir(run_dir: Path, r: int) -> Path:
     return run_dir / f"round_{r:03d}"
 
 
+def _failures(run_dir: Path, r: int) -> dict[str, str]:
+    path = _round_dir(run_dir, r) / SITE_FAILURES_FILE
+    return {str(k): str(v) for k, v in _read_json(path).items()} if path.is_file() else {}
+
+
 def _complete_round(run_dir: Path, r: int, sites: list[str], started: float | None) -> RoundStatus:
     path = _round_dir(run_dir, r) / AGGREGATE_FILE
     record = _read_json(path)
@@ -118,6 +126,7 @@ def _complete_round(run_dir: Path, r: int, sites: list[str], started: float | No
         mean_val_dice=statistics.fmean(dice) if dice else None, sites=per_site,
         signed=record.get("signed_by") is not None,
         wall_s=None if started is None else max(0.0, finished - started), bytes=total_bytes,
+        failures=_failures(run_dir, r),
     )
 
 
@@ -128,7 +137,7 @@ def _pending_round(run_dir: Path, r: int, sites: list[str]) -> RoundStatus:
     signed = all((updates / f"{s}.safetensors{SIGNATURE_SUFFIX}").is_file() for s in arrived) if arrived else None
     return RoundStatus(
         round=r, complete=False, sites_in=arrived, sites_missing=sorted(set(sites) - set(arrived)),
-        mean_val_dice=None, sites=[], signed=signed, wall_s=None, bytes=None,
+        mean_val_dice=None, sites=[], signed=signed, wall_s=None, bytes=None, failures=_failures(run_dir, r),
     )
 
 
@@ -221,7 +230,10 @@ STATUS_SCHEMA: dict[str, Any] = {
             "type": "array",
             "items": {
                 "type": "object",
-                "required": ["round", "complete", "sites_in", "sites_missing", "mean_val_dice", "sites", "signed", "wall_s", "bytes"],
+                "required": [
+                    "round", "complete", "sites_in", "sites_missing", "mean_val_dice", "sites", "signed", "wall_s", "bytes",
+                    "failures",
+                ],
                 "properties": {
                     "round": {"type": "integer", "minimum": 1},
                     "complete": {"type": "boolean"},
@@ -231,6 +243,7 @@ STATUS_SCHEMA: dict[str, Any] = {
                     "signed": {"type": ["boolean", "null"]},
                     "wall_s": _NUMBER_OR_NULL,
                     "bytes": {"type": ["integer", "null"]},
+                    "failures": {"type": "object", "additionalProperties": {"type": "string"}},
                     "sites": {
                         "type": "array",
                         "items": {

@@ -23,11 +23,13 @@ def flower_simulate(
     parallel: int = 1,
     cpus_per_site: int = 1,
     log: Callable[[str], None] = lambda message: None,
+    round_timeout: float | None = None,
 ) -> SimulationResult:
     """Run `config` through Flower's simulation engine; the same run folder and result as `simulate`.
 
     `parallel`: sites that train at the same time (Ray actors); `cpus_per_site`: CPU threads
-    each of them may use.
+    each of them may use; `round_timeout`: seconds a round waits for the sites (a site that
+    fails or is late is left out while the plan's quorum holds).
     """
     from flwr.simulation import run_simulation
 
@@ -41,7 +43,7 @@ def flower_simulate(
     ]
     settings = CoordinatorSettings(
         run_dir=run_dir, strategy=config.strategy, rounds=config.rounds, configuration=config.configuration,
-        iterations=config.iterations, overrides=dict(config.overrides), seed=config.seed,
+        iterations=config.iterations, overrides=dict(config.overrides), seed=config.seed, round_timeout=round_timeout,
     )
     results: list[SimulationResult] = []
     server_app = make_server_app(settings, n_sites=len(sites), wait_s=60.0, log=log, results=results)
