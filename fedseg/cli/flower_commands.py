@@ -194,5 +194,34 @@ def join(
         raise typer.Exit(code)
 
 
+@flower_app.command("certs")
+def certs(
+    output: Path = typer.Option(..., "-o", "--output", help="Folder to write ca.pem, ca.key, server.pem, server.key into."),
+    hosts: list[str] = typer.Option(None, "--host", help="Host name or IP address the sites use to reach the SuperLink (repeat; default localhost and 127.0.0.1)."),
+    days: int = typer.Option(730, "--days", min=1, help="Validity of the certificates in days."),
+    quiet: bool = QUIET,
+    as_json: bool = JSON,
+) -> None:
+    """Make TLS certificates for a deployment: a private CA and a SuperLink certificate it signs.
+
+    Give the SuperLink server.pem, server.key and ca.pem (flower serve --ssl-certfile
+    --ssl-keyfile --ssl-ca-certfile); give every site ca.pem (flower join --root-certificates).
+    ca.key stays with you. Existing files are never overwritten. Needs no Flower.
+
+    Example: fedseg flower certs -o tls --host coordinator.example.org --host 10.0.0.5
+    """
+    from fedseg.cli.console import Reporter, print_json
+    from fedseg.transport.certs import DEFAULT_HOSTS, make_certificates
+
+    files = make_certificates(output, hosts or DEFAULT_HOSTS, days=days)
+    Reporter(quiet=quiet).log(
+        f"wrote {files.ca_cert}, {files.server_cert} (for {', '.join(files.hosts)}) and their keys under {output}; "
+        f"give every site {files.ca_cert.name}, keep {files.ca_key.name} private"
+    )
+    if as_json:
+        print_json({name: str(getattr(files, name)) for name in ("ca_cert", "ca_key", "server_cert", "server_key")}
+                   | {"hosts": files.hosts})
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(flower_app, name="flower")

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -138,9 +139,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_superlink_and_two_supernodes_on_loopback(tiny_sites: Path, tmp_path: Path) -> None:
-    """`fedseg flower serve` + two `fedseg flower join`, insecure loopback, 2 rounds."""
+def _loopback_federation(tiny_sites: Path, tmp_path: Path, serve_security: list[str],
+                         join_security: Callable[[str], list[str]], rounds: int = 2) -> Path:
+    """`fedseg flower serve` + two `fedseg flower join` on 127.0.0.1; returns the run folder."""
     sites = tmp_path / "sites"
     for site in ("site_a", "site_b"):
         shutil.copytree(tiny_sites / site, sites / site)
@@ -148,14 +149,15 @@ def test_superlink_and_two_supernodes_on_loopback(tiny_sites: Path, tmp_path: Pa
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     link = _free_port()
     serve = subprocess.Popen(
-        [*fedseg, "flower", "serve", "-o", str(tmp_path / "run"), "--sites", "2", "--rounds", "2", "--iterations", "3",
-         "--insecure", "--host", "127.0.0.1", "--port", str(link), "--flwr-home", str(tmp_path / "home_link"), "--wait", "120"],
+        [*fedseg, "flower", "serve", "-o", str(tmp_path / "run"), "--sites", "2", "--rounds", str(rounds),
+         "--iterations", "3", *serve_security, "--host", "127.0.0.1", "--port", str(link),
+         "--flwr-home", str(tmp_path / "home_link"), "--wait", "120"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
     )
     joins = [
         subprocess.Popen(
             [*fedseg, "flower", "join", "--site", site, "--data", str(sites / site), "--superlink", f"127.0.0.1:{link}",
-             "--insecure", "--port", str(_free_port()), "--workers", "0", "--state", str(tmp_path / "state" / site),
+             *join_security(site), "--port", str(_free_port()), "--workers", "0", "--state", str(tmp_path / "state" / site),
              "--flwr-home", str(tmp_path / f"home_{site}")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
         )
@@ -175,7 +177,40 @@ def test_superlink_and_two_supernodes_on_loopback(tiny_sites: Path, tmp_path: Pa
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-    for r in (1, 2):
-        assert (tmp_path / "run" / f"round_{r:03d}" / "aggregate.json").is_file()
-    assert (tmp_path / "run" / "round_002" / "models" / "global.safetensors").is_file()
-    assert (tmp_path / "run" / "report" / "metrics.json").is_file()
+    run_dir = tmp_path / "run"
+    for r in range(1, rounds + 1):
+        assert (run_dir / f"round_{r:03d}" / "aggregate.json").is_file()
+    assert (run_dir / f"round_{rounds:03d}" / "models" / "global.safetensors").is_file()
+    assert (run_dir / "report" / "metrics.json").is_file()
+    return run_dir
+
+
+@pytest.mark.slow
+def test_superlink_and_two_supernodes_on_loopback(tiny_sites: Path, tmp_path: Path) -> None:
+    """`fedseg flower serve` + two `fedseg flower join`, insecure loopback, 2 rounds."""
+    _loopback_federation(tiny_sites, tmp_path, ["--insecure"], lambda site: ["--insecure"])
+
+
+@pytest.mark.slow
+def test_signed_federation_over_tls_on_loopback(tiny_sites: Path, tmp_path: Path) -> None:
+    """Certificates from `fedseg flower certs`, keys from `fedseg keygen`: a round over TLS, every file signed."""
+    import json
+
+    tls, keys = tmp_path / "tls", tmp_path / "keys"
+    assert cli(["flower", "certs", "-o", str(tls), "--host", "127.0.0.1", "-q"]) == 0
+    for signer in ("coordinator", "site_a", "site_b"):
+        assert cli(["keygen", "--site", signer, "-o", str(keys), "-q"]) == 0
+    run_dir = _loopback_federation(
+        tiny_sites, tmp_path,
+        ["--ssl-certfile", str(tls / "server.pem"), "--ssl-keyfile", str(tls / "server.key"),
+         "--ssl-ca-certfile", str(tls / "ca.pem"), "--keys", str(keys), "--key", str(keys / "coordinator.key")],
+        lambda site: ["--root-certificates", str(tls / "ca.pem"), "--key", str(keys / f"{site}.key")],
+        rounds=1,
+    )
+    plans = json.loads((run_dir / "plans.json").read_text())
+    assert sorted(plans["keys"]) == ["coordinator", "site_a", "site_b"]
+    record = json.loads((run_dir / "round_001" / "aggregate.json").read_text())
+    assert record["signed_by"] == "coordinator"
+    for site in ("site_a", "site_b"):   # what the sites sent is signed, and what they load next
+        assert (run_dir / "round_001" / "updates" / f"{site}.safetensors.sig").is_file()
+        assert (run_dir / "round_001" / f"{site}.safetensors.sig").is_file()
