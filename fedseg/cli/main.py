@@ -12,6 +12,7 @@ import sys
 import typer
 
 from fedseg import __version__
+from fedseg.cli.help_format import use_plain_help
 from fedseg.cli import (
     data_commands,
     federation_commands,
@@ -53,6 +54,7 @@ def main(
 
 for module in (data_commands, federation_commands, model_commands, simulate_command, run_commands, trust_commands, flower_commands):
     module.register(app)
+use_plain_help(app)   # "[required]", not "\\[required]", in every --help
 
 
 def run(argv: list[str] | None = None) -> int:
