@@ -126,16 +126,16 @@ def plan(
 
 
 def inspect(
-    file: Path = typer.Argument(..., help="A fingerprint, plans.json, weight file, aggregate.json or metrics.json."),
+    file: Path = typer.Argument(..., help="A fingerprint, plans.json, weight file, aggregate.json, metrics.json, or a run folder."),
     as_json: bool = JSON,
 ) -> None:
-    """Show what a fedseg file holds.
+    """Show what a fedseg file holds (a run folder: where it stands, as `fedseg status`).
 
     Example: fedseg inspect run/round_001/models/global.safetensors
     """
     from fedseg.cli.inspect_view import inspect_file
 
-    inspect_file(require_file(file, "file"), as_json=as_json)
+    inspect_file(file, as_json=as_json)
 
 
 def register(app: typer.Typer) -> None:

@@ -133,3 +133,22 @@ def test_report_renders_in_a_headless_browser(scripted_run: Path, tmp_path: Path
     assert "fedseg run report" in dom and "waiting for updates of B, C for round 3" in dom
     widths = [int(w) for w in re.search(r'data-widths="([^"]*)"', dom).group(1).split(",")]
     assert len(widths) == 5 and all(w == 550 for w in widths), widths   # 5.5 in x 100 dpi, all decoded
+
+
+def test_inspect_a_run_folder_and_its_files(scripted_run: Path, capsys: pytest.CaptureFixture) -> None:
+    assert run(["inspect", str(scripted_run)]) == 0
+    assert "next: waiting for updates of B, C for round 3" in capsys.readouterr().out
+    assert run(["inspect", str(scripted_run), "--json"]) == 0
+    jsonschema.validate(json.loads(capsys.readouterr().out), STATUS_SCHEMA)
+    # plan values in brackets are data, not console markup; a manifest counts tensors
+    assert run(["inspect", str(scripted_run / "plans.json")]) == 0
+    out = capsys.readouterr().out
+    assert '"use_mask_for_norm":' in out and "[false]" in out and '": ,' not in out
+    assert "tensors per configuration" in out
+    summary = scripted_run / "report" / "metrics.json"
+    summary.parent.mkdir()
+    summary.write_text(json.dumps({"plan_id": "x", "val_dice_per_round": {"A": [0.5]}, "test": {}}))
+    assert run(["inspect", str(summary)]) == 0
+    assert "run summary" in capsys.readouterr().out
+    assert run(["inspect", str(scripted_run / "round_001" / "updates")]) == 2
+    assert "without plans.json" in capsys.readouterr().err
