@@ -1,4 +1,4 @@
-"""`fedseg flower simulate | serve | join`: the same federation over Flower (needs fedseg[flower]).
+"""`fedseg flower simulate | serve | join | certs`: the same federation over Flower (needs the `flower` extra).
 
 flwr is imported only inside the commands, so `fedseg --help` stays fast and works without it.
 """
@@ -17,7 +17,11 @@ from fedseg.cli.options import (
 )
 from fedseg.errors import InputError
 
-INSTALL_HINT = "pip install 'fedseg[flower]'"
+# fedseg is installed from its source folder, not from a package index, so `pip install
+# 'fedseg[flower]'` finds nothing: the hint installs the extra's requirement itself (kept equal
+# to pyproject.toml's `flower` extra by a test), which works from any folder.
+FLOWER_REQUIREMENT = "flwr[simulation]>=1.41,<1.42"
+INSTALL_HINT = f"pip install '{FLOWER_REQUIREMENT}' (or, in the fedseg source folder: pip install -e '.[flower]')"
 
 flower_app = typer.Typer(
     help="Run the federation over Flower: on one machine (simulate), or with a SuperLink (serve) "

@@ -66,7 +66,7 @@ def flower_executable(name: str) -> str:
         return str(beside)
     found = shutil.which(name)
     if found is None:
-        raise InputError(f"`{name}` not found; install Flower with: pip install 'fedseg[flower]'")
+        raise InputError(f"`{name}` not found; install Flower in this environment: pip install 'flwr[simulation]>=1.41,<1.42'")
     return found
 
 
