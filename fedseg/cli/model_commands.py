@@ -129,7 +129,7 @@ def evaluate(
     elif not quiet:
         from rich.console import Console
 
-        Console().print(format_table(result))
+        Console().print(format_table(result, name=f"{ds.root.name} ({ds.name})" if ds.name != ds.root.name else ds.root.name))
 
 
 def register(app: typer.Typer) -> None:

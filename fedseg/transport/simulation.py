@@ -39,7 +39,7 @@ def flower_simulate(
     sites = [
         SiteSettings(site=path.name, data=path.resolve(), state=(run_dir / "state" / path.name).resolve(),
                      device=config.device, workers=config.workers)
-        for path in discover_sites(Path(config.sites_root))
+        for path in discover_sites(Path(config.sites_root), log)
     ]
     settings = CoordinatorSettings(
         run_dir=run_dir, strategy=config.strategy, rounds=config.rounds, configuration=config.configuration,
