@@ -117,6 +117,8 @@ def plan(
     plans = attach_manifests(plans, strategy_impl)
     plans.save(output)
     cfg = plans.configuration_for(None)
+    for note in plans.extra.get("planning", {}).get("notes", []):
+        reporter.log(f"plan: {note}")
     reporter.log(
         f"wrote {output}: {len(plans.sites)} sites, strategy {strategy}, {cfg.name} patch {cfg.patch_size} "
         f"spacing {[round(s, 3) for s in cfg.spacing]} batch {cfg.batch_size}, plan_id {plans.plan_id[:12]}"

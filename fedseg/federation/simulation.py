@@ -205,7 +205,10 @@ def plan_and_init(
             )
     else:
         plans.save(plans_path)
-    log(f"plan {plans.plan_id[:12]}: {len(plans.sites)} sites, strategy {strategy}, {rounds} rounds")
+    for note in plans.extra.get("planning", {}).get("notes", []):
+        log(f"plan: {note}")
+    log(f"plan {plans.plan_id[:12]}: {len(plans.sites)} sites, strategy {strategy}, {rounds} round(s), "
+        f"configuration {plans.default_configuration}")
     if not (round_dir(run_dir, 0) / "done").is_file():
         initial_round(plans, round_dir(run_dir, 0), seed=plans.seed, signing_key=signing_key)
         write_text_atomic(round_dir(run_dir, 0) / "done", "")
