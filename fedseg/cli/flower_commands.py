@@ -76,7 +76,7 @@ def simulate(
     cpus_per_site: int = typer.Option(1, "--cpus-per-site", min=1, help="CPU threads each training site may use."),
     round_timeout: float = ROUND_TIMEOUT,
     resume: bool = RESUME,
-    verbose: bool = typer.Option(False, "--verbose", help="Show Flower's own log."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show Flower's and Ray's own log lines."),
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ) -> None:
@@ -104,7 +104,7 @@ def simulate(
         mirror=mirror,
     )
     result = flower_simulate(cfg, parallel=parallel, cpus_per_site=cpus_per_site, log=reporter.log,
-                             round_timeout=round_timeout)
+                             round_timeout=round_timeout, verbose=verbose)
     if as_json:
         print_json(result_to_dict(result))
     elif not quiet:

@@ -99,19 +99,28 @@ def test_a_3d_sized_update_travels_in_small_pieces() -> None:
 @pytest.fixture(scope="module")
 def flower_and_file_runs(tiny_sites: Path, tmp_path_factory: pytest.TempPathFactory):
     flower_dir = tmp_path_factory.mktemp("flower") / "run"
-    code = cli(["flower", "simulate", str(tiny_sites), "--strategy", "fedavg", "--rounds", "2", "--iterations", "5",
-                "--workers", "0", "-o", str(flower_dir), "-q"])
+    # a separate process, as a user runs it, so that everything it prints (Ray's actors included) is seen
+    done = subprocess.run(
+        [sys.executable, "-m", "fedseg.cli.main", "flower", "simulate", str(tiny_sites), "--strategy", "fedavg",
+         "--rounds", "2", "--iterations", "5", "--workers", "0", "-o", str(flower_dir)],
+        capture_output=True, text=True, timeout=600,
+    )
+    code, printed = done.returncode, done.stdout + done.stderr
     file_dir = tmp_path_factory.mktemp("file") / "run"
     file_result = simulate(SimulationConfig(sites_root=tiny_sites, strategy="fedavg", rounds=2, run_dir=file_dir,
                                             iterations=5, workers=0))
-    return code, flower_dir, file_dir, file_result
+    return code, flower_dir, file_dir, file_result, printed
 
 
 def test_flower_simulate_writes_the_run_folder_and_learns_like_the_file_run(flower_and_file_runs) -> None:
     import json
 
-    code, flower_dir, file_dir, file_result = flower_and_file_runs
-    assert code == 0
+    code, flower_dir, file_dir, file_result, printed = flower_and_file_runs
+    assert code == 0, printed[-3000:]
+    # plain log lines: fedseg's progress, without Flower's deprecation notice, Ray's tips or actor lines
+    assert "round 2: 3 update(s) valid" in printed
+    for noise in ("\x1b[", "DEPRECATED", "FutureWarning", "ClientAppActor"):
+        assert noise not in printed, (noise, printed[-3000:])
     for r in (1, 2):
         record = json.loads((flower_dir / f"round_{r:03d}" / "aggregate.json").read_text())
         assert record["round"] == r and sorted(i["site"] for i in record["inputs"]) == list(SITES)
@@ -126,7 +135,7 @@ def test_flower_simulate_writes_the_run_folder_and_learns_like_the_file_run(flow
 
 @pytest.mark.slow   # a second Flower start (~15 s): kept out of the default suite
 def test_flower_simulate_resumes_from_complete_rounds(flower_and_file_runs, tiny_sites: Path) -> None:
-    _code, flower_dir, _file_dir, _ = flower_and_file_runs
+    _code, flower_dir, _file_dir, _, _printed = flower_and_file_runs
     stamp = (flower_dir / "round_002" / "aggregate.json").stat().st_mtime_ns
     assert cli(["flower", "simulate", str(tiny_sites), "--rounds", "2", "--iterations", "5", "--workers", "0",
                 "-o", str(flower_dir), "--resume", "-q"]) == 0
