@@ -134,6 +134,7 @@ def serve(
     round_timeout: float = ROUND_TIMEOUT,
     resume: bool = RESUME,
     quiet: bool = QUIET,
+    as_json: bool = JSON,
 ) -> None:
     """Coordinate a federation: start a Flower SuperLink and run fedseg's ServerApp on it.
 
@@ -160,6 +161,11 @@ def serve(
     report = run_serve(settings, sites, host=host, port=port, tls=_tls(insecure, ssl_certfile, ssl_keyfile, ssl_ca_certfile),
                        wait_s=wait, flwr_home=flwr_home, log=reporter.log)
     reporter.log(f"federation complete; report in {report}")
+    if as_json:
+        from fedseg.cli.console import print_json
+        from fedseg.federation.run_status import run_status
+
+        print_json(run_status(output).to_dict())
 
 
 @flower_app.command("join")

@@ -79,6 +79,7 @@ def predict(
     mirror: bool = typer.Option(False, "--mirror/--no-mirror", help="Average predictions over mirrored inputs."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     quiet: bool = QUIET,
+    as_json: bool = JSON,
 ) -> None:
     """Segment a folder of images (sliding window, back to each image's own geometry).
 
@@ -101,6 +102,10 @@ def predict(
         written = predict_folder(network, images, output, plans, plans.configuration_for(site), device=device,
                                  mirror=mirror, progress=advance, site=site)
     reporter.log(f"wrote {len(written)} segmentations to {output}")
+    if as_json:
+        from fedseg.cli.console import print_json
+
+        print_json({"output": str(output), "site": site, "written": [str(p) for p in written]})
 
 
 def evaluate(

@@ -120,3 +120,20 @@ def test_status_and_report_of_a_simulated_run(fedavg_run, tmp_path: Path) -> Non
             assert site.val_dice == pytest.approx(result.val_dice[site.site][r.round - 1])
     page = write_run_report(run_dir, tmp_path).read_text()
     assert page.count('src="data:image/png;base64,') == 5 and "Test metrics" in page
+
+
+def test_init_and_predict_print_json(fedavg_run, tiny_sites: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from fedseg.cli.main import run
+
+    run_dir, _ = fedavg_run
+    assert run(["init", "--plans", str(run_dir / "plans.json"), "-o", str(tmp_path / "round_000"), "-q", "--json"]) == 0
+    init = json.loads(capsys.readouterr().out)
+    assert init["plan_id"] == json.loads((run_dir / "plans.json").read_text())["plan_id"]
+    assert sorted(Path(p).name for p in init["written"]) == [
+        "global.safetensors", "site_a.safetensors", "site_b.safetensors", "site_c.safetensors"]
+    assert run(["predict", "--plans", str(run_dir / "plans.json"), "--weights", str(run_dir / "round_002" / "site_a.safetensors"),
+                "-i", str(tiny_sites / "site_a" / "imagesTs"), "-o", str(tmp_path / "pred"), "--site", "site_a",
+                "--state", str(run_dir / "state" / "site_a"), "-q", "--json"]) == 0
+    predicted = json.loads(capsys.readouterr().out)
+    assert predicted["site"] == "site_a" and len(predicted["written"]) == len(list((tiny_sites / "site_a" / "labelsTs").iterdir()))
+    assert all(Path(p).is_file() for p in predicted["written"])
