@@ -29,6 +29,7 @@ def write_run_report(run_dir: str | Path, out_dir: str | Path) -> Path:
     path = Path(out_dir) / REPORT_FILE
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, render_html(status))
+    path.chmod(0o644)   # a page to share (atomic writes start private)
     return path
 
 

@@ -13,9 +13,9 @@ import pytest
 from test_federation_engine import make_plans, random_state
 
 from fedseg.cli.main import run
-from fedseg.federation.engine import aggregate_round, initial_round, write_site_update
+from fedseg.federation.engine import aggregate_round, write_site_update
 from fedseg.federation.run_status import STATUS_SCHEMA, run_status
-from fedseg.federation.weightfile import write_weight_file, WeightMeta
+from fedseg.federation.weightfile import WeightMeta, write_weight_file
 
 CURVE = {"iteration": [5, 10], "loss": [0.9, 0.7], "lr": [0.01, 0.005]}
 
@@ -104,6 +104,7 @@ def test_report_is_one_self_contained_page(scripted_run: Path, tmp_path: Path) -
     out = tmp_path / "html"
     assert run(["report", str(scripted_run), "-o", str(out), "-q"]) == 0
     page = (out / "report.html").read_text()
+    assert (out / "report.html").stat().st_mode & 0o044 == 0o044   # readable by others: a page to share
     images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,', page)
     assert images == ["Validation Dice per site", "Training loss", "Learning rate", "Update norms", "Bytes exchanged"]
     assert not re.search(r'(src|href)="(?!data:)', page)   # nothing loaded from elsewhere
