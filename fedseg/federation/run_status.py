@@ -172,8 +172,7 @@ def run_status(run_dir: str | Path) -> RunStatus:
         rounds.append(_pending_round(run_dir, r, sites))
         break
     completed = sum(1 for s in rounds if s.complete)
-    report_path = run_dir / "report" / "metrics.json"
-    test_metrics = (_read_json(report_path).get("test") or {}) if report_path.is_file() else {}
+    test_metrics = _test_metrics(run_dir, sites)
     initialised = any(_round_dir(run_dir, 0).glob("*.safetensors")) if _round_dir(run_dir, 0).is_dir() else False
     return RunStatus(
         format=STATUS_FORMAT, run_dir=str(run_dir), plan_id=plan_id, strategy=strategy, sites=sites,
@@ -185,6 +184,23 @@ def run_status(run_dir: str | Path) -> RunStatus:
     )
 
 
+def _test_metrics(run_dir: Path, sites: list[str]) -> dict[str, Any]:
+    """Per-site test metrics: report/metrics.json's "test" (simulate, flower), else each site's
+    metrics_<site>.json (fedseg evaluate's output) under report/ or the run folder (shell runs)."""
+    summary = run_dir / "report" / "metrics.json"
+    if summary.is_file():
+        return _read_json(summary).get("test") or {}
+    found: dict[str, Any] = {}
+    for site in sites:
+        for folder in (run_dir / "report", run_dir):
+            path = folder / f"metrics_{site}.json"
+            if path.is_file():
+                metrics = _read_json(path)
+                found[site] = {"mean": metrics.get("mean"), "foreground_mean": metrics.get("foreground_mean")}
+                break
+    return found
+
+
 def next_action(rounds: list[RoundStatus], rounds_planned: int, min_sites: int, initialised: bool, tested: bool) -> str:
     """What the federation waits for, in one line."""
     if not initialised:
@@ -192,7 +208,7 @@ def next_action(rounds: list[RoundStatus], rounds_planned: int, min_sites: int, 
     pending = next((s for s in rounds if not s.complete), None)
     if pending is None:
         if tested:
-            return f"done: all {rounds_planned} round(s) complete, test metrics in report/"
+            return f"done: all {rounds_planned} round(s) complete, with test metrics"
         return f"done: all {rounds_planned} round(s) complete; evaluate the final models (fedseg predict / evaluate)"
     r = pending.round
     if not pending.sites_missing:

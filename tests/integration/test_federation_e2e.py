@@ -87,6 +87,10 @@ def test_shell_pipeline_as_a_site_script_runs_it(tiny_sites: Path, tmp_path: Pat
         metrics = json.loads((work / f"metrics_{site}.json").read_text())
         assert metrics["n_cases"] == len(list((tiny_sites / site / "labelsTs").iterdir()))
         assert metrics["foreground_mean"]["dice"] is not None
+    # the script ends with `fedseg status` and `fedseg report` on its folder
+    assert "next: done: all 2 round(s) complete, with test metrics" in result.stdout
+    page = (work / "report" / "report.html").read_text()
+    assert "Test metrics" in page and page.count('src="data:image/png;base64,') == 5
 
 
 def test_update_from_another_round_is_refused(fedavg_run, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
