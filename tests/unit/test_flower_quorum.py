@@ -19,9 +19,9 @@ from flwr.app import ConfigRecord, Message, RecordDict  # noqa: E402
 
 from fedseg.data.dataset import load_dataset  # noqa: E402
 from fedseg.errors import InputError  # noqa: E402
-from fedseg.federation.engine import write_site_update  # noqa: E402
+from fedseg.federation.engine import compose_site_state, write_site_update  # noqa: E402
 from fedseg.federation.run_status import run_status  # noqa: E402
-from fedseg.federation.weightfile import read_weight_file  # noqa: E402
+from fedseg.federation.signing import generate_key, load_signing_key  # noqa: E402
 from fedseg.planning.fingerprint import compute_fingerprint  # noqa: E402
 from fedseg.planning.plans import Plans  # noqa: E402
 from fedseg.transport.apps import CONFIG, FILES, bundle_record, record_bundle, run_federation  # noqa: E402
@@ -37,9 +37,10 @@ Behaviour = Callable[[str, int], str]
 class FakeGrid:
     """Flower's Grid as run_federation uses it: node ids and send_and_receive, sites answered locally."""
 
-    def __init__(self, fingerprints: dict[str, dict], behaviour: Behaviour, workdir: Path) -> None:
+    def __init__(self, fingerprints: dict[str, dict], behaviour: Behaviour, workdir: Path, keys: Path | None = None) -> None:
         self.sites = {100 + i: site for i, site in enumerate(SITES)}
         self.fingerprints, self.behaviour, self.workdir = fingerprints, behaviour, workdir
+        self.keys = keys          # folder of <site>.key: the sites sign their updates
         self.timeouts: list[float | None] = []
 
     def get_node_ids(self) -> list[int]:
@@ -70,10 +71,13 @@ class FakeGrid:
         plans = Plans.from_dict(json.loads(str(config["plans"])))
         model = write_weight_bundle(record_bundle(message.content[FILES], "coordinator"),
                                     self.workdir / site / f"model_{r}.safetensors", "coordinator")
-        tensors, _ = read_weight_file(model)
+        # as a site does: the incoming model must carry the coordinator's signature when the plan lists keys
+        tensors = compose_site_state(plans, site, model, None)   # the U-Net keeps no local-only tensors
         state = {k: v + np.float32(0.01 * r) if v.dtype.kind == "f" else v for k, v in tensors.items()}
         update = self.workdir / site / f"update_{r}.safetensors"
-        write_site_update(plans, site, state, update, round_index=r, n_iterations=1, extra={"val_dice": 0.5})
+        signing_key = load_signing_key(self.keys / f"{site}.key") if self.keys else None
+        write_site_update(plans, site, state, update, round_index=r, n_iterations=1, extra={"val_dice": 0.5},
+                          signing_key=signing_key)
         return _reply(message, {"site": site, "round": r, "seconds": 0.1, "val_dice": 0.5}, read_weight_bundle(update))
 
 
@@ -127,3 +131,42 @@ def test_below_quorum_the_run_stops_naming_the_sites(fingerprints, tmp_path: Pat
     assert "no reply within 30s" in message and "disk full" in message
     assert not (tmp_path / "run" / "round_001" / "aggregate.json").exists()
     assert sorted(json.loads((tmp_path / "run" / "round_001" / "site_failures.json").read_text())) == ["site_b", "site_c"]
+
+
+def test_serve_carries_the_round_timeout_to_the_server_app(tmp_path: Path) -> None:
+    """`flower serve` writes its options into the app's run config; the deployed ServerApp reads them back."""
+    import tomllib
+
+    from fedseg.transport.apps import settings_from_run_config
+    from fedseg.transport.deploy import write_app_folder
+
+    for timeout in (45.0, None):
+        written = settings(tmp_path / "run", 2)
+        written.round_timeout = timeout
+        app = write_app_folder(tmp_path / f"app_{timeout}", written, n_sites=3, wait_s=60)
+        config = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+        read, n_sites, wait_s = settings_from_run_config(config)
+        assert read.round_timeout == timeout and read.overrides == {"min_sites": "2"} and n_sites == 3 and wait_s == 60
+
+
+def test_a_signed_federation_over_the_flower_coordinator(fingerprints, tmp_path: Path) -> None:
+    """Keys in the plan: sites sign their updates, the coordinator checks them and signs what it sends."""
+    keys = tmp_path / "keys"
+    for signer in ("coordinator", *SITES):
+        generate_key(signer, keys)
+    signed = settings(tmp_path / "run", 3)
+    signed.keys, signed.key = keys, keys / "coordinator.key"
+    grid = FakeGrid(fingerprints, lambda site, r: "ok", tmp_path / "sites", keys=keys)
+    run_federation(grid, signed, n_sites=3, wait_s=5)
+    plans = json.loads((tmp_path / "run" / "plans.json").read_text())
+    assert sorted(plans["keys"]) == ["coordinator", *SITES]
+    for r in (1, 2):
+        record = json.loads((tmp_path / "run" / f"round_{r:03d}" / "aggregate.json").read_text())
+        assert record["signed_by"] == "coordinator" and record["missing_sites"] == []
+    assert run_status(tmp_path / "run").rounds[1].signed is True
+    # an unsigned update is refused before any arithmetic, naming the site's file
+    unsigned = FakeGrid(fingerprints, lambda site, r: "ok", tmp_path / "unsigned", keys=None)
+    other = settings(tmp_path / "run2", 3)
+    other.keys, other.key = keys, keys / "coordinator.key"
+    with pytest.raises(InputError, match=r"site_a\.safetensors.*(signature|\.sig)"):
+        run_federation(unsigned, other, n_sites=3, wait_s=5)
