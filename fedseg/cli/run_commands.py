@@ -46,12 +46,12 @@ def format_status(state) -> str:
                 f" (norm {'–' if s.update_norm is None else f'{s.update_norm:.3g}'})"
                 for s in r.sites
             )
-            missing = f"; missing {', '.join(r.sites_missing)}" if r.sites_missing else ""
+            missing = f"; missing {', '.join(_with_reasons(r.sites_missing, r.failures))}" if r.sites_missing else ""
             lines.append(f"  round {r.round}: mean val Dice {dice}: {per_site}{missing}")
         else:
             lines.append(
                 f"  round {r.round}: under way, updates in from {', '.join(r.sites_in) or 'no site'}"
-                f"; waiting for {', '.join(r.sites_missing) or 'nobody'}"
+                f"; waiting for {', '.join(_with_reasons(r.sites_missing, r.failures)) or 'nobody'}"
             )
     for site, metrics in sorted(state.test_metrics.items()):
         dice = ((metrics or {}).get("foreground_mean") or {}).get("dice")
@@ -59,6 +59,11 @@ def format_status(state) -> str:
             lines.append(f"  test {site}: foreground Dice {dice:.3f}")
     lines.append(f"next: {state.next_action}")
     return "\n".join(lines)
+
+
+def _with_reasons(sites: list[str], failures: dict[str, str]) -> list[str]:
+    """Site names, each with why it is missing when the run recorded it (Flower: site_failures.json)."""
+    return [f"{site} ({failures[site]})" if site in failures else site for site in sites]
 
 
 def report(

@@ -150,7 +150,8 @@ def render_html(status: RunStatus) -> str:
     ]
     round_rows = [
         [r.round, "complete" if r.complete else "under way", ", ".join(r.sites_in) or "–",
-         ", ".join(r.sites_missing) or "–", r.mean_val_dice, r.bytes, r.wall_s,
+         ", ".join(f"{s} ({r.failures[s]})" if s in r.failures else s for s in r.sites_missing) or "–",
+         r.mean_val_dice, r.bytes, r.wall_s,
          {True: "yes", False: "no", None: "–"}[r.signed]]
         for r in status.rounds
     ]

@@ -67,7 +67,7 @@ class FakeGrid:
         if action == "silent":
             return None
         if action == "error":
-            return _reply(message, {"site": site, "error": f"site {site}: cannot read case 7 (disk full)"})
+            return _reply(message, {"site": site, "error": "cannot read case 7 (disk full)"})
         plans = Plans.from_dict(json.loads(str(config["plans"])))
         model = write_weight_bundle(record_bundle(message.content[FILES], "coordinator"),
                                     self.workdir / site / f"model_{r}.safetensors", "coordinator")
@@ -120,6 +120,11 @@ def test_a_failing_site_is_recorded_and_rejoins_next_round(fingerprints, tmp_pat
     assert 30.0 in grid.timeouts   # the round timeout reached Flower's send_and_receive
     state = run_status(tmp_path / "run")
     assert state.rounds_completed == 2 and "disk full" in state.rounds[0].failures["site_c"]
+    from fedseg.cli.run_commands import format_status
+    from fedseg.federation.run_report import render_html
+
+    assert "missing site_c (site site_c: cannot read case 7 (disk full))" in format_status(state)
+    assert "<td>site_c (site site_c: cannot read case 7 (disk full))</td>" in render_html(state)
 
 
 def test_below_quorum_the_run_stops_naming_the_sites(fingerprints, tmp_path: Path) -> None:
