@@ -70,3 +70,21 @@ def test_the_evaluation_table_names_what_was_evaluated() -> None:
     console = Console(file=io.StringIO(), width=100)
     console.print(format_table(result, name="site_a"))
     assert "site_a: mean over 2 case(s)" in console.file.getvalue()
+
+
+def test_the_dice_plot_has_whole_round_ticks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from matplotlib.figure import Figure
+
+    from fedseg.federation.simulation import plot_val_dice
+
+    ticks: list[float] = []
+    savefig = Figure.savefig
+
+    def spy(self, *args, **kwargs):
+        ticks.extend(self.axes[0].get_xticks())
+        return savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    plot_val_dice({"site_a": [0.5, 0.6], "site_b": [0.4, None]}, tmp_path / "dice.png")
+    assert ticks and all(t == int(t) for t in ticks), ticks    # no 1.25, 1.5 between rounds 1 and 2
+    assert (tmp_path / "dice.png").read_bytes()[:4] == b"\x89PNG"
