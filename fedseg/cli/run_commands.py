@@ -47,7 +47,8 @@ def format_status(state) -> str:
                 for s in r.sites
             )
             missing = f"; missing {', '.join(_with_reasons(r.sites_missing, r.failures))}" if r.sites_missing else ""
-            lines.append(f"  round {r.round}: mean val Dice {dice}: {per_site}{missing}")
+            took = "" if r.wall_s is None else f" ({r.wall_s:.0f} s)"
+            lines.append(f"  round {r.round}{took}: mean val Dice {dice}: {per_site}{missing}")
         else:
             lines.append(
                 f"  round {r.round}: under way, updates in from {', '.join(r.sites_in) or 'no site'}"

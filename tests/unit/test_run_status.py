@@ -89,7 +89,7 @@ def test_status_next_action_follows_the_run(scripted_run: Path, capsys: pytest.C
     assert run_status(scripted_run).next_action.startswith("aggregate round 3: every update is in")
     assert run(["status", str(scripted_run)]) == 0
     text = capsys.readouterr().out
-    assert "rounds: 2 of 4 complete" in text and "round 2: mean val Dice 0.700" in text and "missing B" in text
+    assert "rounds: 2 of 4 complete" in text and re.search(r"round 2 \(\d+ s\): mean val Dice 0.700", text) and "missing B" in text
 
 
 def test_status_refuses_a_folder_that_is_no_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
