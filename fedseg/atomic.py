@@ -7,6 +7,7 @@ folder, flush and fsync, then `os.replace` (atomic on POSIX and Windows).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -14,6 +15,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from fedseg.errors import InputError
 
 
 @contextlib.contextmanager
@@ -23,8 +26,12 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     On an exception the temporary file is removed and `target` is left untouched.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        _refuse_user_fault(exc, target)
+        raise
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -32,9 +39,22 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
+    except OSError as exc:
+        _refuse_user_fault(exc, target)
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+# A full disk, an exhausted quota, a file-size limit, a read-only or forbidden folder: the
+# user's to fix (exit code 2 naming the file), not a fedseg bug.
+USER_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def _refuse_user_fault(exc: OSError, target: Path) -> None:
+    if exc.errno in USER_WRITE_ERRNOS:
+        raise InputError(f"cannot write ({exc.strerror or exc})", target) from exc
 
 
 def write_bytes_atomic(target: str | Path, data: bytes) -> None:

@@ -55,8 +55,10 @@ def fingerprint(
     """
     from fedseg.cli.console import Reporter, print_json
     from fedseg.data.dataset import load_dataset
+    from fedseg.names import check_site_name
     from fedseg.planning.fingerprint import compute_fingerprint, save_fingerprint
 
+    check_site_name(site, what="--site")
     reporter = Reporter(quiet=quiet)
     dataset = load_dataset(require_dir(data, "dataset folder"))
     n_cases = len(dataset.cases("Tr"))

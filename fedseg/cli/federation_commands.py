@@ -8,15 +8,24 @@ import typer
 
 from fedseg.cli.options import JSON, QUIET, require_file
 
+REPLACE = typer.Option(
+    False, "--replace", help="Replace a complete round folder made from other inputs, as a whole (default: refuse).",
+)
+
 
 def init(
     plans_path: Path = typer.Option(..., "--plans", help="plans.json from `fedseg plan`."),
     output: Path = typer.Option(..., "-o", "--output", help="Round folder to write (e.g. run/round_000)."),
     key: Path = typer.Option(None, "--key", help="The coordinator's private key; required when the plan lists keys."),
+    replace: bool = REPLACE,
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ) -> None:
     """Write round-0 weights for every site (same seed, same weights).
+
+    The files appear together with OUTPUT/init.json, the record listing each with its
+    sha256. Run again with the same plan: nothing changes; with another plan: refused
+    unless --replace.
 
     Example: fedseg init --plans plans.json -o run/round_000
     """
@@ -25,7 +34,7 @@ def init(
     from fedseg.planning.plans import load_plans
 
     plans = load_plans(require_file(plans_path, "plans file"))
-    written = initial_round(plans, output, seed=plans.seed, signing_key=_signing_key(key))
+    written = initial_round(plans, output, seed=plans.seed, signing_key=_signing_key(key), replace=replace)
     Reporter(quiet=quiet).log(f"wrote {len(written)} files under {output}")
     if as_json:
         from fedseg.cli.console import print_json
@@ -39,15 +48,19 @@ def aggregate(
     output: Path = typer.Option(..., "-o", "--output", help="Round folder to write (e.g. run/round_001)."),
     key: Path = typer.Option(None, "--key", help="The coordinator's private key; required when the plan lists keys."),
     previous: Path = typer.Option(None, "--previous", help="Round folder the sites started from (clip_norm only; default: round_<r-1> beside OUTPUT)."),
+    replace: bool = REPLACE,
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ) -> None:
     """Validate the round's updates and aggregate them with the plan's strategy.
 
     Writes OUTPUT/<site>.safetensors (what each site loads next), OUTPUT/models/<pool>.safetensors
-    and OUTPUT/aggregate.json. One bad update: exit 2 naming it, nothing written. Robust rules
-    (plan --set robust=median | robust=trimmed:0.2 | clip_norm=X) apply here; re-running
-    with the same updates writes the same files.
+    and OUTPUT/aggregate.json, the commit record listing every output with its sha256: the
+    files appear together or not at all. One bad update: exit 2 naming it, nothing written.
+    OUTPUT must be the updates' round (round_NNN), never an updates/ folder. Robust rules
+    (plan --set robust=median | robust=trimmed:0.2 | clip_norm=X) apply here. Re-running
+    with the same updates changes nothing; other updates for a complete round are refused
+    unless --replace. Two aggregations of one round never interleave (the second: exit 2).
 
     Example: fedseg aggregate --plans plans.json run/round_001/updates/*.safetensors -o run/round_001
     """
@@ -61,7 +74,7 @@ def aggregate(
     plans = load_plans(require_file(plans_path, "plans file"))
     report = aggregate_round(
         plans, [require_file(p, "update file") for p in updates], output, log=reporter.log,
-        signing_key=_signing_key(key), previous_dir=previous,
+        signing_key=_signing_key(key), previous_dir=previous, replace=replace,
     )
     reporter.log(f"aggregated round {report.round} from {len(updates)} updates into {output}")
     if as_json:

@@ -9,8 +9,10 @@ rest, the same way for every strategy:
   is O(model), not O(sites x model) (a strategy that personalises per site holds one result per
   site of that pool, which is inherent to personalisation);
 - write `<site>.safetensors` for every site of the plan (what it loads next: only pooled
-  tensors), `models/<pool>.safetensors` for the strategy's model pools, then `aggregate.json`
-  last: a round folder is complete when aggregate.json exists. Every file is atomic.
+  tensors), `models/<pool>.safetensors` for the strategy's model pools, then `aggregate.json`,
+  the record of every output's sha256: all staged and committed together under the round
+  folder's lock (fedseg.federation.round_commit), so a round is the old one or the new one,
+  never a mix. A round folder is complete when aggregate.json exists.
 
 Site-side helpers (`compose_site_state`, `split_site_state`, `write_site_update`) live here
 too, so what a site sends and what it loads follow the same scope rules as the engine.
@@ -29,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedseg.atomic import atomic_path, write_json_atomic
+from fedseg.atomic import atomic_path
 from fedseg.errors import InputError
 from fedseg.federation.manifest import expected_parameters
 from fedseg.federation.quorum import check_quorum, quorum_note
@@ -43,6 +45,18 @@ from fedseg.federation.strategies.base import (
     resolved_scope,
 )
 from fedseg.federation.robust import RobustSpec, clip_factor, clipped, delta_sumsq, parse_robust, robust_combine
+from fedseg.federation.round_commit import (
+    AGGREGATE_RECORD,
+    INIT_RECORD,
+    check_committed,
+    check_output_folder,
+    check_round_number,
+    damaged_files,
+    finish_commit,
+    read_record,
+    record_files,
+    staged_round,
+)
 from fedseg.federation.signing import COORDINATOR, SigningKey, require_signing_key, verify_signature, write_signature
 from fedseg.federation.validation import ValidatedUpdate, validate_updates
 from fedseg.federation.weightfile import (
@@ -54,12 +68,14 @@ from fedseg.federation.weightfile import (
     to_numpy,
     write_weight_file_digest,
 )
+from fedseg.folder_lock import folder_lock
+from fedseg.names import path_inside
 
 if TYPE_CHECKING:  # pragma: no cover
     from fedseg.planning.plans import Plans
 
 MODELS_DIR = "models"
-REPORT_FILE = "aggregate.json"
+REPORT_FILE = AGGREGATE_RECORD
 
 
 @dataclass
@@ -105,6 +121,14 @@ class AggregateReport:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, body: dict[str, Any]) -> AggregateReport:
+        names = {f.name for f in dataclasses.fields(cls)}
+        fields = {k: v for k, v in body.items() if k in names}
+        fields["inputs"] = [InputRecord(**i) for i in body["inputs"]]
+        fields["outputs"] = [OutputRecord(**o) for o in body["outputs"]]
+        return cls(**fields)
+
 
 def _log(log: Callable[[str], None] | None, message: str | None) -> None:
     if log is not None and message is not None:
@@ -144,6 +168,7 @@ def open_previous_model(plans: Plans, site: str, folder: Path, round_index: int)
             f"not found: clip_norm measures each update against the model its site started from "
             f"(round {round_index}); pass the previous round folder (--previous)", path,
         )
+    check_committed(path)   # only a file its round's record lists
     reader = open_reader(path)
     reader.verify_hash()
     meta = reader.meta
@@ -208,14 +233,36 @@ def aggregate_round(
     log: Callable[[str], None] | None = None,
     signing_key: SigningKey | None = None,
     previous_dir: str | Path | None = None,
+    replace: bool = False,
 ) -> AggregateReport:
     """Validate a round's updates, merge them by the plan's strategy and write the round folder.
 
     `signing_key`: the coordinator's key; required when the plan lists public keys (every
     output then gets a `.sig`). `previous_dir`: the round folder the sites started from, read
     only with `clip_norm` (default: `round_<r-1>` beside `out_dir`).
+
+    The round folder's outputs are committed together (fedseg.federation.round_commit), under
+    its lock. A complete round aggregated from the same updates is returned as it is; one
+    aggregated from other updates is refused unless `replace`, which replaces it as a whole.
     """
     out_dir = Path(out_dir)
+    check_output_folder(out_dir, update_paths)
+    with folder_lock(out_dir, "round folder"):
+        return _aggregate_locked(
+            plans, update_paths, out_dir, expected_round, log, signing_key, previous_dir, replace
+        )
+
+
+def _aggregate_locked(
+    plans: Plans,
+    update_paths: Sequence[str | Path],
+    out_dir: Path,
+    expected_round: int | None,
+    log: Callable[[str], None] | None,
+    signing_key: SigningKey | None,
+    previous_dir: str | Path | None,
+    replace: bool,
+) -> AggregateReport:
     strategy = get_strategy(plans.strategy.name)
     strategy.check_params(plans.strategy.params)
     robust = parse_robust(plans.strategy.params)
@@ -225,6 +272,9 @@ def aggregate_round(
     by_site = {u.site: u for u in updates}
     _log(log, f"round {round_index}: {len(updates)} update(s) valid ({', '.join(sorted(by_site))})")
     missing_sites = check_quorum(plans, by_site, round_index)   # too few: refused before anything is written
+    existing = _existing_round(plans, updates, out_dir, round_index, replace, log)
+    if existing is not None:
+        return existing
     clip = _clip_factors(plans, robust, updates, out_dir, previous_dir, round_index, log)
 
     routing = _routing(strategy, plans)
@@ -274,73 +324,121 @@ def aggregate_round(
             else:
                 pool_models[(pool, key)] = _cast(model, shape, dtype, pool, key)
 
-    # -- write: pool models, per-site files, then the report (the completion marker) ---------
-    outputs: list[OutputRecord] = []
-    model_pools = strategy.model_pools(plans)
-    stems = [pool_filename(p) for p in model_pools]
-    if len(set(stems)) != len(stems):
-        raise ValueError(f"model pools {model_pools} map to clashing file names")
-    pool_files: dict[str, tuple[dict[str, np.ndarray], OutputRecord]] = {}
-    hashes: dict[str, str] = {}     # output path -> content hash (to sign linked copies)
-    for pool, stem in zip(model_pools, stems):
-        tensors = {key: arr for (p, key), arr in sorted(pool_models.items()) if p == pool}
-        sites = sorted({s for (p, _k), ms in members.items() if p == pool for s, _n in ms})
-        meta = WeightMeta(
-            kind="model",
-            plan_id=plans.plan_id,
-            strategy=plans.strategy.name,
-            site=pool,
-            round=round_index,
-            n_cases=sum(by_site[s].meta.n_cases for s in sites),
-            n_iterations=sum(by_site[s].meta.n_iterations for s in sites),
-            scopes={key: pool for key in tensors},
-            extra={"sites": sites},
-        )
-        record = _write(out_dir, f"{MODELS_DIR}/{stem}.safetensors", "pool", pool, tensors, meta, signing_key, hashes)
-        pool_files[pool] = (tensors, record)
-        outputs.append(record)
-    for site in sorted(plans.sites):
-        rel = f"{site}.safetensors"
-        tensors, scopes = _site_tensors(strategy, plans, site, results, pool_models)
-        same_as = _identical_pool_file(tensors, scopes, pool_files)
-        if same_as is not None:
-            # The site loads exactly a pool model (fedavg: every site loads the global model):
-            # link to that file instead of writing the same bytes once per site.
-            _link_or_copy(out_dir / same_as.path, out_dir / rel)
-            if signing_key is not None:
-                write_signature(out_dir / rel, signing_key, hashes[same_as.path], same_as.sha256)
-            outputs.append(dataclasses.replace(same_as, path=rel, kind="site", name=site, same_as=same_as.path))
-            continue
-        update = by_site.get(site)
-        meta = WeightMeta(
-            kind="model",
-            plan_id=plans.plan_id,
-            strategy=plans.strategy.name,
-            site=site,
-            round=round_index,
-            n_cases=update.meta.n_cases if update else plans.sites[site].n_cases,
-            n_iterations=update.meta.n_iterations if update else 0,
-            scopes=scopes,
-            extra={"participated": update is not None},
-        )
-        outputs.append(_write(out_dir, rel, "site", site, tensors, meta, signing_key, hashes))
+    # -- write: pool models, per-site files, then the report (the commit record), all staged ---
+    with staged_round(out_dir) as stage:
+        outputs: list[OutputRecord] = []
+        model_pools = strategy.model_pools(plans)
+        stems = [pool_filename(p) for p in model_pools]
+        if len(set(stems)) != len(stems):
+            raise ValueError(f"model pools {model_pools} map to clashing file names")
+        pool_files: dict[str, tuple[dict[str, np.ndarray], OutputRecord]] = {}
+        hashes: dict[str, str] = {}     # output path -> content hash (to sign linked copies)
+        for pool, stem in zip(model_pools, stems):
+            tensors = {key: arr for (p, key), arr in sorted(pool_models.items()) if p == pool}
+            sites = sorted({s for (p, _k), ms in members.items() if p == pool for s, _n in ms})
+            meta = WeightMeta(
+                kind="model",
+                plan_id=plans.plan_id,
+                strategy=plans.strategy.name,
+                site=pool,
+                round=round_index,
+                n_cases=sum(by_site[s].meta.n_cases for s in sites),
+                n_iterations=sum(by_site[s].meta.n_iterations for s in sites),
+                scopes={key: pool for key in tensors},
+                extra={"sites": sites},
+            )
+            record = _write(stage.root, f"{MODELS_DIR}/{stem}.safetensors", "pool", pool, tensors, meta, signing_key, hashes)
+            pool_files[pool] = (tensors, record)
+            outputs.append(record)
+        for site in sorted(plans.sites):
+            rel = f"{site}.safetensors"
+            tensors, scopes = _site_tensors(strategy, plans, site, results, pool_models)
+            same_as = _identical_pool_file(tensors, scopes, pool_files)
+            if same_as is not None:
+                # The site loads exactly a pool model (fedavg: every site loads the global model):
+                # link to that file instead of writing the same bytes once per site.
+                _link_or_copy(stage.path(same_as.path), stage.path(rel))
+                if signing_key is not None:
+                    write_signature(stage.path(rel), signing_key, hashes[same_as.path], same_as.sha256)
+                outputs.append(dataclasses.replace(same_as, path=rel, kind="site", name=site, same_as=same_as.path))
+                continue
+            update = by_site.get(site)
+            meta = WeightMeta(
+                kind="model",
+                plan_id=plans.plan_id,
+                strategy=plans.strategy.name,
+                site=site,
+                round=round_index,
+                n_cases=update.meta.n_cases if update else plans.sites[site].n_cases,
+                n_iterations=update.meta.n_iterations if update else 0,
+                scopes=scopes,
+                extra={"participated": update is not None},
+            )
+            outputs.append(_write(stage.root, rel, "site", site, tensors, meta, signing_key, hashes))
 
-    report = AggregateReport(
-        round=round_index,
-        plan_id=plans.plan_id,
-        strategy=plans.strategy.name,
-        inputs=[_input_record(u, clip.get(u.site)) for u in updates],
-        weights={p: (None if robust.replaces_combine else w) for p, w in weights.items()},
-        outputs=outputs,
-        missing_sites=missing_sites,
-        robust=robust.to_dict() if robust.active else None,
-        signed_by=COORDINATOR if signing_key is not None else None,
-    )
-    report.traffic = round_traffic(report.inputs, report.outputs)
-    write_json_atomic(out_dir / REPORT_FILE, report.to_dict())
+        report = AggregateReport(
+            round=round_index,
+            plan_id=plans.plan_id,
+            strategy=plans.strategy.name,
+            inputs=[_input_record(u, clip.get(u.site)) for u in updates],
+            weights={p: (None if robust.replaces_combine else w) for p, w in weights.items()},
+            outputs=outputs,
+            missing_sites=missing_sites,
+            robust=robust.to_dict() if robust.active else None,
+            signed_by=COORDINATOR if signing_key is not None else None,
+        )
+        report.traffic = round_traffic(report.inputs, report.outputs)
+        stage.commit(REPORT_FILE, report.to_dict(), known={o.path: o.sha256 for o in outputs})
     _log(log, quorum_note(missing_sites, round_index))
     _log(log, f"round {round_index}: wrote {len(outputs)} weight file(s) and {REPORT_FILE} to {out_dir}")
     return report
+
+
+def _existing_round(
+    plans: Plans,
+    updates: Sequence[ValidatedUpdate],
+    out_dir: Path,
+    round_index: int,
+    replace: bool,
+    log: Callable[[str], None] | None,
+) -> AggregateReport | None:
+    """The round already in `out_dir` when it was made from exactly these updates (idempotent
+    re-run); None when the round is to be written; InputError when it would be replaced
+    without `replace`, or the folder belongs to another round."""
+    check_round_number(out_dir, round_index, REPORT_FILE)
+    if finish_commit(out_dir):
+        _log(log, f"round {round_index}: finished the commit an interrupted run left in {out_dir}")
+    found = read_record(out_dir)
+    if found is None:
+        return None
+    record = found[1]
+    try:
+        same = record["plan_id"] == plans.plan_id and (
+            sorted((i["site"], i["sha256"]) for i in record["inputs"]) == sorted((u.site, u.sha256) for u in updates)
+        )
+    except (KeyError, TypeError):
+        same = False
+    damaged = damaged_files(out_dir, record)
+    if same and not damaged:
+        try:
+            report = AggregateReport.from_dict(record)
+        except (KeyError, TypeError):
+            report = None   # a record edited by hand: the round is written again
+        if report is not None:
+            _log(log, f"round {round_index}: {out_dir} already holds this round from the same updates; nothing to do")
+            return report
+        damaged = [REPORT_FILE]
+    if same:
+        _log(log, f"round {round_index}: rewriting {len(damaged)} damaged output(s) ({', '.join(damaged[:3])})")
+        return None
+    if not replace:
+        raise InputError(
+            f"already holds round {round_index}, aggregated from other updates; pass --replace to replace the "
+            "round as a whole (the sites that loaded it must then train it again)",
+            out_dir / REPORT_FILE,
+        )
+    _log(log, f"round {round_index}: replacing the round in {out_dir} (--replace)")
+    return None
 
 
 def _cast(array: Any, shape: tuple[int, ...], dtype: str, pool: str, key: str) -> np.ndarray:
@@ -384,7 +482,7 @@ def _write(
     out_dir: Path, rel: str, kind: str, name: str, tensors: dict[str, np.ndarray], meta: WeightMeta,
     signing_key: SigningKey | None = None, hashes: dict[str, str] | None = None,
 ) -> OutputRecord:
-    path = out_dir / rel
+    path = path_inside(out_dir, *rel.split("/"))
     written, digest = write_weight_file_digest(path, tensors, meta)
     if signing_key is not None:
         write_signature(path, signing_key, written.content_hash, digest)
@@ -455,20 +553,54 @@ def _input_record(update: ValidatedUpdate, clip: _Clip | None = None) -> InputRe
 # round 0
 # ---------------------------------------------------------------------------------------
 def initial_round(
-    plans: Plans, out_dir: str | Path, seed: int | None = None, signing_key: SigningKey | None = None
+    plans: Plans, out_dir: str | Path, seed: int | None = None, signing_key: SigningKey | None = None,
+    replace: bool = False,
 ) -> list[Path]:
     """Write round_000: `<site>.safetensors` (the FULL initial state, local tensors included,
-    so a site can start without building anything) and `models/<pool>.safetensors`.
-    Signed with the coordinator's `signing_key` (required when the plan lists public keys).
+    so a site can start without building anything), `models/<pool>.safetensors` and the
+    commit record `init.json`. Signed with the coordinator's `signing_key` (required when the
+    plan lists public keys).
 
     One network per configuration, built with the seed; every tensor of a (pool, key) is then
     taken from the first site (in name order) that holds it, so all sites of a pool start
     from bit-identical shared weights even when their configurations differ.
-    """
-    import torch
 
+    Like `aggregate_round`: committed as a whole under the folder's lock; a complete round 0
+    of the same plan and seed is left as it is, another one is refused unless `replace`.
+    """
     out_dir = Path(out_dir)
     seed = plans.seed if seed is None else int(seed)
+    check_output_folder(out_dir)
+    with folder_lock(out_dir, "round folder"):
+        return _initial_locked(plans, out_dir, seed, signing_key, replace)
+
+
+def _existing_initial_round(plans: Plans, out_dir: Path, seed: int, replace: bool) -> list[Path] | None:
+    check_round_number(out_dir, 0, INIT_RECORD)
+    finish_commit(out_dir)
+    found = read_record(out_dir)
+    if found is None:
+        return None
+    record = found[1]
+    if record.get("plan_id") == plans.plan_id and record.get("seed") == seed:
+        if not damaged_files(out_dir, record):
+            return [out_dir / rel for rel in record_files(record) if rel.endswith(".safetensors")]
+        return None   # the same round 0, damaged: written again (the same bytes, from the seed)
+    if not replace:
+        raise InputError(
+            f"already holds a round 0 of another plan or seed (plan_id {str(record.get('plan_id'))[:12]}…, seed "
+            f"{record.get('seed')}); pass --replace to replace it, or choose a new folder",
+            out_dir / INIT_RECORD,
+        )
+    return None
+
+
+def _initial_locked(plans: Plans, out_dir: Path, seed: int, signing_key: SigningKey | None, replace: bool) -> list[Path]:
+    import torch
+
+    existing = _existing_initial_round(plans, out_dir, seed, replace)
+    if existing is not None:
+        return existing
     strategy = get_strategy(plans.strategy.name)
     strategy.check_params(plans.strategy.params)
     signing_key = require_signing_key(plans.keys, signing_key, COORDINATOR)
@@ -510,24 +642,25 @@ def initial_round(
             states[site][name] = first
             scopes[site][name] = pool
 
-    written: list[Path] = []
-    for site in sorted(plans.sites):
-        meta = WeightMeta(
-            kind="model", plan_id=plans.plan_id, strategy=plans.strategy.name, site=site, round=0,
-            n_cases=plans.sites[site].n_cases, n_iterations=0, scopes=scopes[site], extra={"seed": seed},
-        )
-        _write_signed(out_dir / f"{site}.safetensors", states[site], meta, signing_key)
-        written.append(out_dir / f"{site}.safetensors")
-    for pool in strategy.model_pools(plans):
-        tensors = {key: arr for (p, key), arr in pooled.items() if p == pool}
-        meta = WeightMeta(
-            kind="model", plan_id=plans.plan_id, strategy=plans.strategy.name, site=pool, round=0,
-            n_cases=0, n_iterations=0, scopes={k: pool for k in tensors}, extra={"seed": seed},
-        )
-        path = out_dir / MODELS_DIR / f"{pool_filename(pool)}.safetensors"
-        _write_signed(path, tensors, meta, signing_key)
-        written.append(path)
-    return written
+    written: list[str] = []
+    with staged_round(out_dir) as stage:
+        for site in sorted(plans.sites):
+            meta = WeightMeta(
+                kind="model", plan_id=plans.plan_id, strategy=plans.strategy.name, site=site, round=0,
+                n_cases=plans.sites[site].n_cases, n_iterations=0, scopes=scopes[site], extra={"seed": seed},
+            )
+            written.append(f"{site}.safetensors")
+            _write_signed(stage.path(written[-1]), states[site], meta, signing_key)
+        for pool in strategy.model_pools(plans):
+            tensors = {key: arr for (p, key), arr in pooled.items() if p == pool}
+            meta = WeightMeta(
+                kind="model", plan_id=plans.plan_id, strategy=plans.strategy.name, site=pool, round=0,
+                n_cases=0, n_iterations=0, scopes={k: pool for k in tensors}, extra={"seed": seed},
+            )
+            written.append(f"{MODELS_DIR}/{pool_filename(pool)}.safetensors")
+            _write_signed(stage.path(written[-1]), tensors, meta, signing_key)
+        stage.commit(INIT_RECORD, {"round": 0, "plan_id": plans.plan_id, "strategy": plans.strategy.name, "seed": seed})
+    return [out_dir / rel for rel in written]
 
 
 def _write_signed(path: Path, tensors: Mapping[str, Any], meta: WeightMeta, signing_key: SigningKey | None) -> WeightMeta:

@@ -34,6 +34,7 @@ from typing import Any
 
 from fedseg.atomic import atomic_path, write_text_atomic
 from fedseg.errors import InputError
+from fedseg.names import check_site_name, path_inside
 
 SIGNATURE_FORMAT = "fedseg-signature-v1"
 PRIVATE_FORMAT = "fedseg-ed25519-private-v1"
@@ -78,9 +79,7 @@ class Signature:
 # keys
 # ---------------------------------------------------------------------------------------
 def _check_signer_name(signer: str) -> str:
-    if not isinstance(signer, str) or not signer or "/" in signer or "\\" in signer or signer in (".", ".."):
-        raise InputError(f"{signer!r} is not a usable site name for a key")
-    return signer
+    return check_site_name(signer, what="key owner name")
 
 
 def generate_key(signer: str, out_dir: str | Path) -> tuple[Path, Path]:
@@ -93,8 +92,8 @@ def generate_key(signer: str, out_dir: str | Path) -> tuple[Path, Path]:
 
     _check_signer_name(signer)
     out_dir = Path(out_dir)
-    private_path = out_dir / f"{signer}{PRIVATE_SUFFIX}"
-    public_path = out_dir / f"{signer}{PUBLIC_SUFFIX}"
+    private_path = path_inside(out_dir, f"{signer}{PRIVATE_SUFFIX}")
+    public_path = path_inside(out_dir, f"{signer}{PUBLIC_SUFFIX}")
     if private_path.exists():
         raise InputError("a private key already exists here; refusing to overwrite it", private_path)
     key = Ed25519PrivateKey.generate()

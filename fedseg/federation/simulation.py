@@ -2,8 +2,12 @@
 
 Run folder (ARCHITECTURE.md §6): plans.json, fingerprints/, round_000/, round_r/updates/,
 round_r/<site>.safetensors, round_r/models/, round_r/aggregate.json, state/<site>/, report/.
-A round whose aggregate.json exists is complete and is not redone, so a killed simulation
-started again continues from the last complete round.
+A round is complete when its commit record (round_000/init.json, round_r/aggregate.json)
+lists its outputs with their sha256. Started again on the same folder, a simulation checks the
+chain of rounds (each round's updates started from the previous round's outputs, by sha256;
+each record's files are intact) and redoes everything from the first round that is not
+complete or not linked, discarding the rounds after it and putting each site's state back to
+where that round started (state/<site>/before_round/<r>/).
 """
 
 from __future__ import annotations
@@ -14,7 +18,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedseg.errors import InputError
+from fedseg.federation.round_commit import (
+    AGGREGATE_RECORD,
+    damaged_files,
+    finish_commit,
+    read_record,
+    record_files,
+    round_number_of,
+)
 from fedseg.federation.server_eval import SERVER_TEST_DIR, evaluate_server_models, is_server_test_set
+from fedseg.federation.site_training import STARTED_FROM, restore_site_state
+from fedseg.federation.weightfile import open_weight_file, sha256_file
+from fedseg.folder_lock import folder_lock
+from fedseg.names import check_site_name, path_inside
 
 if TYPE_CHECKING:  # pragma: no cover
     from fedseg.planning.plans import Plans
@@ -46,6 +62,9 @@ class SimulationResult:
     report_dir: str
     server_metrics: dict = field(default_factory=dict)   # server_eval summary (empty without a server test set)
     traffic: dict = field(default_factory=dict)          # site -> per round {"upload", "download"} bytes
+
+
+NOT_COMPLETE = "not complete"
 
 
 def round_dir(run_dir: Path, r: int) -> Path:
@@ -82,6 +101,8 @@ def discover_sites(sites_root: Path, log: Callable[[str], None] | None = None) -
         log(f"skipped {len(skipped)} folder(s) of {sites_root} without a dataset.json: {', '.join(skipped)}")
     if not sites:
         raise InputError("no site folders (sub-folders with a dataset.json) inside", sites_root)
+    for site in sites:   # a folder's name becomes the site's name, and file names from it
+        check_site_name(site.name, site, what="site folder name")
     return sites
 
 
@@ -93,7 +114,7 @@ def simulate(
     """Run fingerprint -> plan -> init -> rounds of train/aggregate -> predict -> evaluate."""
     from fedseg.data.dataset import load_dataset
     from fedseg.federation.engine import aggregate_round
-    from fedseg.federation.site_training import run_site_round
+    from fedseg.federation.site_training import run_site_round, snapshot_site_state
     from fedseg.federation.strategies import get_strategy
     from fedseg.planning.fingerprint import compute_fingerprint, load_fingerprint, save_fingerprint
 
@@ -105,7 +126,7 @@ def simulate(
     # 1. fingerprints, one per site (reused when present)
     fingerprints = []
     for name, path in site_dirs.items():
-        fp_path = run_dir / "fingerprints" / f"{name}.json"
+        fp_path = path_inside(run_dir / "fingerprints", f"{name}.json")
         if not fp_path.is_file():
             dataset = load_dataset(path)
             with progress_factory(f"fingerprint {name}", len(dataset.cases("Tr"))) as advance:
@@ -118,17 +139,21 @@ def simulate(
         iterations=config.iterations, overrides=config.overrides, seed=config.seed, log=log,
     )
 
-    # 4. rounds
+    # 4. rounds, from the first one that is not complete and linked to the one before
+    first = first_round_to_redo(run_dir, config.rounds, log)
+    if first <= config.rounds:
+        discard_rounds_from(run_dir, first, list(site_dirs), log)
     val_dice: dict[str, list[float | None]] = {name: [] for name in site_dirs}
     for r in range(1, config.rounds + 1):
         rdir = round_dir(run_dir, r)
-        if (rdir / "aggregate.json").is_file():
+        if r < first:
             _collect_val_dice(rdir, val_dice)
             log(f"round {r}: already complete, skipped")
             continue
         updates = []
         for name, path in site_dirs.items():
-            update = rdir / "updates" / f"{name}.safetensors"
+            update = path_inside(rdir / "updates", f"{name}.safetensors")
+            snapshot_site_state(path_inside(run_dir / "state", name), r)
             with progress_factory(f"round {r}/{config.rounds} train {name}", config.iterations or plans.training.iterations_per_round) as advance:
                 result = run_site_round(
                     plans, name, path, round_dir(run_dir, r - 1) / f"{name}.safetensors", run_dir / "state" / name,
@@ -175,7 +200,6 @@ def plan_and_init(
     Run again on the same folder (resume), the plan must come out the same; `keys` (site ->
     public key) make the plan require signed files, `signing_key` signs round_000.
     """
-    from fedseg.atomic import write_text_atomic
     from fedseg.federation.engine import initial_round
     from fedseg.federation.manifest import attach_manifests
     from fedseg.federation.strategies import get_strategy
@@ -209,10 +233,65 @@ def plan_and_init(
         log(f"plan: {note}")
     log(f"plan {plans.plan_id[:12]}: {len(plans.sites)} sites, strategy {strategy}, {rounds} round(s), "
         f"configuration {plans.default_configuration}")
-    if not (round_dir(run_dir, 0) / "done").is_file():
-        initial_round(plans, round_dir(run_dir, 0), seed=plans.seed, signing_key=signing_key)
-        write_text_atomic(round_dir(run_dir, 0) / "done", "")
+    # idempotent: a complete round 0 of this plan is kept, a damaged or missing one rewritten
+    # (bit for bit the same: it is built from the plan's seed)
+    initial_round(plans, round_dir(run_dir, 0), seed=plans.seed, signing_key=signing_key)
     return plans
+
+
+def first_round_to_redo(run_dir: Path, rounds: int, log: Callable[[str], None] = lambda message: None) -> int:
+    """The first round (1..rounds) that is not complete and linked to the round before it;
+    rounds + 1 when every round is. Round 0 is checked by `plan_and_init`."""
+    previous = read_record(round_dir(run_dir, 0))
+    for r in range(1, rounds + 1):
+        problem = round_chain_problem(run_dir, r, previous[1] if previous else None)
+        if problem is not None:
+            if problem != NOT_COMPLETE or any(round_dir(run_dir, k).exists() for k in range(r + 1, rounds + 1)):
+                log(f"round {r}: {problem}")
+            return r
+        previous = read_record(round_dir(run_dir, r))
+    return rounds + 1
+
+
+def round_chain_problem(run_dir: Path, r: int, previous: dict | None) -> str | None:
+    """Why round r cannot be trusted as the successor of `previous` (its record); None when it can."""
+    rdir = round_dir(run_dir, r)
+    with folder_lock(rdir, "round folder"):
+        finish_commit(rdir)
+    found = read_record(rdir)
+    if found is None or found[0] != AGGREGATE_RECORD:
+        return NOT_COMPLETE
+    record = found[1]
+    if record.get("round") != r:
+        return f"its aggregate.json is of round {record.get('round')}"
+    damaged = damaged_files(rdir, record)
+    if damaged:
+        return f"output(s) changed after the round was written: {', '.join(damaged[:3])}"
+    previous_files = record_files(previous) if previous is not None else {}
+    for item in record.get("inputs", []):
+        site = item.get("site")
+        update = path_inside(rdir / "updates", f"{site}.safetensors")
+        if not update.is_file() or sha256_file(update) != item.get("sha256"):
+            return f"the update of site {site} is not the one aggregate.json records"
+        with open_weight_file(update) as reader:
+            started_from = reader.meta.extra.get(STARTED_FROM)
+        if started_from is None or started_from != previous_files.get(f"{site}.safetensors"):
+            return f"site {site}'s update did not start from round {r - 1}'s {site}.safetensors"
+    return None
+
+
+def discard_rounds_from(run_dir: Path, first: int, sites: list[str], log: Callable[[str], None] = lambda message: None) -> None:
+    """Remove round folders first.. and put each site's state back to where round `first` started."""
+    import shutil
+
+    later = sorted(p for p in run_dir.glob("round_*") if (round_number_of(p) or 0) >= first)
+    # a round interrupted before its commit is simply redone; anything beyond it is said aloud
+    if any(round_number_of(p) != first or read_record(p) is not None for p in later):
+        log(f"redoing from round {first}: discarding {', '.join(p.name for p in later)}")
+    for folder in later:
+        shutil.rmtree(folder)
+    for site in sites:
+        restore_site_state(path_inside(run_dir / "state", site), first)
 
 
 def plan_differences(old: Any, new: Any, path: str = "") -> list[str]:

@@ -16,9 +16,13 @@ import numpy as np
 
 from fedseg.errors import InputError
 from fedseg.federation.signing import SigningKey, require_signing_key
+from fedseg.federation.weightfile import sha256_file
+from fedseg.folder_lock import folder_lock
 from fedseg.planning.plans import Plans
 
 LOCAL_STATE_FILE = "local.safetensors"
+STARTED_FROM = "started_from"          # update metadata: sha256 of the model file the round started from
+SNAPSHOT_DIR = "before_round"          # state/<site>/before_round/<r>/: the state files round r started from
 # Points of the loss / learning-rate curve a site reports in its update (`extra["curve"]`):
 # enough to draw a round's training in `fedseg report`, small enough for the file's header.
 CURVE_POINTS = 32
@@ -50,8 +54,10 @@ def site_network_and_state(plans: Plans, site: str, weights_path: Path, state_di
     import torch
 
     from fedseg.federation.engine import compose_site_state
+    from fedseg.federation.round_commit import check_committed
     from fedseg.federation.strategies import get_strategy
 
+    check_committed(weights_path)   # a file of a round folder counts only when its commit record lists it
     network = get_strategy(plans.strategy.name).network(plans, site)
     local = load_local_state(state_dir) if state_dir is not None else {}
     arrays = compose_site_state(plans, site, weights_path, local)
@@ -116,24 +122,30 @@ def run_site_round(
         )
     from fedseg.federation.strategies import get_strategy
 
-    network, state = site_network_and_state(plans, site, weights_path, state_dir)
-    outcome = train_local(
-        plans, site, Path(dataset_root), Path(state_dir), network, state, round_index,
-        iterations=iterations, device=device, num_workers=num_workers, progress=progress, log=log,
-        trainer_class=get_strategy(plans.strategy.name).trainer_class(plans),
-    )
-    meta = write_site_update(
-        plans, site, outcome.state_dict, output, round_index=round_index, n_iterations=outcome.n_iterations,
-        extra={"val_dice": _finite_or_none(outcome.val_dice), "mean_loss": _finite_or_none(outcome.mean_loss),
-               "curve": training_curve(outcome.history)},
-        signing_key=signing_key,
-    )
-    _shared, local = split_site_state(plans, site, outcome.state_dict)
-    # Local parameters last: the trainer recognises a finished round by the hash of its
-    # starting state, which includes the previous round's local parameters. Killed between
-    # the two writes, a re-run starts from the same state, returns the finished round and
-    # writes both files again.
-    save_local_state(state_dir, {k: outcome.state_dict[k] for k in local})
+    with folder_lock(state_dir, "site state folder"):
+        network, state = site_network_and_state(plans, site, weights_path, state_dir)
+        started_from = sha256_file(weights_path)
+        outcome = train_local(
+            plans, site, Path(dataset_root), Path(state_dir), network, state, round_index,
+            iterations=iterations, device=device, num_workers=num_workers, progress=progress, log=log,
+            trainer_class=get_strategy(plans.strategy.name).trainer_class(plans),
+        )
+        meta = write_site_update(
+            plans, site, outcome.state_dict, output, round_index=round_index, n_iterations=outcome.n_iterations,
+            extra={
+                "val_dice": _finite_or_none(outcome.val_dice), "mean_loss": _finite_or_none(outcome.mean_loss),
+                # sha256 of the model file this update started from: links the round to the one before
+                STARTED_FROM: started_from,
+                "curve": training_curve(outcome.history),
+            },
+            signing_key=signing_key,
+        )
+        _shared, local = split_site_state(plans, site, outcome.state_dict)
+        # Local parameters last: the trainer recognises a finished round by the hash of its
+        # starting state, which includes the previous round's local parameters. Killed between
+        # the two writes, a re-run starts from the same state, returns the finished round and
+        # writes both files again.
+        save_local_state(state_dir, {k: outcome.state_dict[k] for k in local})
     return SiteRoundResult(
         site=site,
         round=round_index,
@@ -171,3 +183,60 @@ def training_curve(history: list[dict], max_points: int = CURVE_POINTS) -> dict[
 
 def _finite_or_none(value: float) -> float | None:
     return float(value) if value is not None and np.isfinite(value) else None
+
+
+# ---------------------------------------------------------------------------------------
+# snapshots of a site's state, so that a run can redo a round from where it started
+# ---------------------------------------------------------------------------------------
+def _state_files() -> tuple[str, ...]:
+    from fedseg.training.trainer import OPTIMIZER_FILE
+
+    # the files a round reads from the state folder and changes for the next one
+    return (LOCAL_STATE_FILE, OPTIMIZER_FILE)
+
+
+def snapshot_site_state(state_dir: Path, round_index: int) -> None:
+    """Keep the state files round `round_index` starts from (once: the first start counts).
+
+    Hard links where possible: every state file is replaced by rename, never changed in
+    place, so a link keeps the old content for free."""
+    import os
+    import shutil
+
+    target = Path(state_dir) / SNAPSHOT_DIR / f"{round_index:03d}"
+    if target.is_dir():
+        return
+    staging = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name in _state_files():
+        source = Path(state_dir) / name
+        if source.is_file():
+            try:
+                os.link(source, staging / name)
+            except OSError:
+                shutil.copyfile(source, staging / name)
+    os.replace(staging, target)
+
+
+def restore_site_state(state_dir: Path, round_index: int) -> bool:
+    """Put back the state files round `round_index` started from, and forget later snapshots;
+    False when there is no snapshot of that round."""
+    import os
+    import shutil
+
+    root = Path(state_dir) / SNAPSHOT_DIR
+    source = root / f"{round_index:03d}"
+    if not source.is_dir():
+        return False
+    for name in _state_files():
+        saved, current = source / name, Path(state_dir) / name
+        if saved.is_file():
+            shutil.copyfile(saved, current.with_name(f".{name}.restore"))
+            os.replace(current.with_name(f".{name}.restore"), current)
+        elif current.exists():
+            current.unlink()
+    for later in root.iterdir():
+        if later.name.isdigit() and int(later.name) > round_index:
+            shutil.rmtree(later)
+    return True

@@ -41,6 +41,7 @@ from fedseg.federation.weightfile import (
     describe,
     open_reader,
 )
+from fedseg.names import check_site_name
 
 if TYPE_CHECKING:  # pragma: no cover
     from fedseg.planning.plans import Plans
@@ -87,6 +88,7 @@ def _check_structure(reader: WeightFileReader, strategy: Strategy, plans: Plans,
         )
     if meta.strategy != plans.strategy.name:
         raise InputError(f"was made for strategy {meta.strategy!r}, the plan uses {plans.strategy.name!r}", path)
+    check_site_name(meta.site, path)
     if meta.site not in plans.sites:
         raise InputError(f"comes from site {meta.site!r}, which is not in the plan (sites: {describe(plans.sites)})", path)
     if meta.round < 1:

@@ -41,6 +41,7 @@ from fedseg.data.case_loading import load_case
 from fedseg.data.cropping import bbox_of_mask, bbox_to_slices
 from fedseg.data.dataset import Case, Dataset
 from fedseg.errors import InputError
+from fedseg.names import check_site_name
 from fedseg.planning.sketch import DEFAULT_ALPHA, QuantileSketch
 
 FINGERPRINT_FORMAT = "fedseg.fingerprint"
@@ -122,8 +123,7 @@ def compute_fingerprint(
     the result is identical for every worker count. `progress(1, case_id)` is called after
     each case. Any bad case raises InputError naming its file.
     """
-    if not site or not isinstance(site, str):
-        raise InputError("site name must be a non-empty string")
+    check_site_name(site)
     cases = dataset.cases("Tr")
     label_values = dataset.label_values
     summaries: list[CaseSummary] = []
@@ -261,8 +261,7 @@ def validate_fingerprint(fp: Any, source: str | Path | None = None) -> None:
     missing = [k for k in required if k not in fp]
     if missing:
         fail(f"missing key(s) {', '.join(missing)}")
-    if not isinstance(fp["site"], str) or not fp["site"]:
-        fail("site must be a non-empty string")
+    check_site_name(fp["site"], source)
     if not isinstance(fp["labels"], dict) or not all(isinstance(v, int) for v in fp["labels"].values()):
         fail("labels must map names to integers")
     if not isinstance(fp["channel_names"], dict) or not fp["channel_names"]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedseg.errors import InputError
+from fedseg.names import check_site_name
 
 PLANS_FORMAT_VERSION = 1
 
@@ -166,6 +167,9 @@ def load_plans(path: str | Path) -> Plans:
     stored = raw.get("plan_id")
     if stored is not None and stored != plans.plan_id:
         raise InputError("plan_id does not match the content (the file was edited after planning)", path)
+    # site names become file names at the coordinator and at every site
+    for name in [*plans.sites, *plans.keys]:
+        check_site_name(name, path)
     return plans
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from fedseg.errors import InputError
 from fedseg.federation.run_status import SITE_FAILURES_FILE
 from fedseg.federation.simulation import round_dir
+from fedseg.names import check_site_name, path_inside
 from fedseg.transport.payload import read_weight_bundle, write_weight_bundle
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -65,7 +66,9 @@ class Coordinator:
 
         loaded = []
         for site in sorted(fingerprints):
-            path = self.run_dir / "fingerprints" / f"{site}.json"
+            # the name comes from a remote node: it must be a site name before it names a file
+            check_site_name(site, what="site name sent by a node")
+            path = path_inside(self.run_dir / "fingerprints", f"{site}.json")
             save_fingerprint(fingerprints[site], path)
             fingerprint = load_fingerprint(path)         # validates what the site sent
             if fingerprint.get("site") not in (None, site):

@@ -141,3 +141,21 @@ def test_init_and_predict_print_json(fedavg_run, tiny_sites: Path, tmp_path: Pat
     predicted = json.loads(capsys.readouterr().out)
     assert predicted["site"] == "site_a" and len(predicted["written"]) == len(list((tiny_sites / "site_a" / "labelsTs").iterdir()))
     assert all(Path(p).is_file() for p in predicted["written"])
+
+
+def test_resume_redoes_a_round_whose_record_is_gone(fedavg_run, tiny_sites: Path) -> None:
+    """Last in this module: it rewrites round 2 of the shared run (with the same content)."""
+    from fedseg.federation.simulation import first_round_to_redo
+
+    run_dir, result = fedavg_run
+    (run_dir / "round_002" / "aggregate.json").unlink()
+    stale = run_dir / "round_002" / "stale.txt"
+    stale.write_text("not part of the round")
+    said: list[str] = []
+    config = SimulationConfig(sites_root=tiny_sites, strategy="fedavg", rounds=2, run_dir=run_dir, iterations=15, workers=1)
+    again = simulate(config, log=said.append)
+    assert "round 1: already complete, skipped" in said
+    assert not stale.exists() and (run_dir / "round_002" / "aggregate.json").is_file()
+    # each site's state went back to where round 2 started: the finished round 2 comes out again
+    assert again.val_dice == result.val_dice
+    assert first_round_to_redo(run_dir, 2) == 3
