@@ -40,3 +40,7 @@ for s in $site_names; do
     --state "$WORK/state/$s" -i "$SITES/$s/imagesTs" -o "$WORK/predictions/$s"
   fedseg evaluate --pred "$WORK/predictions/$s" --ref "$SITES/$s/labelsTs" -o "$WORK/metrics_$s.json"
 done
+
+# 5. Where the federation stands, and one HTML page about it (both read WORK_DIR alone).
+fedseg status "$WORK"
+fedseg report "$WORK" -o "$WORK/report"

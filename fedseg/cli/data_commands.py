@@ -124,6 +124,8 @@ def plan(
     plans = plan_privacy(plans, strategy_impl, keys)
     plans.save(output)
     cfg = plans.configuration_for(None)
+    for note in plans.extra.get("planning", {}).get("notes", []):
+        reporter.log(f"plan: {note}")
     reporter.log(
         f"wrote {output}: {len(plans.sites)} sites, strategy {strategy}, {cfg.name} patch {cfg.patch_size} "
         f"spacing {[round(s, 3) for s in cfg.spacing]} batch {cfg.batch_size}, plan_id {plans.plan_id[:12]}"
@@ -133,16 +135,16 @@ def plan(
 
 
 def inspect(
-    file: Path = typer.Argument(..., help="A fingerprint, plans.json, weight file, aggregate.json or metrics.json."),
+    file: Path = typer.Argument(..., help="A fingerprint, plans.json, weight file, aggregate.json, metrics.json, or a run folder."),
     as_json: bool = JSON,
 ) -> None:
-    """Show what a fedseg file holds.
+    """Show what a fedseg file holds (a run folder: where it stands, as `fedseg status`).
 
     Example: fedseg inspect run/round_001/models/global.safetensors
     """
     from fedseg.cli.inspect_view import inspect_file
 
-    inspect_file(require_file(file, "file"), as_json=as_json)
+    inspect_file(file, as_json=as_json)
 
 
 def register(app: typer.Typer) -> None:

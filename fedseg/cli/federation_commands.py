@@ -19,6 +19,7 @@ def init(
     key: Path = typer.Option(None, "--key", help="The coordinator's private key; required when the plan lists keys."),
     replace: bool = REPLACE,
     quiet: bool = QUIET,
+    as_json: bool = JSON,
 ) -> None:
     """Write round-0 weights for every site (same seed, same weights).
 
@@ -35,6 +36,10 @@ def init(
     plans = load_plans(require_file(plans_path, "plans file"))
     written = initial_round(plans, output, seed=plans.seed, signing_key=_signing_key(key), replace=replace)
     Reporter(quiet=quiet).log(f"wrote {len(written)} files under {output}")
+    if as_json:
+        from fedseg.cli.console import print_json
+
+        print_json({"output": str(output), "plan_id": plans.plan_id, "written": [str(p) for p in written]})
 
 
 def aggregate(

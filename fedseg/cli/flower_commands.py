@@ -1,4 +1,4 @@
-"""`fedseg flower simulate | serve | join`: the same federation over Flower (needs fedseg[flower]).
+"""`fedseg flower simulate | serve | join | certs`: the same federation over Flower (needs the `flower` extra).
 
 flwr is imported only inside the commands, so `fedseg --help` stays fast and works without it.
 """
@@ -17,13 +17,24 @@ from fedseg.cli.options import (
 )
 from fedseg.errors import InputError
 
-INSTALL_HINT = "pip install 'fedseg[flower]'"
+# fedseg is installed from its source folder, not from a package index, so `pip install
+# 'fedseg[flower]'` finds nothing: the hint installs the extra's requirement itself (kept equal
+# to pyproject.toml's `flower` extra by a test), which works from any folder.
+FLOWER_REQUIREMENT = "flwr[simulation]>=1.41,<1.42"
+INSTALL_HINT = f"pip install '{FLOWER_REQUIREMENT}' (or, in the fedseg source folder: pip install -e '.[flower]')"
 
 flower_app = typer.Typer(
     help="Run the federation over Flower: on one machine (simulate), or with a SuperLink (serve) "
     f"and one SuperNode per site (join). Needs the optional extra: {INSTALL_HINT}",
     no_args_is_help=True,
     rich_markup_mode=None,
+)
+
+
+ROUND_TIMEOUT = typer.Option(
+    None, "--round-timeout", min=1,
+    help="Seconds a round waits for the sites' updates; a site that fails or is late is left out of "
+    "the round (recorded) when the plan's quorum holds (--set min_sites=N; default every site).",
 )
 
 
@@ -63,8 +74,9 @@ def simulate(
     mirror: bool = typer.Option(False, "--mirror/--no-mirror", help="Mirroring at test time (server test set)."),
     parallel: int = typer.Option(1, "--parallel", min=1, help="Sites training at the same time (Ray actors)."),
     cpus_per_site: int = typer.Option(1, "--cpus-per-site", min=1, help="CPU threads each training site may use."),
+    round_timeout: float = ROUND_TIMEOUT,
     resume: bool = RESUME,
-    verbose: bool = typer.Option(False, "--verbose", help="Show Flower's own log."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show Flower's and Ray's own log lines."),
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ) -> None:
@@ -91,7 +103,8 @@ def simulate(
         iterations=iterations, overrides=parse_set_options(set_), seed=seed, workers=workers, device=device,
         mirror=mirror,
     )
-    result = flower_simulate(cfg, parallel=parallel, cpus_per_site=cpus_per_site, log=reporter.log)
+    result = flower_simulate(cfg, parallel=parallel, cpus_per_site=cpus_per_site, log=reporter.log,
+                             round_timeout=round_timeout, verbose=verbose)
     if as_json:
         print_json(result_to_dict(result))
     elif not quiet:
@@ -118,8 +131,10 @@ def serve(
     ssl_ca_certfile: Path = typer.Option(None, "--ssl-ca-certfile", help="The CA certificate that signed it (PEM)."),
     wait: float = typer.Option(600.0, "--wait", min=1, help="Seconds to wait for the sites to connect."),
     flwr_home: Path = typer.Option(None, "--flwr-home", help="Folder where Flower keeps installed apps (default ~/.flwr)."),
+    round_timeout: float = ROUND_TIMEOUT,
     resume: bool = RESUME,
     quiet: bool = QUIET,
+    as_json: bool = JSON,
 ) -> None:
     """Coordinate a federation: start a Flower SuperLink and run fedseg's ServerApp on it.
 
@@ -141,11 +156,16 @@ def serve(
     reporter = Reporter(quiet=quiet)
     settings = CoordinatorSettings(
         run_dir=output, strategy=strategy, rounds=rounds, configuration=config, iterations=iterations,
-        overrides=parse_set_options(set_), seed=seed, keys=keys, key=key,
+        overrides=parse_set_options(set_), seed=seed, keys=keys, key=key, round_timeout=round_timeout,
     )
     report = run_serve(settings, sites, host=host, port=port, tls=_tls(insecure, ssl_certfile, ssl_keyfile, ssl_ca_certfile),
                        wait_s=wait, flwr_home=flwr_home, log=reporter.log)
     reporter.log(f"federation complete; report in {report}")
+    if as_json:
+        from fedseg.cli.console import print_json
+        from fedseg.federation.run_status import run_status
+
+        print_json(run_status(output).to_dict())
 
 
 @flower_app.command("join")
@@ -182,6 +202,35 @@ def join(
     code = run_join(settings, superlink, tls=_tls(insecure, None, None, root_certificates), port=port, flwr_home=flwr_home)
     if code:
         raise typer.Exit(code)
+
+
+@flower_app.command("certs")
+def certs(
+    output: Path = typer.Option(..., "-o", "--output", help="Folder to write ca.pem, ca.key, server.pem, server.key into."),
+    hosts: list[str] = typer.Option(None, "--host", help="Host name or IP address the sites use to reach the SuperLink (repeat; default localhost and 127.0.0.1)."),
+    days: int = typer.Option(730, "--days", min=1, help="Validity of the certificates in days."),
+    quiet: bool = QUIET,
+    as_json: bool = JSON,
+) -> None:
+    """Make TLS certificates for a deployment: a private CA and a SuperLink certificate it signs.
+
+    Give the SuperLink server.pem, server.key and ca.pem (flower serve --ssl-certfile
+    --ssl-keyfile --ssl-ca-certfile); give every site ca.pem (flower join --root-certificates).
+    ca.key stays with you. Existing files are never overwritten. Needs no Flower.
+
+    Example: fedseg flower certs -o tls --host coordinator.example.org --host 10.0.0.5
+    """
+    from fedseg.cli.console import Reporter, print_json
+    from fedseg.transport.certs import DEFAULT_HOSTS, make_certificates
+
+    files = make_certificates(output, hosts or DEFAULT_HOSTS, days=days)
+    Reporter(quiet=quiet).log(
+        f"wrote {files.ca_cert}, {files.server_cert} (for {', '.join(files.hosts)}) and their keys under {output}; "
+        f"give every site {files.ca_cert.name}, keep {files.ca_key.name} private"
+    )
+    if as_json:
+        print_json({name: str(getattr(files, name)) for name in ("ca_cert", "ca_key", "server_cert", "server_key")}
+                   | {"hosts": files.hosts})
 
 
 def register(app: typer.Typer) -> None:

@@ -10,21 +10,42 @@ from fedseg.errors import InputError
 
 
 def inspect_file(path: Path, as_json: bool = False) -> None:
+    """Summarise a fedseg file, or a run folder (then: its status, as `fedseg status` shows it)."""
+    if path.is_dir():
+        _inspect_run_folder(path, as_json)
+        return
+    if not path.is_file():
+        raise InputError("not found (expected a fedseg file or a run folder)", path)
     summary = summarise(path)
     if as_json:
         print(json.dumps(summary, indent=2, default=str))
         return
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"{path} ({summary['type']})", show_header=False)
+    # Text, not str: values like [true] or [1, 2] are data, not rich markup to interpret
+    table = Table(title=Text(f"{path} ({summary['type']})"), show_header=False)
     table.add_column("key", style="bold")
     table.add_column("value")
     for key, value in summary.items():
         if key == "type":
             continue
-        table.add_row(str(key), _cell(value))
+        table.add_row(Text(str(key)), Text(_cell(value)))
     Console().print(table)
+
+
+def _inspect_run_folder(path: Path, as_json: bool) -> None:
+    from fedseg.cli.run_commands import format_status
+    from fedseg.federation.run_status import run_status
+
+    if not (path / "plans.json").is_file():
+        raise InputError("is a folder without plans.json; inspect takes a fedseg file or a run folder", path)
+    state = run_status(path)
+    if as_json:
+        print(json.dumps(state.to_dict(), indent=2, default=str))
+    else:
+        print(format_status(state))
 
 
 def _cell(value: Any) -> str:
@@ -54,7 +75,11 @@ def summarise(path: Path) -> dict[str, Any]:
                 "cases": len(obj["per_case"])}
     if "inputs" in obj and "round" in obj:
         return {"type": "aggregate record", **{k: obj[k] for k in obj if k != "type"}}
-    raise InputError("a JSON file, but not one fedseg knows (fingerprint, plans, metrics, aggregate)", path)
+    if "val_dice_per_round" in obj:
+        return {"type": "run summary (report/metrics.json)", **obj}
+    raise InputError(
+        "a JSON file, but not one fedseg knows (fingerprint, plans, metrics, aggregate record, run summary)", path
+    )
 
 
 def _weight_file(path: Path) -> dict[str, Any]:
@@ -124,7 +149,7 @@ def _plans(path: Path) -> dict[str, Any]:
         elif key != "manifests":
             out[key] = value
     if "manifests" in plans.extra:
-        out["parameters per configuration"] = {k: len(v) for k, v in plans.extra["manifests"].items()}
+        out["tensors per configuration"] = {k: len(v) for k, v in plans.extra["manifests"].items()}
     return out
 
 

@@ -12,7 +12,16 @@ import sys
 import typer
 
 from fedseg import __version__
-from fedseg.cli import data_commands, federation_commands, flower_commands, model_commands, simulate_command, trust_commands
+from fedseg.cli.help_format import use_plain_help
+from fedseg.cli import (
+    data_commands,
+    federation_commands,
+    flower_commands,
+    model_commands,
+    run_commands,
+    simulate_command,
+    trust_commands,
+)
 
 app = typer.Typer(
     name="fedseg",
@@ -43,8 +52,9 @@ def main(
     """fedseg command line."""
 
 
-for module in (data_commands, federation_commands, model_commands, simulate_command, trust_commands, flower_commands):
+for module in (data_commands, federation_commands, model_commands, simulate_command, run_commands, trust_commands, flower_commands):
     module.register(app)
+use_plain_help(app)   # "[required]", not "\\[required]", in every --help
 
 
 def run(argv: list[str] | None = None) -> int:

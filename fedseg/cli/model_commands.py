@@ -86,6 +86,7 @@ def predict(
     mirror: bool = typer.Option(False, "--mirror/--no-mirror", help="Average predictions over mirrored inputs."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     quiet: bool = QUIET,
+    as_json: bool = JSON,
 ) -> None:
     """Segment a folder of images (sliding window, back to each image's own geometry).
 
@@ -108,6 +109,10 @@ def predict(
         written = predict_folder(network, images, output, plans, plans.configuration_for(site), device=device,
                                  mirror=mirror, progress=advance, site=site)
     reporter.log(f"wrote {len(written)} segmentations to {output}")
+    if as_json:
+        from fedseg.cli.console import print_json
+
+        print_json({"output": str(output), "site": site, "written": [str(p) for p in written]})
 
 
 def evaluate(
@@ -136,7 +141,7 @@ def evaluate(
     elif not quiet:
         from rich.console import Console
 
-        Console().print(format_table(result))
+        Console().print(format_table(result, name=f"{ds.root.name} ({ds.name})" if ds.name != ds.root.name else ds.root.name))
 
 
 def register(app: typer.Typer) -> None:

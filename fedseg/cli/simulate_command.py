@@ -59,7 +59,8 @@ def print_dice_table(result) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"Test Dice per site ({result.rounds} rounds) — {result.report_dir}")
+    rounds = f"{result.rounds} round" + ("" if result.rounds == 1 else "s")
+    table = Table(title=f"Test Dice per site ({rounds}) — {result.report_dir}")
     table.add_column("site")
     table.add_column("val Dice per round")
     labels: list[str] = []

@@ -35,6 +35,7 @@ from fedseg.atomic import atomic_path
 from fedseg.errors import InputError
 from fedseg.federation.manifest import expected_parameters
 from fedseg.federation.privacy import SitePrivacy, prepare_private_round
+from fedseg.federation.quorum import check_quorum, quorum_note
 from fedseg.federation.strategies import get_strategy
 from fedseg.federation.strategies.base import (
     CombineResult,
@@ -139,8 +140,8 @@ class AggregateReport:
         return cls(**fields)
 
 
-def _log(log: Callable[[str], None] | None, message: str) -> None:
-    if log is not None:
+def _log(log: Callable[[str], None] | None, message: str | None) -> None:
+    if log is not None and message is not None:
         log(message)
 
 
@@ -287,7 +288,8 @@ def _aggregate_locked(
     round_index = updates[0].meta.round
     by_site = {u.site: u for u in updates}
     _log(log, f"round {round_index}: {len(updates)} update(s) valid ({', '.join(sorted(by_site))})")
-    # secure aggregation first: a late file from a site whose masks were recovered is refused
+    missing_sites = check_quorum(plans, by_site, round_index)   # too few: refused before anything is written
+    # secure aggregation next: a late file from a site whose masks were recovered is refused
     # as such, even over the complete round it was left out of
     private = prepare_private_round(
         plans, strategy, updates, out_dir, Path(previous_dir or previous_round_dir(out_dir, round_index)), recovery, log,
@@ -405,7 +407,7 @@ def _aggregate_locked(
             inputs=[_input_record(u, clip.get(u.site)) for u in updates],
             weights={p: (None if robust.replaces_combine else w) for p, w in weights.items()},
             outputs=outputs,
-            missing_sites=sorted(set(plans.sites) - set(by_site)),
+            missing_sites=missing_sites,
             robust=robust.to_dict() if robust.active else None,
             signed_by=COORDINATOR if signing_key is not None else None,
         )
@@ -416,6 +418,7 @@ def _aggregate_locked(
                     record.update_norm = None
         report.traffic = round_traffic(report.inputs, report.outputs)
         stage.commit(REPORT_FILE, report.to_dict(), known={o.path: o.sha256 for o in outputs})
+    _log(log, quorum_note(missing_sites, round_index))
     _log(log, f"round {round_index}: wrote {len(outputs)} weight file(s) and {REPORT_FILE} to {out_dir}")
     return report
 

@@ -63,9 +63,11 @@ def attach_manifests(plans: Plans, strategy: Strategy | None = None) -> Plans:
     """
     import torch
 
+    from fedseg.federation.quorum import required_sites
     from fedseg.federation.strategies import get_strategy
 
     strategy = strategy or get_strategy(plans.strategy.name)
+    required_sites(plans)   # min_sites above the number of sites: refused at plan time
     manifests: dict[str, dict[str, Any]] = {}
     for site in sorted(plans.sites):
         config = configuration_name(plans, site)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fedseg.errors import InputError
 from fedseg.federation.round_commit import (
@@ -88,11 +88,17 @@ def check_run_folder(run_dir: Path, resume: bool) -> None:
         raise InputError("--resume: this folder holds files but no plans.json, so it is not a fedseg run", run_dir)
 
 
-def discover_sites(sites_root: Path) -> list[Path]:
+def discover_sites(sites_root: Path, log: Callable[[str], None] | None = None) -> list[Path]:
+    """The site folders under `sites_root` (sub-folders with a dataset.json); `log` hears which
+    other sub-folders were skipped, so a site missing its dataset.json is not dropped silently."""
     if not sites_root.is_dir():
         raise InputError("sites folder not found", sites_root)
     # Folders whose name starts with "_" are not sites (e.g. `_server_test`, the server's test set).
-    sites = sorted(p for p in sites_root.iterdir() if (p / "dataset.json").is_file() and not p.name.startswith("_"))
+    folders = sorted(p for p in sites_root.iterdir() if p.is_dir() and not p.name.startswith("_"))
+    sites = [p for p in folders if (p / "dataset.json").is_file()]
+    skipped = [p.name for p in folders if p not in sites]
+    if skipped and log is not None:
+        log(f"skipped {len(skipped)} folder(s) of {sites_root} without a dataset.json: {', '.join(skipped)}")
     if not sites:
         raise InputError("no site folders (sub-folders with a dataset.json) inside", sites_root)
     for site in sites:   # a folder's name becomes the site's name, and file names from it
@@ -114,7 +120,7 @@ def simulate(
     from fedseg.planning.fingerprint import compute_fingerprint, load_fingerprint, save_fingerprint
 
     run_dir = Path(config.run_dir)
-    site_dirs = {p.name: p for p in discover_sites(Path(config.sites_root))}
+    site_dirs = {p.name: p for p in discover_sites(Path(config.sites_root), log)}
     get_strategy(config.strategy)   # an unknown strategy fails before any work
     progress_factory = progress_factory or _no_progress
 
@@ -204,9 +210,10 @@ def plan_and_init(
     from fedseg.planning.planner import make_plans
 
     plans_path = Path(run_dir) / "plans.json"
-    overrides = {"training.rounds": str(rounds), **overrides}
+    overrides = dict(overrides)
+    _option_into_plan(overrides, "training.rounds", rounds, "--rounds")
     if iterations is not None:
-        overrides["training.iterations_per_round"] = str(iterations)
+        _option_into_plan(overrides, "training.iterations_per_round", iterations, "--iterations")
     plans = make_plans(fingerprints, strategy=strategy, configuration=configuration, overrides=overrides, seed=seed)
     if keys:
         from fedseg.federation.signing import check_plan_keys
@@ -218,10 +225,18 @@ def plan_and_init(
     if plans_path.is_file():
         existing = load_plans(plans_path)
         if existing.plan_id != plans.plan_id:
-            raise InputError("holds a different plan; use a new run folder (or delete it) to start over", plans_path)
+            differences = plan_differences(existing.content_dict(), plans.content_dict())
+            raise InputError(
+                f"holds a different plan (differs at {', '.join(differences[:5])}"
+                f"{', ...' if len(differences) > 5 else ''}); resume with the options of that run, "
+                "or use a new run folder", plans_path,
+            )
     else:
         plans.save(plans_path)
-    log(f"plan {plans.plan_id[:12]}: {len(plans.sites)} sites, strategy {strategy}, {rounds} rounds")
+    for note in plans.extra.get("planning", {}).get("notes", []):
+        log(f"plan: {note}")
+    log(f"plan {plans.plan_id[:12]}: {len(plans.sites)} sites, strategy {strategy}, {rounds} round(s), "
+        f"configuration {plans.default_configuration}")
     # idempotent: a complete round 0 of this plan is kept, a damaged or missing one rewritten
     # (bit for bit the same: it is built from the plan's seed)
     initial_round(plans, round_dir(run_dir, 0), seed=plans.seed, signing_key=signing_key)
@@ -302,6 +317,32 @@ def agreement_key(run_dir: Path, plans: Plans, site: str):
 
     folder = privacy_keys(run_dir, plans)
     return None if folder is None else load_agreement_key(folder / f"{site}.key")
+
+
+def plan_differences(old: Any, new: Any, path: str = "") -> list[str]:
+    """Dotted paths where two plans' content differs (e.g. "training.rounds: 3 -> 2")."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new), key=str):
+            where = f"{path}.{key}" if path else str(key)
+            if key not in old or key not in new:
+                out.append(f"{where} ({'added' if key not in old else 'removed'})")
+            else:
+                out.extend(plan_differences(old[key], new[key], where))
+        return out
+    if old != new:
+        short = all(isinstance(v, (int, float, str, bool, type(None))) and len(str(v)) <= 40 for v in (old, new))
+        return [f"{path}: {old!r} -> {new!r}" if short else path]
+    return []
+
+
+def _option_into_plan(overrides: dict[str, str], key: str, value: int, flag: str) -> None:
+    """One rule for options that are also plan values: the option goes into the plan; the same key
+    in --set must then say the same, else the run would follow one and the plan the other."""
+    given = overrides.get(key)
+    if given is not None and str(given).strip() != str(value):
+        raise InputError(f"{flag} {value} and --set {key}={given} disagree; give one of them (or the same value)")
+    overrides[key] = str(value)
 
 
 def _collect_val_dice(rdir: Path, val_dice: dict[str, list[float | None]]) -> None:
@@ -397,6 +438,7 @@ def plot_val_dice(val_dice: dict[str, list[float | None]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from fedseg.atomic import atomic_path
 
@@ -405,6 +447,7 @@ def plot_val_dice(val_dice: dict[str, list[float | None]], path: Path) -> None:
         rounds = [i + 1 for i, v in enumerate(values) if v is not None]
         ax.plot(rounds, [v for v in values if v is not None], marker="o", label=site)
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # rounds are whole numbers
     ax.set_ylabel("local validation Dice")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)

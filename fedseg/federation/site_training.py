@@ -25,6 +25,9 @@ from fedseg.planning.plans import Plans
 LOCAL_STATE_FILE = "local.safetensors"
 STARTED_FROM = "started_from"          # update metadata: sha256 of the model file the round started from
 SNAPSHOT_DIR = "before_round"          # state/<site>/before_round/<r>/: the state files round r started from
+# Points of the loss / learning-rate curve a site reports in its update (`extra["curve"]`):
+# enough to draw a round's training in `fedseg report`, small enough for the file's header.
+CURVE_POINTS = 32
 
 
 @dataclass
@@ -141,6 +144,7 @@ def run_site_round(
                 "val_dice": _finite_or_none(outcome.val_dice), "mean_loss": _finite_or_none(outcome.mean_loss),
                 # sha256 of the model file this update started from: links the round to the one before
                 STARTED_FROM: started_from,
+                "curve": training_curve(outcome.history),
             },
             signing_key=signing_key, privacy=privacy,
         )
@@ -168,6 +172,21 @@ def load_site_model(plans: Plans, site: str, weights_path: Path, state_dir: Path
     network, state = site_network_and_state(plans, site, weights_path, state_dir)
     network.load_state_dict(state)
     return network
+
+
+def training_curve(history: list[dict], max_points: int = CURVE_POINTS) -> dict[str, list]:
+    """The round's training loss and learning rate, binned to at most `max_points` points:
+    {"iteration": last iteration of each bin, "loss": mean loss over the bin, "lr": lr at its start}.
+    Empty lists when the trainer kept no history."""
+    rows = [row for row in history if "loss" in row and "lr" in row]
+    n_bins = min(max_points, len(rows))
+    curve: dict[str, list] = {"iteration": [], "loss": [], "lr": []}
+    for chunk in np.array_split(np.arange(len(rows)), n_bins) if n_bins else []:
+        losses = [float(rows[i]["loss"]) for i in chunk]
+        curve["iteration"].append(int(rows[chunk[-1]].get("iteration", chunk[-1] + 1)))
+        curve["loss"].append(_finite_or_none(float(np.mean(losses))))
+        curve["lr"].append(float(rows[chunk[0]]["lr"]))
+    return curve
 
 
 def _finite_or_none(value: float) -> float | None:

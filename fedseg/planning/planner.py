@@ -502,8 +502,8 @@ def make_plans(
 
     `budget`: compute budget in nnU-Net "GPU memory target" GB-equivalents (8 = nnU-Net's
     default plans; default DEFAULT_BUDGET, sized for a CPU). `configuration` "3d_fullres"
-    or "2d"; datasets of 2D images always get "2d" (a 3D network on one slice is no 3D
-    network); None picks "3d_fullres" for 3D images. `overrides` are `--set` keys:
+    or "2d"; datasets of 2D images, or of volumes that all have a single slice, always get "2d"
+    (a 3D network on one slice is no 3D network; noted in extra["planning"]["notes"]); None picks "3d_fullres" for 3D images. `overrides` are `--set` keys:
     training.<field>, configuration.patch_size / configuration.batch_size, seed, and
     strategy.<key> or any other key as a strategy parameter; string values are parsed as
     JSON when they parse. The plan does not depend on the order of `fingerprints`.
@@ -526,7 +526,13 @@ def make_plans(
         require_same_channels = strategy_requires_same_channels(strategy, {**dict(strategy_params or {}), **strategy_over})
     merged = merge_fingerprints(fingerprints, fingerprint_names, require_same_channels=require_same_channels)
 
+    notes: list[str] = []
     if merged["image_dim"] == 2:
+        configuration = "2d"
+    elif all(int(shape[0]) == 1 for shape in merged["shapes_after_crop"]):
+        # volumes of one slice (2D NIfTI, ...): as for PNG, a 3D network on one slice is no 3D network
+        if configuration != "2d":
+            notes.append("every case has a single slice: planned the 2d configuration")
         configuration = "2d"
     elif configuration is None:
         configuration = "3d_fullres"
@@ -565,5 +571,6 @@ def make_plans(
         default_configuration=default_configuration,
         training=training,
         seed=int(seed if seed_over is None else seed_over),
-        extra={"planning": {"budget": budget, "planner": "nnU-Net ExperimentPlanner rules (fedseg)"}},
+        extra={"planning": {"budget": budget, "planner": "nnU-Net ExperimentPlanner rules (fedseg)",
+                            **({"notes": notes} if notes else {})}},
     )

@@ -143,11 +143,13 @@ def save_metrics(result: dict[str, Any], path: str | Path) -> None:
     write_text_atomic(path, json.dumps(to_jsonable(result), indent=2, allow_nan=False) + "\n")
 
 
-def format_table(result: dict[str, Any]):  # -> rich.table.Table (rich imported lazily)
-    """A rich table of the per-label means and the foreground mean, for the CLI."""
+def format_table(result: dict[str, Any], name: str | None = None):  # -> rich.table.Table (rich imported lazily)
+    """A rich table of the per-label means and the foreground mean, for the CLI; `name` (the
+    site or dataset evaluated) heads the title."""
     from rich.table import Table
 
-    table = Table(title=f"Mean over {result.get('n_cases', len(result['per_case']))} case(s)")
+    cases = f"mean over {result.get('n_cases', len(result['per_case']))} case(s)"
+    table = Table(title=f"{name}: {cases}" if name else cases[0].upper() + cases[1:])
     table.add_column("label")
     for header in ("Dice", "IoU", "Accuracy", "HD95 (mm)"):
         table.add_column(header, justify="right")

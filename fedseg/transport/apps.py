@@ -13,8 +13,11 @@ Flower `Array` of raw bytes in an `ArrayRecord`. Flower sends an Array's bytes i
 `FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE` (5 MiB in flwr 1.41), one object per request, so a 3D
 network's update of hundreds of MB never meets a transport message limit (`max_payload_chunk`).
 
-A site that fails with an InputError answers with {"error": message}; the coordinator then
-stops with that message, naming the site.
+A site that fails with an InputError answers with {"error": message}. During a round, a site
+that fails or does not answer within the round timeout is left out and recorded
+(round_r/site_failures.json and aggregate.json's `missing_sites`); the round goes on when the
+plan's quorum (`min_sites`) holds, and the site is asked again next round. Below the quorum
+the coordinator stops, naming the missing sites.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from fedseg.errors import InputError
+from fedseg.federation.quorum import check_quorum
 from fedseg.transport.coordinator import Coordinator, CoordinatorSettings
 from fedseg.transport.site import SiteSettings, site_evaluate, site_hello, site_train
 
@@ -136,8 +140,14 @@ def site_from_node_config(context: Context) -> SiteSettings:
 # ServerApp
 # ---------------------------------------------------------------------------------------
 def _exchange(grid: Grid, nodes: Mapping[str, int], message_type: str,
-              build: Callable[[str], tuple[dict[str, Any], Mapping[str, bytes] | None]]) -> dict[str, Message]:
-    """Send one message per site and wait for every reply; a failed site stops the run."""
+              build: Callable[[str], tuple[dict[str, Any], Mapping[str, bytes] | None]],
+              timeout_s: float | None = None, failures: dict[str, str] | None = None) -> dict[str, Message]:
+    """Send one message per site and collect the replies.
+
+    Without `failures`, a failed or missing reply stops the run. With it (a dict), a site that
+    fails, or does not answer within `timeout_s`, is recorded there (site -> reason) and the
+    other sites' replies are returned: the caller decides whether the quorum holds.
+    """
     messages = []
     for site, node in sorted(nodes.items()):
         config, bundle = build(site)
@@ -147,13 +157,21 @@ def _exchange(grid: Grid, nodes: Mapping[str, int], message_type: str,
         messages.append(Message(content=content, dst_node_id=node, message_type=message_type))
     by_node = {node: site for site, node in nodes.items()}
     replies: dict[str, Message] = {}
-    for reply in grid.send_and_receive(messages):
+    for reply in grid.send_and_receive(messages, timeout=timeout_s):
         site = by_node.get(reply.metadata.src_node_id, f"node {reply.metadata.src_node_id}")
-        _check_reply(reply, site)
+        try:
+            _check_reply(reply, site)
+        except (InputError, RuntimeError) as exc:
+            if failures is None:
+                raise
+            failures[site] = str(exc)
+            continue
         replies[site] = reply
-    missing = sorted(set(nodes) - set(replies))
-    if missing:
+    missing = sorted(set(nodes) - set(replies) - set(failures or {}))
+    if missing and failures is None:
         raise InputError(f"no {message_type} reply from site(s) {', '.join(missing)}")
+    for site in missing:
+        failures[site] = f"site {site}: no reply within {timeout_s:g}s" if timeout_s else f"site {site}: no reply"
     return replies
 
 
@@ -196,18 +214,31 @@ def run_federation(grid: Grid, settings: CoordinatorSettings, n_sites: int, wait
     plans_json = coordinator.plans_json
     iterations = settings.iterations or 0
     for r in coordinator.pending_rounds():
+        failures: dict[str, str] = {}
         replies = _exchange(grid, nodes, "train", lambda site: (
-            {"plans": plans_json, "round": r, "iterations": iterations}, coordinator.model_for(site, r)))
+            {"plans": plans_json, "round": r, "iterations": iterations}, coordinator.model_for(site, r)),
+            timeout_s=settings.round_timeout, failures=failures)
+        for site, reason in sorted(failures.items()):
+            log(f"round {r} {site}: left out of this round ({reason})")
         updates = {}
         for site, reply in replies.items():
             info = reply.content[CONFIG]
             dice = info.get("val_dice")
             log(f"round {r} {site}: val Dice {'-' if dice is None else f'{dice:.3f}'} ({float(info['seconds']):.1f}s)")
             updates[site] = record_bundle(reply.content[FILES], f"site {site!r}")
-        coordinator.aggregate(r, updates)
+        try:
+            check_quorum(plans, updates, r)
+        except InputError as exc:   # below the plan's min_sites: stop, naming the sites and why
+            coordinator.record_failures(r, failures)
+            raise InputError(f"{exc} ({'; '.join(failures[s] for s in sorted(failures))})") from None
+        coordinator.aggregate(r, updates, failures)
     final = plans.training.rounds
+    failures = {}
     replies = _exchange(grid, nodes, "evaluate", lambda site: (
-        {"plans": plans_json, "round": final}, coordinator.final_model_for(site)))
+        {"plans": plans_json, "round": final}, coordinator.final_model_for(site)),
+        timeout_s=settings.round_timeout, failures=failures)
+    for site, reason in sorted(failures.items()):
+        log(f"evaluation {site}: no test metrics ({reason})")
     metrics = {}
     for site, reply in replies.items():
         value = json.loads(str(reply.content[CONFIG]["metrics"]))
@@ -244,6 +275,7 @@ def settings_from_run_config(config: Mapping[str, Any]) -> tuple[CoordinatorSett
         configuration=str(config["configuration"]), iterations=int(config["iterations"]) or None,
         overrides=json.loads(str(config["set"])), seed=int(config["seed"]),
         keys=optional_path("keys"), key=optional_path("key"),
+        round_timeout=float(config.get("round-timeout", 0)) or None,
     )
     return settings, int(config["sites"]), float(config["wait"])
 

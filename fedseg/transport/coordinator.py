@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedseg.errors import InputError
+from fedseg.federation.run_status import SITE_FAILURES_FILE
 from fedseg.federation.simulation import round_dir
 from fedseg.names import check_site_name, path_inside
 from fedseg.transport.payload import read_weight_bundle, write_weight_bundle
@@ -40,6 +41,7 @@ class CoordinatorSettings:
     seed: int = 1234
     keys: Path | None = None               # folder of <name>.pub: the plan then requires signatures
     key: Path | None = None                # the coordinator's private key (with keys)
+    round_timeout: float | None = None     # seconds a round waits for the sites' updates (None: no limit)
 
 
 class Coordinator:
@@ -112,13 +114,19 @@ class Coordinator:
     def final_model_for(self, site: str) -> dict[str, bytes]:
         return self.model_for(site, self._require_plans().training.rounds + 1)
 
-    def aggregate(self, round_index: int, updates: Mapping[str, dict[str, bytes]]) -> AggregateReport:
-        """Write the received updates to round_r/updates/ and aggregate them as `fedseg aggregate` does."""
+    def aggregate(self, round_index: int, updates: Mapping[str, dict[str, bytes]],
+                  failures: Mapping[str, str] | None = None) -> AggregateReport:
+        """Write the received updates to round_r/updates/ and aggregate them as `fedseg aggregate` does.
+
+        `failures` (site -> reason: failed or timed out) are recorded in round_r/site_failures.json
+        first, so a round refused for lack of quorum still says why the sites are missing.
+        """
         from fedseg.federation.engine import aggregate_round
         from fedseg.federation.weightfile import open_weight_file
 
         plans = self._require_plans()
         rdir = round_dir(self.run_dir, round_index)
+        self.record_failures(round_index, failures or {})
         paths = []
         for site in sorted(updates):
             path = write_weight_bundle(updates[site], rdir / "updates" / f"{site}.safetensors", f"site {site!r}")
@@ -127,6 +135,13 @@ class Coordinator:
                     raise InputError(f"the node of site {site!r} sent an update of site {reader.meta.site!r}", path)
             paths.append(path)
         return aggregate_round(plans, paths, rdir, expected_round=round_index, log=self.log, signing_key=self._signing_key)
+
+    def record_failures(self, round_index: int, failures: Mapping[str, str]) -> None:
+        """round_r/site_failures.json: why sites are missing from a round (nothing when none is)."""
+        from fedseg.atomic import write_json_atomic
+
+        if failures:
+            write_json_atomic(round_dir(self.run_dir, round_index) / SITE_FAILURES_FILE, dict(sorted(failures.items())))
 
     # -- report ------------------------------------------------------------------------------
     def finish(self, sites: list[str], test_metrics: Mapping[str, dict]) -> SimulationResult:

@@ -66,7 +66,7 @@ def flower_executable(name: str) -> str:
         return str(beside)
     found = shutil.which(name)
     if found is None:
-        raise InputError(f"`{name}` not found; install Flower with: pip install 'fedseg[flower]'")
+        raise InputError(f"`{name}` not found; install Flower in this environment: pip install 'flwr[simulation]>=1.41,<1.42'")
     return found
 
 
@@ -93,7 +93,7 @@ def write_app_folder(folder: Path, settings: CoordinatorSettings, n_sites: int, 
         "set": json.dumps(settings.overrides, sort_keys=True), "seed": settings.seed,
         "keys": str(Path(settings.keys).resolve()) if settings.keys else "",
         "key": str(Path(settings.key).resolve()) if settings.key else "",
-        "sites": n_sites, "wait": float(wait_s),
+        "sites": n_sites, "wait": float(wait_s), "round-timeout": float(settings.round_timeout or 0),
     }
     lines = [
         "[project]", 'name = "fedseg-federation"', 'version = "1.0.0"',

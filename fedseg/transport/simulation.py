@@ -9,7 +9,10 @@ files and train the same way.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import logging
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from fedseg.federation.server_eval import SERVER_TEST_DIR, evaluate_server_models, is_server_test_set
@@ -23,11 +26,16 @@ def flower_simulate(
     parallel: int = 1,
     cpus_per_site: int = 1,
     log: Callable[[str], None] = lambda message: None,
+    round_timeout: float | None = None,
+    verbose: bool = False,
 ) -> SimulationResult:
     """Run `config` through Flower's simulation engine; the same run folder and result as `simulate`.
 
     `parallel`: sites that train at the same time (Ray actors); `cpus_per_site`: CPU threads
-    each of them may use.
+    each of them may use; `round_timeout`: seconds a round waits for the sites (a site that
+    fails or is late is left out while the plan's quorum holds). Flower's and Ray's own log
+    lines (per-message INFO, the notice that this Python entry point is deprecated, Ray's tips,
+    actors' lines with colour codes) are shown only with `verbose`: fedseg logs its progress.
     """
     from flwr.simulation import run_simulation
 
@@ -37,21 +45,24 @@ def flower_simulate(
     sites = [
         SiteSettings(site=path.name, data=path.resolve(), state=(run_dir / "state" / path.name).resolve(),
                      device=config.device, workers=config.workers)
-        for path in discover_sites(Path(config.sites_root))
+        for path in discover_sites(Path(config.sites_root), log)
     ]
     settings = CoordinatorSettings(
         run_dir=run_dir, strategy=config.strategy, rounds=config.rounds, configuration=config.configuration,
-        iterations=config.iterations, overrides=dict(config.overrides), seed=config.seed,
+        iterations=config.iterations, overrides=dict(config.overrides), seed=config.seed, round_timeout=round_timeout,
     )
     results: list[SimulationResult] = []
     server_app = make_server_app(settings, n_sites=len(sites), wait_s=60.0, log=log, results=results)
     client_app = make_client_app(lambda context: sites[int(context.node_config["partition-id"])])
     gpus = 1.0 / parallel if config.device.startswith("cuda") else 0.0
     backend_config = {
-        "init_args": {"num_cpus": parallel * cpus_per_site, "num_gpus": 1 if gpus else 0},
+        # log_to_driver: the actors' own log lines (with terminal colour codes) reach this
+        # process only when asked for; a failing site still comes back as a failed reply
+        "init_args": {"num_cpus": parallel * cpus_per_site, "num_gpus": 1 if gpus else 0, "log_to_driver": verbose},
         "client_resources": {"num_cpus": cpus_per_site, "num_gpus": gpus},
     }
-    run_simulation(server_app, client_app, num_supernodes=len(sites), backend_config=backend_config)
+    with flower_logs(verbose):
+        run_simulation(server_app, client_app, num_supernodes=len(sites), backend_config=backend_config)
     if not results:
         raise RuntimeError("the Flower simulation ended without a result (see the log above)")
     result = results[0]
@@ -66,3 +77,27 @@ def flower_simulate(
             state_root=run_dir / "state", device=config.device, mirror=config.mirror,
         )
     return result
+
+
+class _ErrorsOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+@contextlib.contextmanager
+def flower_logs(verbose: bool) -> Iterator[None]:
+    """Within the block, Flower's logger passes only errors and Python warnings raised by Ray are
+    ignored, unless `verbose`. A filter on the logger, not a level: Flower resets its levels and
+    handlers when a simulation starts."""
+    if verbose:
+        yield
+        return
+    logger = logging.getLogger("flwr")
+    quiet = _ErrorsOnly()
+    logger.addFilter(quiet)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"ray(\.|$)")
+            yield
+    finally:
+        logger.removeFilter(quiet)

@@ -87,6 +87,10 @@ def test_shell_pipeline_as_a_site_script_runs_it(tiny_sites: Path, tmp_path: Pat
         metrics = json.loads((work / f"metrics_{site}.json").read_text())
         assert metrics["n_cases"] == len(list((tiny_sites / site / "labelsTs").iterdir()))
         assert metrics["foreground_mean"]["dice"] is not None
+    # the script ends with `fedseg status` and `fedseg report` on its folder
+    assert "next: done: all 2 round(s) complete, with test metrics" in result.stdout
+    page = (work / "report" / "report.html").read_text()
+    assert "Test metrics" in page and page.count('src="data:image/png;base64,') == 5
 
 
 def test_update_from_another_round_is_refused(fedavg_run, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -102,6 +106,41 @@ def test_update_from_another_round_is_refused(fedavg_run, tmp_path: Path, capsys
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "round" in err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_status_and_report_of_a_simulated_run(fedavg_run, tmp_path: Path) -> None:
+    from fedseg.federation.run_report import write_run_report
+    from fedseg.federation.run_status import run_status
+
+    run_dir, result = fedavg_run
+    state = run_status(run_dir)
+    assert state.rounds_completed == 2 and state.next_action.startswith("done: all 2 round(s) complete")
+    assert sorted(state.test_metrics) == sorted(result.val_dice)
+    for r in state.rounds:
+        for site in r.sites:
+            # each update carries the site's training curve: 15 iterations, the poly schedule falling
+            assert site.curve["iteration"][-1] == 15 and len(site.curve["loss"]) == 15
+            assert site.curve["lr"][0] > site.curve["lr"][-1] > 0
+            assert site.val_dice == pytest.approx(result.val_dice[site.site][r.round - 1])
+    page = write_run_report(run_dir, tmp_path).read_text()
+    assert page.count('src="data:image/png;base64,') == 5 and "Test metrics" in page
+
+
+def test_init_and_predict_print_json(fedavg_run, tiny_sites: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from fedseg.cli.main import run
+
+    run_dir, _ = fedavg_run
+    assert run(["init", "--plans", str(run_dir / "plans.json"), "-o", str(tmp_path / "round_000"), "-q", "--json"]) == 0
+    init = json.loads(capsys.readouterr().out)
+    assert init["plan_id"] == json.loads((run_dir / "plans.json").read_text())["plan_id"]
+    assert sorted(Path(p).name for p in init["written"]) == [
+        "global.safetensors", "site_a.safetensors", "site_b.safetensors", "site_c.safetensors"]
+    assert run(["predict", "--plans", str(run_dir / "plans.json"), "--weights", str(run_dir / "round_002" / "site_a.safetensors"),
+                "-i", str(tiny_sites / "site_a" / "imagesTs"), "-o", str(tmp_path / "pred"), "--site", "site_a",
+                "--state", str(run_dir / "state" / "site_a"), "-q", "--json"]) == 0
+    predicted = json.loads(capsys.readouterr().out)
+    assert predicted["site"] == "site_a" and len(predicted["written"]) == len(list((tiny_sites / "site_a" / "labelsTs").iterdir()))
+    assert all(Path(p).is_file() for p in predicted["written"])
 
 
 def test_resume_redoes_a_round_whose_record_is_gone(fedavg_run, tiny_sites: Path) -> None:

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -98,19 +99,28 @@ def test_a_3d_sized_update_travels_in_small_pieces() -> None:
 @pytest.fixture(scope="module")
 def flower_and_file_runs(tiny_sites: Path, tmp_path_factory: pytest.TempPathFactory):
     flower_dir = tmp_path_factory.mktemp("flower") / "run"
-    code = cli(["flower", "simulate", str(tiny_sites), "--strategy", "fedavg", "--rounds", "2", "--iterations", "5",
-                "--workers", "0", "-o", str(flower_dir), "-q"])
+    # a separate process, as a user runs it, so that everything it prints (Ray's actors included) is seen
+    done = subprocess.run(
+        [sys.executable, "-m", "fedseg.cli.main", "flower", "simulate", str(tiny_sites), "--strategy", "fedavg",
+         "--rounds", "2", "--iterations", "5", "--workers", "0", "-o", str(flower_dir)],
+        capture_output=True, text=True, timeout=600,
+    )
+    code, printed = done.returncode, done.stdout + done.stderr
     file_dir = tmp_path_factory.mktemp("file") / "run"
     file_result = simulate(SimulationConfig(sites_root=tiny_sites, strategy="fedavg", rounds=2, run_dir=file_dir,
                                             iterations=5, workers=0))
-    return code, flower_dir, file_dir, file_result
+    return code, flower_dir, file_dir, file_result, printed
 
 
 def test_flower_simulate_writes_the_run_folder_and_learns_like_the_file_run(flower_and_file_runs) -> None:
     import json
 
-    code, flower_dir, file_dir, file_result = flower_and_file_runs
-    assert code == 0
+    code, flower_dir, file_dir, file_result, printed = flower_and_file_runs
+    assert code == 0, printed[-3000:]
+    # plain log lines: fedseg's progress, without Flower's deprecation notice, Ray's tips or actor lines
+    assert "round 2: 3 update(s) valid" in printed
+    for noise in ("\x1b[", "DEPRECATED", "FutureWarning", "ClientAppActor"):
+        assert noise not in printed, (noise, printed[-3000:])
     for r in (1, 2):
         record = json.loads((flower_dir / f"round_{r:03d}" / "aggregate.json").read_text())
         assert record["round"] == r and sorted(i["site"] for i in record["inputs"]) == list(SITES)
@@ -125,7 +135,7 @@ def test_flower_simulate_writes_the_run_folder_and_learns_like_the_file_run(flow
 
 @pytest.mark.slow   # a second Flower start (~15 s): kept out of the default suite
 def test_flower_simulate_resumes_from_complete_rounds(flower_and_file_runs, tiny_sites: Path) -> None:
-    _code, flower_dir, _file_dir, _ = flower_and_file_runs
+    _code, flower_dir, _file_dir, _, _printed = flower_and_file_runs
     stamp = (flower_dir / "round_002" / "aggregate.json").stat().st_mtime_ns
     assert cli(["flower", "simulate", str(tiny_sites), "--rounds", "2", "--iterations", "5", "--workers", "0",
                 "-o", str(flower_dir), "--resume", "-q"]) == 0
@@ -138,9 +148,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_superlink_and_two_supernodes_on_loopback(tiny_sites: Path, tmp_path: Path) -> None:
-    """`fedseg flower serve` + two `fedseg flower join`, insecure loopback, 2 rounds."""
+def _loopback_federation(tiny_sites: Path, tmp_path: Path, serve_security: list[str],
+                         join_security: Callable[[str], list[str]], rounds: int = 2) -> Path:
+    """`fedseg flower serve` + two `fedseg flower join` on 127.0.0.1; returns the run folder."""
     sites = tmp_path / "sites"
     for site in ("site_a", "site_b"):
         shutil.copytree(tiny_sites / site, sites / site)
@@ -148,14 +158,15 @@ def test_superlink_and_two_supernodes_on_loopback(tiny_sites: Path, tmp_path: Pa
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     link = _free_port()
     serve = subprocess.Popen(
-        [*fedseg, "flower", "serve", "-o", str(tmp_path / "run"), "--sites", "2", "--rounds", "2", "--iterations", "3",
-         "--insecure", "--host", "127.0.0.1", "--port", str(link), "--flwr-home", str(tmp_path / "home_link"), "--wait", "120"],
+        [*fedseg, "flower", "serve", "-o", str(tmp_path / "run"), "--sites", "2", "--rounds", str(rounds),
+         "--iterations", "3", *serve_security, "--host", "127.0.0.1", "--port", str(link),
+         "--flwr-home", str(tmp_path / "home_link"), "--wait", "120"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
     )
     joins = [
         subprocess.Popen(
             [*fedseg, "flower", "join", "--site", site, "--data", str(sites / site), "--superlink", f"127.0.0.1:{link}",
-             "--insecure", "--port", str(_free_port()), "--workers", "0", "--state", str(tmp_path / "state" / site),
+             *join_security(site), "--port", str(_free_port()), "--workers", "0", "--state", str(tmp_path / "state" / site),
              "--flwr-home", str(tmp_path / f"home_{site}")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
         )
@@ -175,7 +186,40 @@ def test_superlink_and_two_supernodes_on_loopback(tiny_sites: Path, tmp_path: Pa
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-    for r in (1, 2):
-        assert (tmp_path / "run" / f"round_{r:03d}" / "aggregate.json").is_file()
-    assert (tmp_path / "run" / "round_002" / "models" / "global.safetensors").is_file()
-    assert (tmp_path / "run" / "report" / "metrics.json").is_file()
+    run_dir = tmp_path / "run"
+    for r in range(1, rounds + 1):
+        assert (run_dir / f"round_{r:03d}" / "aggregate.json").is_file()
+    assert (run_dir / f"round_{rounds:03d}" / "models" / "global.safetensors").is_file()
+    assert (run_dir / "report" / "metrics.json").is_file()
+    return run_dir
+
+
+@pytest.mark.slow
+def test_superlink_and_two_supernodes_on_loopback(tiny_sites: Path, tmp_path: Path) -> None:
+    """`fedseg flower serve` + two `fedseg flower join`, insecure loopback, 2 rounds."""
+    _loopback_federation(tiny_sites, tmp_path, ["--insecure"], lambda site: ["--insecure"])
+
+
+@pytest.mark.slow
+def test_signed_federation_over_tls_on_loopback(tiny_sites: Path, tmp_path: Path) -> None:
+    """Certificates from `fedseg flower certs`, keys from `fedseg keygen`: a round over TLS, every file signed."""
+    import json
+
+    tls, keys = tmp_path / "tls", tmp_path / "keys"
+    assert cli(["flower", "certs", "-o", str(tls), "--host", "127.0.0.1", "-q"]) == 0
+    for signer in ("coordinator", "site_a", "site_b"):
+        assert cli(["keygen", "--site", signer, "-o", str(keys), "-q"]) == 0
+    run_dir = _loopback_federation(
+        tiny_sites, tmp_path,
+        ["--ssl-certfile", str(tls / "server.pem"), "--ssl-keyfile", str(tls / "server.key"),
+         "--ssl-ca-certfile", str(tls / "ca.pem"), "--keys", str(keys), "--key", str(keys / "coordinator.key")],
+        lambda site: ["--root-certificates", str(tls / "ca.pem"), "--key", str(keys / f"{site}.key")],
+        rounds=1,
+    )
+    plans = json.loads((run_dir / "plans.json").read_text())
+    assert sorted(plans["keys"]) == ["coordinator", "site_a", "site_b"]
+    record = json.loads((run_dir / "round_001" / "aggregate.json").read_text())
+    assert record["signed_by"] == "coordinator"
+    for site in ("site_a", "site_b"):   # what the sites sent is signed, and what they load next
+        assert (run_dir / "round_001" / "updates" / f"{site}.safetensors.sig").is_file()
+        assert (run_dir / "round_001" / f"{site}.safetensors.sig").is_file()

@@ -182,7 +182,7 @@ def test_local_strategy_keeps_everything_local(tmp_path: Path) -> None:
 
 
 def test_missing_site_still_gets_the_global_model(tmp_path: Path) -> None:
-    plans = make_plans()
+    plans = make_plans(params={"min_sites": 2})
     paths = write_updates(plans, tmp_path, sites=["A", "C"])
     report = aggregate_round(plans, list(paths.values()), tmp_path / "out")
     assert report.missing_sites == ["B"]

@@ -109,7 +109,8 @@ def test_a_masked_update_is_uncorrelated_with_the_real_one(keydir: Path, tmp_pat
 
 
 def test_a_site_dropping_after_masking_still_gives_a_correct_round(keydir: Path, tmp_path: Path) -> None:
-    plans = private_plans(keydir, {"secure_aggregation": True})
+    # a quorum of two: the round may go on without C
+    plans = private_plans(keydir, {"secure_aggregation": True, "min_sites": 2})
     states = {site: random_state(i + 1) for i, site in enumerate(SITES)}
     paths = write_round(plans, tmp_path, states, keydir)        # C masked with A and B, then never reported
     out = tmp_path / "round_001"
@@ -124,7 +125,7 @@ def test_a_site_dropping_after_masking_still_gives_a_correct_round(keydir: Path,
         aggregate_round(plans, [paths["A"], paths["B"]], out, recovery=recovery[:1])
     report = aggregate_round(plans, [paths["A"], paths["B"]], out, recovery=recovery)
 
-    plain = make_plans()
+    plain = make_plans(params={"min_sites": 2})
     survivors = write_round(plain, tmp_path / "plain", {s: states[s] for s in ("A", "B")})
     aggregate_round(plain, list(survivors.values()), tmp_path / "plain" / "round_001")
     assert relative_error(global_model(out), global_model(tmp_path / "plain" / "round_001")) <= 1e-6
@@ -204,7 +205,7 @@ def test_secure_aggregation_needs_every_sites_agreement_key(keydir: Path, tmp_pa
 def test_cli_aggregate_refuses_a_missing_masked_site_in_one_line(keydir: Path, tmp_path: Path, capsys) -> None:
     from fedseg.cli.main import run
 
-    plans = private_plans(keydir, {"secure_aggregation": True})
+    plans = private_plans(keydir, {"secure_aggregation": True, "min_sites": 2})
     plans.save(tmp_path / "plans.json")
     paths = write_round(plans, tmp_path, {s: random_state(i) for i, s in enumerate(SITES)}, keydir)
     rc = run(["aggregate", "--plans", str(tmp_path / "plans.json"), str(paths["A"]), str(paths["B"]), "-o", str(tmp_path / "r1"), "-q"])

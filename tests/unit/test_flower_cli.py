@@ -21,8 +21,18 @@ def test_flower_commands_without_flwr_say_how_to_install(argv, monkeypatch, caps
     monkeypatch.setattr(flower_commands.importlib.util, "find_spec", lambda name: None)
     assert cli(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "pip install 'fedseg[flower]'" in err[0]
+    assert len(err) == 1 and "pip install 'flwr[simulation]>=1.41,<1.42'" in err[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_install_hint_names_the_flower_extra_of_pyproject() -> None:
+    """fedseg is not on a package index: the hint installs what the `flower` extra requires."""
+    tomllib = pytest.importorskip("tomllib")
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    assert pyproject["project"]["optional-dependencies"]["flower"] == [flower_commands.FLOWER_REQUIREMENT]
+    assert "fedseg[flower]" not in flower_commands.INSTALL_HINT
 
 
 def test_fedseg_help_does_not_import_flwr() -> None:

@@ -176,6 +176,18 @@ def test_2d_images_get_the_2d_configuration():
         make_plans(fps, budget=0)
 
 
+def test_single_slice_volumes_get_the_2d_configuration_and_say_so():
+    """2D NIfTI (volumes of one slice): planned 2d by itself, as PNG sites are, with a note."""
+    fps = [fake_fingerprint(f"s{i}", [(5.0, 0.8, 0.8)] * 10, [(1, 160, 160)] * 10, seed=i) for i in range(2)]
+    for configuration in ("3d_fullres", None, "2d"):
+        plans = make_plans(fps, configuration=configuration)
+        cfg = plans.configuration_for(None)
+        assert cfg.name == "2d" and cfg.spacing == [0.8, 0.8] and len(cfg.patch_size) == 2
+        notes = plans.extra["planning"].get("notes", [])
+        assert notes == ([] if configuration == "2d" else ["every case has a single slice: planned the 2d configuration"])
+    assert plans.file_ending == ".nii.gz"
+
+
 def test_per_site_configurations_on_request():
     fps = three_sites()
     common = make_plans(fps, strategy="local")

@@ -29,14 +29,16 @@ import numpy as np
 
 from fedseg.errors import InputError
 from fedseg.federation.privacy_params import PRIVACY_PARAMS, parse_privacy
+from fedseg.federation.quorum import QUORUM_PARAMS, parse_min_sites
 from fedseg.federation.robust import ROBUST_PARAMS, parse_robust
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from fedseg.planning.plans import Plans
 
 # Engine-level parameters every strategy accepts in plans.strategy.params
-# (robust / clip_norm: fedseg.federation.robust; secure_aggregation / dp.*: fedseg.federation.privacy_params).
-ENGINE_PARAMS: frozenset[str] = frozenset({"max_update_norm"}) | ROBUST_PARAMS | PRIVACY_PARAMS
+# (robust / clip_norm: fedseg.federation.robust; secure_aggregation / dp.*: fedseg.federation.privacy_params;
+# min_sites: fedseg.federation.quorum).
+ENGINE_PARAMS: frozenset[str] = frozenset({"max_update_norm"}) | ROBUST_PARAMS | PRIVACY_PARAMS | QUORUM_PARAMS
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class Strategy:
             raise InputError(f"max_update_norm must be a positive number, got {bound!r}")
         parse_robust(params)
         parse_privacy(params)
+        parse_min_sites(params)
 
     def requires_same_channels(self, params: Mapping[str, Any]) -> bool:
         """Whether every site must hold the plan's channels (False: mix-modal sites hold subsets,

@@ -1,0 +1,177 @@
+"""The Flower coordinator with a quorum: a failing or silent site is recorded, the round goes on.
+
+The ServerApp's loop (`run_federation`) runs against a stand-in for Flower's Grid whose
+"sites" answer from functions, so every failure mode is exercised in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr")
+
+from flwr.app import ConfigRecord, Message, RecordDict  # noqa: E402
+
+from fedseg.data.dataset import load_dataset  # noqa: E402
+from fedseg.errors import InputError  # noqa: E402
+from fedseg.federation.engine import compose_site_state, write_site_update  # noqa: E402
+from fedseg.federation.run_status import run_status  # noqa: E402
+from fedseg.federation.signing import generate_key, load_signing_key  # noqa: E402
+from fedseg.planning.fingerprint import compute_fingerprint  # noqa: E402
+from fedseg.planning.plans import Plans  # noqa: E402
+from fedseg.transport.apps import CONFIG, FILES, bundle_record, record_bundle, run_federation  # noqa: E402
+from fedseg.transport.coordinator import CoordinatorSettings  # noqa: E402
+from fedseg.transport.payload import read_weight_bundle, write_weight_bundle  # noqa: E402
+
+SITES = ("site_a", "site_b", "site_c")
+# what a site does with a train message in a given round: "ok", "error" (its ClientApp reports a
+# fault) or "silent" (no reply before the round timeout)
+Behaviour = Callable[[str, int], str]
+
+
+class FakeGrid:
+    """Flower's Grid as run_federation uses it: node ids and send_and_receive, sites answered locally."""
+
+    def __init__(self, fingerprints: dict[str, dict], behaviour: Behaviour, workdir: Path, keys: Path | None = None) -> None:
+        self.sites = {100 + i: site for i, site in enumerate(SITES)}
+        self.fingerprints, self.behaviour, self.workdir = fingerprints, behaviour, workdir
+        self.keys = keys          # folder of <site>.key: the sites sign their updates
+        self.timeouts: list[float | None] = []
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self.sites)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        self.timeouts.append(timeout)
+        replies = []
+        for message in messages:
+            reply = self._answer(self.sites[message.metadata.dst_node_id], message)
+            if reply is not None:
+                replies.append(reply)
+        return replies
+
+    def _answer(self, site: str, message: Message) -> Message | None:
+        kind = message.metadata.message_type
+        if kind == "query":
+            return _reply(message, {"site": site, "fingerprint": json.dumps(self.fingerprints[site])})
+        if kind == "evaluate":
+            return _reply(message, {"site": site, "metrics": "null"})
+        config = message.content[CONFIG]
+        r = int(config["round"])
+        action = self.behaviour(site, r)
+        if action == "silent":
+            return None
+        if action == "error":
+            return _reply(message, {"site": site, "error": "cannot read case 7 (disk full)"})
+        plans = Plans.from_dict(json.loads(str(config["plans"])))
+        model = write_weight_bundle(record_bundle(message.content[FILES], "coordinator"),
+                                    self.workdir / site / f"model_{r}.safetensors", "coordinator")
+        # as a site does: the incoming model must carry the coordinator's signature when the plan lists keys
+        tensors = compose_site_state(plans, site, model, None)   # the U-Net keeps no local-only tensors
+        state = {k: v + np.float32(0.01 * r) if v.dtype.kind == "f" else v for k, v in tensors.items()}
+        update = self.workdir / site / f"update_{r}.safetensors"
+        signing_key = load_signing_key(self.keys / f"{site}.key") if self.keys else None
+        write_site_update(plans, site, state, update, round_index=r, n_iterations=1, extra={"val_dice": 0.5},
+                          signing_key=signing_key)
+        return _reply(message, {"site": site, "round": r, "seconds": 0.1, "val_dice": 0.5}, read_weight_bundle(update))
+
+
+def _reply(message: Message, config: dict, bundle: dict | None = None) -> Message:
+    content = RecordDict({CONFIG: ConfigRecord(config)})
+    if bundle is not None:
+        content[FILES] = bundle_record(bundle)
+    return Message(content, reply_to=message)
+
+
+@pytest.fixture(autouse=True)
+def server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower stamps messages with the identity of the process's task (set by its runtime)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+@pytest.fixture(scope="module")
+def fingerprints(tiny_sites: Path) -> dict[str, dict]:
+    return {s: compute_fingerprint(load_dataset(tiny_sites / s), s) for s in SITES}
+
+
+def settings(run_dir: Path, min_sites: int) -> CoordinatorSettings:
+    return CoordinatorSettings(run_dir=run_dir, rounds=2, iterations=1, overrides={"min_sites": str(min_sites)},
+                               round_timeout=30.0)
+
+
+def test_a_failing_site_is_recorded_and_rejoins_next_round(fingerprints, tmp_path: Path) -> None:
+    grid = FakeGrid(fingerprints, lambda site, r: "error" if (site, r) == ("site_c", 1) else "ok", tmp_path / "sites")
+    log: list[str] = []
+    run_federation(grid, settings(tmp_path / "run", 2), n_sites=3, wait_s=5, log=log.append)
+    round1 = json.loads((tmp_path / "run" / "round_001" / "aggregate.json").read_text())
+    assert round1["missing_sites"] == ["site_c"]
+    assert "disk full" in json.loads((tmp_path / "run" / "round_001" / "site_failures.json").read_text())["site_c"]
+    assert any("round 1 site_c: left out of this round" in line for line in log)
+    round2 = json.loads((tmp_path / "run" / "round_002" / "aggregate.json").read_text())
+    assert round2["missing_sites"] == [] and sorted(i["site"] for i in round2["inputs"]) == list(SITES)
+    assert 30.0 in grid.timeouts   # the round timeout reached Flower's send_and_receive
+    state = run_status(tmp_path / "run")
+    assert state.rounds_completed == 2 and "disk full" in state.rounds[0].failures["site_c"]
+    from fedseg.cli.run_commands import format_status
+    from fedseg.federation.run_report import render_html
+
+    assert "missing site_c (site site_c: cannot read case 7 (disk full))" in format_status(state)
+    assert "<td>site_c (site site_c: cannot read case 7 (disk full))</td>" in render_html(state)
+
+
+def test_below_quorum_the_run_stops_naming_the_sites(fingerprints, tmp_path: Path) -> None:
+    grid = FakeGrid(fingerprints, lambda site, r: {"site_b": "silent", "site_c": "error"}.get(site, "ok"), tmp_path / "s")
+    with pytest.raises(InputError) as info:
+        run_federation(grid, settings(tmp_path / "run", 2), n_sites=3, wait_s=5)
+    message = str(info.value)
+    assert "1 of 3 site update(s), the plan needs 2" in message and "missing: site_b, site_c" in message
+    assert "no reply within 30s" in message and "disk full" in message
+    assert not (tmp_path / "run" / "round_001" / "aggregate.json").exists()
+    assert sorted(json.loads((tmp_path / "run" / "round_001" / "site_failures.json").read_text())) == ["site_b", "site_c"]
+
+
+def test_serve_carries_the_round_timeout_to_the_server_app(tmp_path: Path) -> None:
+    """`flower serve` writes its options into the app's run config; the deployed ServerApp reads them back."""
+    import tomllib
+
+    from fedseg.transport.apps import settings_from_run_config
+    from fedseg.transport.deploy import write_app_folder
+
+    for timeout in (45.0, None):
+        written = settings(tmp_path / "run", 2)
+        written.round_timeout = timeout
+        app = write_app_folder(tmp_path / f"app_{timeout}", written, n_sites=3, wait_s=60)
+        config = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+        read, n_sites, wait_s = settings_from_run_config(config)
+        assert read.round_timeout == timeout and read.overrides == {"min_sites": "2"} and n_sites == 3 and wait_s == 60
+
+
+def test_a_signed_federation_over_the_flower_coordinator(fingerprints, tmp_path: Path) -> None:
+    """Keys in the plan: sites sign their updates, the coordinator checks them and signs what it sends."""
+    keys = tmp_path / "keys"
+    for signer in ("coordinator", *SITES):
+        generate_key(signer, keys)
+    signed = settings(tmp_path / "run", 3)
+    signed.keys, signed.key = keys, keys / "coordinator.key"
+    grid = FakeGrid(fingerprints, lambda site, r: "ok", tmp_path / "sites", keys=keys)
+    run_federation(grid, signed, n_sites=3, wait_s=5)
+    plans = json.loads((tmp_path / "run" / "plans.json").read_text())
+    assert sorted(plans["keys"]) == ["coordinator", *SITES]
+    for r in (1, 2):
+        record = json.loads((tmp_path / "run" / f"round_{r:03d}" / "aggregate.json").read_text())
+        assert record["signed_by"] == "coordinator" and record["missing_sites"] == []
+    assert run_status(tmp_path / "run").rounds[1].signed is True
+    # an unsigned update is refused before any arithmetic, naming the site's file
+    unsigned = FakeGrid(fingerprints, lambda site, r: "ok", tmp_path / "unsigned", keys=None)
+    other = settings(tmp_path / "run2", 3)
+    other.keys, other.key = keys, keys / "coordinator.key"
+    with pytest.raises(InputError, match=r"site_a\.safetensors.*(signature|\.sig)"):
+        run_federation(unsigned, other, n_sites=3, wait_s=5)
