@@ -14,19 +14,26 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedseg.data.image_io import SUPPORTED_ENDINGS
 from fedseg.errors import InputError
 
-SUPPORTED_ENDINGS = (".nii.gz", ".nii", ".png")
+# Natural 2D images may hold several channels in one file (RGB: channels 0-2 in `_0000`).
+MULTICHANNEL_ENDINGS = (".png", ".bmp", ".tif")
 REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
 
 
 @dataclass(frozen=True)
 class Case:
-    """One case: its channel files in channel order, and its label file if it has one."""
+    """One case: its channel files in channel order, and its label file if it has one.
+
+    `n_channels`: the channels the files must hold together (dataset.json's count); more than
+    the number of files when a natural image holds colour channels (RGB in one `_0000` file).
+    """
 
     case_id: str
     images: tuple[Path, ...]
     label: Path | None
+    n_channels: int | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,10 @@ def collect_cases(
     cases = []
     for case_id, channels in sorted(channels_by_case.items()):
         missing = [c for c in range(n_channels) if c not in channels]
+        if missing and file_ending in MULTICHANNEL_ENDINGS and channels and missing[0] == len(channels):
+            # A colour image holds several channels in one file, as nnU-Net reads RGB
+            # (files 0..k-1 present); load_case checks that they add up to n_channels.
+            missing = []
         if missing:
             expected = images_dir / f"{case_id}_{missing[0]:04d}{file_ending}"
             raise InputError(f"case {case_id}: missing channel {missing[0]} (dataset.json declares {n_channels})", expected)
@@ -105,7 +116,8 @@ def collect_cases(
                 label = candidate
             elif require_labels:
                 raise InputError(f"case {case_id}: label file missing", candidate)
-        cases.append(Case(case_id, tuple(channels[c] for c in range(n_channels)), label))
+        files = tuple(channels[c] for c in sorted(channels))
+        cases.append(Case(case_id, files, label, n_channels))
     return cases
 
 

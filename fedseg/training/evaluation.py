@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from fedseg.data.image_io import geometries_agree, read_image
+from fedseg.data.image_header import DEFAULT_MAX_VOXELS, check_voxel_limit
+from fedseg.data.image_io import file_ending_of, geometries_agree, read_image
 from fedseg.errors import InputError
 from fedseg.training.metrics import METRIC_NAMES, case_metrics
 
@@ -38,6 +39,7 @@ def evaluate_folders(
     labels: dict[str, int],
     file_ending: str,
     progress: Callable[..., None] | None = None,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
 ) -> dict[str, Any]:
     """Score every reference `{CASE}{ending}` in `ref_dir` against `pred_dir/{CASE}{ending}`.
 
@@ -62,12 +64,14 @@ def evaluate_folders(
         if not pred_path.is_file():
             raise InputError(f"case {case}: no prediction for reference {ref_path}", pred_path)
         pairs.append((case, pred_path, ref_path))
+        for path in (ref_path, pred_path):
+            check_voxel_limit(path, file_ending_of(path), max_voxels)
 
     names_by_value = {int(v): str(k) for k, v in labels.items()}
     label_values = sorted(names_by_value)
     per_case = []
     for case, pred_path, ref_path in pairs:
-        per_case.append(_score_case(case, pred_path, ref_path, label_values, names_by_value))
+        per_case.append(_score_case(case, pred_path, ref_path, label_values, names_by_value, max_voxels))
         if progress is not None:
             progress(1, info=case)
 
@@ -88,10 +92,11 @@ def evaluate_folders(
 
 
 def _score_case(
-    case: str, pred_path: Path, ref_path: Path, label_values: list[int], names_by_value: dict[int, str]
+    case: str, pred_path: Path, ref_path: Path, label_values: list[int], names_by_value: dict[int, str],
+    max_voxels: int = DEFAULT_MAX_VOXELS,
 ) -> dict[str, Any]:
-    ref, ref_geo = read_image(ref_path)
-    pred, pred_geo = read_image(pred_path)
+    ref, ref_geo = read_image(ref_path, max_voxels)
+    pred, pred_geo = read_image(pred_path, max_voxels)
     if pred_geo.shape != ref_geo.shape:
         raise InputError(
             f"case {case}: prediction shape {pred_geo.shape} differs from reference shape {ref_geo.shape}", pred_path

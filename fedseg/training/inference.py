@@ -23,9 +23,10 @@ import torch
 from scipy.ndimage import gaussian_filter
 from torch import nn
 
-from fedseg.data.case_loading import CaseData, load_case
+from fedseg.data.case_loading import CaseData, check_case_sizes, load_case
 from fedseg.data.channels import expand_to_plan, plan_channel_list, site_channel_indices
 from fedseg.data.dataset import collect_cases
+from fedseg.data.image_header import DEFAULT_MAX_VOXELS
 from fedseg.data.image_io import write_segmentation
 from fedseg.errors import InputError
 from fedseg.planning.plans import ConfigurationPlan, Plans
@@ -264,11 +265,13 @@ def predict_folder(
     progress: Callable[..., None] | None = None,
     step_size: float = DEFAULT_STEP_SIZE,
     site: str | None = None,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
 ) -> list[Path]:
     """Segment every `{CASE}_{XXXX}{ending}` case in `images_dir` into `out_dir/{CASE}{ending}`.
 
     Each output is written atomically in its input's geometry, holding dataset.json label
-    values. All cases are checked (channel files complete) before the first is predicted.
+    values. All cases are checked (channel files complete, no image above `max_voxels`)
+    before the first is predicted.
     `site`: the images hold that site's channels (see `predict_case`).
     `progress(1, info=case_id)` is called after each case. Returns the written paths.
     """
@@ -279,9 +282,10 @@ def predict_folder(
     layout = site_channel_layout(plans, site)
     n_channels = plans.n_channels if layout is None else len(layout)
     cases = collect_cases(images_dir, None, ending, n_channels, require_labels=False)
+    check_case_sizes(cases, max_voxels)
     written = []
     for case in cases:
-        case_data = load_case(case)
+        case_data = load_case(case, max_voxels=max_voxels)
         seg = predict_case(network, case_data, plans, config, device=device, mirror=mirror, step_size=step_size, site=site)
         target = out_dir / f"{case.case_id}{ending}"
         write_segmentation(seg, case_data.geometry, target)

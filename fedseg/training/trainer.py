@@ -34,6 +34,7 @@ from torch import nn
 
 from fedseg.atomic import atomic_path, write_json_atomic
 from fedseg.data.channels import expand_to_plan, plan_channel_list, site_channel_indices
+from fedseg.data.image_header import DEFAULT_MAX_VOXELS
 from fedseg.errors import InputError
 from fedseg.planning.plans import ConfigurationPlan, Plans
 from fedseg.training.dataloading import BatchStream
@@ -177,9 +178,12 @@ def load_training_cases(
     dataset_root: Path,
     state_dir: Path,
     log: Callable[[str], None] | None = None,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
 ) -> list[CachedCase]:
-    """The site's training cases, preprocessed per its configuration (cached in the state folder)."""
-    from fedseg.data.case_loading import load_case
+    """The site's training cases, preprocessed per its configuration (cached in the state folder).
+
+    Every file's header is checked against `max_voxels` before the first case is read."""
+    from fedseg.data.case_loading import check_case_sizes, load_case
     from fedseg.data.dataset import load_dataset
     from fedseg.data.preprocessing import preprocess_case
 
@@ -189,14 +193,16 @@ def load_training_cases(
     label_values = sorted(plans.labels.values())
     folder = cache_dir(plans, state_dir)
     cases = []
-    for case in dataset.cases("Tr"):
+    site_cases = dataset.cases("Tr")
+    check_case_sizes(site_cases, max_voxels)
+    for case in site_cases:
         npz, meta = folder / f"{case.case_id}.npz", folder / f"{case.case_id}.json"
         if npz.is_file() and meta.is_file():
             with np.load(npz, allow_pickle=False) as arrays:
                 data, seg = arrays["data"], arrays["seg"]
             properties = json.loads(meta.read_text())
         else:
-            case_data = load_case(case, label_values)
+            case_data = load_case(case, label_values, max_voxels=max_voxels)
             if layout is not None:   # a mix-modal site: its channels in the plan's order, absent ones zero
                 case_data = dataclasses.replace(case_data, data=expand_to_plan(case_data.data, layout, plans.n_channels))
             pre = preprocess_case(case_data, plans, config)
@@ -294,6 +300,7 @@ class SiteTrainer:
 
     checkpoint_every: int = CHECKPOINT_EVERY
     grad_clip_norm: float = GRAD_CLIP_NORM
+    max_voxels: int = DEFAULT_MAX_VOXELS   # images declaring more voxels are refused unread
 
     def __init__(
         self,
@@ -335,7 +342,7 @@ class SiteTrainer:
 
     # -- data ---------------------------------------------------------------------------
     def prepare_data(self, dataset_root: Path, state_dir: Path) -> None:
-        cases = load_training_cases(self.plans, self.site, dataset_root, state_dir, self.log)
+        cases = load_training_cases(self.plans, self.site, dataset_root, state_dir, self.log, self.max_voxels)
         by_id = {c.case_id: c for c in cases}
         train_ids, val_ids = split_cases(list(by_id), self.plans.training.val_fraction, self.plans.seed, self.site)
         self.train_cases = [by_id[i] for i in train_ids]
@@ -586,6 +593,7 @@ def train_local(
     progress: Callable | None = None,
     log: Callable[[str], None] | None = None,
     trainer_class: type[SiteTrainer] = SiteTrainer,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
 ) -> TrainOutcome:
     """Train `site` for round `round_index` (1-based) starting from `initial_state`.
 
@@ -598,4 +606,5 @@ def train_local(
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     trainer = trainer_class(plans, site, network, device=device, num_workers=num_workers, progress=progress, log=log)
+    trainer.max_voxels = max_voxels
     return trainer.run_round(state_dir, initial_state, round_index, iterations, dataset_root=Path(dataset_root))
