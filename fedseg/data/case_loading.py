@@ -66,7 +66,7 @@ def load_case(
         )
     seg = None
     if case.label is not None:
-        label_array, label_geo = read_image(case.label, max_voxels)
+        label_array, label_geo = read_image(case.label, max_voxels, as_float=False)
         if label_geo.shape != geometry.shape:
             raise InputError(
                 f"case {case.case_id}: label shape {label_geo.shape} differs from image shape {geometry.shape}",
@@ -78,12 +78,7 @@ def load_case(
                 f"{_fmt(geometry.spacing)}",
                 case.label,
             )
-        if not np.isfinite(label_array).all():
-            raise InputError(f"case {case.case_id}: label contains NaN or infinite values", case.label)
-        rounded = np.rint(label_array)
-        if not np.array_equal(rounded, label_array):
-            raise InputError(f"case {case.case_id}: label has non-integer values", case.label)
-        seg = rounded.astype(np.int16)
+        seg = label_map_as_int16(label_array, f"case {case.case_id}: label", case.label)
         if label_values is not None:
             present = np.unique(seg)
             unknown = sorted(set(present.tolist()) - set(label_values))
@@ -95,6 +90,23 @@ def load_case(
     # One file (the usual case, and every colour image) is already (C, z, y, x): no copy.
     data = channels[0] if len(channels) == 1 else np.concatenate(channels)
     return CaseData(case.case_id, data, seg, geometry)
+
+
+def label_map_as_int16(array: np.ndarray, what: str, path) -> np.ndarray:
+    """A label map as int16, refusing NaN, non-integer and out-of-range values (InputError).
+
+    An integer file converts directly; only a float file pays for the finiteness and
+    integrality checks (each a temporary as large as the map)."""
+    if np.issubdtype(array.dtype, np.integer):
+        if array.size and (array.min() < np.iinfo(np.int16).min or array.max() > np.iinfo(np.int16).max):
+            raise InputError(f"{what} has values outside the int16 range", path)
+        return array.astype(np.int16, copy=False)
+    if not np.isfinite(array).all():
+        raise InputError(f"{what} contains NaN or infinite values", path)
+    rounded = np.rint(array)
+    if not np.array_equal(rounded, array):
+        raise InputError(f"{what} has non-integer values", path)
+    return rounded.astype(np.int16)
 
 
 def _fmt(spacing: tuple[float, ...]) -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedseg.data.image_io import SUPPORTED_ENDINGS
+from fedseg.data.labels import LabelLayout, layout_to_json, parse_labels
 from fedseg.errors import InputError
 
 # Natural 2D images may hold several channels in one file (RGB: channels 0-2 in `_0000`).
@@ -43,11 +44,16 @@ class Dataset:
     root: Path
     name: str
     channel_names: dict[str, str]
-    labels: dict[str, int]
+    labels: dict[str, int | list[int]]      # as dataset.json: a list is a region
     num_training: int
     file_ending: str
     modality: str
     raw: dict = field(repr=False, compare=False, default_factory=dict)
+    regions_class_order: list[int] | None = None
+
+    @property
+    def label_layout(self) -> LabelLayout:
+        return parse_labels(self.labels, self.regions_class_order)
 
     @property
     def n_channels(self) -> int:
@@ -55,7 +61,7 @@ class Dataset:
 
     @property
     def label_values(self) -> list[int]:
-        return sorted(self.labels.values())
+        return self.label_layout.label_values
 
     def cases(self, split: str = "Tr", require_labels: bool | None = None) -> list[Case]:
         """Cases of a split ("Tr" or "Ts"), sorted by case id.
@@ -146,18 +152,7 @@ def load_dataset(root: str | Path) -> Dataset:
         raise InputError("channel_names keys must be 0..N-1", json_path)
     channel_names = {str(k): str(v) for k, v in sorted(channel_names.items(), key=lambda kv: int(kv[0]))}
 
-    labels = raw["labels"]
-    if not isinstance(labels, dict) or not labels:
-        raise InputError("labels must be a non-empty object {\"background\": 0, ...}", json_path)
-    for name, value in labels.items():
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InputError(f"label {name!r} must be an integer (region labels are not supported)", json_path)
-    if any(value < 0 for value in labels.values()):
-        raise InputError("label values must be non-negative integers", json_path)
-    if 0 not in labels.values():
-        raise InputError("labels must include background = 0", json_path)
-    if len(set(labels.values())) != len(labels):
-        raise InputError("label values must be unique", json_path)
+    layout = parse_labels(raw["labels"], raw.get("regions_class_order"), json_path)
 
     file_ending = raw["file_ending"]
     if file_ending not in SUPPORTED_ENDINGS:
@@ -171,11 +166,12 @@ def load_dataset(root: str | Path) -> Dataset:
         root=root,
         name=str(raw.get("name", root.name)),
         channel_names=channel_names,
-        labels={str(k): int(v) for k, v in labels.items()},
+        labels=layout_to_json(layout),
         num_training=num_training,
         file_ending=file_ending,
         modality=str(modality),
         raw=raw,
+        regions_class_order=list(layout.regions_class_order) if layout.has_regions else None,
     )
 
 

@@ -76,14 +76,15 @@ def file_ending_of(path: str | Path) -> str:
 
 
 def read_channels(
-    path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS, channel_file: bool = True
+    path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS, channel_file: bool = True, as_float: bool = True,
 ) -> tuple[np.ndarray, Geometry]:
     """Read one image file as float32 (C, z, y, x) plus its geometry; InputError on any fault.
 
     C is 1 except for colour natural images (RGB: 3, RGBA: 4, as nnU-Net reads them). The
     header is checked against `max_voxels` before any voxel is decompressed.
     `channel_file`: the file is a `{CASE}_{XXXX}` channel (a 3D TIFF's spacing file then
-    drops the channel suffix), not a label map.
+    drops the channel suffix), not a label map. `as_float` False keeps a SimpleITK/TIFF
+    image's stored type (a uint8 label map stays uint8: a quarter of float32's memory).
     """
     path = Path(path)
     if not path.is_file():
@@ -94,21 +95,24 @@ def read_channels(
         data = read_natural(path, ending)
         return data, Geometry(tuple(data.shape[1:]), (DUMMY_2D_SPACING, 1.0, 1.0), (), (), True)
     if ending in TIFF_ENDINGS:
-        stack, spacing = read_tiff_stack(path, channel_file)
+        stack, spacing = read_tiff_stack(path, channel_file, as_float)
         return stack[None], Geometry(tuple(stack.shape), spacing, (), (), False)
-    data, geometry = _read_sitk(path)
+    data, geometry = _read_sitk(path, as_float)
     return data[None], geometry
 
 
-def read_image(path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[np.ndarray, Geometry]:
-    """Read a one-channel image (a label map, a prediction) as float32 (z, y, x) plus its geometry."""
-    data, geometry = read_channels(path, max_voxels, channel_file=False)
+def read_image(
+    path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS, as_float: bool = True
+) -> tuple[np.ndarray, Geometry]:
+    """Read a one-channel image (a label map, a prediction) as (z, y, x) plus its geometry;
+    float32, or with `as_float` False the stored type where the format keeps one."""
+    data, geometry = read_channels(path, max_voxels, channel_file=False, as_float=as_float)
     if data.shape[0] != 1:
         raise InputError(f"expected a one-channel image, got {data.shape[0]} channels (a colour image?)", path)
     return data[0], geometry
 
 
-def _read_sitk(path: Path) -> tuple[np.ndarray, Geometry]:
+def _read_sitk(path: Path, as_float: bool = True) -> tuple[np.ndarray, Geometry]:
     import SimpleITK as sitk
 
     nifti = check_nifti_complete(path) if file_ending_of(path) in (".nii", ".nii.gz") else None
@@ -131,11 +135,11 @@ def _read_sitk(path: Path) -> tuple[np.ndarray, Geometry]:
     origin = tuple(float(v) for v in image.GetOrigin())
     direction = tuple(float(v) for v in image.GetDirection())
     if array.ndim == 2:
-        data = array.astype(np.float32, copy=True)[None]
+        data = array.astype(np.float32 if as_float else array.dtype, copy=True)[None]
         return data, Geometry(tuple(data.shape), (DUMMY_2D_SPACING, *spacing), origin, direction, True)
     if array.ndim != 3:
         raise InputError(f"expected a 2D or 3D image, got {array.ndim} dimensions", path)
-    data = array.astype(np.float32, copy=True)   # copy: the view dies with `image`
+    data = array.astype(np.float32 if as_float else array.dtype, copy=True)   # copy: the view dies with `image`
     return data, Geometry(tuple(data.shape), spacing, origin, direction, False)
 
 
@@ -246,22 +250,24 @@ def write_segmentation(seg: np.ndarray, geometry: Geometry, path: str | Path) ->
     if tuple(seg.shape) != tuple(geometry.shape):
         raise ValueError(f"segmentation shape {seg.shape} does not match geometry {geometry.shape}")
     # nnU-Net's rule: uint8 when the labels fit, else a wider integer type.
-    _write(seg.astype(np.uint8 if seg.max(initial=0) < 256 else np.uint16, copy=False), geometry, Path(path))
+    _write(seg.astype(np.uint8 if seg.max(initial=0) < 256 else np.uint16, copy=False), geometry, Path(path),
+           channel_file=False)
 
 
 def write_image(data: np.ndarray, geometry: Geometry, path: str | Path) -> None:
-    """Write a float (z, y, x) channel image (used by the synthetic generator and tests).
+    """Write a float (z, y, x) channel image `{CASE}_{XXXX}{ending}` (synthetic data, tests).
 
-    Natural 2D formats hold 8-bit greyscale: values are clipped to 0..255.
+    Natural 2D formats hold 8-bit greyscale: values are clipped to 0..255. A 3D TIFF gets
+    its spacing file `{CASE}.json` beside it.
     """
     path = Path(path)
     ending = file_ending_of(path)
     if geometry.is_2d and (ending in NATURAL_ENDINGS or ending in TIFF_ENDINGS):
         data = np.clip(data, 0, 255).astype(np.uint8)
-    _write(np.asarray(data, dtype=np.float32) if data.dtype != np.uint8 else data, geometry, path)
+    _write(np.asarray(data, dtype=np.float32) if data.dtype != np.uint8 else data, geometry, path, channel_file=True)
 
 
-def _write(array: np.ndarray, geometry: Geometry, path: Path) -> None:
+def _write(array: np.ndarray, geometry: Geometry, path: Path, channel_file: bool) -> None:
     from fedseg.atomic import atomic_path
 
     ending = file_ending_of(path)
@@ -272,7 +278,7 @@ def _write(array: np.ndarray, geometry: Geometry, path: Path) -> None:
         if ending in NATURAL_ENDINGS or (ending in TIFF_ENDINGS and geometry.is_2d):
             write_natural(array[0], tmp, ending)
         elif ending in TIFF_ENDINGS:
-            write_tiff_stack(array, geometry.spacing, tmp, path)
+            write_tiff_stack(array, geometry.spacing, tmp, path, channel_file)
         else:
             write_sitk(array, geometry, tmp, ending)
 

@@ -80,12 +80,15 @@ def _read_tiff_array(path: Path) -> np.ndarray:
         raise InputError(f"cannot read TIFF ({type(exc).__name__}: {str(exc)[:200]})", path) from None
 
 
-def read_tiff_stack(path: Path, channel_file: bool) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """(z, y, x) float32 and its spacing from the JSON file beside it (Tiff3DIO's convention)."""
+def read_tiff_stack(path: Path, channel_file: bool, as_float: bool = True) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """(z, y, x) float32 (or the stored type) and its spacing from the JSON file beside it
+    (Tiff3DIO's convention)."""
     array = _read_tiff_array(path)
     if array.ndim != 3:
         raise InputError(f"a 3D TIFF must hold a (z, y, x) stack, got shape {array.shape}", path)
-    return array.astype(np.float32, copy=False), read_spacing_json(spacing_json_path(path, channel_file))
+    if as_float:
+        array = array.astype(np.float32, copy=False)
+    return array, read_spacing_json(spacing_json_path(path, channel_file))
 
 
 def spacing_json_path(path: Path, channel_file: bool) -> Path:
@@ -113,14 +116,14 @@ def read_spacing_json(json_path: Path) -> tuple[float, float, float]:
     return tuple(float(s) for s in spacing)
 
 
-def write_tiff_stack(seg: np.ndarray, spacing: tuple[float, ...], tmp: Path, target: Path) -> None:
-    """Write a (z, y, x) label map to `tmp` (renamed onto `target` by the caller) and its spacing JSON."""
+def write_tiff_stack(array: np.ndarray, spacing: tuple[float, ...], tmp: Path, target: Path, channel_file: bool) -> None:
+    """Write a (z, y, x) array to `tmp` (renamed onto `target` by the caller) and its spacing JSON."""
     import tifffile
 
     from fedseg.atomic import write_json_atomic
 
-    write_json_atomic(spacing_json_path(target, channel_file=False), {"spacing": [float(s) for s in spacing]})
-    tifffile.imwrite(str(tmp), np.asarray(seg), compression="zlib")
+    write_json_atomic(spacing_json_path(target, channel_file), {"spacing": [float(s) for s in spacing]})
+    tifffile.imwrite(str(tmp), np.asarray(array), compression="zlib", photometric="minisblack")
 
 
 def write_natural(array2d: np.ndarray, tmp: Path, ending: str) -> None:
@@ -128,7 +131,7 @@ def write_natural(array2d: np.ndarray, tmp: Path, ending: str) -> None:
     if ending in (".tif", ".tiff"):
         import tifffile
 
-        tifffile.imwrite(str(tmp), array2d, compression="zlib")
+        tifffile.imwrite(str(tmp), array2d, compression="zlib", photometric="minisblack")
         return
     from skimage import io as skio
 

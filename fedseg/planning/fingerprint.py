@@ -41,6 +41,7 @@ from fedseg.data.case_loading import check_case_sizes, load_case
 from fedseg.data.cropping import bbox_of_mask, bbox_to_slices
 from fedseg.data.dataset import Case, Dataset
 from fedseg.data.image_header import DEFAULT_MAX_VOXELS
+from fedseg.data.labels import parse_labels
 from fedseg.errors import InputError
 from fedseg.planning.sketch import DEFAULT_ALPHA, QuantileSketch
 
@@ -198,6 +199,8 @@ def _assemble(dataset: Dataset, site: str, summaries: list[CaseSummary], alpha: 
         "shapes_after_crop": [s.shape_after_crop for s in summaries],
         "relative_sizes_after_crop": [s.relative_size_after_crop for s in summaries],
         "foreground_stats_per_channel": per_channel,
+        # only for region-based labels, so a plain dataset's fingerprint keeps its keys
+        **({"regions_class_order": list(dataset.regions_class_order)} if dataset.regions_class_order else {}),
     }
 
 
@@ -272,8 +275,10 @@ def validate_fingerprint(fp: Any, source: str | Path | None = None) -> None:
         fail(f"missing key(s) {', '.join(missing)}")
     if not isinstance(fp["site"], str) or not fp["site"]:
         fail("site must be a non-empty string")
-    if not isinstance(fp["labels"], dict) or not all(isinstance(v, int) for v in fp["labels"].values()):
-        fail("labels must map names to integers")
+    try:
+        parse_labels(fp["labels"], fp.get("regions_class_order"))
+    except InputError as exc:
+        fail(exc.detail)
     if not isinstance(fp["channel_names"], dict) or not fp["channel_names"]:
         fail("channel_names must be a non-empty object")
     if fp["image_dim"] not in (2, 3):

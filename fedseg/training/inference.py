@@ -106,15 +106,19 @@ def sliding_window_probabilities(
     mirror: bool = False,
     device: str | torch.device = "cpu",
     tiles_per_batch: int = TILES_PER_BATCH,
+    regions: bool = False,
 ) -> np.ndarray:
     """Class probabilities (K, z, y, x) float32 for a preprocessed (C, z, y, x) array.
+
+    `regions`: the outputs are independent regions (a sigmoid each) rather than classes
+    (softmax over K).
 
     A 3-entry `patch_size` tiles the volume; a 2-entry one predicts each z slice in 2D.
     The network runs in eval mode without deep supervision (`inference_mode`, restored
     afterwards); a list output is tolerated and its first, full-resolution entry used.
     """
     with inference_mode(network):
-        return _sliding_window(network, data, patch_size, n_classes, step_size, mirror, device, tiles_per_batch)
+        return _sliding_window(network, data, patch_size, n_classes, step_size, mirror, device, tiles_per_batch, regions)
 
 
 def _sliding_window(
@@ -126,6 +130,7 @@ def _sliding_window(
     mirror: bool,
     device: str | torch.device,
     tiles_per_batch: int,
+    regions: bool = False,
 ) -> np.ndarray:
     if data.ndim != 4:
         raise ValueError(f"expected (C, z, y, x) data, got shape {data.shape}")
@@ -159,7 +164,7 @@ def _sliding_window(
     for first in range(0, len(tiles), tiles_per_batch):
         batch_tiles = tiles[first : first + tiles_per_batch]
         batch = torch.stack([source[(slice(None), *t)] for t in batch_tiles])
-        tile_probs = _predict_tiles(network, batch, n_classes, mirror)
+        tile_probs = _predict_tiles(network, batch, n_classes, mirror, regions)
         for tile, tile_prob in zip(batch_tiles, tile_probs):
             probs[(slice(None), *tile)] += tile_prob * gaussian
             weights[tile] += gaussian
@@ -171,8 +176,9 @@ def _sliding_window(
     return probs[(slice(None), *crop)].cpu().numpy()
 
 
-def _predict_tiles(network: nn.Module, batch: torch.Tensor, n_classes: int, mirror: bool) -> torch.Tensor:
-    """Softmax of a batch of tiles (B, K, *patch), averaged over all axis flips if `mirror`."""
+def _predict_tiles(network: nn.Module, batch: torch.Tensor, n_classes: int, mirror: bool, regions: bool = False) -> torch.Tensor:
+    """Softmax (sigmoid for regions) of a batch of tiles (B, K, *patch), averaged over all
+    axis flips if `mirror`."""
     spatial_axes = list(range(2, batch.ndim))
     flip_sets = (
         [combo for r in range(len(spatial_axes) + 1) for combo in itertools.combinations(spatial_axes, r)]
@@ -190,7 +196,7 @@ def _predict_tiles(network: nn.Module, batch: torch.Tensor, n_classes: int, mirr
                 f"network output shape {tuple(out.shape)} does not match {n_classes} classes on tiles "
                 f"{tuple(batch.shape[2:])}"
             )
-        prob = torch.softmax(out.float(), dim=1)
+        prob = torch.sigmoid(out.float()) if regions else torch.softmax(out.float(), dim=1)
         if axes:
             prob = torch.flip(prob, axes)
         total = prob if total is None else total + prob
@@ -235,6 +241,7 @@ def predict_case(
     # A reference label (if loaded) plays no part in prediction; skip its preprocessing.
     preprocessed = preprocess_case(dataclasses.replace(case_data, seg=None), plans, config)
     network.to(device)
+    layout = plans.label_layout
     probs = sliding_window_probabilities(
         network,
         preprocessed.data,
@@ -243,9 +250,12 @@ def predict_case(
         step_size=step_size,
         mirror=mirror,
         device=device,
+        regions=layout.has_regions,
     )
-    indices = revert_segmentation(probs, preprocessed.properties, config)
-    labels = indices_to_label_values(indices, sorted(plans.labels.values()))
+    if layout.has_regions:   # painted region by region: already label values
+        labels = revert_segmentation(probs, preprocessed.properties, config, layout.regions_class_order)
+    else:
+        labels = indices_to_label_values(revert_segmentation(probs, preprocessed.properties, config), plans.label_values)
     labels = np.asarray(labels).astype(np.int16, copy=False)
     if labels.shape != tuple(case_data.geometry.shape):
         raise RuntimeError(
