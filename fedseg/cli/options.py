@@ -14,8 +14,8 @@ JSON = typer.Option(False, "--json", help="Print a machine-readable JSON summary
 # Every command that reads images: the header's declared size is checked before any voxel is read.
 MAX_VOXELS = typer.Option(
     DEFAULT_MAX_VOXELS, "--max-voxels", min=1,
-    help=f"Refuse an image whose header declares more voxels than this, before reading it "
-         f"(default {DEFAULT_MAX_VOXELS} = 2^30, e.g. 1024^3; docs/security.md).",
+    help="Refuse an image whose header declares more voxels than this, before reading it "
+         "(the default, 2^30, admits a 1024^3 volume; docs/security.md).",
 )
 
 # Kept in sync with fedseg.federation.strategies (a unit test checks); spelled out here so
