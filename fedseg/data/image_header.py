@@ -16,6 +16,7 @@ import math
 import struct
 from pathlib import Path
 
+from fedseg.data.native_stderr import captured_stderr
 from fedseg.errors import InputError
 
 # 2^30 voxels: a 1024 x 1024 x 1024 volume, above the largest CT series in routine use
@@ -81,7 +82,7 @@ def _tiff_shape(path: Path) -> tuple[int, ...]:
     import tifffile
 
     try:
-        with tifffile.TiffFile(str(path)) as tif:
+        with captured_stderr(), tifffile.TiffFile(str(path)) as tif:   # tifffile logs damaged pages
             series = tif.series
             if not series:
                 raise InputError("TIFF file holds no image", path)
@@ -111,7 +112,8 @@ def _sitk_shape(path: Path) -> tuple[int, ...]:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
+        with captured_stderr():
+            reader.ReadImageInformation()
     except RuntimeError as exc:
         last = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
         raise InputError(f"cannot read image header: {last[:200]}", path) from None

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from fedseg.data.image_header import DEFAULT_MAX_VOXELS, check_voxel_limit
+from fedseg.data.native_stderr import captured_stderr
 from fedseg.data.raster_io import (
     DUMMY_2D_SPACING,
     is_natural_shape,
@@ -35,6 +36,8 @@ SITK_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".gipl")
 TIFF_ENDINGS = (".tif", ".tiff")
 NATURAL_ENDINGS = (".png", ".bmp")
 SUPPORTED_ENDINGS = SITK_ENDINGS + TIFF_ENDINGS + NATURAL_ENDINGS
+# A GIPL file is a fixed-size header followed by the raw voxels.
+GIPL_HEADER_BYTES = 256
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ def file_ending_of(path: str | Path) -> str:
 def read_channels(
     path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS, channel_file: bool = True, as_float: bool = True,
 ) -> tuple[np.ndarray, Geometry]:
-    """Read one image file as float32 (C, z, y, x) plus its geometry; InputError on any fault.
+    """Read one image file as (C, z, y, x) float32 plus its geometry; InputError on any fault.
 
     C is 1 except for colour natural images (RGB: 3, RGBA: 4, as nnU-Net reads them). The
     header is checked against `max_voxels` before any voxel is decompressed.
@@ -121,10 +124,13 @@ def _read_sitk(path: Path, as_float: bool = True) -> tuple[np.ndarray, Geometry]
         if fast is not None:
             return fast
     try:
-        image = sitk.ReadImage(str(path))
+        with captured_stderr() as printed:
+            image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        first_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
-        raise InputError(f"cannot read image (truncated or corrupt?): {first_line[:200]}", path) from None
+        reason = printed.last_line() or (str(exc).strip().splitlines() or ["unreadable"])[-1][:200]
+        raise InputError(f"cannot read image (truncated or corrupt?): {reason}", path) from None
+    if file_ending_of(path) == ".gipl":
+        check_gipl_complete(path, image)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError("vector images are not supported: one channel per file", path)
     # A view on ITK's buffer: the float32 conversion below is then the only copy.
@@ -141,6 +147,17 @@ def _read_sitk(path: Path, as_float: bool = True) -> tuple[np.ndarray, Geometry]
         raise InputError(f"expected a 2D or 3D image, got {array.ndim} dimensions", path)
     data = array.astype(np.float32 if as_float else array.dtype, copy=True)   # copy: the view dies with `image`
     return data, Geometry(tuple(data.shape), spacing, origin, direction, False)
+
+
+def check_gipl_complete(path: Path, image) -> None:
+    """ITK fills the missing voxels of a truncated GIPL file without complaint: compare the
+    file's size with its fixed 256-byte header plus the voxel bytes the header promises."""
+    import SimpleITK as sitk
+
+    expected = GIPL_HEADER_BYTES + image.GetNumberOfPixels() * sitk.GetArrayViewFromImage(image).itemsize
+    actual = path.stat().st_size
+    if actual < expected:
+        raise InputError(f"truncated image: {actual} of {expected} bytes present", path)
 
 
 def _read_float_nifti(path: Path, nifti) -> tuple[np.ndarray, Geometry] | None:

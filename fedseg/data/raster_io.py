@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedseg.data.native_stderr import captured_stderr
 from fedseg.errors import InputError
 
 # nnU-Net's placeholder spacing for the non-existent slice axis of 2D images.
@@ -75,7 +76,8 @@ def _read_tiff_array(path: Path) -> np.ndarray:
     import tifffile
 
     try:
-        return np.asarray(tifffile.imread(str(path)))
+        with captured_stderr():   # tifffile logs its own complaints about damaged pages
+            return np.asarray(tifffile.imread(str(path)))
     except Exception as exc:  # tifffile raises many types for damaged files
         raise InputError(f"cannot read TIFF ({type(exc).__name__}: {str(exc)[:200]})", path) from None
 

@@ -137,3 +137,17 @@ def test_region_labels_refused_where_they_cannot_be_trained(tmp_path: Path, caps
     rc = run(["fingerprint", "--site", "site_a", "--data", str(site), "-o", str(tmp_path / "fp2.json"), "-q"])
     err = capsys.readouterr().err
     assert rc == 2 and "regions_class_order" in err and str(site / "dataset.json") in err
+
+
+@pytest.mark.parametrize("ending", [".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".gipl", ".tif"])
+def test_truncated_file_is_refused_naming_it_with_nothing_else_on_stderr(tmp_path: Path, capfd, ending: str) -> None:
+    rng = np.random.default_rng(0)
+    target = tmp_path / f"c_0000{ending}"
+    write_image(rng.uniform(0, 100, (8, 8, 8)).astype(np.float32), Geometry((8, 8, 8), (1.0, 1.0, 1.0), (), (), False),
+                target)
+    data_file = target.with_suffix(".zraw") if ending == ".mhd" else target   # a MetaImage header names its data file
+    data_file.write_bytes(data_file.read_bytes()[:-300])
+    with pytest.raises(InputError) as info:
+        read_channels(target)
+    assert info.value.path == target
+    assert capfd.readouterr().err == ""   # ITK's and tifffile's own complaints are not printed
