@@ -140,6 +140,15 @@ def preprocess_case(case_data: CaseData, plans: Plans, config: ConfigurationPlan
     return PreprocessedCase(case_data.case_id, data.astype(np.float32, copy=False), out_seg, properties)
 
 
+def argmax_int16(probs: np.ndarray) -> np.ndarray:
+    """argmax over axis 0 as int16, one slice at a time: numpy's argmax returns int64, which
+    over a whole volume would be twice the size of a float32 image."""
+    out = np.empty(probs.shape[1:], dtype=np.int16)
+    for z in range(probs.shape[1]):
+        out[z] = np.argmax(probs[:, z], axis=0)
+    return out
+
+
 def sample_class_locations(
     seg: np.ndarray, classes: Sequence[int] | range, max_samples: int = MAX_CLASS_LOCATIONS,
     seed: int = CLASS_LOCATION_SEED,
@@ -186,7 +195,7 @@ def revert_segmentation(
         if regions_class_order is not None:
             indices = paint_regions(probs, regions_class_order)
         else:
-            indices = np.argmax(probs, axis=0).astype(np.int16)
+            indices = argmax_int16(probs)
     elif arr.ndim == 3:
         indices = resample_data(arr.astype(np.int16)[None], shape_after_cropping, True, current, spacing, threshold)[0]
         indices = np.maximum(indices, 0)  # an index map may carry -1 (outside); that is background

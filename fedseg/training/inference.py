@@ -146,7 +146,9 @@ def _sliding_window(
     padded_tiled = tuple(max(s, p) for s, p in zip(tiled, patch))
     pad = [((p - s) // 2, (p - s) - (p - s) // 2) for s, p in zip(tiled, padded_tiled)]
     full_pad = [(0, 0)] + ([(0, 0)] if slice_wise else []) + pad
-    padded = np.pad(np.asarray(data, dtype=np.float32), full_pad, mode="constant", constant_values=0.0)
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    # np.pad always copies: a case at least one patch large is used as it is.
+    padded = np.pad(data, full_pad, mode="constant", constant_values=0.0) if any(sum(p) for p in pad) else data
 
     steps = compute_steps_for_sliding_window(padded_tiled, patch, step_size)
     tile_slices = [tuple(slice(s, s + p) for s, p in zip(start, patch)) for start in itertools.product(*steps)]
