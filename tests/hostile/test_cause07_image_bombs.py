@@ -74,6 +74,25 @@ def bmp_bomb(path: Path) -> Path:
     return path
 
 
+def tiff_bomb(path: Path) -> Path:
+    """A baseline TIFF whose one IFD declares a 65536 x 32768 greyscale page, with 16 bytes of strip data."""
+    width, height = 65536, 32768
+    tags = [  # (tag, type: 3 SHORT / 4 LONG, count, value), sorted by tag as TIFF requires
+        (256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
+        (273, 4, 1, 0), (278, 4, 1, height), (279, 4, 1, width * height),
+    ]
+    ifd_offset = 8
+    data_offset = ifd_offset + 2 + 12 * len(tags) + 4
+    entries = b"".join(
+        struct.pack("<HHII", tag, kind, count, data_offset if tag == 273 else value) if kind == 4
+        else struct.pack("<HHIHH", tag, kind, count, value, 0)
+        for tag, kind, count, value in tags
+    )
+    path.write_bytes(b"II*\x00" + struct.pack("<I", ifd_offset) + struct.pack("<H", len(tags)) + entries
+                     + b"\x00" * 4 + b"\x00" * 16)
+    return path
+
+
 BOMBS = {
     ".nii.gz": nifti_bomb,
     ".nii": nifti_bomb,
@@ -81,6 +100,7 @@ BOMBS = {
     ".nrrd": nrrd_bomb,
     ".png": lambda p: png_with_size(p, 65536, 32768),
     ".bmp": bmp_bomb,
+    ".tif": tiff_bomb,
 }
 
 
