@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from fedseg.cli.options import JSON, QUIET, STRATEGY_HELP, parse_set_options, require_dir, require_file
+from fedseg.cli.options import JSON, MAX_VOXELS, QUIET, STRATEGY_HELP, parse_set_options, require_dir, require_file
 
 
 def synth(
@@ -46,6 +46,7 @@ def fingerprint(
     data: Path = typer.Option(..., "--data", help="The site's nnU-Net raw dataset folder."),
     output: Path = typer.Option(..., "-o", "--output", help="Fingerprint file to write (JSON)."),
     workers: int = typer.Option(1, "--workers", min=1, help="Processes reading cases in parallel."),
+    max_voxels: int = MAX_VOXELS,
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ) -> None:
@@ -63,7 +64,7 @@ def fingerprint(
     dataset = load_dataset(require_dir(data, "dataset folder"))
     n_cases = len(dataset.cases("Tr"))
     with reporter.progress(f"fingerprint {site}", n_cases) as advance:
-        fp = compute_fingerprint(dataset, site, workers=workers, progress=advance)
+        fp = compute_fingerprint(dataset, site, workers=workers, progress=advance, max_voxels=max_voxels)
     save_fingerprint(fp, output)
     reporter.log(f"wrote {output} ({fp['n_cases']} cases, modality {fp['modality']})")
     if as_json:

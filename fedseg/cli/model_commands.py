@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from fedseg.cli.options import JSON, QUIET, require_dir, require_file
+from fedseg.cli.options import JSON, MAX_VOXELS, QUIET, require_dir, require_file
 
 
 def train(
@@ -21,6 +21,7 @@ def train(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     workers: int = typer.Option(2, "--workers", min=0, help="Background augmentation workers (0: in-process)."),
     key: Path = typer.Option(None, "--key", help="This site's private key (fedseg keygen); required when the plan lists keys."),
+    max_voxels: int = MAX_VOXELS,
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ) -> None:
@@ -66,7 +67,7 @@ def train(
         result = run_site_round(
             plans, site, require_dir(data, "dataset folder"), require_file(weights, "weights file"), state, output,
             iterations=iterations, device=device, num_workers=workers, progress=advance, log=reporter.log,
-            signing_key=signing_key, agreement_key=agreement_key,
+            signing_key=signing_key, agreement_key=agreement_key, max_voxels=max_voxels,
         )
     reporter.log(
         f"round {result.round} {site}: {result.n_iterations} iterations, val Dice {result.val_dice:.3f}, "
@@ -85,6 +86,7 @@ def predict(
     state: Path = typer.Option(None, "--state", help="The site's state folder, for parameters that never left it."),
     mirror: bool = typer.Option(False, "--mirror/--no-mirror", help="Average predictions over mirrored inputs."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    max_voxels: int = MAX_VOXELS,
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ) -> None:
@@ -107,7 +109,7 @@ def predict(
     n_cases = len({p.name.rsplit("_", 1)[0] for p in images.iterdir() if p.name.endswith(plans.file_ending)})
     with reporter.progress("predict", n_cases) as advance:
         written = predict_folder(network, images, output, plans, plans.configuration_for(site), device=device,
-                                 mirror=mirror, progress=advance, site=site)
+                                 mirror=mirror, progress=advance, site=site, max_voxels=max_voxels)
     reporter.log(f"wrote {len(written)} segmentations to {output}")
     if as_json:
         from fedseg.cli.console import print_json
@@ -120,6 +122,7 @@ def evaluate(
     ref: Path = typer.Option(..., "--ref", help="Folder of reference label maps (same file names)."),
     dataset: Path = typer.Option(None, "--dataset", help="dataset.json naming the labels (default: ../dataset.json of --ref)."),
     output: Path = typer.Option(..., "-o", "--output", help="metrics.json to write."),
+    max_voxels: int = MAX_VOXELS,
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ) -> None:
@@ -134,7 +137,7 @@ def evaluate(
     require_dir(pred, "prediction folder")
     require_dir(ref, "reference folder")
     ds = load_dataset(dataset.parent if dataset is not None else ref.parent)
-    result = evaluate_folders(pred, ref, ds.labels, ds.file_ending)
+    result = evaluate_folders(pred, ref, ds.labels, ds.file_ending, max_voxels=max_voxels)
     save_metrics(result, output)
     if as_json:
         print_json(result)

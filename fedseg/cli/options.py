@@ -6,10 +6,17 @@ from pathlib import Path
 
 import typer
 
+from fedseg.data.image_header import DEFAULT_MAX_VOXELS
 from fedseg.errors import InputError
 
 QUIET = typer.Option(False, "--quiet", "-q", help="Print nothing but errors.")
 JSON = typer.Option(False, "--json", help="Print a machine-readable JSON summary on stdout.")
+# Every command that reads images: the header's declared size is checked before any voxel is read.
+MAX_VOXELS = typer.Option(
+    DEFAULT_MAX_VOXELS, "--max-voxels", min=1,
+    help="Refuse an image whose header declares more voxels than this, before reading it "
+         "(the default, 2^30, admits a 1024^3 volume; docs/security.md).",
+)
 
 # Kept in sync with fedseg.federation.strategies (a unit test checks); spelled out here so
 # that `--help` does not import the strategies and torch with them.
@@ -50,3 +57,4 @@ def require_dir(path: Path, what: str) -> Path:
     if not path.is_dir():
         raise InputError(f"{what} not found (expected a folder)", path)
     return path
+

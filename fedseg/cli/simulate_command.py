@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from fedseg.cli.options import (
-    CONFIGURATION, DEVICE, ITERATIONS, JSON, QUIET, RESUME, ROUNDS, RUN_OUTPUT, SEED, SET, SITES_ROOT, STRATEGY_HELP, WORKERS,
+    CONFIGURATION, DEVICE, ITERATIONS, JSON, MAX_VOXELS, QUIET, RESUME, ROUNDS, RUN_OUTPUT, SEED, SET, SITES_ROOT, STRATEGY_HELP, WORKERS,
     parse_set_options,
 )
 
@@ -25,6 +25,7 @@ def simulate(
     device: str = DEVICE,
     mirror: bool = typer.Option(False, "--mirror/--no-mirror", help="Mirroring at test time."),
     resume: bool = RESUME,
+    max_voxels: int = MAX_VOXELS,
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ) -> None:
@@ -46,7 +47,7 @@ def simulate(
     cfg = SimulationConfig(
         sites_root=sites_root, strategy=strategy, rounds=rounds, run_dir=output, configuration=config,
         iterations=iterations, overrides=parse_set_options(set_), seed=seed, workers=workers, device=device,
-        mirror=mirror,
+        mirror=mirror, max_voxels=max_voxels,
     )
     result = run_simulation(cfg, log=reporter.log, progress_factory=reporter.progress)
     if as_json:

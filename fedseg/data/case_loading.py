@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedseg.data.dataset import Case
-from fedseg.data.image_io import Geometry, geometries_agree, read_image
+from fedseg.data.image_header import DEFAULT_MAX_VOXELS, check_voxel_limit
+from fedseg.data.image_io import Geometry, file_ending_of, geometries_agree, read_channels, read_image
 from fedseg.errors import InputError
 
 
@@ -19,16 +20,32 @@ class CaseData:
     geometry: Geometry
 
 
-def load_case(case: Case, label_values: list[int] | None = None, check_finite: bool = True) -> CaseData:
+def check_case_sizes(cases: list[Case], max_voxels: int = DEFAULT_MAX_VOXELS) -> None:
+    """Refuse (InputError naming the file) any image or label whose header declares more than
+    `max_voxels` voxels, before the first case is read: a command then fails before it writes
+    anything. Costs one header read per file."""
+    for case in cases:
+        for path in (*case.images, *((case.label,) if case.label is not None else ())):
+            check_voxel_limit(path, file_ending_of(path), max_voxels)
+
+
+def load_case(
+    case: Case,
+    label_values: list[int] | None = None,
+    check_finite: bool = True,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+) -> CaseData:
     """Read every channel and the label; raise InputError naming the file on any inconsistency.
 
-    Checks: readable files, all channels and the label share shape and spacing, finite
-    intensities, and (given `label_values`) no label value outside dataset.json's labels.
+    Checks: no file above `max_voxels` (from its header, before reading), readable files, all
+    channels and the label share shape and spacing, the files hold dataset.json's number of
+    channels, finite intensities, and (given `label_values`) no label value outside
+    dataset.json's labels.
     """
     channels = []
     geometry: Geometry | None = None
     for path in case.images:
-        array, geo = read_image(path)
+        array, geo = read_channels(path, max_voxels)
         if geometry is None:
             geometry = geo
         elif not geometries_agree(geometry, geo):
@@ -41,9 +58,15 @@ def load_case(case: Case, label_values: list[int] | None = None, check_finite: b
             raise InputError(f"case {case.case_id}: image contains NaN or infinite values", path)
         channels.append(array)
     assert geometry is not None
+    n_held = sum(array.shape[0] for array in channels)
+    if case.n_channels is not None and n_held != case.n_channels:
+        raise InputError(
+            f"case {case.case_id}: the files hold {n_held} channel(s), dataset.json declares {case.n_channels}",
+            case.images[0],
+        )
     seg = None
     if case.label is not None:
-        label_array, label_geo = read_image(case.label)
+        label_array, label_geo = read_image(case.label, max_voxels, as_float=False)
         if label_geo.shape != geometry.shape:
             raise InputError(
                 f"case {case.case_id}: label shape {label_geo.shape} differs from image shape {geometry.shape}",
@@ -55,12 +78,7 @@ def load_case(case: Case, label_values: list[int] | None = None, check_finite: b
                 f"{_fmt(geometry.spacing)}",
                 case.label,
             )
-        if not np.isfinite(label_array).all():
-            raise InputError(f"case {case.case_id}: label contains NaN or infinite values", case.label)
-        rounded = np.rint(label_array)
-        if not np.array_equal(rounded, label_array):
-            raise InputError(f"case {case.case_id}: label has non-integer values", case.label)
-        seg = rounded.astype(np.int16)
+        seg = label_map_as_int16(label_array, f"case {case.case_id}: label", case.label)
         if label_values is not None:
             present = np.unique(seg)
             unknown = sorted(set(present.tolist()) - set(label_values))
@@ -69,7 +87,26 @@ def load_case(case: Case, label_values: list[int] | None = None, check_finite: b
                     f"case {case.case_id}: label value(s) {unknown} not in dataset.json labels {label_values}",
                     case.label,
                 )
-    return CaseData(case.case_id, np.stack(channels), seg, geometry)
+    # One file (the usual case, and every colour image) is already (C, z, y, x): no copy.
+    data = channels[0] if len(channels) == 1 else np.concatenate(channels)
+    return CaseData(case.case_id, data, seg, geometry)
+
+
+def label_map_as_int16(array: np.ndarray, what: str, path) -> np.ndarray:
+    """A label map as int16, refusing NaN, non-integer and out-of-range values (InputError).
+
+    An integer file converts directly; only a float file pays for the finiteness and
+    integrality checks (each a temporary as large as the map)."""
+    if np.issubdtype(array.dtype, np.integer):
+        if array.size and (array.min() < np.iinfo(np.int16).min or array.max() > np.iinfo(np.int16).max):
+            raise InputError(f"{what} has values outside the int16 range", path)
+        return array.astype(np.int16, copy=False)
+    if not np.isfinite(array).all():
+        raise InputError(f"{what} contains NaN or infinite values", path)
+    rounded = np.rint(array)
+    if not np.array_equal(rounded, array):
+        raise InputError(f"{what} has non-integer values", path)
+    return rounded.astype(np.int16)
 
 
 def _fmt(spacing: tuple[float, ...]) -> str:

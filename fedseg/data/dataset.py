@@ -14,19 +14,27 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedseg.data.image_io import SUPPORTED_ENDINGS
+from fedseg.data.labels import LabelLayout, layout_to_json, parse_labels
 from fedseg.errors import InputError
 
-SUPPORTED_ENDINGS = (".nii.gz", ".nii", ".png")
+# Natural 2D images may hold several channels in one file (RGB: channels 0-2 in `_0000`).
+MULTICHANNEL_ENDINGS = (".png", ".bmp", ".tif")
 REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
 
 
 @dataclass(frozen=True)
 class Case:
-    """One case: its channel files in channel order, and its label file if it has one."""
+    """One case: its channel files in channel order, and its label file if it has one.
+
+    `n_channels`: the channels the files must hold together (dataset.json's count); more than
+    the number of files when a natural image holds colour channels (RGB in one `_0000` file).
+    """
 
     case_id: str
     images: tuple[Path, ...]
     label: Path | None
+    n_channels: int | None = None
 
 
 @dataclass(frozen=True)
@@ -36,11 +44,16 @@ class Dataset:
     root: Path
     name: str
     channel_names: dict[str, str]
-    labels: dict[str, int]
+    labels: dict[str, int | list[int]]      # as dataset.json: a list is a region
     num_training: int
     file_ending: str
     modality: str
     raw: dict = field(repr=False, compare=False, default_factory=dict)
+    regions_class_order: list[int] | None = None
+
+    @property
+    def label_layout(self) -> LabelLayout:
+        return parse_labels(self.labels, self.regions_class_order)
 
     @property
     def n_channels(self) -> int:
@@ -48,7 +61,7 @@ class Dataset:
 
     @property
     def label_values(self) -> list[int]:
-        return sorted(self.labels.values())
+        return self.label_layout.label_values
 
     def cases(self, split: str = "Tr", require_labels: bool | None = None) -> list[Case]:
         """Cases of a split ("Tr" or "Ts"), sorted by case id.
@@ -89,6 +102,10 @@ def collect_cases(
     cases = []
     for case_id, channels in sorted(channels_by_case.items()):
         missing = [c for c in range(n_channels) if c not in channels]
+        if missing and file_ending in MULTICHANNEL_ENDINGS and channels and missing[0] == len(channels):
+            # A colour image holds several channels in one file, as nnU-Net reads RGB
+            # (files 0..k-1 present); load_case checks that they add up to n_channels.
+            missing = []
         if missing:
             expected = images_dir / f"{case_id}_{missing[0]:04d}{file_ending}"
             raise InputError(f"case {case_id}: missing channel {missing[0]} (dataset.json declares {n_channels})", expected)
@@ -105,7 +122,8 @@ def collect_cases(
                 label = candidate
             elif require_labels:
                 raise InputError(f"case {case_id}: label file missing", candidate)
-        cases.append(Case(case_id, tuple(channels[c] for c in range(n_channels)), label))
+        files = tuple(channels[c] for c in sorted(channels))
+        cases.append(Case(case_id, files, label, n_channels))
     return cases
 
 
@@ -134,18 +152,7 @@ def load_dataset(root: str | Path) -> Dataset:
         raise InputError("channel_names keys must be 0..N-1", json_path)
     channel_names = {str(k): str(v) for k, v in sorted(channel_names.items(), key=lambda kv: int(kv[0]))}
 
-    labels = raw["labels"]
-    if not isinstance(labels, dict) or not labels:
-        raise InputError("labels must be a non-empty object {\"background\": 0, ...}", json_path)
-    for name, value in labels.items():
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InputError(f"label {name!r} must be an integer (region labels are not supported)", json_path)
-    if any(value < 0 for value in labels.values()):
-        raise InputError("label values must be non-negative integers", json_path)
-    if 0 not in labels.values():
-        raise InputError("labels must include background = 0", json_path)
-    if len(set(labels.values())) != len(labels):
-        raise InputError("label values must be unique", json_path)
+    layout = parse_labels(raw["labels"], raw.get("regions_class_order"), json_path)
 
     file_ending = raw["file_ending"]
     if file_ending not in SUPPORTED_ENDINGS:
@@ -159,11 +166,12 @@ def load_dataset(root: str | Path) -> Dataset:
         root=root,
         name=str(raw.get("name", root.name)),
         channel_names=channel_names,
-        labels={str(k): int(v) for k, v in labels.items()},
+        labels=layout_to_json(layout),
         num_training=num_training,
         file_ending=file_ending,
         modality=str(modality),
         raw=raw,
+        regions_class_order=list(layout.regions_class_order) if layout.has_regions else None,
     )
 
 

@@ -1,8 +1,12 @@
-"""Image I/O with nnU-Net's conventions.
+"""Image I/O with nnU-Net's conventions, for every file ending nnU-Net v2 reads.
 
 Arrays come back in SimpleITK order, (z, y, x) for 3D; spacing in the same order. 2D images
-(PNG, or NIfTI with one slice dimension) become (1, y, x) with a dummy spacing of 999 for
-the missing axis, as nnU-Net does, so the rest of fedseg handles 2D as 3D with one slice.
+(PNG, BMP, 2D TIFF, or NIfTI with one slice dimension) become (1, y, x) with a dummy spacing
+of 999 for the missing axis, as nnU-Net does, so the rest of fedseg handles 2D as 3D with one
+slice. NIfTI, NRRD, MetaImage (.mha/.mhd) and GIPL go through SimpleITK (NIfTI's header and
+NaN voxels also through nibabel); TIFF stacks and natural images through fedseg.data.raster_io.
+Every reader checks the header's declared size against a voxel limit first
+(fedseg.data.image_header).
 """
 
 from __future__ import annotations
@@ -12,12 +16,28 @@ from pathlib import Path
 
 import numpy as np
 
+from fedseg.data.image_header import DEFAULT_MAX_VOXELS, check_voxel_limit
+from fedseg.data.native_stderr import captured_stderr
+from fedseg.data.raster_io import (
+    DUMMY_2D_SPACING,
+    is_natural_shape,
+    read_natural,
+    read_tiff_stack,
+    write_natural,
+    write_tiff_stack,
+)
 from fedseg.errors import InputError
 
-# nnU-Net's placeholder spacing for the non-existent slice axis of 2D images.
-DUMMY_2D_SPACING = 999.0
 # Images of one case may differ in spacing by float noise; more than this is a real mismatch.
 SPACING_RTOL = 1e-3
+
+# The endings nnU-Net v2 reads (nnunetv2/imageio), and which reader takes each.
+SITK_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".gipl")
+TIFF_ENDINGS = (".tif", ".tiff")
+NATURAL_ENDINGS = (".png", ".bmp")
+SUPPORTED_ENDINGS = SITK_ENDINGS + TIFF_ENDINGS + NATURAL_ENDINGS
+# A GIPL file is a fixed-size header followed by the raw voxels.
+GIPL_HEADER_BYTES = 256
 
 
 @dataclass(frozen=True)
@@ -52,67 +72,92 @@ class Geometry:
 
 def file_ending_of(path: str | Path) -> str:
     name = str(path).lower()
-    for ending in (".nii.gz", ".nii", ".png"):
+    for ending in SUPPORTED_ENDINGS:
         if name.endswith(ending):
             return ending
-    raise InputError("unsupported file type (use .nii.gz, .nii or .png)", path)
+    raise InputError(f"unsupported file type (use one of {', '.join(SUPPORTED_ENDINGS)})", path)
 
 
-def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
-    """Read one channel file as float32 (z, y, x) plus its geometry; InputError on any fault."""
+def read_channels(
+    path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS, channel_file: bool = True, as_float: bool = True,
+) -> tuple[np.ndarray, Geometry]:
+    """Read one image file as (C, z, y, x) float32 plus its geometry; InputError on any fault.
+
+    C is 1 except for colour natural images (RGB: 3, RGBA: 4, as nnU-Net reads them). The
+    header is checked against `max_voxels` before any voxel is decompressed.
+    `channel_file`: the file is a `{CASE}_{XXXX}` channel (a 3D TIFF's spacing file then
+    drops the channel suffix), not a label map. `as_float` False keeps a SimpleITK/TIFF
+    image's stored type (a uint8 label map stays uint8: a quarter of float32's memory).
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError("file not found", path)
-    if file_ending_of(path) == ".png":
-        return _read_png(path)
-    return _read_sitk(path)
+    ending = file_ending_of(path)
+    shape = check_voxel_limit(path, ending, max_voxels)
+    if ending in NATURAL_ENDINGS or (ending in TIFF_ENDINGS and is_natural_shape(shape, ending)):
+        data = read_natural(path, ending)
+        return data, Geometry(tuple(data.shape[1:]), (DUMMY_2D_SPACING, 1.0, 1.0), (), (), True)
+    if ending in TIFF_ENDINGS:
+        stack, spacing = read_tiff_stack(path, channel_file, as_float)
+        return stack[None], Geometry(tuple(stack.shape), spacing, (), (), False)
+    data, geometry = _read_sitk(path, as_float)
+    return data[None], geometry
 
 
-def _read_png(path: Path) -> tuple[np.ndarray, Geometry]:
-    from skimage import io as skio
-
-    try:
-        array = np.asarray(skio.imread(str(path)))
-    except Exception as exc:  # skimage/PIL raise many types for broken files
-        raise InputError(f"cannot read PNG ({type(exc).__name__}: {exc})", path) from None
-    if array.ndim == 3:
-        # RGB(A) stored greyscale: nnU-Net expects one channel per file; take the first.
-        array = array[..., 0]
-    if array.ndim != 2:
-        raise InputError(f"expected a 2D greyscale PNG, got shape {array.shape}", path)
-    data = array.astype(np.float32)[None]
-    geometry = Geometry(tuple(data.shape), (DUMMY_2D_SPACING, 1.0, 1.0), (), (), True)
-    return data, geometry
+def read_image(
+    path: str | Path, max_voxels: int = DEFAULT_MAX_VOXELS, as_float: bool = True
+) -> tuple[np.ndarray, Geometry]:
+    """Read a one-channel image (a label map, a prediction) as (z, y, x) plus its geometry;
+    float32, or with `as_float` False the stored type where the format keeps one."""
+    data, geometry = read_channels(path, max_voxels, channel_file=False, as_float=as_float)
+    if data.shape[0] != 1:
+        raise InputError(f"expected a one-channel image, got {data.shape[0]} channels (a colour image?)", path)
+    return data[0], geometry
 
 
-def _read_sitk(path: Path) -> tuple[np.ndarray, Geometry]:
+def _read_sitk(path: Path, as_float: bool = True) -> tuple[np.ndarray, Geometry]:
     import SimpleITK as sitk
 
-    nifti = check_nifti_complete(path)
+    nifti = check_nifti_complete(path) if file_ending_of(path) in (".nii", ".nii.gz") else None
     if nifti is not None:
         fast = _read_float_nifti(path, nifti)
         if fast is not None:
             return fast
     try:
-        image = sitk.ReadImage(str(path))
+        with captured_stderr() as printed:
+            image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        first_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unreadable"
-        raise InputError(f"cannot read image (truncated or corrupt?): {first_line[:200]}", path) from None
+        reason = printed.last_line() or (str(exc).strip().splitlines() or ["unreadable"])[-1][:200]
+        raise InputError(f"cannot read image (truncated or corrupt?): {reason}", path) from None
+    if file_ending_of(path) == ".gipl":
+        check_gipl_complete(path, image)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError("vector images are not supported: one channel per file", path)
-    array = sitk.GetArrayFromImage(image)
+    # A view on ITK's buffer: the float32 conversion below is then the only copy.
+    array = sitk.GetArrayViewFromImage(image)
     if nifti is not None:
         array = _restore_nonfinite(array, nifti)
     spacing = tuple(float(s) for s in image.GetSpacing()[::-1])
     origin = tuple(float(v) for v in image.GetOrigin())
     direction = tuple(float(v) for v in image.GetDirection())
     if array.ndim == 2:
-        data = array.astype(np.float32)[None]
+        data = array.astype(np.float32 if as_float else array.dtype, copy=True)[None]
         return data, Geometry(tuple(data.shape), (DUMMY_2D_SPACING, *spacing), origin, direction, True)
     if array.ndim != 3:
         raise InputError(f"expected a 2D or 3D image, got {array.ndim} dimensions", path)
-    data = array.astype(np.float32)
+    data = array.astype(np.float32 if as_float else array.dtype, copy=True)   # copy: the view dies with `image`
     return data, Geometry(tuple(data.shape), spacing, origin, direction, False)
+
+
+def check_gipl_complete(path: Path, image) -> None:
+    """ITK fills the missing voxels of a truncated GIPL file without complaint: compare the
+    file's size with its fixed 256-byte header plus the voxel bytes the header promises."""
+    import SimpleITK as sitk
+
+    expected = GIPL_HEADER_BYTES + image.GetNumberOfPixels() * sitk.GetArrayViewFromImage(image).itemsize
+    actual = path.stat().st_size
+    if actual < expected:
+        raise InputError(f"truncated image: {actual} of {expected} bytes present", path)
 
 
 def _read_float_nifti(path: Path, nifti) -> tuple[np.ndarray, Geometry] | None:
@@ -218,39 +263,59 @@ def write_segmentation(seg: np.ndarray, geometry: Geometry, path: str | Path) ->
 
     Writes to a temporary name and renames, so an existing file is only replaced whole.
     """
-    from fedseg.atomic import atomic_path
-
-    path = Path(path)
-    ending = file_ending_of(path)
     seg = np.asarray(seg)
     if tuple(seg.shape) != tuple(geometry.shape):
         raise ValueError(f"segmentation shape {seg.shape} does not match geometry {geometry.shape}")
-    with atomic_path(path) as tmp:
-        if ending == ".png":
-            from skimage import io as skio
-
-            tmp_png = tmp.with_name(tmp.name + ".png")
-            skio.imsave(str(tmp_png), seg[0].astype(np.uint8), check_contrast=False)
-            tmp_png.replace(tmp)
-        else:
-            write_sitk(seg.astype(np.uint8 if seg.max(initial=0) < 256 else np.int16), geometry, tmp, ending)
+    # nnU-Net's rule: uint8 when the labels fit, else a wider integer type.
+    _write(seg.astype(np.uint8 if seg.max(initial=0) < 256 else np.uint16, copy=False), geometry, Path(path),
+           channel_file=False)
 
 
 def write_image(data: np.ndarray, geometry: Geometry, path: str | Path) -> None:
-    """Write a float (z, y, x) channel image (used by the synthetic generator)."""
-    from fedseg.atomic import atomic_path
+    """Write a float (z, y, x) channel image `{CASE}_{XXXX}{ending}` (synthetic data, tests).
 
+    Natural 2D formats hold 8-bit greyscale: values are clipped to 0..255. A 3D TIFF gets
+    its spacing file `{CASE}.json` beside it.
+    """
     path = Path(path)
     ending = file_ending_of(path)
-    with atomic_path(path) as tmp:
-        if ending == ".png":
-            from skimage import io as skio
+    if geometry.is_2d and (ending in NATURAL_ENDINGS or ending in TIFF_ENDINGS):
+        data = np.clip(data, 0, 255).astype(np.uint8)
+    _write(np.asarray(data, dtype=np.float32) if data.dtype != np.uint8 else data, geometry, path, channel_file=True)
 
-            tmp_png = tmp.with_name(tmp.name + ".png")
-            skio.imsave(str(tmp_png), np.clip(data[0], 0, 255).astype(np.uint8), check_contrast=False)
-            tmp_png.replace(tmp)
+
+def _write(array: np.ndarray, geometry: Geometry, path: Path, channel_file: bool) -> None:
+    from fedseg.atomic import atomic_path
+
+    ending = file_ending_of(path)
+    if ending == ".mhd":
+        _write_mhd(array, geometry, path)
+        return
+    with atomic_path(path) as tmp:
+        if ending in NATURAL_ENDINGS or (ending in TIFF_ENDINGS and geometry.is_2d):
+            write_natural(array[0], tmp, ending)
+        elif ending in TIFF_ENDINGS:
+            write_tiff_stack(array, geometry.spacing, tmp, path, channel_file)
         else:
-            write_sitk(data.astype(np.float32), geometry, tmp, ending)
+            write_sitk(array, geometry, tmp, ending)
+
+
+def _write_mhd(array: np.ndarray, geometry: Geometry, path: Path) -> None:
+    """A MetaImage header names its data file (`case.zraw`) beside it: both are written in a
+    temporary folder, then the data file and, last, the header are renamed into place."""
+    import shutil
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        staged = staging / path.name
+        write_sitk(array, geometry, staged.with_name(staged.name[: -len(".mhd")]), ".mhd")
+        header = staging / path.name
+        for item in sorted(staging.iterdir(), key=lambda p: p == header):
+            item.replace(path.parent / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_sitk(array: np.ndarray, geometry: Geometry, tmp: Path, ending: str) -> None:
@@ -268,8 +333,9 @@ def write_sitk(array: np.ndarray, geometry: Geometry, tmp: Path, ending: str) ->
         image.SetDirection(geometry.direction)
     # SimpleITK picks the format from the file name, so write under the real ending.
     named = tmp.with_name(tmp.name + ending)
-    sitk.WriteImage(image, str(named), useCompression=ending == ".nii.gz")
-    named.replace(tmp)
+    sitk.WriteImage(image, str(named), useCompression=ending in (".nii.gz", ".mhd", ".mha", ".nrrd"))
+    if ending != ".mhd":
+        named.replace(tmp)
 
 
 def geometries_agree(a: Geometry, b: Geometry) -> bool:

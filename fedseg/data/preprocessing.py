@@ -21,6 +21,7 @@ import numpy as np
 
 from fedseg.data.case_loading import CaseData
 from fedseg.data.cropping import OUTSIDE_NONZERO_LABEL, bbox_to_slices, crop_to_nonzero
+from fedseg.data.labels import paint_regions
 from fedseg.data.normalization import normalize
 from fedseg.data.resampling import (
     DEFAULT_ANISOTROPY_THRESHOLD,
@@ -68,7 +69,7 @@ def label_values_to_indices(seg: np.ndarray, label_values: Sequence[int]) -> np.
 
 def indices_to_label_values(seg: np.ndarray, plans: Plans | Sequence[int]) -> np.ndarray:
     """Map class indices 0..K-1 back to the label values of dataset.json (int16)."""
-    label_values = plans.labels.values() if isinstance(plans, Plans) else plans
+    label_values = plans.label_values if isinstance(plans, Plans) else plans
     values = np.asarray(sorted(label_values), dtype=np.int16)
     seg = np.asarray(seg)
     if seg.size and (seg.min() < 0 or seg.max() >= len(values)):
@@ -100,7 +101,7 @@ def preprocess_case(case_data: CaseData, plans: Plans, config: ConfigurationPlan
 
     seg = None
     if case_data.seg is not None:
-        seg = label_values_to_indices(case_data.seg, list(plans.labels.values()))
+        seg = label_values_to_indices(case_data.seg, plans.label_values)
     data, cropped_seg, bbox = crop_to_nonzero(data, seg)
     shape_after_cropping = [int(s) for s in data.shape[1:]]
 
@@ -122,7 +123,8 @@ def preprocess_case(case_data: CaseData, plans: Plans, config: ConfigurationPlan
     if seg is not None:
         resampled = resample_data(cropped_seg[None], new_shape, True, spacing, target, threshold)
         out_seg = resampled.astype(np.int16)
-        class_locations = sample_class_locations(out_seg[0], range(1, plans.n_classes))
+        # Per foreground label value (also with regions: every region is a union of them).
+        class_locations = sample_class_locations(out_seg[0], range(1, len(plans.label_values)))
 
     properties = {
         "geometry": case_data.geometry.to_dict(),
@@ -136,6 +138,15 @@ def preprocess_case(case_data: CaseData, plans: Plans, config: ConfigurationPlan
         "class_locations": class_locations,
     }
     return PreprocessedCase(case_data.case_id, data.astype(np.float32, copy=False), out_seg, properties)
+
+
+def argmax_int16(probs: np.ndarray) -> np.ndarray:
+    """argmax over axis 0 as int16, one slice at a time: numpy's argmax returns int64, which
+    over a whole volume would be twice the size of a float32 image."""
+    out = np.empty(probs.shape[1:], dtype=np.int16)
+    for z in range(probs.shape[1]):
+        out[z] = np.argmax(probs[:, z], axis=0)
+    return out
 
 
 def sample_class_locations(
@@ -158,7 +169,8 @@ def sample_class_locations(
 
 
 def revert_segmentation(
-    seg_or_probs: np.ndarray, properties: dict[str, Any], config: ConfigurationPlan
+    seg_or_probs: np.ndarray, properties: dict[str, Any], config: ConfigurationPlan,
+    regions_class_order: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Bring a prediction on the preprocessed grid back to the case's original geometry.
 
@@ -166,6 +178,9 @@ def revert_segmentation(
     export does with logits) or a (z, y, x) class-index map (resampled through one-hot masks).
     Returns (z, y, x) int16 class indices of shape `shape_before_cropping`; outside the
     cropping box everything is background (0).
+    With `regions_class_order`, the probabilities are per-region sigmoids: after resampling,
+    the regions are painted (fedseg.data.labels.paint_regions) and the result holds label
+    VALUES, not class indices.
     """
     spacing = [float(s) for s in properties["spacing_after_cropping"]]
     current = target_spacing_3d(config, spacing)
@@ -177,7 +192,10 @@ def revert_segmentation(
             arr.astype(np.float32, copy=False), shape_after_cropping, False, current, spacing, threshold,
             order=PROBABILITY_ORDER,
         )
-        indices = np.argmax(probs, axis=0).astype(np.int16)
+        if regions_class_order is not None:
+            indices = paint_regions(probs, regions_class_order)
+        else:
+            indices = argmax_int16(probs)
     elif arr.ndim == 3:
         indices = resample_data(arr.astype(np.int16)[None], shape_after_cropping, True, current, spacing, threshold)[0]
         indices = np.maximum(indices, 0)  # an index map may carry -1 (outside); that is background

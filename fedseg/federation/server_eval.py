@@ -112,7 +112,7 @@ def subset_means(result: dict[str, Any], cases: set[str] | None) -> dict[str, An
     "foreground_mean"), then the cases; undefined (NaN/None) values are left out.
     """
     labels = result.get("labels") or {}
-    foreground = [name for name, value in labels.items() if int(value) != 0]
+    foreground = [name for name, value in labels.items() if value != 0]   # a region (a list) is foreground
     rows = [row for row in result["per_case"] if cases is None or row["case"] in cases]
     out: dict[str, Any] = {"n_cases": len(rows)}
     for metric in METRICS:

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedseg.data.image_header import DEFAULT_MAX_VOXELS
 from fedseg.errors import InputError
 from fedseg.federation.round_commit import (
     AGGREGATE_RECORD,
@@ -50,6 +51,7 @@ class SimulationConfig:
     fingerprint_workers: int = 1
     device: str = "cpu"
     mirror: bool = False
+    max_voxels: int = DEFAULT_MAX_VOXELS   # images declaring more voxels are refused unread
 
 
 @dataclass
@@ -122,6 +124,8 @@ def simulate(
     run_dir = Path(config.run_dir)
     site_dirs = {p.name: p for p in discover_sites(Path(config.sites_root), log)}
     get_strategy(config.strategy)   # an unknown strategy fails before any work
+    for path in site_dirs.values():  # so does an oversized image, at any site (headers only)
+        check_site_image_sizes(load_dataset(path), config.max_voxels)
     progress_factory = progress_factory or _no_progress
 
     # 1. fingerprints, one per site (reused when present)
@@ -131,7 +135,8 @@ def simulate(
         if not fp_path.is_file():
             dataset = load_dataset(path)
             with progress_factory(f"fingerprint {name}", len(dataset.cases("Tr"))) as advance:
-                save_fingerprint(compute_fingerprint(dataset, name, workers=config.fingerprint_workers, progress=advance), fp_path)
+                save_fingerprint(compute_fingerprint(dataset, name, workers=config.fingerprint_workers, progress=advance,
+                                                     max_voxels=config.max_voxels), fp_path)
         fingerprints.append(load_fingerprint(fp_path))
 
     # 2. plan, 3. init
@@ -161,6 +166,7 @@ def simulate(
                     plans, name, path, round_dir(run_dir, r - 1) / f"{name}.safetensors", run_dir / "state" / name,
                     update, iterations=config.iterations, device=config.device, num_workers=config.workers,
                     progress=advance, agreement_key=agreement_key(run_dir, plans, name),
+                    max_voxels=config.max_voxels,
                 )
             log(f"round {r} {name}: val Dice {result.val_dice:.3f} ({result.seconds:.1f}s)")
             updates.append(update)
@@ -387,7 +393,7 @@ def evaluate_sites(plans, run_dir: Path, site_dirs: dict[str, Path], config: Sim
         result = evaluate_site(
             plans, name, path, final / f"{name}.safetensors", run_dir / "state" / name,
             run_dir / "report" / "predictions" / name, device=config.device, mirror=config.mirror,
-            progress_factory=progress_factory,
+            progress_factory=progress_factory, max_voxels=config.max_voxels,
         )
         if result is not None:
             save_metrics(result, run_dir / "report" / f"metrics_{name}.json")
@@ -395,9 +401,17 @@ def evaluate_sites(plans, run_dir: Path, site_dirs: dict[str, Path], config: Sim
     return results
 
 
+def check_site_image_sizes(dataset, max_voxels: int) -> None:
+    """Refuse (InputError naming the file) a site whose training or test images declare more
+    than `max_voxels` voxels; reads headers only."""
+    from fedseg.data.case_loading import check_case_sizes
+
+    check_case_sizes(dataset.cases("Tr") + dataset.cases("Ts"), max_voxels)
+
+
 def evaluate_site(
     plans, site: str, dataset_root: Path, weights_path: Path, state_dir: Path, predictions_dir: Path,
-    device: str = "cpu", mirror: bool = False, progress_factory=None,
+    device: str = "cpu", mirror: bool = False, progress_factory=None, max_voxels: int = DEFAULT_MAX_VOXELS,
 ) -> dict | None:
     """Predict a site's test split (imagesTs) with the model it would use and score it against
     labelsTs; None when the site has no test split."""
@@ -412,8 +426,8 @@ def evaluate_site(
     n = len(list(labels.iterdir()))
     with (progress_factory or _no_progress)(f"predict {site}", n) as advance:
         predict_folder(network, images, predictions_dir, plans, plans.configuration_for(site), device=device,
-                       mirror=mirror, progress=advance, site=site)
-    return evaluate_folders(predictions_dir, labels, plans.labels, plans.file_ending)
+                       mirror=mirror, progress=advance, site=site, max_voxels=max_voxels)
+    return evaluate_folders(predictions_dir, labels, plans.labels, plans.file_ending, max_voxels=max_voxels)
 
 
 def write_report(run_dir: Path, plan_id: str, val_dice, test_metrics, labels, traffic=None) -> Path:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedseg.data.image_header import DEFAULT_MAX_VOXELS
 from fedseg.errors import InputError
 from fedseg.federation.privacy import site_privacy
 from fedseg.federation.secure_aggregation import AgreementKey
@@ -105,6 +106,7 @@ def run_site_round(
     log: Callable[[str], None] | None = None,
     signing_key: SigningKey | None = None,
     agreement_key: AgreementKey | None = None,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
 ) -> SiteRoundResult:
     """Train `site` for one round starting from `weights_path`; write the update to `output`.
 
@@ -136,7 +138,7 @@ def run_site_round(
         outcome = train_local(
             plans, site, Path(dataset_root), Path(state_dir), network, state, round_index,
             iterations=iterations, device=device, num_workers=num_workers, progress=progress, log=log,
-            trainer_class=get_strategy(plans.strategy.name).trainer_class(plans),
+            trainer_class=get_strategy(plans.strategy.name).trainer_class(plans), max_voxels=max_voxels,
         )
         meta = write_site_update(
             plans, site, outcome.state_dict, output, round_index=round_index, n_iterations=outcome.n_iterations,

@@ -38,9 +38,11 @@ from typing import Any, NoReturn
 import numpy as np
 
 from fedseg.bounds import MAX_AXIS, MAX_LABEL, MAX_SITE_CASES, MAX_SPACING, bounded_float, bounded_int, short
-from fedseg.data.case_loading import load_case
+from fedseg.data.case_loading import check_case_sizes, load_case
 from fedseg.data.cropping import bbox_of_mask, bbox_to_slices
 from fedseg.data.dataset import Case, Dataset
+from fedseg.data.image_header import DEFAULT_MAX_VOXELS
+from fedseg.data.labels import parse_labels
 from fedseg.errors import InputError
 from fedseg.names import check_site_name
 from fedseg.planning.sketch import DEFAULT_ALPHA, QuantileSketch
@@ -80,9 +82,11 @@ def nonzero_bbox(data: np.ndarray) -> list[list[int]]:
     return bbox_of_mask(mask)
 
 
-def summarize_case(case: Case, label_values: list[int], alpha: float = DEFAULT_ALPHA) -> CaseSummary:
+def summarize_case(
+    case: Case, label_values: list[int], alpha: float = DEFAULT_ALPHA, max_voxels: int = DEFAULT_MAX_VOXELS
+) -> CaseSummary:
     """Load and validate one case, crop it like nnU-Net, and sketch its foreground per channel."""
-    loaded = load_case(case, label_values)
+    loaded = load_case(case, label_values, max_voxels=max_voxels)
     data, seg = loaded.data, loaded.seg
     if seg is None:
         raise InputError(f"case {case.case_id}: training case has no label file", case.images[0])
@@ -103,10 +107,12 @@ def summarize_case(case: Case, label_values: list[int], alpha: float = DEFAULT_A
     )
 
 
-def _summarize_in_worker(case: Case, label_values: list[int], alpha: float) -> CaseSummary | tuple[str, str | None]:
+def _summarize_in_worker(
+    case: Case, label_values: list[int], alpha: float, max_voxels: int
+) -> CaseSummary | tuple[str, str | None]:
     # InputError does not survive pickling with its path; send (message, path) back instead.
     try:
-        return summarize_case(case, label_values, alpha)
+        return summarize_case(case, label_values, alpha, max_voxels)
     except InputError as exc:
         return (exc.detail, str(exc.path) if exc.path is not None else None)
 
@@ -117,8 +123,11 @@ def compute_fingerprint(
     workers: int = 1,
     progress: ProgressFn | None = None,
     alpha: float = DEFAULT_ALPHA,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
 ) -> dict[str, Any]:
     """The fingerprint of a site's training cases (JSON-able dict, no voxel values).
+
+    Every file's header is checked against `max_voxels` before the first case is read.
 
     Cases are summarised in parallel when `workers > 1` and combined in case-id order, so
     the result is identical for every worker count. `progress(1, case_id)` is called after
@@ -126,6 +135,7 @@ def compute_fingerprint(
     """
     check_site_name(site)
     cases = dataset.cases("Tr")
+    check_case_sizes(cases, max_voxels)
     label_values = dataset.label_values
     summaries: list[CaseSummary] = []
     total = len(cases)
@@ -139,13 +149,13 @@ def compute_fingerprint(
 
     if workers <= 1 or total <= 1:
         for case in cases:
-            collect(_summarize_in_worker(case, label_values, alpha))
+            collect(_summarize_in_worker(case, label_values, alpha, max_voxels))
     else:
         with warnings.catch_warnings():
             # Python >= 3.12 warns about forking a process with threads; see _pool_context.
             warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
             with ProcessPoolExecutor(max_workers=min(workers, total), mp_context=_pool_context()) as pool:
-                for result in pool.map(_summarize_in_worker, cases, [label_values] * total, [alpha] * total):
+                for result in pool.map(_summarize_in_worker, cases, [label_values] * total, [alpha] * total, [max_voxels] * total):
                     collect(result)
     return _assemble(dataset, site, summaries, alpha)
 
@@ -190,6 +200,8 @@ def _assemble(dataset: Dataset, site: str, summaries: list[CaseSummary], alpha: 
         "shapes_after_crop": [s.shape_after_crop for s in summaries],
         "relative_sizes_after_crop": [s.relative_size_after_crop for s in summaries],
         "foreground_stats_per_channel": per_channel,
+        # only for region-based labels, so a plain dataset's fingerprint keeps its keys
+        **({"regions_class_order": list(dataset.regions_class_order)} if dataset.regions_class_order else {}),
     }
 
 
@@ -264,8 +276,10 @@ def validate_fingerprint(fp: Any, source: str | Path | None = None) -> None:
     if missing:
         fail(f"missing key(s) {', '.join(missing)}")
     check_site_name(fp["site"], source)
-    if not isinstance(fp["labels"], dict) or not all(isinstance(v, int) for v in fp["labels"].values()):
-        fail("labels must map names to integers")
+    try:
+        parse_labels(fp["labels"], fp.get("regions_class_order"))
+    except InputError as exc:
+        fail(exc.detail)
     if not isinstance(fp["channel_names"], dict) or not fp["channel_names"]:
         fail("channel_names must be a non-empty object")
     if fp["image_dim"] not in (2, 3):

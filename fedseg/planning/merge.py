@@ -119,6 +119,7 @@ def merge_fingerprints(
         },
         "channel_names": channel_names,
         "labels": dict(reference["labels"]),
+        **({"regions_class_order": list(reference["regions_class_order"])} if reference.get("regions_class_order") else {}),
         # The first of the sites' endings in sorted order (".nii" < ".nii.gz"): both are NIfTI.
         "file_ending": reference["file_ending"] if len(file_endings) == 1 else file_endings[0],
         "image_dim": reference["image_dim"],
@@ -129,7 +130,7 @@ def merge_fingerprints(
 
 
 def _check_compatible(ref: dict, ref_name: str, fp: dict, name: str, require_same_channels: bool) -> None:
-    if fp["labels"] != ref["labels"]:
+    if fp["labels"] != ref["labels"] or fp.get("regions_class_order") != ref.get("regions_class_order"):
         raise InputError(
             f"labels {_labels_text(fp['labels'])} of site {fp['site']!r} differ from "
             f"{_labels_text(ref['labels'])} of site {ref['site']!r} ({ref_name})",
@@ -157,8 +158,11 @@ def _check_compatible(ref: dict, ref_name: str, fp: dict, name: str, require_sam
         )
 
 
-def _labels_text(labels: dict[str, int]) -> str:
-    return "{" + ", ".join(f"{k}: {v}" for k, v in sorted(labels.items(), key=lambda kv: kv[1])) + "}"
+def _labels_text(labels: dict[str, int | list[int]]) -> str:
+    def first_value(item: tuple[str, int | list[int]]) -> int:
+        return item[1] if isinstance(item[1], int) else min(item[1])
+
+    return "{" + ", ".join(f"{k}: {v}" for k, v in sorted(labels.items(), key=first_value)) + "}"
 
 
 # Per channel: (voxel-weighted sketch, case-weighted sketch) of the pooled foreground.

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from fedseg.data.labels import parse_labels
 from fedseg.errors import InputError
 from fedseg.planning.merge import merge_fingerprints
 from fedseg.planning.plans import ConfigurationPlan, NetworkSpec, Plans, SiteInfo, StrategySpec, TrainingSpec
@@ -297,7 +298,7 @@ def plan_configuration(
         spacing, shape, dim = target, median_shape, 3
     else:
         spacing, shape, dim = target[1:], median_shape[1:], 2
-    n_classes = len(merged["labels"])
+    n_classes = parse_labels(merged["labels"], merged.get("regions_class_order")).n_outputs
     patch, network, estimate = plan_patch_and_network(spacing, shape, n_classes, budget)
     schemes, use_mask = normalization_schemes(merged["channel_names"], merged["median_relative_size_after_cropping"])
     return ConfigurationPlan(
@@ -443,6 +444,17 @@ def strategy_requires_same_channels(strategy: str, params: Mapping[str, Any]) ->
     return bool(get_strategy(strategy).requires_same_channels(params))
 
 
+def check_strategy_supports_regions(strategy: str, merged: Mapping[str, Any]) -> None:
+    """Refuse region-based labels for a strategy whose model recipe cannot train them."""
+    from fedseg.federation.strategies import get_strategy, strategy_names
+
+    if merged.get("regions_class_order") and strategy in strategy_names() and not get_strategy(strategy).supports_regions:
+        raise InputError(
+            f"strategy {strategy!r} does not train region-based labels (lists in dataset.json's labels); "
+            "use fedavg, local or asymfedavg"
+        )
+
+
 def strategy_plans_per_site(strategy: str) -> bool:
     """Whether a strategy's sites each train a network planned from their own fingerprint
     (its class's `plans_per_site`, e.g. asymfedavg). Unknown names: no."""
@@ -525,6 +537,7 @@ def make_plans(
         # mix-modal strategies (mixmfl, fedavg with missing=zero) take sites holding different channels
         require_same_channels = strategy_requires_same_channels(strategy, {**dict(strategy_params or {}), **strategy_over})
     merged = merge_fingerprints(fingerprints, fingerprint_names, require_same_channels=require_same_channels)
+    check_strategy_supports_regions(strategy, merged)
 
     notes: list[str] = []
     if merged["image_dim"] == 2:
@@ -537,7 +550,7 @@ def make_plans(
     elif configuration is None:
         configuration = "3d_fullres"
     config = plan_configuration(merged, configuration, budget)
-    n_classes = len(merged["labels"])
+    n_classes = parse_labels(merged["labels"], merged.get("regions_class_order")).n_outputs
     if "patch_size" in config_over:
         config = with_patch_size(config, config_over["patch_size"], n_classes, merged["n_cases"], budget)
     if "batch_size" in config_over:
@@ -563,6 +576,7 @@ def make_plans(
         dataset_name="+".join(names),
         channel_names=dict(merged["channel_names"]),
         labels=dict(merged["labels"]),
+        regions_class_order=list(merged["regions_class_order"]) if merged.get("regions_class_order") else None,
         file_ending=merged["file_ending"],
         fingerprint=merged,
         sites=sites,

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedseg.data.labels import LabelLayout, parse_labels
 from fedseg.errors import InputError
 from fedseg.names import check_site_name
 
@@ -81,7 +82,7 @@ class StrategySpec:
 class Plans:
     dataset_name: str
     channel_names: dict[str, str]
-    labels: dict[str, int]
+    labels: dict[str, int | list[int]]       # as dataset.json: a list is a region (fedseg.data.labels)
     file_ending: str
     fingerprint: dict[str, Any]              # merged fingerprint, nnU-Net key names
     sites: dict[str, SiteInfo]
@@ -93,10 +94,14 @@ class Plans:
     keys: dict[str, str] = field(default_factory=dict)   # site (or "coordinator") -> Ed25519 public key, hex
     extra: dict[str, Any] = field(default_factory=dict)  # strategy-specific planned data (e.g. shared-parameter maps)
     format_version: int = PLANS_FORMAT_VERSION
+    regions_class_order: list[int] | None = None   # region-based labels only
 
     # -- identity -------------------------------------------------------------------------
     def content_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        content = asdict(self)
+        if content["regions_class_order"] is None:   # plain labels: the same content (and plan_id) as before regions
+            del content["regions_class_order"]
+        return content
 
     @property
     def plan_id(self) -> str:
@@ -118,8 +123,18 @@ class Plans:
         return len(self.channel_names)
 
     @property
+    def label_layout(self) -> LabelLayout:
+        return parse_labels(self.labels, self.regions_class_order)
+
+    @property
+    def label_values(self) -> list[int]:
+        """Every value a label map may hold, sorted (0 included)."""
+        return self.label_layout.label_values
+
+    @property
     def n_classes(self) -> int:
-        return len(self.labels)
+        """Network outputs: one per label value (softmax), or one per foreground region (sigmoid)."""
+        return self.label_layout.n_outputs
 
     # -- (de)serialisation ---------------------------------------------------------------
     def to_json(self) -> str:

@@ -15,6 +15,10 @@ Result layout (JSON-able once NaN is turned into null by `to_jsonable`/`save_met
 
 A label whose value is NaN in every case has a NaN mean (null in JSON). As nnU-Net does,
 "foreground_mean" averages the per-label means, so every structure weighs the same.
+
+Region-based labels (a label naming a list of values, fedseg.data.labels): as nnU-Net, each
+foreground region is scored on its mask (`np.isin(map, region)`) in prediction and reference;
+background is not scored, and "labels" lists the regions as dataset.json does.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from fedseg.data.image_io import geometries_agree, read_image
+from fedseg.data.case_loading import label_map_as_int16
+from fedseg.data.image_header import DEFAULT_MAX_VOXELS, check_voxel_limit
+from fedseg.data.image_io import file_ending_of, geometries_agree, read_image
 from fedseg.errors import InputError
 from fedseg.training.metrics import METRIC_NAMES, case_metrics
 
@@ -38,6 +44,7 @@ def evaluate_folders(
     labels: dict[str, int],
     file_ending: str,
     progress: Callable[..., None] | None = None,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
 ) -> dict[str, Any]:
     """Score every reference `{CASE}{ending}` in `ref_dir` against `pred_dir/{CASE}{ending}`.
 
@@ -62,24 +69,24 @@ def evaluate_folders(
         if not pred_path.is_file():
             raise InputError(f"case {case}: no prediction for reference {ref_path}", pred_path)
         pairs.append((case, pred_path, ref_path))
+        for path in (ref_path, pred_path):
+            check_voxel_limit(path, file_ending_of(path), max_voxels)
 
-    names_by_value = {int(v): str(k) for k, v in labels.items()}
-    label_values = sorted(names_by_value)
+    scored = scored_labels(labels)
     per_case = []
     for case, pred_path, ref_path in pairs:
-        per_case.append(_score_case(case, pred_path, ref_path, label_values, names_by_value))
+        per_case.append(_score_case(case, pred_path, ref_path, scored, max_voxels))
         if progress is not None:
             progress(1, info=case)
 
-    label_names = [names_by_value[v] for v in label_values]
     mean = {
         name: {metric: nanmean([c["metrics"][name][metric] for c in per_case]) for metric in METRIC_NAMES}
-        for name in label_names
+        for name, _ in scored
     }
-    foreground = [names_by_value[v] for v in label_values if v != 0]
+    foreground = [name for name, members in scored if members != (0,)]
     foreground_mean = {metric: nanmean([mean[name][metric] for name in foreground]) for metric in METRIC_NAMES}
     return {
-        "labels": {names_by_value[v]: v for v in label_values},
+        "labels": {name: members[0] if len(members) == 1 else list(members) for name, members in scored},
         "n_cases": len(per_case),
         "per_case": per_case,
         "mean": mean,
@@ -87,11 +94,22 @@ def evaluate_folders(
     }
 
 
+def scored_labels(labels: dict[str, int | list[int]]) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, label values of its mask) for everything scored: every label by value, or, with
+    regions, every foreground region in dataset.json order."""
+    groups = [(str(name), tuple(int(v) for v in value) if isinstance(value, list) else (int(value),))
+              for name, value in labels.items()]
+    if any(len(members) > 1 for _, members in groups):
+        return [(name, members) for name, members in groups if members != (0,)]
+    return sorted(groups, key=lambda group: group[1])
+
+
 def _score_case(
-    case: str, pred_path: Path, ref_path: Path, label_values: list[int], names_by_value: dict[int, str]
+    case: str, pred_path: Path, ref_path: Path, scored: list[tuple[str, tuple[int, ...]]],
+    max_voxels: int = DEFAULT_MAX_VOXELS,
 ) -> dict[str, Any]:
-    ref, ref_geo = read_image(ref_path)
-    pred, pred_geo = read_image(pred_path)
+    ref, ref_geo = read_image(ref_path, max_voxels, as_float=False)
+    pred, pred_geo = read_image(pred_path, max_voxels, as_float=False)
     if pred_geo.shape != ref_geo.shape:
         raise InputError(
             f"case {case}: prediction shape {pred_geo.shape} differs from reference shape {ref_geo.shape}", pred_path
@@ -101,18 +119,22 @@ def _score_case(
             f"case {case}: prediction spacing {pred_geo.spacing} differs from reference spacing {ref_geo.spacing}",
             pred_path,
         )
-    for array, path in ((pred, pred_path), (ref, ref_path)):
-        if not np.isfinite(array).all():
-            raise InputError(f"case {case}: label map contains NaN or infinite values", path)
-    # Label maps are read as float32; values are small integers, so rounding is exact.
-    metrics = case_metrics(
-        np.rint(pred).astype(np.int64), np.rint(ref).astype(np.int64), label_values, ref_geo.spacing
-    )
+    pred = label_map_as_int16(pred, f"case {case}: label map", pred_path)
+    ref = label_map_as_int16(ref, f"case {case}: label map", ref_path)
+    if all(len(members) == 1 for _, members in scored):
+        by_value = case_metrics(pred, ref, [members[0] for _, members in scored], ref_geo.spacing)
+        metrics = {name: by_value[members[0]] for name, members in scored}
+    else:   # regions: each scored on its own mask
+        metrics = {
+            name: case_metrics(np.isin(pred, members).astype(np.int8), np.isin(ref, members).astype(np.int8),
+                               [1], ref_geo.spacing)[1]
+            for name, members in scored
+        }
     return {
         "case": case,
         "prediction": str(pred_path),
         "reference": str(ref_path),
-        "metrics": {names_by_value[v]: metrics[v] for v in label_values},
+        "metrics": metrics,
     }
 
 

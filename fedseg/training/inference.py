@@ -23,9 +23,10 @@ import torch
 from scipy.ndimage import gaussian_filter
 from torch import nn
 
-from fedseg.data.case_loading import CaseData, load_case
+from fedseg.data.case_loading import CaseData, check_case_sizes, load_case
 from fedseg.data.channels import expand_to_plan, plan_channel_list, site_channel_indices
 from fedseg.data.dataset import collect_cases
+from fedseg.data.image_header import DEFAULT_MAX_VOXELS
 from fedseg.data.image_io import write_segmentation
 from fedseg.errors import InputError
 from fedseg.planning.plans import ConfigurationPlan, Plans
@@ -105,15 +106,19 @@ def sliding_window_probabilities(
     mirror: bool = False,
     device: str | torch.device = "cpu",
     tiles_per_batch: int = TILES_PER_BATCH,
+    regions: bool = False,
 ) -> np.ndarray:
     """Class probabilities (K, z, y, x) float32 for a preprocessed (C, z, y, x) array.
+
+    `regions`: the outputs are independent regions (a sigmoid each) rather than classes
+    (softmax over K).
 
     A 3-entry `patch_size` tiles the volume; a 2-entry one predicts each z slice in 2D.
     The network runs in eval mode without deep supervision (`inference_mode`, restored
     afterwards); a list output is tolerated and its first, full-resolution entry used.
     """
     with inference_mode(network):
-        return _sliding_window(network, data, patch_size, n_classes, step_size, mirror, device, tiles_per_batch)
+        return _sliding_window(network, data, patch_size, n_classes, step_size, mirror, device, tiles_per_batch, regions)
 
 
 def _sliding_window(
@@ -125,6 +130,7 @@ def _sliding_window(
     mirror: bool,
     device: str | torch.device,
     tiles_per_batch: int,
+    regions: bool = False,
 ) -> np.ndarray:
     if data.ndim != 4:
         raise ValueError(f"expected (C, z, y, x) data, got shape {data.shape}")
@@ -140,7 +146,9 @@ def _sliding_window(
     padded_tiled = tuple(max(s, p) for s, p in zip(tiled, patch))
     pad = [((p - s) // 2, (p - s) - (p - s) // 2) for s, p in zip(tiled, padded_tiled)]
     full_pad = [(0, 0)] + ([(0, 0)] if slice_wise else []) + pad
-    padded = np.pad(np.asarray(data, dtype=np.float32), full_pad, mode="constant", constant_values=0.0)
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    # np.pad always copies: a case at least one patch large is used as it is.
+    padded = np.pad(data, full_pad, mode="constant", constant_values=0.0) if any(sum(p) for p in pad) else data
 
     steps = compute_steps_for_sliding_window(padded_tiled, patch, step_size)
     tile_slices = [tuple(slice(s, s + p) for s, p in zip(start, patch)) for start in itertools.product(*steps)]
@@ -158,7 +166,7 @@ def _sliding_window(
     for first in range(0, len(tiles), tiles_per_batch):
         batch_tiles = tiles[first : first + tiles_per_batch]
         batch = torch.stack([source[(slice(None), *t)] for t in batch_tiles])
-        tile_probs = _predict_tiles(network, batch, n_classes, mirror)
+        tile_probs = _predict_tiles(network, batch, n_classes, mirror, regions)
         for tile, tile_prob in zip(batch_tiles, tile_probs):
             probs[(slice(None), *tile)] += tile_prob * gaussian
             weights[tile] += gaussian
@@ -170,8 +178,9 @@ def _sliding_window(
     return probs[(slice(None), *crop)].cpu().numpy()
 
 
-def _predict_tiles(network: nn.Module, batch: torch.Tensor, n_classes: int, mirror: bool) -> torch.Tensor:
-    """Softmax of a batch of tiles (B, K, *patch), averaged over all axis flips if `mirror`."""
+def _predict_tiles(network: nn.Module, batch: torch.Tensor, n_classes: int, mirror: bool, regions: bool = False) -> torch.Tensor:
+    """Softmax (sigmoid for regions) of a batch of tiles (B, K, *patch), averaged over all
+    axis flips if `mirror`."""
     spatial_axes = list(range(2, batch.ndim))
     flip_sets = (
         [combo for r in range(len(spatial_axes) + 1) for combo in itertools.combinations(spatial_axes, r)]
@@ -189,7 +198,7 @@ def _predict_tiles(network: nn.Module, batch: torch.Tensor, n_classes: int, mirr
                 f"network output shape {tuple(out.shape)} does not match {n_classes} classes on tiles "
                 f"{tuple(batch.shape[2:])}"
             )
-        prob = torch.softmax(out.float(), dim=1)
+        prob = torch.sigmoid(out.float()) if regions else torch.softmax(out.float(), dim=1)
         if axes:
             prob = torch.flip(prob, axes)
         total = prob if total is None else total + prob
@@ -234,6 +243,7 @@ def predict_case(
     # A reference label (if loaded) plays no part in prediction; skip its preprocessing.
     preprocessed = preprocess_case(dataclasses.replace(case_data, seg=None), plans, config)
     network.to(device)
+    layout = plans.label_layout
     probs = sliding_window_probabilities(
         network,
         preprocessed.data,
@@ -242,9 +252,12 @@ def predict_case(
         step_size=step_size,
         mirror=mirror,
         device=device,
+        regions=layout.has_regions,
     )
-    indices = revert_segmentation(probs, preprocessed.properties, config)
-    labels = indices_to_label_values(indices, sorted(plans.labels.values()))
+    if layout.has_regions:   # painted region by region: already label values
+        labels = revert_segmentation(probs, preprocessed.properties, config, layout.regions_class_order)
+    else:
+        labels = indices_to_label_values(revert_segmentation(probs, preprocessed.properties, config), plans.label_values)
     labels = np.asarray(labels).astype(np.int16, copy=False)
     if labels.shape != tuple(case_data.geometry.shape):
         raise RuntimeError(
@@ -264,11 +277,13 @@ def predict_folder(
     progress: Callable[..., None] | None = None,
     step_size: float = DEFAULT_STEP_SIZE,
     site: str | None = None,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
 ) -> list[Path]:
     """Segment every `{CASE}_{XXXX}{ending}` case in `images_dir` into `out_dir/{CASE}{ending}`.
 
     Each output is written atomically in its input's geometry, holding dataset.json label
-    values. All cases are checked (channel files complete) before the first is predicted.
+    values. All cases are checked (channel files complete, no image above `max_voxels`)
+    before the first is predicted.
     `site`: the images hold that site's channels (see `predict_case`).
     `progress(1, info=case_id)` is called after each case. Returns the written paths.
     """
@@ -279,9 +294,10 @@ def predict_folder(
     layout = site_channel_layout(plans, site)
     n_channels = plans.n_channels if layout is None else len(layout)
     cases = collect_cases(images_dir, None, ending, n_channels, require_labels=False)
+    check_case_sizes(cases, max_voxels)
     written = []
     for case in cases:
-        case_data = load_case(case)
+        case_data = load_case(case, max_voxels=max_voxels)
         seg = predict_case(network, case_data, plans, config, device=device, mirror=mirror, step_size=step_size, site=site)
         target = out_dir / f"{case.case_id}{ending}"
         write_segmentation(seg, case_data.geometry, target)

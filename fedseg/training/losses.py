@@ -3,6 +3,9 @@
 Targets are class-index maps of shape (b, 1, *spatial) (float or int). Voxels marked -1
 (outside the nonzero mask after cropping) count as background, as nnU-Net does when the
 dataset has no ignore label (its RemoveLabelTransform(-1, 0)).
+
+Region-based labels (fedseg.data.labels) train one sigmoid output per region with nnU-Net's
+DC_and_BCE_loss; the region masks are made from the class-index target inside the loss.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from fedseg.errors import InputError
 
 # nnU-Net's Dice smoothing: keeps empty classes at Dice 1 (0/0 -> smooth/smooth) without
 # noticeably biasing non-empty ones.
@@ -58,12 +63,47 @@ class MemoryEfficientSoftDiceLoss(nn.Module):
             sum_gt = onehot.sum(axes)
         if not self.do_bg:
             probs = probs[:, 1:]
-        intersect = (probs * onehot).sum(axes)
-        sum_pred = probs.sum(axes)
-        if self.batch_dice:
-            intersect, sum_pred, sum_gt = intersect.sum(0), sum_pred.sum(0), sum_gt.sum(0)
-        dc = (2 * intersect + self.smooth) / torch.clip(sum_gt + sum_pred + self.smooth, 1e-8)
-        return -dc.mean()
+        return -soft_dice(probs, onehot, sum_gt, self.batch_dice, self.smooth)
+
+
+def soft_dice(probs: torch.Tensor, onehot: torch.Tensor, sum_gt: torch.Tensor, batch_dice: bool, smooth: float) -> torch.Tensor:
+    """Mean soft Dice of (b, K, ...) probabilities against (b, K, ...) masks (per sample and
+    channel, or pooled over the batch with `batch_dice`)."""
+    axes = tuple(range(2, probs.ndim))
+    intersect = (probs * onehot).sum(axes)
+    sum_pred = probs.sum(axes)
+    if batch_dice:
+        intersect, sum_pred, sum_gt = intersect.sum(0), sum_pred.sum(0), sum_gt.sum(0)
+    dc = (2 * intersect + smooth) / torch.clip(sum_gt + sum_pred + smooth, 1e-8)
+    return dc.mean()
+
+
+class DiceBCERegionLoss(nn.Module):
+    """nnU-Net's DC_and_BCE_loss for region-based labels: BCE on the logits + soft Dice on
+    their sigmoids, weights 1:1, every output a foreground region (so no background to drop).
+
+    `region_class_indices[r]`: the class indices of the target that make up region r.
+    """
+
+    def __init__(self, region_class_indices: Sequence[Sequence[int]], smooth: float = DICE_SMOOTH) -> None:
+        super().__init__()
+        self.region_class_indices = [list(r) for r in region_class_indices]
+        self.smooth = smooth
+
+    def region_targets(self, target: torch.Tensor) -> torch.Tensor:
+        """(b, 1, ...) class indices -> (b, R, ...) float region masks."""
+        idx = _class_indices(target)
+        masks = [torch.isin(idx, torch.tensor(r, device=idx.device)) for r in self.region_class_indices]
+        return torch.stack(masks, 1).float()
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if logits.shape[1] != len(self.region_class_indices):
+            raise ValueError(f"{logits.shape[1]} outputs for {len(self.region_class_indices)} regions")
+        with torch.no_grad():
+            regions = self.region_targets(target)
+            sum_gt = regions.sum(tuple(range(2, regions.ndim)))
+        bce = F.binary_cross_entropy_with_logits(logits, regions)
+        return bce - soft_dice(torch.sigmoid(logits), regions, sum_gt, False, self.smooth)
 
 
 class CrossEntropy(nn.Module):
@@ -155,13 +195,23 @@ class DeepSupervisionWrapper(nn.Module):
         return total
 
 
-def make_loss(name: str, deep_supervision_scales: Sequence[Sequence[float]] | None = None) -> nn.Module:
+def make_loss(
+    name: str,
+    deep_supervision_scales: Sequence[Sequence[float]] | None = None,
+    region_class_indices: Sequence[Sequence[int]] | None = None,
+) -> nn.Module:
     """The training loss by plan name ("dice_ce" | "dice_focal").
 
     With `deep_supervision_scales` (one entry per network output) the loss takes lists of
     outputs and targets; without, one output tensor and one target tensor.
+    With `region_class_indices` (region-based labels) "dice_ce" is nnU-Net's Dice + BCE on
+    the regions; "dice_focal" has no region form and is refused.
     """
-    if name == "dice_ce":
+    if region_class_indices is not None:
+        if name != "dice_ce":
+            raise InputError(f"loss {name!r} is not defined for region-based labels (use training.loss=dice_ce)")
+        base: nn.Module = DiceBCERegionLoss(region_class_indices)
+    elif name == "dice_ce":
         base: nn.Module = DiceCELoss()
     elif name == "dice_focal":
         base = DiceFocalLoss()

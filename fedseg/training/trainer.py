@@ -34,6 +34,7 @@ from torch import nn
 
 from fedseg.atomic import atomic_path, write_json_atomic
 from fedseg.data.channels import expand_to_plan, plan_channel_list, site_channel_indices
+from fedseg.data.image_header import DEFAULT_MAX_VOXELS
 from fedseg.errors import InputError
 from fedseg.planning.plans import ConfigurationPlan, Plans
 from fedseg.training.dataloading import BatchStream
@@ -177,26 +178,31 @@ def load_training_cases(
     dataset_root: Path,
     state_dir: Path,
     log: Callable[[str], None] | None = None,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
 ) -> list[CachedCase]:
-    """The site's training cases, preprocessed per its configuration (cached in the state folder)."""
-    from fedseg.data.case_loading import load_case
+    """The site's training cases, preprocessed per its configuration (cached in the state folder).
+
+    Every file's header is checked against `max_voxels` before the first case is read."""
+    from fedseg.data.case_loading import check_case_sizes, load_case
     from fedseg.data.dataset import load_dataset
     from fedseg.data.preprocessing import preprocess_case
 
     dataset = load_dataset(dataset_root)
     layout = site_layout(plans, dataset, Path(dataset_root) / "dataset.json")
     config = plans.configuration_for(site)
-    label_values = sorted(plans.labels.values())
+    label_values = plans.label_values
     folder = cache_dir(plans, state_dir)
     cases = []
-    for case in dataset.cases("Tr"):
+    site_cases = dataset.cases("Tr")
+    check_case_sizes(site_cases, max_voxels)
+    for case in site_cases:
         npz, meta = folder / f"{case.case_id}.npz", folder / f"{case.case_id}.json"
         if npz.is_file() and meta.is_file():
             with np.load(npz, allow_pickle=False) as arrays:
                 data, seg = arrays["data"], arrays["seg"]
             properties = json.loads(meta.read_text())
         else:
-            case_data = load_case(case, label_values)
+            case_data = load_case(case, label_values, max_voxels=max_voxels)
             if layout is not None:   # a mix-modal site: its channels in the plan's order, absent ones zero
                 case_data = dataclasses.replace(case_data, data=expand_to_plan(case_data.data, layout, plans.n_channels))
             pre = preprocess_case(case_data, plans, config)
@@ -223,12 +229,33 @@ def _tile_starts(n: int, p: int) -> list[int]:
     return starts
 
 
+def argmax_decoder(logits: torch.Tensor) -> torch.Tensor:
+    """(K, ...) logits -> class indices (softmax classes)."""
+    return logits.argmax(0)
+
+
+def region_decoder(paint: Sequence[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """(R, ...) region logits -> class indices, painted as a prediction is (fedseg.data.labels):
+    in turn, region r gets class index `paint[r]` where its sigmoid exceeds 0.5."""
+
+    def decode(logits: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(logits.shape[1:], dtype=torch.long, device=logits.device)
+        for r, index in enumerate(paint):
+            out[logits[r] > 0] = index   # sigmoid > 0.5
+        return out
+
+    return decode
+
+
 @torch.no_grad()
-def predict_indices(network: nn.Module, data: np.ndarray, patch_size: Sequence[int], device: str) -> np.ndarray:
+def predict_indices(
+    network: nn.Module, data: np.ndarray, patch_size: Sequence[int], device: str,
+    decode: Callable[[torch.Tensor], torch.Tensor] = argmax_decoder,
+) -> np.ndarray:
     """Class-index map (z, y, x) of a preprocessed case: the volume is padded to at least the
     patch and covered by patch-sized tiles (last tile aligned to the border), one forward pass
     each. Cheap and memory-bounded; the sliding-window Gaussian blend of inference is not needed
-    for a training-time validation score."""
+    for a training-time validation score. `decode` turns a tile's logits into class indices."""
     is_2d = len(patch_size) == 2
     spatial = data.shape[2:] if is_2d else data.shape[1:]
     pad = [max(0, p - s) for p, s in zip(patch_size, spatial)]
@@ -249,7 +276,7 @@ def predict_indices(network: nn.Module, data: np.ndarray, patch_size: Sequence[i
             logits = network(x)
             if isinstance(logits, (list, tuple)):
                 logits = logits[0]
-            labels = logits[0].argmax(0).cpu().numpy().astype(np.int16)
+            labels = decode(logits[0]).cpu().numpy().astype(np.int16)
             if is_2d:
                 result[(z, *window)] = labels
             else:
@@ -258,21 +285,26 @@ def predict_indices(network: nn.Module, data: np.ndarray, patch_size: Sequence[i
     return result[(slice(None), *crop)] if is_2d else result[crop]
 
 
-def foreground_dice(preds: Sequence[np.ndarray], refs: Sequence[np.ndarray], n_classes: int) -> float:
+def foreground_dice(
+    preds: Sequence[np.ndarray], refs: Sequence[np.ndarray], n_classes: int,
+    region_class_indices: Sequence[Sequence[int]] | None = None,
+) -> float:
     """Mean over foreground classes of the Dice pooled over all cases (nnU-Net's pseudo Dice).
 
     Pooling TP/FP/FN over cases keeps small or empty cases from dominating; a class absent
     from both prediction and reference everywhere is left out; NaN when no class is present.
+    With `region_class_indices`, each region (the union of its class indices) is scored instead.
     """
-    tp = np.zeros(n_classes - 1)
-    fp = np.zeros(n_classes - 1)
-    fn = np.zeros(n_classes - 1)
+    groups = [list(r) for r in region_class_indices] if region_class_indices is not None else [[c] for c in range(1, n_classes)]
+    tp = np.zeros(len(groups))
+    fp = np.zeros(len(groups))
+    fn = np.zeros(len(groups))
     for pred, ref in zip(preds, refs):
-        for c in range(1, n_classes):
-            p, r = pred == c, ref == c
-            tp[c - 1] += np.count_nonzero(p & r)
-            fp[c - 1] += np.count_nonzero(p & ~r)
-            fn[c - 1] += np.count_nonzero(~p & r)
+        for g, members in enumerate(groups):
+            p, r = np.isin(pred, members), np.isin(ref, members)
+            tp[g] += np.count_nonzero(p & r)
+            fp[g] += np.count_nonzero(p & ~r)
+            fn[g] += np.count_nonzero(~p & r)
     denom = 2 * tp + fp + fn
     present = denom > 0
     if not present.any():
@@ -294,6 +326,7 @@ class SiteTrainer:
 
     checkpoint_every: int = CHECKPOINT_EVERY
     grad_clip_norm: float = GRAD_CLIP_NORM
+    max_voxels: int = DEFAULT_MAX_VOXELS   # images declaring more voxels are refused unread
 
     def __init__(
         self,
@@ -317,7 +350,10 @@ class SiteTrainer:
         self.deep_supervision_scales = (
             deep_supervision_scales(self.config.network.strides) if getattr(network, "deep_supervision", False) else None
         )
-        self.loss = make_loss(plans.training.loss, self.deep_supervision_scales)
+        layout = plans.label_layout
+        self.region_class_indices = layout.region_class_indices() if layout.has_regions else None
+        self.region_paint = layout.paint_class_indices()
+        self.loss = make_loss(plans.training.loss, self.deep_supervision_scales, self.region_class_indices)
         self.optimizer = self.make_optimizer()
         self.train_cases: list[CachedCase] = []
         self.val_cases: list[CachedCase] = []
@@ -335,7 +371,7 @@ class SiteTrainer:
 
     # -- data ---------------------------------------------------------------------------
     def prepare_data(self, dataset_root: Path, state_dir: Path) -> None:
-        cases = load_training_cases(self.plans, self.site, dataset_root, state_dir, self.log)
+        cases = load_training_cases(self.plans, self.site, dataset_root, state_dir, self.log, self.max_voxels)
         by_id = {c.case_id: c for c in cases}
         train_ids, val_ids = split_cases(list(by_id), self.plans.training.val_fraction, self.plans.seed, self.site)
         self.train_cases = [by_id[i] for i in train_ids]
@@ -386,13 +422,14 @@ class SiteTrainer:
         if deep_supervision is not None:
             self.network.deep_supervision = False
         try:
-            preds = [predict_indices(self.network, c.data, self.config.patch_size, self.device) for c in cases]
+            decode = argmax_decoder if self.region_class_indices is None else region_decoder(self.region_paint)
+            preds = [predict_indices(self.network, c.data, self.config.patch_size, self.device, decode) for c in cases]
         finally:
             if deep_supervision is not None:
                 self.network.deep_supervision = deep_supervision
             self.network.train(was_training)
         refs = [np.maximum(c.seg[0], 0) for c in cases]
-        return foreground_dice(preds, refs, self.plans.n_classes)
+        return foreground_dice(preds, refs, self.plans.n_classes, self.region_class_indices)
 
     # -- optimizer state ----------------------------------------------------------------
     def momentum_buffers(self) -> dict[str, torch.Tensor]:
@@ -586,6 +623,7 @@ def train_local(
     progress: Callable | None = None,
     log: Callable[[str], None] | None = None,
     trainer_class: type[SiteTrainer] = SiteTrainer,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
 ) -> TrainOutcome:
     """Train `site` for round `round_index` (1-based) starting from `initial_state`.
 
@@ -598,4 +636,5 @@ def train_local(
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     trainer = trainer_class(plans, site, network, device=device, num_workers=num_workers, progress=progress, log=log)
+    trainer.max_voxels = max_voxels
     return trainer.run_round(state_dir, initial_state, round_index, iterations, dataset_root=Path(dataset_root))

@@ -65,7 +65,7 @@ def test_valid_dataset_loads(tmp_path: Path) -> None:
         (json.dumps({"channel_names": {"1": "CT"}, "labels": {"background": 0}, "numTraining": 1,
                      "file_ending": ".nii.gz"}), "0..N-1"),
         (json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0}, "numTraining": 1,
-                     "file_ending": ".mha"}), "not supported"),
+                     "file_ending": ".jpg"}), "not supported"),
     ],
 )
 def test_bad_dataset_json(tmp_path: Path, content: str, match: str) -> None:

@@ -65,6 +65,8 @@ class Strategy:
     description: ClassVar[str] = ""
     # params this strategy understands besides ENGINE_PARAMS (checked by `check_params`)
     known_params: ClassVar[frozenset[str]] = frozenset()
+    # whether its model recipe trains region-based labels (sigmoid per region, fedseg.data.labels)
+    supports_regions: ClassVar[bool] = True
 
     # -- configuration -------------------------------------------------------------------
     def check_params(self, params: Mapping[str, Any]) -> None:

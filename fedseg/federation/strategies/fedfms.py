@@ -47,6 +47,7 @@ def _frozen_backbone(name: str) -> bool:
 class _FedFMS(FedAvg):
     adapters: bool = False
     known_params = FedAvg.known_params | SAM_PARAMS
+    supports_regions = False   # the SAM mask decoder's head is softmax over classes
 
     def check_params(self, params: Mapping[str, Any]) -> None:
         super().check_params(params)

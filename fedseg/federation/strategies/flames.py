@@ -135,6 +135,7 @@ class Flames(Strategy):
     known_params = frozenset({"alpha", "weighting"})
     # What `fedseg plan` sets unless --set says otherwise: FLAMES' 0.3·Dice + 0.7·Focal loss.
     training_defaults: ClassVar[dict[str, Any]] = {"loss": "dice_focal"}
+    supports_regions = False   # its Dice + Focal loss is defined on softmax classes
 
     # -- configuration -------------------------------------------------------------------
     def check_params(self, params: Mapping[str, Any]) -> None:

@@ -81,6 +81,7 @@ class MixMFL(Strategy):
     name = "mixmfl"
     description = "mix-modal: per-sequence tailored encoders (averaged over holders), shared encoder/decoder, prototype memory"
     known_params = frozenset(DEFAULTS)
+    supports_regions = False   # its decoder and losses are softmax over classes
 
     def check_params(self, params: Mapping[str, Any]) -> None:
         super().check_params(params)
