@@ -48,7 +48,7 @@ def format_status(state) -> str:
             )
             missing = f"; missing {', '.join(_with_reasons(r.sites_missing, r.failures))}" if r.sites_missing else ""
             took = "" if r.wall_s is None else f" ({r.wall_s:.0f} s)"
-            lines.append(f"  round {r.round}{took}: mean val Dice {dice}: {per_site}{missing}")
+            lines.append(f"  round {r.round}{took}: mean val Dice {dice}: {per_site}{missing}{_privacy_note(r.privacy)}")
         else:
             lines.append(
                 f"  round {r.round}: under way, updates in from {', '.join(r.sites_in) or 'no site'}"
@@ -60,6 +60,16 @@ def format_status(state) -> str:
             lines.append(f"  test {site}: foreground Dice {dice:.3f}")
     lines.append(f"next: {state.next_action}")
     return "\n".join(lines)
+
+
+def _privacy_note(privacy: dict | None) -> str:
+    """'; masked; ε 1.2 at δ 1e-05' for a round under secure aggregation and DP."""
+    if not privacy:
+        return ""
+    parts = ["masked"] if privacy["secure_aggregation"] else []
+    if privacy["epsilon"] is not None:
+        parts.append(f"ε {privacy['epsilon']:.3g} at δ {privacy['delta']:g}")
+    return "; " + "; ".join(parts) if parts else ""
 
 
 def _with_reasons(sites: list[str], failures: dict[str, str]) -> list[str]:

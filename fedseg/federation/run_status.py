@@ -51,6 +51,9 @@ class RoundStatus:
     wall_s: float | None               # complete rounds: since the previous round finished (plans.json for round 1)
     bytes: int | None                  # uploads + downloads of the round
     failures: dict[str, str] = field(default_factory=dict)   # site -> why it is missing (Flower runs)
+    # privacy of the round, from aggregate.json: {"secure_aggregation": bool, "epsilon": ε so far
+    # or None, "delta": δ or None}; None when the plan uses neither secure aggregation nor DP
+    privacy: dict[str, Any] | None = None
 
 
 @dataclass
@@ -127,7 +130,20 @@ def _complete_round(run_dir: Path, r: int, sites: list[str], started: float | No
         signed=record.get("signed_by") is not None,
         wall_s=None if started is None else max(0.0, finished - started), bytes=total_bytes,
         failures=_failures(run_dir, r),
+        privacy=_privacy(record.get("privacy")),
     )
+
+
+def _privacy(record: Any) -> dict[str, Any] | None:
+    """The round's privacy state as status shows it: masked or not, ε at δ spent so far."""
+    if not isinstance(record, dict) or (record.get("secure_aggregation") is None and record.get("dp") is None):
+        return None
+    dp = record.get("dp") if isinstance(record.get("dp"), dict) else {}
+    return {
+        "secure_aggregation": record.get("secure_aggregation") is not None,
+        "epsilon": _number(dp.get("epsilon")),
+        "delta": _number(dp.get("delta")),
+    }
 
 
 def _pending_round(run_dir: Path, r: int, sites: list[str]) -> RoundStatus:
@@ -260,6 +276,15 @@ STATUS_SCHEMA: dict[str, Any] = {
                     "wall_s": _NUMBER_OR_NULL,
                     "bytes": {"type": ["integer", "null"]},
                     "failures": {"type": "object", "additionalProperties": {"type": "string"}},
+                    "privacy": {
+                        "type": ["object", "null"],
+                        "required": ["secure_aggregation", "epsilon", "delta"],
+                        "properties": {
+                            "secure_aggregation": {"type": "boolean"},
+                            "epsilon": _NUMBER_OR_NULL,
+                            "delta": _NUMBER_OR_NULL,
+                        },
+                    },
                     "sites": {
                         "type": "array",
                         "items": {

@@ -320,3 +320,18 @@ def test_simulate_checks_the_budget_before_training_a_round(tmp_path: Path) -> N
     aggregate_round(plans, list(write_round(plans, tmp_path / "round_001", states, start=start).values()), tmp_path / "round_001")
     with pytest.raises(InputError, match="round 2 would bring ε"):
         check_budget_before_round(plans, tmp_path / "round_001", 2)
+
+
+def test_status_states_epsilon_after_each_round(tmp_path: Path, capsys) -> None:
+    from fedseg.cli.main import run
+    from fedseg.federation.run_status import run_status
+
+    plans = private_plans(None, dp_params(), BIG)
+    plans.save(tmp_path / "plans.json")
+    start = big_state(99)
+    paths = write_round(plans, tmp_path / "round_001", {site: big_state(i) for i, site in enumerate(SITES)}, start=start)
+    report = aggregate_round(plans, list(paths.values()), tmp_path / "round_001")
+    state = run_status(tmp_path)
+    assert state.rounds[0].privacy == {"secure_aggregation": False, "epsilon": report.privacy["dp"]["epsilon"], "delta": 1e-5}
+    assert run(["status", str(tmp_path)]) == 0
+    assert f"ε {report.privacy['dp']['epsilon']:.3g} at δ 1e-05" in capsys.readouterr().out
