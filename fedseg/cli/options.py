@@ -25,7 +25,14 @@ ITERATIONS = typer.Option(None, "--iterations", min=1, help="Training iterations
 SET = typer.Option(None, "--set", help="Plan override or strategy parameter: key=value.")
 SEED = typer.Option(1234, "--seed", help="Seed for weights and training.")
 WORKERS = typer.Option(2, "--workers", min=0, help="Background augmentation workers per site.")
-DEVICE = typer.Option("cpu", "--device", help="cpu or cuda.")
+DEVICE = typer.Option(
+    "auto", "--device",
+    help="auto (a CUDA GPU when torch has one, else the CPU), cpu, cuda or cuda:N. On CUDA training uses mixed precision.",
+)
+BUDGET = typer.Option(
+    None, "--budget",
+    help="Compute budget for the patch size (nnU-Net GPU-memory gigabytes; default 0.8 suits a CPU, 8 is nnU-Net's GPU plan).",
+)
 RESUME = typer.Option(False, "--resume", help="Continue the run in OUTPUT from its last complete round.")
 
 
@@ -38,6 +45,32 @@ def parse_set_options(items: list[str] | None) -> dict[str, str]:
             raise InputError(f"--set expects key=value, got {item!r}")
         overrides[key.strip()] = value.strip()
     return overrides
+
+
+def require_output_file(path: Path, what: str) -> Path:
+    """An output that will be a file: refused (exit 2) when it is a folder or sits below a file,
+    checked before any work so a long run never fails at its last write."""
+    if path.is_dir():
+        raise InputError(f"{what} is a folder; give a file name", path)
+    _require_folder_ancestors(path, what)
+    return path
+
+
+def require_output_dir(path: Path, what: str) -> Path:
+    """An output that will be a folder (created if missing): refused (exit 2) when a file is in the way."""
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{what} is a file; give a folder", path)
+    _require_folder_ancestors(path, what)
+    return path
+
+
+def _require_folder_ancestors(path: Path, what: str) -> None:
+    # the nearest existing ancestor must be a folder, else creating the output fails
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"cannot create {what} {path}: this is a file, not a folder", parent)
+            return
 
 
 def require_file(path: Path, what: str) -> Path:

@@ -64,7 +64,12 @@ def parse_robust(params: Mapping[str, Any]) -> RobustSpec:
     """RobustSpec from plans.strategy.params; InputError on a malformed value."""
     value = params.get("robust")
     rule, trim = "mean", 0.0
-    if value is not None and value != "mean":
+    if value is not None:
+        if value == "mean":
+            # "mean" is no rule of its own: leaving `robust` out keeps the strategy's rule (for
+            # fedavg a weighted mean, for flames a personalised mixture), which "mean" misnames.
+            raise InputError("robust=mean is not a robust rule; leave robust out to keep the strategy's own rule, "
+                             "or use median or trimmed:F (0 <= F < 0.5)")
         if not isinstance(value, str):
             raise InputError(f"robust must be median or trimmed:F (0 <= F < 0.5), got {value!r}")
         name, _, fraction = value.partition(":")

@@ -32,8 +32,9 @@ class SimulationConfig:
     seed: int = 1234
     workers: int = 2                       # augmentation workers per site
     fingerprint_workers: int = 1
-    device: str = "cpu"
+    device: str = "auto"                   # "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"
     mirror: bool = False
+    budget: float | None = None            # planning budget (nnU-Net GB-equivalents; default the planner's)
 
 
 @dataclass
@@ -88,29 +89,35 @@ def simulate(
     from fedseg.data.dataset import load_dataset
     from fedseg.federation.engine import aggregate_round
     from fedseg.federation.site_training import run_site_round
-    from fedseg.federation.strategies import get_strategy
     from fedseg.planning.fingerprint import compute_fingerprint, load_fingerprint, save_fingerprint
 
     run_dir = Path(config.run_dir)
     site_dirs = {p.name: p for p in discover_sites(Path(config.sites_root))}
-    get_strategy(config.strategy)   # an unknown strategy fails before any work
+    check_overrides(config.strategy, config.overrides)   # a bad strategy or --set fails before any work
     progress_factory = progress_factory or _no_progress
 
-    # 1. fingerprints, one per site (reused when present)
+    # 1. fingerprints, one per site (reused when present); written only once the plan made
+    # from them is valid, so a refused --set leaves the run folder as it was
     fingerprints = []
+    fresh: dict[Path, dict] = {}
     for name, path in site_dirs.items():
         fp_path = run_dir / "fingerprints" / f"{name}.json"
-        if not fp_path.is_file():
-            dataset = load_dataset(path)
-            with progress_factory(f"fingerprint {name}", len(dataset.cases("Tr"))) as advance:
-                save_fingerprint(compute_fingerprint(dataset, name, workers=config.fingerprint_workers, progress=advance), fp_path)
-        fingerprints.append(load_fingerprint(fp_path))
+        if fp_path.is_file():
+            fingerprints.append(load_fingerprint(fp_path))
+            continue
+        dataset = load_dataset(path)
+        with progress_factory(f"fingerprint {name}", len(dataset.cases("Tr"))) as advance:
+            fresh[fp_path] = compute_fingerprint(dataset, name, workers=config.fingerprint_workers, progress=advance)
+        fingerprints.append(fresh[fp_path])
 
     # 2. plan, 3. init
-    plans = plan_and_init(
-        run_dir, fingerprints, strategy=config.strategy, rounds=config.rounds, configuration=config.configuration,
-        iterations=config.iterations, overrides=config.overrides, seed=config.seed, log=log,
+    plans = plan_run(
+        fingerprints, strategy=config.strategy, rounds=config.rounds, configuration=config.configuration,
+        iterations=config.iterations, overrides=config.overrides, seed=config.seed, budget=config.budget,
     )
+    for fp_path, fp in fresh.items():
+        save_fingerprint(fp, fp_path)
+    plans = init_run(run_dir, plans, log=log)
 
     # 4. rounds
     val_dice: dict[str, list[float | None]] = {name: [] for name in site_dirs}
@@ -150,6 +157,71 @@ def simulate(
                             server_metrics, traffic=traffic)
 
 
+def check_overrides(strategy: str, overrides: dict[str, str]) -> None:
+    """Refuse an unknown strategy or a `--set` that the plan would refuse, before any work
+    (keys, types and ranges; what depends on the sites' data is checked by `plan_run`)."""
+    from fedseg.federation.strategies import get_strategy
+    from fedseg.planning.planner import split_overrides
+
+    impl = get_strategy(strategy)
+    _training, _configuration, params, _seed = split_overrides(overrides)
+    impl.check_params(params)
+
+
+def plan_run(
+    fingerprints: list[dict],
+    *,
+    strategy: str,
+    rounds: int,
+    configuration: str,
+    iterations: int | None,
+    overrides: dict[str, str],
+    seed: int,
+    keys: dict[str, str] | None = None,
+    budget: float | None = None,
+) -> Plans:
+    """The run's plan from the sites' fingerprints, checked as `fedseg plan` checks it; writes nothing."""
+    from fedseg.federation.manifest import attach_manifests
+    from fedseg.federation.strategies import get_strategy
+    from fedseg.planning.planner import make_plans
+
+    overrides = {"training.rounds": str(rounds), **overrides}
+    if iterations is not None:
+        overrides["training.iterations_per_round"] = str(iterations)
+    plans = make_plans(fingerprints, strategy=strategy, configuration=configuration, budget=budget,
+                       overrides=overrides, seed=seed)
+    if keys:
+        from fedseg.federation.signing import check_plan_keys
+
+        plans.keys = dict(keys)
+        check_plan_keys(plans.keys, sorted(plans.sites))
+    return attach_manifests(plans, get_strategy(strategy))
+
+
+def init_run(run_dir: Path, plans: Plans, log: Callable[[str], None] = lambda message: None, signing_key=None) -> Plans:
+    """Write run_dir/plans.json (or check that the one there is the same plan) and round_000.
+
+    Run again on the same folder (resume), the plan must come out the same; `signing_key`
+    signs round_000.
+    """
+    from fedseg.atomic import write_text_atomic
+    from fedseg.federation.engine import initial_round
+    from fedseg.planning.plans import load_plans
+
+    plans_path = Path(run_dir) / "plans.json"
+    if plans_path.is_file():
+        existing = load_plans(plans_path)
+        if existing.plan_id != plans.plan_id:
+            raise InputError("holds a different plan; use a new run folder (or delete it) to start over", plans_path)
+    else:
+        plans.save(plans_path)
+    log(f"plan {plans.plan_id[:12]}: {len(plans.sites)} sites, strategy {plans.strategy.name}, {plans.training.rounds} rounds")
+    if not (round_dir(run_dir, 0) / "done").is_file():
+        initial_round(plans, round_dir(run_dir, 0), seed=plans.seed, signing_key=signing_key)
+        write_text_atomic(round_dir(run_dir, 0) / "done", "")
+    return plans
+
+
 def plan_and_init(
     run_dir: Path,
     fingerprints: list[dict],
@@ -163,41 +235,13 @@ def plan_and_init(
     log: Callable[[str], None] = lambda message: None,
     keys: dict[str, str] | None = None,
     signing_key=None,
+    budget: float | None = None,
 ) -> Plans:
-    """Plan from the sites' fingerprints into run_dir/plans.json and write round_000.
-
-    Run again on the same folder (resume), the plan must come out the same; `keys` (site ->
-    public key) make the plan require signed files, `signing_key` signs round_000.
-    """
-    from fedseg.atomic import write_text_atomic
-    from fedseg.federation.engine import initial_round
-    from fedseg.federation.manifest import attach_manifests
-    from fedseg.federation.strategies import get_strategy
-    from fedseg.planning.plans import load_plans
-    from fedseg.planning.planner import make_plans
-
-    plans_path = Path(run_dir) / "plans.json"
-    overrides = {"training.rounds": str(rounds), **overrides}
-    if iterations is not None:
-        overrides["training.iterations_per_round"] = str(iterations)
-    plans = make_plans(fingerprints, strategy=strategy, configuration=configuration, overrides=overrides, seed=seed)
-    if keys:
-        from fedseg.federation.signing import check_plan_keys
-
-        plans.keys = dict(keys)
-        check_plan_keys(plans.keys, sorted(plans.sites))
-    plans = attach_manifests(plans, get_strategy(strategy))
-    if plans_path.is_file():
-        existing = load_plans(plans_path)
-        if existing.plan_id != plans.plan_id:
-            raise InputError("holds a different plan; use a new run folder (or delete it) to start over", plans_path)
-    else:
-        plans.save(plans_path)
-    log(f"plan {plans.plan_id[:12]}: {len(plans.sites)} sites, strategy {strategy}, {rounds} rounds")
-    if not (round_dir(run_dir, 0) / "done").is_file():
-        initial_round(plans, round_dir(run_dir, 0), seed=plans.seed, signing_key=signing_key)
-        write_text_atomic(round_dir(run_dir, 0) / "done", "")
-    return plans
+    """Plan from the sites' fingerprints into run_dir/plans.json and write round_000 (`plan_run`
+    then `init_run`); `keys` (site -> public key) make the plan require signed files."""
+    plans = plan_run(fingerprints, strategy=strategy, rounds=rounds, configuration=configuration,
+                     iterations=iterations, overrides=overrides, seed=seed, keys=keys, budget=budget)
+    return init_run(run_dir, plans, log=log, signing_key=signing_key)
 
 
 def _collect_val_dice(rdir: Path, val_dice: dict[str, list[float | None]]) -> None:

@@ -101,8 +101,12 @@ def run_site_round(
     from fedseg.federation.engine import split_site_state, write_site_update
     from fedseg.training.trainer import train_local
 
+    from fedseg.federation.strategies import get_strategy
+
     start = time.monotonic()
     plans.site(site)
+    strategy = get_strategy(plans.strategy.name)
+    strategy.check_params(plans.strategy.params)   # what plan, init and aggregate refuse, a site refuses too
     signing_key = require_signing_key(plans.keys, signing_key, site)
     previous_round = incoming_round(plans, weights_path)
     round_index = previous_round + 1
@@ -111,13 +115,11 @@ def run_site_round(
             f"is the model of round {previous_round}; the plan has {plans.training.rounds} rounds, so nothing is left to train",
             weights_path,
         )
-    from fedseg.federation.strategies import get_strategy
-
     network, state = site_network_and_state(plans, site, weights_path, state_dir)
     outcome = train_local(
         plans, site, Path(dataset_root), Path(state_dir), network, state, round_index,
         iterations=iterations, device=device, num_workers=num_workers, progress=progress, log=log,
-        trainer_class=get_strategy(plans.strategy.name).trainer_class(plans),
+        trainer_class=strategy.trainer_class(plans),
     )
     meta = write_site_update(
         plans, site, outcome.state_dict, output, round_index=round_index, n_iterations=outcome.n_iterations,

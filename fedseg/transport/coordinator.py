@@ -39,6 +39,7 @@ class CoordinatorSettings:
     seed: int = 1234
     keys: Path | None = None               # folder of <name>.pub: the plan then requires signatures
     key: Path | None = None                # the coordinator's private key (with keys)
+    budget: float | None = None            # planning budget (nnU-Net GB-equivalents; default the planner's)
 
 
 class Coordinator:
@@ -78,7 +79,7 @@ class Coordinator:
         self.plans = plan_and_init(
             self.run_dir, loaded, strategy=s.strategy, rounds=s.rounds, configuration=s.configuration,
             iterations=s.iterations, overrides=s.overrides, seed=s.seed, log=self.log, keys=keys,
-            signing_key=self._signing_key,
+            signing_key=self._signing_key, budget=s.budget,
         )
         return self.plans
 

@@ -135,8 +135,15 @@ class Flames(Strategy):
     known_params = frozenset({"alpha", "weighting"})
     # What `fedseg plan` sets unless --set says otherwise: FLAMES' 0.3·Dice + 0.7·Focal loss.
     training_defaults: ClassVar[dict[str, Any]] = {"loss": "dice_focal"}
+    # A coordinate median or trimmed mean of a group is one tensor for all its sites: every
+    # site would load the same model, the opposite of FLAMES' personalised rule.
+    robust_rules = frozenset({"clip_norm"})
+    robust_refusal = "a median or trimmed mean gives every site of a group the same model, so FLAMES would stop being personal"
 
     # -- configuration -------------------------------------------------------------------
+    def knows_param(self, key: str) -> bool:
+        return key.startswith(GROUP_PREFIX) or super().knows_param(key)
+
     def check_params(self, params: Mapping[str, Any]) -> None:
         plain = {k: v for k, v in params.items() if not k.startswith(GROUP_PREFIX)}
         super().check_params(plain)

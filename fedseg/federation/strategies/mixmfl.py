@@ -81,6 +81,10 @@ class MixMFL(Strategy):
     name = "mixmfl"
     description = "mix-modal: per-sequence tailored encoders (averaged over holders), shared encoder/decoder, prototype memory"
     known_params = frozenset(DEFAULTS)
+    # The memory pools are merged by concatenation and FIFO truncation, not by a weighted mean:
+    # a median of prototype banks, or a delta clipped toward last round's bank, means nothing.
+    robust_rules = frozenset()
+    robust_refusal = "its prototype memories are merged by concatenation, which a median, trimmed mean or clipped delta would corrupt"
 
     def check_params(self, params: Mapping[str, Any]) -> None:
         super().check_params(params)
