@@ -131,9 +131,9 @@ PLAN_SETTINGS: dict[str, Setting] = {
 }
 
 
-def unknown_key_message(key: str, known: Iterable[str], context: str = "") -> str:
-    """"unknown --set key 'trainig.rounds' (did you mean 'training.rounds'?)" with the closest known key."""
+def unknown_key_message(key: str, known: Iterable[str], reader: str = "the planner") -> str:
+    """"the planner does not know --set key 'training.round' (did you mean 'training.rounds'?)"."""
     known = sorted(set(known))
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known) or 'none'}"
-    return f"unknown --set key {key!r}{context} ({hint})"
+    return f"{reader} does not know --set key {key!r} ({hint})"

@@ -110,7 +110,7 @@ class Strategy:
         owners = [name for name in strategies_knowing(key) if name != self.name]
         if owners:
             return f"--set {key!r} is a parameter of strategy {', '.join(owners)}, not of {self.name!r}"
-        return unknown_key_message(key, [*self.param_names(), *PLAN_SETTINGS], f" for strategy {self.name!r}")
+        return unknown_key_message(key, [*self.param_names(), *PLAN_SETTINGS], f"strategy {self.name!r}")
 
     def requires_same_channels(self, params: Mapping[str, Any]) -> bool:
         """Whether every site must hold the plan's channels (False: mix-modal sites hold subsets,
