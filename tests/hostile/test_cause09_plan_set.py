@@ -1,0 +1,138 @@
+"""`plan --set` refuses what nothing reads or what makes no sense, with the same check that
+init, train and aggregate apply; `simulate` checks every --set before its first file."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from cli_inputs import listing, refused, tiny_fingerprints, tiny_plans  # noqa: F401 (fixtures)
+
+from fedseg.errors import InputError
+from fedseg.planning.plans import TrainingSpec, load_plans
+from fedseg.planning.settings import PLAN_SETTINGS
+
+# (--set item, what the one-line error must name)
+BAD_SETTINGS = [
+    ("bogus_key=1", "bogus_key"),
+    ("trainig.rounds=3", "did you mean 'training.rounds'"),
+    ("training.round=3", "did you mean 'training.rounds'"),
+    ("configuration.patchsize=32,32,32", "did you mean 'configuration.patch_size'"),
+    ("weighting=bogus", "weighting"),
+    ("group.site_a=CT", "flames"),
+    ("clip_norm=-1", "clip_norm"),
+    ("clip_norm=nan", "clip_norm"),
+    ("clip_norm=abc", "clip_norm"),
+    ("max_update_norm=nan", "max_update_norm"),
+    ("max_update_norm=-3", "max_update_norm"),
+    ("max_update_norm=1e400", "max_update_norm"),
+    ("robust=mean", "robust"),
+    ("robust=trimmed:0.7", "robust"),
+    ("robust=-1", "robust"),
+    ("robust=nan", "robust"),
+    ("configuration.patch_size=100000,100000,100000", "configuration.patch_size"),
+    ("configuration.patch_size=1024,1024,1024", "GB"),          # within the edge limit, beyond any accelerator
+    ("configuration.patch_size=-16,16,16", "configuration.patch_size"),
+    ("configuration.batch_size=0", "configuration.batch_size"),
+    ("training.rounds=0", "training.rounds"),
+    ("training.rounds=1e400", "training.rounds"),
+    ("training.rounds=" + "9" * 400, "training.rounds"),
+    ("training.iterations_per_round=2.5", "training.iterations_per_round"),
+    ("training.initial_lr=0", "training.initial_lr"),
+    ("training.momentum=1.5", "training.momentum"),
+    ("training.weight_decay=-0.1", "training.weight_decay"),
+    ("training.val_fraction=nan", "training.val_fraction"),
+    ("training.loss=mse", "training.loss"),
+    ("seed=-1", "seed"),
+]
+
+
+@pytest.mark.parametrize("item, named", BAD_SETTINGS, ids=[item[:40] for item, _ in BAD_SETTINGS])
+def test_plan_refuses(item: str, named: str, tiny_fingerprints: list[Path], tmp_path: Path, capsys) -> None:
+    refused(["plan", *map(str, tiny_fingerprints), "-o", str(tmp_path / "plans.json"), "--set", item], capsys, named)
+    assert listing(tmp_path) == set()
+
+
+def test_every_training_field_has_a_setting() -> None:
+    """A new TrainingSpec field without a --set entry could never be set (and would go unchecked)."""
+    fields = {f"training.{f.name}" for f in dataclasses.fields(TrainingSpec)}
+    assert fields == {k for k in PLAN_SETTINGS if k.startswith("training.")}
+
+
+@pytest.mark.parametrize("item, expected", [
+    ("training.rounds=7", ("training", "rounds", 7)),
+    ("training.val_fraction=0.25", ("training", "val_fraction", 0.25)),
+    ("training.momentum=0.9", ("training", "momentum", 0.9)),
+    ("training.weight_decay=0.0001", ("training", "weight_decay", 0.0001)),
+    ("configuration.batch_size=3", ("configuration", "batch_size", 3)),
+])
+def test_good_settings_reach_the_plan(item: str, expected, tiny_fingerprints: list[Path], tmp_path: Path) -> None:
+    from fedseg.cli.main import run
+
+    out = tmp_path / "plans.json"
+    assert run(["plan", *map(str, tiny_fingerprints), "-o", str(out), "--set", item, "-q"]) == 0
+    plans = load_plans(out)
+    family, name, value = expected
+    holder = plans.training if family == "training" else plans.configuration_for(None)
+    assert getattr(holder, name) == value
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"bogus_key": 1}, "bogus_key"),
+    ({"weighting": "bogus"}, "weighting"),
+    ({"robust": "mean"}, "robust"),
+    ({"clip_norm": float("nan")}, "clip_norm"),
+    ({"max_update_norm": -3}, "max_update_norm"),
+])
+def test_init_train_and_aggregate_refuse_what_plan_refuses(params: dict, message: str, tiny_plans: Path, tmp_path: Path) -> None:
+    """A plan written by hand (or by an older fedseg) with a bad parameter is refused at round 0,
+    at aggregation and by a site before training, with plan's own message."""
+    from fedseg.federation.engine import aggregate_round, initial_round
+    from fedseg.federation.site_training import run_site_round
+    from fedseg.federation.strategies import get_strategy
+
+    plans = load_plans(tiny_plans)
+    plans = dataclasses.replace(plans, strategy=dataclasses.replace(plans.strategy, params=params))
+    with pytest.raises(InputError) as at_plan:
+        get_strategy("fedavg").check_params(params)
+    assert message in str(at_plan.value)
+    calls = [
+        lambda: initial_round(plans, tmp_path / "round_000"),
+        lambda: aggregate_round(plans, [tmp_path / "none.safetensors"], tmp_path / "round_001"),
+        lambda: run_site_round(plans, "site_a", tmp_path, tmp_path / "w.safetensors", tmp_path / "state", tmp_path / "u.safetensors"),
+    ]
+    for call in calls:
+        with pytest.raises(InputError) as refusal:
+            call()
+        assert str(refusal.value) == str(at_plan.value)
+    assert listing(tmp_path) == set()
+
+
+@pytest.mark.parametrize("item, named", [("bogus_key=1", "bogus_key"), ("robust=trimmed:0.7", "robust"),
+                                         ("configuration.patch_size=100000,100000,100000", "patch_size")])
+def test_simulate_writes_nothing_before_its_settings_are_checked(
+    item: str, named: str, tiny_sites: Path, tmp_path: Path, capsys,
+) -> None:
+    run_dir = tmp_path / "run"
+    refused(["simulate", str(tiny_sites), "-o", str(run_dir), "--set", item], capsys, named)
+    assert not run_dir.exists()
+
+
+def test_simulate_refusal_that_needs_the_sites_leaves_no_file(tiny_sites: Path, tmp_path: Path, capsys) -> None:
+    """A patch that only the planned network shows to be too large is refused after the
+    fingerprints are computed but before any is written: the corrected rerun starts afresh."""
+    from fedseg.federation.simulation import check_run_folder
+
+    run_dir = tmp_path / "run"
+    refused(["simulate", str(tiny_sites), "-o", str(run_dir), "-q", "--set", "configuration.patch_size=1024,1024,1024"],
+            capsys, "GB")
+    assert not run_dir.exists() or listing(run_dir) == set()
+    check_run_folder(run_dir, resume=False)   # the rerun is not "a different plan" nor "holds files"
+
+
+def test_flower_serve_checks_settings_before_waiting_for_sites(tmp_path: Path, capsys) -> None:
+    pytest.importorskip("flwr")
+    refused(["flower", "serve", "-o", str(tmp_path / "run"), "--sites", "2", "--insecure", "--set", "trainig.rounds=2"],
+            capsys, "did you mean 'training.rounds'")
+    assert not (tmp_path / "run").exists()
