@@ -184,3 +184,23 @@ def test_budget_reaches_the_plan_of_simulate(tiny_fingerprints: list[Path]) -> N
 def test_simulate_refuses_a_bad_budget_writing_nothing(tiny_sites: Path, tmp_path: Path, capsys) -> None:
     refused(["simulate", str(tiny_sites), "-o", str(tmp_path / "run"), "-q", "--budget", "0"], capsys, "--budget")
     assert listing(tmp_path) == set()
+
+
+def test_the_makefile_keeps_the_torch_index_out_of_the_requirement(tmp_path: Path) -> None:
+    """`make install TORCH_INDEX=URL` passes the URL as --index-url, never inside the quoted
+    requirement (which pip would read as a malformed requirement); empty by default."""
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    root = Path(__file__).resolve().parents[2]
+
+    def torch_line(*args: str) -> str:
+        out = subprocess.run(["make", "-n", "-C", str(root), "venv", f"VENV={tmp_path / 'venv'}", *args],
+                             capture_output=True, text=True, check=True).stdout
+        return next(line for line in out.splitlines() if "pip install" in line and "torch" in line and not line.startswith("#"))
+
+    assert torch_line().split() == [f"{tmp_path / 'venv'}/bin/pip", "install", '"torch==2.13.0"']
+    url = "https://download.pytorch.org/whl/cu128"
+    assert torch_line(f"TORCH_INDEX={url}").split()[2:] == ['"torch==2.13.0"', "--index-url", f'"{url}"']
