@@ -70,7 +70,9 @@ def grad_scaler(device: Any) -> Any:
         return None
     import torch
 
-    return torch.amp.GradScaler("cuda")
+    if hasattr(torch.amp, "GradScaler"):   # torch >= 2.3
+        return torch.amp.GradScaler("cuda")
+    return torch.cuda.amp.GradScaler()
 
 
 def configure_backend(device: Any) -> None:

@@ -496,6 +496,8 @@ class SiteTrainer:
             self.load_momentum({k[len(MOMENTUM_PREFIX):]: v for k, v in tensors.items() if k.startswith(MOMENTUM_PREFIX)})
             start = int(meta["iteration"])
             log_state = saved
+            if self.grad_scaler is not None and saved.get("grad_scaler"):
+                self.grad_scaler.load_state_dict(saved["grad_scaler"])   # the loss scale reached, not a fresh one
             self.log(f"resuming round {round_index} at iteration {start}/{per_round}")
             if self.progress is not None and start:
                 self.progress(start, "resumed from checkpoint")
@@ -518,6 +520,8 @@ class SiteTrainer:
             tensors = {MODEL_PREFIX + k: v for k, v in self.model_state().items()}
             tensors.update({MOMENTUM_PREFIX + k: v for k, v in self.momentum_buffers().items()})
             state = {**log_state, "resumed_from": resumed_from, **(extra or {})}
+            if self.grad_scaler is not None:
+                state["grad_scaler"] = self.grad_scaler.state_dict()
             meta = {**identity, "iteration": str(done), "finished": "true" if finished else "false",
                     "state": json.dumps(_jsonable(state), allow_nan=True)}
             _save_safetensors(ckpt_path, tensors, meta)

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_inputs import listing, refused, tiny_fingerprints, tiny_plans  # noqa: F401 (fixtures)
+from cli_inputs import listing, refused
 
 
 @pytest.fixture

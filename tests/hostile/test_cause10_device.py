@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_inputs import listing, refused, tiny_fingerprints, tiny_plans  # noqa: F401 (fixtures)
+from cli_inputs import listing, refused
 
 from fedseg.errors import InputError
 from fedseg.training import device as device_mod

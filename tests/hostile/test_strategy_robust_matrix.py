@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_inputs import listing, refused, tiny_fingerprints  # noqa: F401 (fixture)
+from cli_inputs import listing, refused
 
 from fedseg.federation.strategies import strategy_names
 

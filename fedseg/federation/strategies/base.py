@@ -90,14 +90,14 @@ class Strategy:
                                   or not 0 < bound < math.inf):
             raise InputError(f"--set max_update_norm must be a positive number, not {bound!r}")
         spec = parse_robust(params)
-        used = ({spec.rule} if spec.replaces_combine else set()) | ({"clip_norm"} if spec.clip_norm is not None else set())
-        refused = sorted(used - self.robust_rules)
+        in_use = {spec.rule: f"robust={params.get('robust')}"} if spec.replaces_combine else {}
+        if spec.clip_norm is not None:
+            in_use["clip_norm"] = f"clip_norm={params.get('clip_norm')}"
+        refused = [setting for rule, setting in sorted(in_use.items()) if rule not in self.robust_rules]
         if refused:
-            setting = f"robust={params.get('robust')}" if refused[0] in ("median", "trimmed") else f"clip_norm={params.get('clip_norm')}"
-            allowed = ", ".join(sorted(self.robust_rules)) or "none"
             raise InputError(
-                f"--set {setting} is refused under strategy {self.name!r}: {self.robust_refusal} "
-                f"(robust rules it accepts: {allowed})"
+                f"--set {refused[0]} is refused under strategy {self.name!r}: {self.robust_refusal} "
+                f"(robust rules it accepts: {', '.join(sorted(self.robust_rules)) or 'none'})"
             )
 
     def unknown_param_message(self, key: str) -> str:
