@@ -107,7 +107,8 @@ def simulate(
             continue
         dataset = load_dataset(path)
         with progress_factory(f"fingerprint {name}", len(dataset.cases("Tr"))) as advance:
-            fresh[fp_path] = compute_fingerprint(dataset, name, workers=config.fingerprint_workers, progress=advance)
+            fp = compute_fingerprint(dataset, name, workers=config.fingerprint_workers, progress=advance)
+        fresh[fp_path] = as_stored(fp)
         fingerprints.append(fresh[fp_path])
 
     # 2. plan, 3. init
@@ -155,6 +156,17 @@ def simulate(
         )
     return SimulationResult(str(run_dir), plans.plan_id, config.rounds, val_dice, test_metrics, str(report_dir),
                             server_metrics, traffic=traffic)
+
+
+def as_stored(fingerprint: dict) -> dict:
+    """The fingerprint exactly as reading its file back gives it (tuples as lists, NaN as null),
+    so that a run planned before its fingerprints are written and a resumed run that reads
+    them plan from the same values (and get the same plan_id)."""
+    import json
+
+    from fedseg.atomic import json_safe
+
+    return json.loads(json.dumps(json_safe(fingerprint), allow_nan=False))
 
 
 def check_overrides(strategy: str, overrides: dict[str, str]) -> None:

@@ -136,3 +136,20 @@ def test_flower_serve_checks_settings_before_waiting_for_sites(tmp_path: Path, c
     refused(["flower", "serve", "-o", str(tmp_path / "run"), "--sites", "2", "--insecure", "--set", "trainig.rounds=2"],
             capsys, "did you mean 'training.rounds'")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_plan_from_fresh_fingerprints_equals_the_resumed_one(tiny_sites: Path, tmp_path: Path) -> None:
+    """simulate plans before it writes the fingerprints; a --resume reads them back: both must
+    give the same plan_id, or the resumed run would be refused as a different plan."""
+    from fedseg.data.dataset import load_dataset
+    from fedseg.federation.simulation import as_stored, plan_run
+    from fedseg.planning.fingerprint import compute_fingerprint, load_fingerprint, save_fingerprint
+
+    fresh, stored = [], []
+    for site in ("site_a", "site_b", "site_c"):
+        fp = compute_fingerprint(load_dataset(tiny_sites / site), site)
+        fresh.append(as_stored(fp))
+        save_fingerprint(fp, tmp_path / f"{site}.json")
+        stored.append(load_fingerprint(tmp_path / f"{site}.json"))
+    common = dict(strategy="fedavg", rounds=1, configuration="3d_fullres", iterations=None, overrides={}, seed=1)
+    assert plan_run(fresh, **common).plan_id == plan_run(stored, **common).plan_id
