@@ -343,14 +343,14 @@ def memory_estimate_gb(estimate: int, batch_size: int, dim: int) -> float:
     return estimate * batch_size / REFERENCE_BATCH_SIZE[dim] * REFERENCE_BUDGET_GB / REFERENCE_FEATURE_MAP_VOXELS[dim]
 
 
-def check_compute(patch: Sequence[int], estimate: int, batch_size: int, dim: int, what: str) -> None:
-    """Refuse a hand-set patch or batch size that no accelerator could train (MAX_OVERRIDE_BUDGET_GB)."""
+def check_compute(patch: Sequence[int], estimate: int, batch_size: int, dim: int, what: str, source: str = "--set ") -> None:
+    """Refuse a patch and batch size that no accelerator could train (MAX_OVERRIDE_BUDGET_GB)."""
     needed = memory_estimate_gb(estimate, batch_size, dim)
     if needed > MAX_OVERRIDE_BUDGET_GB:
         raise InputError(
-            f"--set {what}: patch {','.join(map(str, patch))} with batch size {batch_size} needs about "
+            f"{source}{what}: patch {','.join(map(str, patch))} with batch size {batch_size} needs about "
             f"{needed:,.0f} GB of accelerator memory (nnU-Net's estimate), more than {MAX_OVERRIDE_BUDGET_GB:g} GB; "
-            "choose a smaller patch or batch"
+            "choose a smaller patch, batch size or --budget"
         )
 
 
@@ -362,6 +362,24 @@ def with_batch_size(config: ConfigurationPlan, batch_size: int, n_classes: int) 
     new = deepcopy(config)
     new.batch_size = int(batch_size)
     return new
+
+
+def check_plan_values(plans: Plans, source: str = "") -> None:
+    """The plan keys' types and ranges (PLAN_SETTINGS) and the memory bound, applied to a whole
+    plan: to every plan `make_plans` returns and every plans.json read (`load_plans`), since
+    plan_id is a content hash anyone can recompute, not a seal on a hand-made file."""
+    for name in vars(plans.training):
+        PLAN_SETTINGS[f"training.{name}"].validate(getattr(plans.training, name), source)
+    PLAN_SETTINGS["seed"].validate(plans.seed, source)
+    for name, config in plans.configurations.items():
+        patch = PLAN_SETTINGS["configuration.patch_size"].validate(config.patch_size, source)
+        batch = PLAN_SETTINGS["configuration.batch_size"].validate(config.batch_size, source)
+        network = config.network
+        try:
+            estimate = estimate_feature_map_voxels(patch, network.strides, network.features_per_stage, plans.n_classes)
+            check_compute(patch, estimate, batch, len(patch), f"configuration {name!r}", source)
+        except (ArithmeticError, TypeError, ValueError, IndexError):
+            raise InputError(f"{source}configuration {name!r}: the network does not fit its patch size") from None
 
 
 # -- overrides ------------------------------------------------------------------------------
@@ -548,7 +566,7 @@ def make_plans(
                        configuration=site_configs.get(name))
         for name, info in merged["sites"].items()
     }
-    return Plans(
+    plans = Plans(
         dataset_name="+".join(names),
         channel_names=dict(merged["channel_names"]),
         labels=dict(merged["labels"]),
@@ -562,3 +580,5 @@ def make_plans(
         seed=int(seed if seed_over is None else seed_over),
         extra={"planning": {"budget": budget, "planner": "nnU-Net ExperimentPlanner rules (fedseg)"}},
     )
+    check_plan_values(plans)   # what every command reading this plan will check
+    return plans

@@ -43,11 +43,13 @@ class Setting:
     kind: str
     check: Callable[[Any], Any]   # the value as the plan stores it, or ValueError
 
-    def validate(self, value: Any) -> Any:
+    def validate(self, value: Any, source: str = "--set ") -> Any:
+        """The checked value; InputError "<source><key> must be <kind>, not <value>" otherwise."""
         try:
             return self.check(value)
         except (TypeError, ValueError, OverflowError):
-            raise InputError(f"--set {self.key} must be {self.kind}, not {value!r}") from None
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise InputError(f"{source}{self.key} must be {self.kind}, not {shown}") from None
 
 
 # -- value checks -----------------------------------------------------------------------------

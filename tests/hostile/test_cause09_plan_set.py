@@ -153,3 +153,39 @@ def test_a_plan_from_fresh_fingerprints_equals_the_resumed_one(tiny_sites: Path,
         stored.append(load_fingerprint(tmp_path / f"{site}.json"))
     common = dict(strategy="fedavg", rounds=1, configuration="3d_fullres", iterations=None, overrides={}, seed=1)
     assert plan_run(fresh, **common).plan_id == plan_run(stored, **common).plan_id
+
+
+@pytest.mark.parametrize("edit, named", [
+    (lambda d: d["training"].update(rounds=10 ** 400), "training.rounds"),
+    (lambda d: d["training"].update(momentum=1.5), "training.momentum"),
+    (lambda d: d["configurations"]["3d_fullres"].update(patch_size=[100000, 100000, 100000]), "patch_size"),
+    (lambda d: d["configurations"]["3d_fullres"].update(patch_size=[2048, 2048, 2048]), "GB"),
+    (lambda d: d["configurations"]["3d_fullres"].update(batch_size=10 ** 9), "batch_size"),
+])
+def test_a_hand_made_plan_with_a_recomputed_plan_id_is_checked_too(edit, named: str, tiny_plans: Path, tmp_path: Path,
+                                                                    capsys) -> None:
+    """plan_id is a content hash anyone can recompute: every command reading a plan applies
+    the --set rules to it (here init and train), naming the file."""
+    import hashlib
+    import json
+
+    from fedseg.planning.plans import canonical_json
+
+    body = json.loads(tiny_plans.read_text())
+    body.pop("plan_id")
+    edit(body)
+    body["plan_id"] = hashlib.sha256(canonical_json(body).encode()).hexdigest()
+    hostile = tmp_path / "plans.json"
+    hostile.write_text(json.dumps(body))
+    out = tmp_path / "out"
+    refused(["init", "--plans", str(hostile), "-o", str(out / "round_000")], capsys, str(hostile), named)
+    refused(["train", "--site", "site_a", "--data", str(tmp_path), "--plans", str(hostile), "--weights", str(hostile),
+             "--state", str(out / "state"), "-o", str(out / "u.safetensors")], capsys, str(hostile), named)
+    assert not out.exists()
+
+
+def test_a_plan_holding_infinity_is_refused_naming_the_file(tiny_plans: Path, tmp_path: Path, capsys) -> None:
+    hostile = tmp_path / "plans.json"
+    hostile.write_text(tiny_plans.read_text().replace('"momentum": 0.99', '"momentum": Infinity'))
+    refused(["init", "--plans", str(hostile), "-o", str(tmp_path / "round_000")], capsys, str(hostile), "Out of range")
+    assert listing(tmp_path) == {"plans.json"}
