@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from fedseg.cli.options import DEVICE, JSON, QUIET, require_dir, require_file, require_output_dir, require_output_file
+from fedseg.planning.settings import MAX_ITERATIONS_PER_ROUND, MAX_ROUNDS
 
 
 def train(
@@ -16,8 +17,8 @@ def train(
     weights: Path = typer.Option(..., "--weights", help="Model to start from: round_<r-1>/<site>.safetensors."),
     state: Path = typer.Option(..., "--state", help="This site's private state folder (cache, optimizer, local parameters)."),
     output: Path = typer.Option(..., "-o", "--output", help="Update file to write: round_<r>/updates/<site>.safetensors."),
-    iterations: int = typer.Option(None, "--iterations", min=1, help="Iterations this round (default: from the plan)."),
-    epochs: int = typer.Option(None, "--epochs", min=1, help="Epochs of the plan's iterations per round (iterations = epochs x plan's iterations_per_round)."),
+    iterations: int = typer.Option(None, "--iterations", min=1, max=MAX_ITERATIONS_PER_ROUND, help="Iterations this round (default: from the plan)."),
+    epochs: int = typer.Option(None, "--epochs", min=1, max=MAX_ROUNDS, help="Epochs of the plan's iterations per round (iterations = epochs x plan's iterations_per_round)."),
     device: str = DEVICE,
     workers: int = typer.Option(2, "--workers", min=0, help="Background augmentation workers (0: in-process)."),
     key: Path = typer.Option(None, "--key", help="This site's private key (fedseg keygen); required when the plan lists keys."),
@@ -57,6 +58,8 @@ def train(
         raise InputError("give --iterations or --epochs, not both")
     if epochs is not None:
         iterations = epochs * plans.training.iterations_per_round
+        if iterations > MAX_ITERATIONS_PER_ROUND:
+            raise InputError(f"--epochs {epochs} makes {iterations} iterations, more than {MAX_ITERATIONS_PER_ROUND}")
     total = iterations or plans.training.iterations_per_round
     with reporter.progress(f"train {site}", total) as advance:
         result = run_site_round(

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from fedseg.errors import InputError
+from fedseg.planning.settings import MAX_ITERATIONS_PER_ROUND, MAX_ROUNDS
 
 QUIET = typer.Option(False, "--quiet", "-q", help="Print nothing but errors.")
 JSON = typer.Option(False, "--json", help="Print a machine-readable JSON summary on stdout.")
@@ -18,10 +19,10 @@ STRATEGY_HELP = f"Federation strategy: {', '.join(STRATEGY_NAMES)} (docs/strateg
 
 # The options `fedseg simulate` and `fedseg flower simulate` share: one federation, two engines.
 SITES_ROOT = typer.Argument(..., help="Folder holding one nnU-Net raw folder per site.")
-ROUNDS = typer.Option(3, "--rounds", min=1, help="Federated rounds.")
+ROUNDS = typer.Option(3, "--rounds", min=1, max=MAX_ROUNDS, help="Federated rounds.")
 RUN_OUTPUT = typer.Option(..., "-o", "--output", help="Run folder (plans, rounds, report).")
 CONFIGURATION = typer.Option("3d_fullres", "--config", help="Configuration: 3d_fullres or 2d.")
-ITERATIONS = typer.Option(None, "--iterations", min=1, help="Training iterations per site per round.")
+ITERATIONS = typer.Option(None, "--iterations", min=1, max=MAX_ITERATIONS_PER_ROUND, help="Training iterations per site per round.")
 SET = typer.Option(None, "--set", help="Plan override or strategy parameter: key=value.")
 SEED = typer.Option(1234, "--seed", help="Seed for weights and training.")
 WORKERS = typer.Option(2, "--workers", min=0, help="Background augmentation workers per site.")
