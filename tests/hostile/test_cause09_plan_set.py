@@ -189,3 +189,21 @@ def test_a_plan_holding_infinity_is_refused_naming_the_file(tiny_plans: Path, tm
     hostile.write_text(tiny_plans.read_text().replace('"momentum": 0.99', '"momentum": Infinity'))
     refused(["init", "--plans", str(hostile), "-o", str(tmp_path / "round_000")], capsys, str(hostile), "Out of range")
     assert listing(tmp_path) == {"plans.json"}
+
+
+@pytest.mark.parametrize("strategy, item, named", [
+    ("fedsam", "sam.lr=1e400", "sam.lr"),
+    ("fedsam", "sam.config=vit_z", "sam.config"),
+    ("mixmfl", "lambda_cls=1e400", "lambda_cls"),
+    ("mixmfl", "memory_size=0", "memory_size"),
+    ("mixmfl", "tailored=maybe", "tailored"),
+    ("flames", "alpha=2", "alpha"),
+    ("flames", "group.nobody=US", "nobody"),
+    ("asymfedavg", "local_norms=yes", "local_norms"),
+    ("local", "weighting=uniform", "weighting"),
+])
+def test_plan_refuses_strategy_values(strategy: str, item: str, named: str, tiny_fingerprints: list[Path], tmp_path: Path,
+                                      capsys) -> None:
+    refused(["plan", *map(str, tiny_fingerprints), "--strategy", strategy, "-o", str(tmp_path / "plans.json"),
+             "--set", item], capsys, named)
+    assert listing(tmp_path) == set()

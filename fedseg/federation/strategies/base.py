@@ -85,6 +85,10 @@ class Strategy:
         unknown = sorted(set(params) - self.param_names())
         if unknown:
             raise InputError(self.unknown_param_message(unknown[0]))
+        for key, value in sorted(params.items()):
+            # no parameter means anything as infinity or NaN (`--set x=1e400` parses as infinity)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InputError(f"--set {key} must be a finite number, not {value!r}")
         bound = params.get("max_update_norm")
         if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float))
                                   or not 0 < bound < math.inf):
