@@ -6,7 +6,10 @@ from pathlib import Path
 
 import typer
 
-from fedseg.cli.options import JSON, MAX_VOXELS, QUIET, STRATEGY_HELP, parse_set_options, require_dir, require_file
+from fedseg.cli.options import (
+    BUDGET, JSON, MAX_VOXELS, QUIET, STRATEGY_HELP, parse_set_options, require_dir, require_file, require_output_dir,
+    require_output_file,
+)
 
 
 def synth(
@@ -36,6 +39,7 @@ def synth(
     from fedseg.cli.console import Reporter
     from fedseg.data.synth import generate
 
+    require_output_dir(out, "output folder")
     reporter = Reporter(quiet=quiet)
     site_dirs = generate(out, preset=preset, seed=seed, log=reporter.log)
     reporter.log(f"wrote {len(site_dirs)} site folders under {out}: {', '.join(p.name for p in site_dirs)}")
@@ -60,6 +64,7 @@ def fingerprint(
     from fedseg.planning.fingerprint import compute_fingerprint, save_fingerprint
 
     check_site_name(site, what="--site")
+    require_output_file(output, "fingerprint file")
     reporter = Reporter(quiet=quiet)
     dataset = load_dataset(require_dir(data, "dataset folder"))
     n_cases = len(dataset.cases("Tr"))
@@ -76,8 +81,8 @@ def plan(
     strategy: str = typer.Option("fedavg", "--strategy", help=STRATEGY_HELP),
     output: Path = typer.Option(..., "-o", "--output", help="plans.json to write."),
     config: str = typer.Option("3d_fullres", "--config", help="Configuration: 3d_fullres or 2d."),
-    budget: float = typer.Option(None, "--budget", help="Compute budget for the patch size (nnU-Net GPU-memory gigabytes; default 0.8 suits a CPU; see docs/fingerprint.md)."),
-    set_: list[str] = typer.Option(None, "--set", help="Override a planned value or a strategy parameter: key=value."),
+    budget: float = BUDGET,
+    set_: list[str] = typer.Option(None, "--set", help="Override a planned value or a strategy parameter: key=value (every key: docs/cli.md)."),
     seed: int = typer.Option(1234, "--seed", help="Seed for initial weights and training."),
     keys: Path = typer.Option(None, "--keys", help="Folder of <site>.pub files (fedseg keygen): every file must then be signed."),
     quiet: bool = QUIET,
@@ -100,6 +105,9 @@ def plan(
     from fedseg.planning.fingerprint import load_fingerprint
     from fedseg.planning.planner import make_plans
 
+    require_output_file(output, "plans file")
+    if keys is not None:
+        require_dir(keys, "keys folder")
     reporter = Reporter(quiet=quiet)
     if config not in ("3d_fullres", "2d"):
         from fedseg.errors import InputError

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from fedseg.cli.options import JSON, QUIET, require_file
+from fedseg.cli.options import JSON, QUIET, require_dir, require_file, require_output_dir
 
 REPLACE = typer.Option(
     False, "--replace", help="Replace a complete round folder made from other inputs, as a whole (default: refuse).",
@@ -33,6 +33,7 @@ def init(
     from fedseg.federation.engine import initial_round
     from fedseg.planning.plans import load_plans
 
+    require_output_dir(output, "round folder")
     plans = load_plans(require_file(plans_path, "plans file"))
     written = initial_round(plans, output, seed=plans.seed, signing_key=_signing_key(key), replace=replace)
     Reporter(quiet=quiet).log(f"wrote {len(written)} files under {output}")
@@ -74,6 +75,9 @@ def aggregate(
     from fedseg.federation.engine import aggregate_round
     from fedseg.planning.plans import load_plans
 
+    require_output_dir(output, "round folder")
+    if previous is not None:
+        require_dir(previous, "previous round folder")
     reporter = Reporter(quiet=quiet)
     plans = load_plans(require_file(plans_path, "plans file"))
     report = aggregate_round(

@@ -11,9 +11,8 @@ from pathlib import Path
 import typer
 
 from fedseg.cli.options import (
-    CONFIGURATION, DEVICE, ITERATIONS, JSON, QUIET, RESUME, ROUNDS, RUN_OUTPUT, SEED, SET, SITES_ROOT, STRATEGY_HELP, WORKERS,
-    parse_set_options,
-    require_dir,
+    BUDGET, CONFIGURATION, DEVICE, ITERATIONS, JSON, QUIET, RESUME, ROUNDS, RUN_OUTPUT, SEED, SET, SITES_ROOT, STRATEGY_HELP,
+    WORKERS, parse_set_options, require_dir, require_output_dir,
 )
 from fedseg.errors import InputError
 
@@ -71,6 +70,7 @@ def simulate(
     seed: int = SEED,
     workers: int = WORKERS,
     device: str = DEVICE,
+    budget: float = BUDGET,
     mirror: bool = typer.Option(False, "--mirror/--no-mirror", help="Mirroring at test time (server test set)."),
     parallel: int = typer.Option(1, "--parallel", min=1, help="Sites training at the same time (Ray actors)."),
     cpus_per_site: int = typer.Option(1, "--cpus-per-site", min=1, help="CPU threads each training site may use."),
@@ -91,17 +91,21 @@ def simulate(
     require_flower(simulation=True)
     from fedseg.cli.console import Reporter, print_json
     from fedseg.cli.simulate_command import print_dice_table
-    from fedseg.federation.simulation import SimulationConfig, check_run_folder, result_to_dict
+    from fedseg.federation.simulation import SimulationConfig, check_overrides, check_run_folder, result_to_dict
+    from fedseg.training.device import resolve_device
     from fedseg.transport.simulation import flower_simulate
 
+    require_output_dir(output, "run folder")
     check_run_folder(output, resume)
     require_dir(sites_root, "sites folder")
+    overrides = parse_set_options(set_)
+    check_overrides(strategy, overrides)
     _quiet_flower(verbose)
     reporter = Reporter(quiet=quiet)
     cfg = SimulationConfig(
         sites_root=sites_root, strategy=strategy, rounds=rounds, run_dir=output, configuration=config,
-        iterations=iterations, overrides=parse_set_options(set_), seed=seed, workers=workers, device=device,
-        mirror=mirror,
+        iterations=iterations, overrides=overrides, seed=seed, workers=workers, device=resolve_device(device),
+        mirror=mirror, budget=budget,
     )
     result = flower_simulate(cfg, parallel=parallel, cpus_per_site=cpus_per_site, log=reporter.log,
                              round_timeout=round_timeout, verbose=verbose)
@@ -121,6 +125,7 @@ def serve(
     iterations: int = ITERATIONS,
     set_: list[str] = SET,
     seed: int = SEED,
+    budget: float = BUDGET,
     keys: Path = typer.Option(None, "--keys", help="Folder of <site>.pub and coordinator.pub: every file must then be signed."),
     key: Path = typer.Option(None, "--key", help="The coordinator's private key (with --keys)."),
     host: str = typer.Option("0.0.0.0", "--host", help="Address the SuperLink listens on."),
@@ -146,17 +151,20 @@ def serve(
     """
     require_flower()
     from fedseg.cli.console import Reporter
-    from fedseg.federation.simulation import check_run_folder
+    from fedseg.federation.simulation import check_overrides, check_run_folder
     from fedseg.transport.coordinator import CoordinatorSettings
     from fedseg.transport.deploy import serve as run_serve
 
+    require_output_dir(output, "run folder")
     check_run_folder(output, resume)
     if (keys is None) != (key is None):
         raise InputError("--keys and --key go together (public keys for the plan, the coordinator's private key)")
+    overrides = parse_set_options(set_)
+    check_overrides(strategy, overrides)   # before waiting for the sites, not after they have joined
     reporter = Reporter(quiet=quiet)
     settings = CoordinatorSettings(
         run_dir=output, strategy=strategy, rounds=rounds, configuration=config, iterations=iterations,
-        overrides=parse_set_options(set_), seed=seed, keys=keys, key=key, round_timeout=round_timeout,
+        overrides=overrides, seed=seed, keys=keys, key=key, budget=budget, round_timeout=round_timeout,
     )
     report = run_serve(settings, sites, host=host, port=port, tls=_tls(insecure, ssl_certfile, ssl_keyfile, ssl_ca_certfile),
                        wait_s=wait, flwr_home=flwr_home, log=reporter.log)
@@ -191,10 +199,15 @@ def join(
     Example: fedseg flower join --site site_a --data sites/site_a --superlink coordinator.example.org:9092 --root-certificates ca.pem
     """
     require_flower()
+    from fedseg.training.device import check_device_name
     from fedseg.transport.deploy import join as run_join
     from fedseg.transport.site import SiteSettings
 
     require_dir(data, "site data folder")
+    if state is not None:
+        require_output_dir(state, "state folder")
+    # "auto" is resolved where the site trains (a SuperNode's GPU is its own); the name is checked now
+    check_device_name(device)
     settings = SiteSettings(
         site=site, data=data, state=state if state is not None else Path("fedseg_state") / site, key=key,
         device=device, workers=workers, plan_id=plan_id,

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from fedseg.cli.options import JSON, MAX_VOXELS, QUIET, require_dir, require_file
+from fedseg.cli.options import DEVICE, JSON, MAX_VOXELS, QUIET, require_dir, require_file, require_output_dir, require_output_file
+from fedseg.planning.settings import MAX_ITERATIONS_PER_ROUND, MAX_ROUNDS
 
 
 def train(
@@ -16,9 +17,9 @@ def train(
     weights: Path = typer.Option(..., "--weights", help="Model to start from: round_<r-1>/<site>.safetensors."),
     state: Path = typer.Option(..., "--state", help="This site's private state folder (cache, optimizer, local parameters)."),
     output: Path = typer.Option(..., "-o", "--output", help="Update file to write: round_<r>/updates/<site>.safetensors."),
-    iterations: int = typer.Option(None, "--iterations", min=1, help="Iterations this round (default: from the plan)."),
-    epochs: int = typer.Option(None, "--epochs", min=1, help="Epochs of the plan's iterations per round (iterations = epochs x plan's iterations_per_round)."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    iterations: int = typer.Option(None, "--iterations", min=1, max=MAX_ITERATIONS_PER_ROUND, help="Iterations this round (default: from the plan)."),
+    epochs: int = typer.Option(None, "--epochs", min=1, max=MAX_ROUNDS, help="Epochs of the plan's iterations per round (iterations = epochs x plan's iterations_per_round)."),
+    device: str = DEVICE,
     workers: int = typer.Option(2, "--workers", min=0, help="Background augmentation workers (0: in-process)."),
     key: Path = typer.Option(None, "--key", help="This site's private key (fedseg keygen); required when the plan lists keys."),
     max_voxels: int = MAX_VOXELS,
@@ -43,9 +44,12 @@ def train(
     from fedseg.federation.privacy import wants_secure_aggregation
     from fedseg.federation.site_training import run_site_round
     from fedseg.planning.plans import load_plans
+    from fedseg.training.device import resolve_device
 
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise InputError(f"--device must be cpu or cuda, not {device!r}")
+    # every output checked before any work: a wrong -o or --state must not cost a round of training
+    require_output_file(output, "update file")
+    require_output_dir(state, "state folder")
+    device = resolve_device(device)
     reporter = Reporter(quiet=quiet)
     plans = load_plans(require_file(plans_path, "plans file"))
     signing_key = None
@@ -62,6 +66,8 @@ def train(
         raise InputError("give --iterations or --epochs, not both")
     if epochs is not None:
         iterations = epochs * plans.training.iterations_per_round
+        if iterations > MAX_ITERATIONS_PER_ROUND:
+            raise InputError(f"--epochs {epochs} makes {iterations} iterations, more than {MAX_ITERATIONS_PER_ROUND}")
     total = iterations or plans.training.iterations_per_round
     with reporter.progress(f"train {site}", total) as advance:
         result = run_site_round(
@@ -85,7 +91,7 @@ def predict(
     site: str = typer.Option(None, "--site", help="Site whose network (and local parameters) to use."),
     state: Path = typer.Option(None, "--state", help="The site's state folder, for parameters that never left it."),
     mirror: bool = typer.Option(False, "--mirror/--no-mirror", help="Average predictions over mirrored inputs."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    device: str = DEVICE,
     max_voxels: int = MAX_VOXELS,
     quiet: bool = QUIET,
     as_json: bool = JSON,
@@ -98,8 +104,13 @@ def predict(
     from fedseg.cli.console import Reporter
     from fedseg.federation.site_training import load_site_model
     from fedseg.planning.plans import load_plans
+    from fedseg.training.device import resolve_device
     from fedseg.training.inference import predict_folder
 
+    require_output_dir(output, "output folder")
+    if state is not None:
+        require_output_dir(state, "state folder")   # may be absent when the site keeps nothing local
+    device = resolve_device(device)
     reporter = Reporter(quiet=quiet)
     plans = load_plans(require_file(plans_path, "plans file"))
     site = site or sorted(plans.sites)[0]
@@ -134,6 +145,7 @@ def evaluate(
     from fedseg.data.dataset import load_dataset
     from fedseg.training.evaluation import evaluate_folders, format_table, save_metrics
 
+    require_output_file(output, "metrics file")
     require_dir(pred, "prediction folder")
     require_dir(ref, "reference folder")
     ds = load_dataset(dataset.parent if dataset is not None else ref.parent)

@@ -8,6 +8,7 @@ import typer
 
 from fedseg.data.image_header import DEFAULT_MAX_VOXELS
 from fedseg.errors import InputError
+from fedseg.planning.settings import MAX_ITERATIONS_PER_ROUND, MAX_ROUNDS
 
 QUIET = typer.Option(False, "--quiet", "-q", help="Print nothing but errors.")
 JSON = typer.Option(False, "--json", help="Print a machine-readable JSON summary on stdout.")
@@ -25,14 +26,21 @@ STRATEGY_HELP = f"Federation strategy: {', '.join(STRATEGY_NAMES)} (docs/strateg
 
 # The options `fedseg simulate` and `fedseg flower simulate` share: one federation, two engines.
 SITES_ROOT = typer.Argument(..., help="Folder holding one nnU-Net raw folder per site.")
-ROUNDS = typer.Option(3, "--rounds", min=1, help="Federated rounds.")
+ROUNDS = typer.Option(3, "--rounds", min=1, max=MAX_ROUNDS, help="Federated rounds.")
 RUN_OUTPUT = typer.Option(..., "-o", "--output", help="Run folder (plans, rounds, report).")
 CONFIGURATION = typer.Option("3d_fullres", "--config", help="Configuration: 3d_fullres or 2d.")
-ITERATIONS = typer.Option(None, "--iterations", min=1, help="Training iterations per site per round.")
+ITERATIONS = typer.Option(None, "--iterations", min=1, max=MAX_ITERATIONS_PER_ROUND, help="Training iterations per site per round.")
 SET = typer.Option(None, "--set", help="Plan override or strategy parameter: key=value.")
 SEED = typer.Option(1234, "--seed", help="Seed for weights and training.")
 WORKERS = typer.Option(2, "--workers", min=0, help="Background augmentation workers per site.")
-DEVICE = typer.Option("cpu", "--device", help="cpu or cuda.")
+DEVICE = typer.Option(
+    "auto", "--device",
+    help="auto (a CUDA GPU when torch has one, else the CPU), cpu, cuda or cuda:N. On CUDA training uses mixed precision.",
+)
+BUDGET = typer.Option(
+    None, "--budget",
+    help="Compute budget for the patch size (nnU-Net GPU-memory gigabytes; default 0.8 suits a CPU, 8 is nnU-Net's GPU plan).",
+)
 RESUME = typer.Option(False, "--resume", help="Continue the run in OUTPUT from its last complete round.")
 
 
@@ -45,6 +53,32 @@ def parse_set_options(items: list[str] | None) -> dict[str, str]:
             raise InputError(f"--set expects key=value, got {item!r}")
         overrides[key.strip()] = value.strip()
     return overrides
+
+
+def require_output_file(path: Path, what: str) -> Path:
+    """An output that will be a file: refused (exit 2) when it is a folder or sits below a file,
+    checked before any work so a long run never fails at its last write."""
+    if path.is_dir():
+        raise InputError(f"{what} is a folder; give a file name", path)
+    _require_folder_ancestors(path, what)
+    return path
+
+
+def require_output_dir(path: Path, what: str) -> Path:
+    """An output that will be a folder (created if missing): refused (exit 2) when a file is in the way."""
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{what} is a file; give a folder", path)
+    _require_folder_ancestors(path, what)
+    return path
+
+
+def _require_folder_ancestors(path: Path, what: str) -> None:
+    # the nearest existing ancestor must be a folder, else creating the output fails
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"cannot create {what} {path}: this is a file, not a folder", parent)
+            return
 
 
 def require_file(path: Path, what: str) -> Path:

@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 
 from fedseg.cli.options import (
-    CONFIGURATION, DEVICE, ITERATIONS, JSON, MAX_VOXELS, QUIET, RESUME, ROUNDS, RUN_OUTPUT, SEED, SET, SITES_ROOT, STRATEGY_HELP, WORKERS,
-    parse_set_options,
+    BUDGET, CONFIGURATION, DEVICE, ITERATIONS, JSON, MAX_VOXELS, QUIET, RESUME, ROUNDS, RUN_OUTPUT, SEED, SET, SITES_ROOT, STRATEGY_HELP,
+    WORKERS, parse_set_options, require_dir, require_output_dir,
 )
 
 
@@ -23,6 +23,7 @@ def simulate(
     seed: int = SEED,
     workers: int = WORKERS,
     device: str = DEVICE,
+    budget: float = BUDGET,
     mirror: bool = typer.Option(False, "--mirror/--no-mirror", help="Mirroring at test time."),
     resume: bool = RESUME,
     max_voxels: int = MAX_VOXELS,
@@ -33,21 +34,26 @@ def simulate(
 
     Every intermediate file lands in the run folder. A run folder that already holds files
     is refused unless --resume is given; with --resume a killed run continues from its last
-    complete round. Ends with the per-site test Dice table.
+    complete round. Every option and --set is checked before the first file is written.
+    Ends with the per-site test Dice table.
 
-    Example: fedseg simulate sites --strategy fedavg --rounds 3 -o run
+    Example: fedseg simulate sites --strategy fedavg --rounds 3 -o run --device auto --budget 8
     """
     from fedseg.cli.console import Reporter, print_json
-    from fedseg.federation.simulation import SimulationConfig, result_to_dict, simulate as run_simulation
+    from fedseg.federation.simulation import (
+        SimulationConfig, check_run_folder, result_to_dict, simulate as run_simulation,
+    )
+    from fedseg.training.device import resolve_device
 
-    from fedseg.federation.simulation import check_run_folder
-
+    require_output_dir(output, "run folder")
     check_run_folder(output, resume)
+    require_dir(sites_root, "sites folder")
+    overrides = parse_set_options(set_)
     reporter = Reporter(quiet=quiet)
     cfg = SimulationConfig(
         sites_root=sites_root, strategy=strategy, rounds=rounds, run_dir=output, configuration=config,
-        iterations=iterations, overrides=parse_set_options(set_), seed=seed, workers=workers, device=device,
-        mirror=mirror, max_voxels=max_voxels,
+        iterations=iterations, overrides=overrides, seed=seed, workers=workers, device=resolve_device(device),
+        mirror=mirror, budget=budget, max_voxels=max_voxels,
     )
     result = run_simulation(cfg, log=reporter.log, progress_factory=reporter.progress)
     if as_json:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from fedseg.cli.options import JSON, QUIET
+from fedseg.cli.options import JSON, QUIET, require_output_dir
 
 
 def keygen(
@@ -29,6 +29,7 @@ def keygen(
     from fedseg.cli.console import Reporter, print_json
     from fedseg.federation.signing import generate_key, load_public_key
 
+    require_output_dir(output, "key folder")
     private_path, public_path = generate_key(site, output)
     signer, public_hex = load_public_key(public_path)
     Reporter(quiet=quiet).log(f"wrote {private_path} (private, keep it at {signer}) and {public_path} (public, send it to the coordinator)")

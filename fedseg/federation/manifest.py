@@ -67,6 +67,8 @@ def attach_manifests(plans: Plans, strategy: Strategy | None = None) -> Plans:
     from fedseg.federation.strategies import get_strategy
 
     strategy = strategy or get_strategy(plans.strategy.name)
+    # the same check as round 0, aggregation and training: a plan they would refuse is never written
+    strategy.check_params(plans.strategy.params)
     required_sites(plans)   # min_sites above the number of sites: refused at plan time
     manifests: dict[str, dict[str, Any]] = {}
     for site in sorted(plans.sites):

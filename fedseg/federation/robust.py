@@ -10,10 +10,10 @@ Set in the plan (so every site knows the rule, and plan_id covers it):
                          it is longer (norm clipping; the norm is over all tensors the site sends).
 
 `robust` replaces the merge of every pool that the strategy merges by a weighted mean (its
-`pool_weights` is not None); a strategy with its own rule for a pool (a personalised
-mixture) is refused with `robust`, since a median of "the others, weighted for me" has no
-generic meaning. `clip_norm` works with every strategy: it changes the contributions, not
-the rule. Median and trimmed mean ignore n_cases on purpose: a weight a site reports itself
+`pool_weights` is not None). A strategy declares which rules keep its meaning
+(`Strategy.robust_rules`) and the others are refused when the plan is made: FLAMES' median of
+a group would be one model for every site of it (no longer personal), MixMFL's memories are
+merged by concatenation. `clip_norm` changes the contributions, not the rule. Median and trimmed mean ignore n_cases on purpose: a weight a site reports itself
 is exactly what a malicious site would inflate.
 
 Memory: the median and the trimmed mean need every contribution of a coordinate at once;
@@ -64,7 +64,12 @@ def parse_robust(params: Mapping[str, Any]) -> RobustSpec:
     """RobustSpec from plans.strategy.params; InputError on a malformed value."""
     value = params.get("robust")
     rule, trim = "mean", 0.0
-    if value is not None and value != "mean":
+    if value is not None:
+        if value == "mean":
+            # "mean" is no rule of its own: leaving `robust` out keeps the strategy's rule (for
+            # fedavg a weighted mean, for flames a personalised mixture), which "mean" misnames.
+            raise InputError("robust=mean is not a robust rule; leave robust out to keep the strategy's own rule, "
+                             "or use median or trimmed:F (0 <= F < 0.5)")
         if not isinstance(value, str):
             raise InputError(f"robust must be median or trimmed:F (0 <= F < 0.5), got {value!r}")
         name, _, fraction = value.partition(":")

@@ -49,9 +49,10 @@ class SimulationConfig:
     seed: int = 1234
     workers: int = 2                       # augmentation workers per site
     fingerprint_workers: int = 1
-    device: str = "cpu"
+    device: str = "auto"                   # "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"
     mirror: bool = False
     max_voxels: int = DEFAULT_MAX_VOXELS   # images declaring more voxels are refused unread
+    budget: float | None = None            # planning budget (nnU-Net GB-equivalents; default the planner's)
 
 
 @dataclass
@@ -118,32 +119,39 @@ def simulate(
     from fedseg.federation.engine import aggregate_round
     from fedseg.federation.privacy import check_budget_before_round
     from fedseg.federation.site_training import run_site_round, snapshot_site_state
-    from fedseg.federation.strategies import get_strategy
     from fedseg.planning.fingerprint import compute_fingerprint, load_fingerprint, save_fingerprint
 
     run_dir = Path(config.run_dir)
     site_dirs = {p.name: p for p in discover_sites(Path(config.sites_root), log)}
-    get_strategy(config.strategy)   # an unknown strategy fails before any work
+    check_overrides(config.strategy, config.overrides)   # a bad strategy or --set fails before any work
     for path in site_dirs.values():  # so does an oversized image, at any site (headers only)
         check_site_image_sizes(load_dataset(path), config.max_voxels)
     progress_factory = progress_factory or _no_progress
 
-    # 1. fingerprints, one per site (reused when present)
+    # 1. fingerprints, one per site (reused when present); written only once the plan made
+    # from them is valid, so a refused --set leaves the run folder as it was
     fingerprints = []
+    fresh: dict[Path, dict] = {}
     for name, path in site_dirs.items():
         fp_path = path_inside(run_dir / "fingerprints", f"{name}.json")
-        if not fp_path.is_file():
-            dataset = load_dataset(path)
-            with progress_factory(f"fingerprint {name}", len(dataset.cases("Tr"))) as advance:
-                save_fingerprint(compute_fingerprint(dataset, name, workers=config.fingerprint_workers, progress=advance,
-                                                     max_voxels=config.max_voxels), fp_path)
-        fingerprints.append(load_fingerprint(fp_path))
+        if fp_path.is_file():
+            fingerprints.append(load_fingerprint(fp_path))
+            continue
+        dataset = load_dataset(path)
+        with progress_factory(f"fingerprint {name}", len(dataset.cases("Tr"))) as advance:
+            fp = compute_fingerprint(dataset, name, workers=config.fingerprint_workers, progress=advance,
+                                     max_voxels=config.max_voxels)
+        fresh[fp_path] = as_stored(fp)
+        fingerprints.append(fresh[fp_path])
 
     # 2. plan, 3. init
-    plans = plan_and_init(
-        run_dir, fingerprints, strategy=config.strategy, rounds=config.rounds, configuration=config.configuration,
-        iterations=config.iterations, overrides=config.overrides, seed=config.seed, log=log,
+    plans = plan_run(
+        fingerprints, strategy=config.strategy, rounds=config.rounds, configuration=config.configuration,
+        iterations=config.iterations, overrides=config.overrides, seed=config.seed, budget=config.budget,
     )
+    for fp_path, fp in fresh.items():
+        save_fingerprint(fp, fp_path)
+    plans = init_run(run_dir, plans, log=log)
 
     # 4. rounds, from the first one that is not complete and linked to the one before
     first = first_round_to_redo(run_dir, config.rounds, log)
@@ -189,8 +197,29 @@ def simulate(
                             server_metrics, traffic=traffic)
 
 
-def plan_and_init(
-    run_dir: Path,
+def as_stored(fingerprint: dict) -> dict:
+    """The fingerprint exactly as reading its file back gives it (tuples as lists, NaN as null),
+    so that a run planned before its fingerprints are written and a resumed run that reads
+    them plan from the same values (and get the same plan_id)."""
+    import json
+
+    from fedseg.atomic import json_safe
+
+    return json.loads(json.dumps(json_safe(fingerprint), allow_nan=False))
+
+
+def check_overrides(strategy: str, overrides: dict[str, str]) -> None:
+    """Refuse an unknown strategy or a `--set` that the plan would refuse, before any work
+    (keys, types and ranges; what depends on the sites' data is checked by `plan_run`)."""
+    from fedseg.federation.strategies import get_strategy
+    from fedseg.planning.planner import split_overrides
+
+    impl = get_strategy(strategy)
+    _training, _configuration, params, _seed = split_overrides(overrides)
+    impl.check_params(params)
+
+
+def plan_run(
     fingerprints: list[dict],
     *,
     strategy: str,
@@ -199,35 +228,45 @@ def plan_and_init(
     iterations: int | None,
     overrides: dict[str, str],
     seed: int,
-    log: Callable[[str], None] = lambda message: None,
     keys: dict[str, str] | None = None,
-    signing_key=None,
+    budget: float | None = None,
 ) -> Plans:
-    """Plan from the sites' fingerprints into run_dir/plans.json and write round_000.
-
-    Run again on the same folder (resume), the plan must come out the same; `keys` (site ->
-    public key) make the plan require signed files, `signing_key` signs round_000.
-    """
-    from fedseg.federation.engine import initial_round
+    """The run's plan from the sites' fingerprints, checked as `fedseg plan` checks it; writes nothing."""
     from fedseg.federation.manifest import attach_manifests
-    from fedseg.federation.privacy import plan_privacy
     from fedseg.federation.strategies import get_strategy
-    from fedseg.planning.plans import load_plans
     from fedseg.planning.planner import make_plans
 
-    plans_path = Path(run_dir) / "plans.json"
+    from fedseg.federation.privacy import check_privacy_plan
+
     overrides = dict(overrides)
     _option_into_plan(overrides, "training.rounds", rounds, "--rounds")
     if iterations is not None:
         _option_into_plan(overrides, "training.iterations_per_round", iterations, "--iterations")
-    plans = make_plans(fingerprints, strategy=strategy, configuration=configuration, overrides=overrides, seed=seed)
+    plans = make_plans(fingerprints, strategy=strategy, configuration=configuration, budget=budget,
+                       overrides=overrides, seed=seed)
     if keys:
         from fedseg.federation.signing import check_plan_keys
 
         plans.keys = dict(keys)
         check_plan_keys(plans.keys, sorted(plans.sites))
     plans = attach_manifests(plans, get_strategy(strategy))
-    plans = plan_privacy(plans, get_strategy(strategy), privacy_keys(run_dir, plans))
+    check_privacy_plan(plans, get_strategy(strategy), keys=False)   # before init_run makes any key
+    return plans
+
+
+def init_run(run_dir: Path, plans: Plans, log: Callable[[str], None] = lambda message: None, signing_key=None) -> Plans:
+    """Write run_dir/plans.json (or check that the one there is the same plan) and round_000.
+
+    Run again on the same folder (resume), the plan must come out the same; `signing_key`
+    signs round_000. With secure aggregation the sites' key pairs are made in run_dir/keys.
+    """
+    from fedseg.federation.engine import initial_round
+    from fedseg.federation.privacy import plan_privacy
+    from fedseg.federation.strategies import get_strategy
+    from fedseg.planning.plans import load_plans
+
+    plans = plan_privacy(plans, get_strategy(plans.strategy.name), privacy_keys(run_dir, plans))
+    plans_path = Path(run_dir) / "plans.json"
     if plans_path.is_file():
         existing = load_plans(plans_path)
         if existing.plan_id != plans.plan_id:
@@ -241,12 +280,34 @@ def plan_and_init(
         plans.save(plans_path)
     for note in plans.extra.get("planning", {}).get("notes", []):
         log(f"plan: {note}")
-    log(f"plan {plans.plan_id[:12]}: {len(plans.sites)} sites, strategy {strategy}, {rounds} round(s), "
-        f"configuration {plans.default_configuration}")
+    log(f"plan {plans.plan_id[:12]}: {len(plans.sites)} sites, strategy {plans.strategy.name}, "
+        f"{plans.training.rounds} round(s), configuration {plans.default_configuration}")
     # idempotent: a complete round 0 of this plan is kept, a damaged or missing one rewritten
     # (bit for bit the same: it is built from the plan's seed)
     initial_round(plans, round_dir(run_dir, 0), seed=plans.seed, signing_key=signing_key)
     return plans
+
+
+def plan_and_init(
+    run_dir: Path,
+    fingerprints: list[dict],
+    *,
+    strategy: str,
+    rounds: int,
+    configuration: str,
+    iterations: int | None,
+    overrides: dict[str, str],
+    seed: int,
+    log: Callable[[str], None] = lambda message: None,
+    keys: dict[str, str] | None = None,
+    signing_key=None,
+    budget: float | None = None,
+) -> Plans:
+    """Plan from the sites' fingerprints into run_dir/plans.json and write round_000 (`plan_run`
+    then `init_run`); `keys` (site -> public key) make the plan require signed files."""
+    plans = plan_run(fingerprints, strategy=strategy, rounds=rounds, configuration=configuration,
+                     iterations=iterations, overrides=overrides, seed=seed, keys=keys, budget=budget)
+    return init_run(run_dir, plans, log=log, signing_key=signing_key)
 
 
 def first_round_to_redo(run_dir: Path, rounds: int, log: Callable[[str], None] = lambda message: None) -> int:

@@ -116,10 +116,13 @@ def run_site_round(
     `agreement_key`: the site's key-agreement key; required when the plan uses secure aggregation.
     """
     from fedseg.federation.engine import split_site_state, write_site_update
+    from fedseg.federation.strategies import get_strategy
     from fedseg.training.trainer import train_local
 
     start = time.monotonic()
     plans.site(site)
+    strategy = get_strategy(plans.strategy.name)
+    strategy.check_params(plans.strategy.params)   # what plan, init and aggregate refuse, a site refuses too
     signing_key = require_signing_key(plans.keys, signing_key, site)
     previous_round = incoming_round(plans, weights_path)
     round_index = previous_round + 1
@@ -138,7 +141,7 @@ def run_site_round(
         outcome = train_local(
             plans, site, Path(dataset_root), Path(state_dir), network, state, round_index,
             iterations=iterations, device=device, num_workers=num_workers, progress=progress, log=log,
-            trainer_class=get_strategy(plans.strategy.name).trainer_class(plans), max_voxels=max_voxels,
+            trainer_class=strategy.trainer_class(plans), max_voxels=max_voxels,
         )
         meta = write_site_update(
             plans, site, outcome.state_dict, output, round_index=round_index, n_iterations=outcome.n_iterations,

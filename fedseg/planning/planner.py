@@ -26,7 +26,6 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from copy import deepcopy
-from dataclasses import fields
 from typing import Any
 
 import numpy as np
@@ -35,6 +34,7 @@ from fedseg.data.labels import parse_labels
 from fedseg.errors import InputError
 from fedseg.planning.merge import merge_fingerprints
 from fedseg.planning.plans import ConfigurationPlan, NetworkSpec, Plans, SiteInfo, StrategySpec, TrainingSpec
+from fedseg.planning.settings import PLAN_SETTINGS, unknown_key_message
 
 # A spacing more than 3x the others makes a dataset anisotropic (nnU-Net's ANISO_THRESHOLD);
 # it also decides where resampling treats z separately.
@@ -64,8 +64,11 @@ DEFAULT_BUDGET = 0.8
 # Initial patch volume before shrinking (nnU-Net: 256^3 in 3D, 2048^2 in 2D), then clipped to
 # the median shape: certainly larger than any budget needs.
 INITIAL_PATCH_VOXELS = {3: 256 ** 3, 2: 2048 ** 2}
+# A patch or batch size set by hand (`--set configuration.*`) may exceed the planning budget
+# (the user may train on a larger GPU), but not what the largest single accelerator of today
+# holds (141 GB): beyond that, training could only end in an out-of-memory error.
+MAX_OVERRIDE_BUDGET_GB = 160.0
 
-KNOWN_LOSSES = ("dice_ce", "dice_focal")   # the losses fedseg.training.losses.make_loss builds
 CONFIGURATIONS = ("3d_fullres", "2d")
 
 # channel name (case-insensitive) -> normalisation scheme, as nnU-Net's
@@ -327,6 +330,7 @@ def with_patch_size(config: ConfigurationPlan, patch: Sequence[int], n_classes: 
             f"use {','.join(map(str, padded))}"
         )
     estimate = estimate_feature_map_voxels(patch, network.strides, network.features_per_stage, n_classes)
+    check_compute(patch, estimate, MIN_BATCH_SIZE, config.ndim, "configuration.patch_size")
     dataset_voxels = float(np.prod(config.median_image_size_in_voxels, dtype=np.float64) * n_training)
     new = deepcopy(config)
     new.patch_size = patch
@@ -335,10 +339,51 @@ def with_patch_size(config: ConfigurationPlan, patch: Sequence[int], n_classes: 
     return new
 
 
+def memory_estimate_gb(estimate: int, batch_size: int, dim: int) -> float:
+    """nnU-Net's GPU-memory estimate (GB) for a batch, from one sample's feature-map voxels."""
+    return estimate * batch_size / REFERENCE_BATCH_SIZE[dim] * REFERENCE_BUDGET_GB / REFERENCE_FEATURE_MAP_VOXELS[dim]
+
+
+def check_compute(patch: Sequence[int], estimate: int, batch_size: int, dim: int, what: str, source: str = "--set ") -> None:
+    """Refuse a patch and batch size that no accelerator could train (MAX_OVERRIDE_BUDGET_GB)."""
+    needed = memory_estimate_gb(estimate, batch_size, dim)
+    if needed > MAX_OVERRIDE_BUDGET_GB:
+        raise InputError(
+            f"{source}{what}: patch {','.join(map(str, patch))} with batch size {batch_size} needs about "
+            f"{needed:,.0f} GB of accelerator memory (nnU-Net's estimate), more than {MAX_OVERRIDE_BUDGET_GB:g} GB; "
+            "choose a smaller patch, batch size or --budget"
+        )
+
+
+def with_batch_size(config: ConfigurationPlan, batch_size: int, n_classes: int) -> ConfigurationPlan:
+    """The configuration with a hand-set batch size (checked against MAX_OVERRIDE_BUDGET_GB)."""
+    network = config.network
+    estimate = estimate_feature_map_voxels(config.patch_size, network.strides, network.features_per_stage, n_classes)
+    check_compute(config.patch_size, estimate, batch_size, config.ndim, "configuration.batch_size")
+    new = deepcopy(config)
+    new.batch_size = int(batch_size)
+    return new
+
+
+def check_plan_values(plans: Plans, source: str = "") -> None:
+    """The plan keys' types and ranges (PLAN_SETTINGS) and the memory bound, applied to a whole
+    plan: to every plan `make_plans` returns and every plans.json read (`load_plans`), since
+    plan_id is a content hash anyone can recompute, not a seal on a hand-made file."""
+    for name in vars(plans.training):
+        PLAN_SETTINGS[f"training.{name}"].validate(getattr(plans.training, name), source)
+    PLAN_SETTINGS["seed"].validate(plans.seed, source)
+    for name, config in plans.configurations.items():
+        patch = PLAN_SETTINGS["configuration.patch_size"].validate(config.patch_size, source)
+        batch = PLAN_SETTINGS["configuration.batch_size"].validate(config.batch_size, source)
+        network = config.network
+        try:
+            estimate = estimate_feature_map_voxels(patch, network.strides, network.features_per_stage, plans.n_classes)
+            check_compute(patch, estimate, batch, len(patch), f"configuration {name!r}", source)
+        except (ArithmeticError, TypeError, ValueError, IndexError):
+            raise InputError(f"{source}configuration {name!r}: the network does not fit its patch size") from None
+
+
 # -- overrides ------------------------------------------------------------------------------
-
-_TRAINING_FIELDS = {f.name: f for f in fields(TrainingSpec)}
-
 
 def parse_value(raw: Any) -> Any:
     """A --set value: JSON when it parses ("3" -> 3, "[1,2]" -> list, "true" -> True), else the string."""
@@ -346,73 +391,41 @@ def parse_value(raw: Any) -> Any:
         return raw
     try:
         return json.loads(raw)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return raw
 
 
 def _training_value(key: str, value: Any) -> Any:
-    default = getattr(TrainingSpec(), key)
-    if isinstance(default, int) and not isinstance(default, bool):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InputError(f"training.{key} must be an integer, not {value!r}")
-        if value < 1:
-            raise InputError(f"training.{key} must be at least 1, not {value}")
-    elif isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise InputError(f"training.{key} must be a number, not {value!r}")
-        value = float(value)
-        if key in ("oversample_foreground_percent", "val_fraction", "momentum") and not 0.0 <= value <= 1.0:
-            raise InputError(f"training.{key} must be within [0, 1], not {value}")
-        if key in ("initial_lr",) and value <= 0:
-            raise InputError(f"training.{key} must be positive, not {value}")
-        if key == "weight_decay" and value < 0:
-            raise InputError(f"training.{key} must not be negative, not {value}")
-    elif isinstance(default, str):
-        if not isinstance(value, str):
-            raise InputError(f"training.{key} must be a string, not {value!r}")
-        if key == "loss" and value not in KNOWN_LOSSES:
-            raise InputError(f"training.loss must be one of {', '.join(KNOWN_LOSSES)}, not {value!r}")
-    return value
+    return PLAN_SETTINGS[f"training.{key}"].validate(value)
 
 
-def _split_overrides(overrides: Mapping[str, Any]) -> tuple[dict, dict, dict, int | None]:
-    """(training, configuration, strategy params, seed) from dotted --set keys."""
+def split_overrides(overrides: Mapping[str, Any]) -> tuple[dict, dict, dict, int | None]:
+    """(training, configuration, strategy params, seed) from dotted --set keys.
+
+    Plan keys (training.*, configuration.*, seed) are checked here against PLAN_SETTINGS;
+    every other key is a strategy parameter, checked by the strategy (Strategy.check_params).
+    """
     training: dict[str, Any] = {}
     configuration: dict[str, Any] = {}
     strategy: dict[str, Any] = {}
     seed = None
     for key in sorted(overrides):
-        value = parse_value(overrides[key])
         if not isinstance(key, str) or not key.strip():
             raise InputError(f"--set needs key=value, got key {key!r}")
+        value = parse_value(overrides[key])
         key = key.strip()
-        if key.startswith("training."):
-            name = key[len("training."):]
-            if name not in _TRAINING_FIELDS:
-                raise InputError(f"unknown --set key {key!r} (training keys: {', '.join(sorted(_TRAINING_FIELDS))})")
-            training[name] = _training_value(name, value)
-        elif key.startswith("configuration."):
-            name = key[len("configuration."):]
-            if name == "patch_size":
-                if isinstance(value, (int, str)):
-                    value = [v for v in str(value).split(",") if v.strip()]
-                try:
-                    value = [int(str(v).strip()) for v in value]
-                except (TypeError, ValueError):
-                    raise InputError(f"configuration.patch_size must be integers like 64,64,64, not {overrides[key]!r}") from None
-            elif name == "batch_size":
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise InputError(f"configuration.batch_size must be a positive integer, not {value!r}")
-            elif name == "per_site":
-                if not isinstance(value, bool):
-                    raise InputError(f"configuration.per_site must be true or false, not {value!r}")
+        if key in PLAN_SETTINGS:
+            value = PLAN_SETTINGS[key].validate(value)
+            family, _, name = key.rpartition(".")
+            if family == "training":
+                training[name] = value
+            elif family == "configuration":
+                configuration[name] = value
             else:
-                raise InputError(f"unknown --set key {key!r} (configuration keys: batch_size, patch_size, per_site)")
-            configuration[name] = value
-        elif key == "seed":
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise InputError(f"seed must be an integer, not {value!r}")
-            seed = value
+                seed = value
+        elif key.startswith(("training.", "configuration.")):
+            family = key.split(".", 1)[0]
+            raise InputError(unknown_key_message(key, [k for k in PLAN_SETTINGS if k.startswith(family + ".")]))
         else:
             name = key[len("strategy."):] if key.startswith("strategy.") else key
             if not name:
@@ -492,7 +505,7 @@ def site_configurations(
         if "patch_size" in config_over:
             config = with_patch_size(config, config_over["patch_size"], n_classes, fp["n_cases"], budget)
         if "batch_size" in config_over:
-            config.batch_size = config_over["batch_size"]
+            config = with_batch_size(config, config_over["batch_size"], n_classes)
         config.name = f"{configuration}{SITE_CONFIGURATION_SEPARATOR}{fp['site']}"
         out[config.name] = config
     return out
@@ -529,7 +542,7 @@ def make_plans(
     budget = DEFAULT_BUDGET if budget is None else float(budget)
     if not (math.isfinite(budget) and budget > 0):
         raise InputError(f"--budget must be a positive number, not {budget}")
-    training_over, config_over, strategy_over, seed_over = _split_overrides(overrides or {})
+    training_over, config_over, strategy_over, seed_over = split_overrides(overrides or {})
     # `--set configuration.per_site=true`: e.g. local-only training on each site's own plan,
     # the baseline a hospital training nnU-Net alone would have.
     per_site = config_over.pop("per_site", per_site)
@@ -554,7 +567,7 @@ def make_plans(
     if "patch_size" in config_over:
         config = with_patch_size(config, config_over["patch_size"], n_classes, merged["n_cases"], budget)
     if "batch_size" in config_over:
-        config.batch_size = config_over["batch_size"]
+        config = with_batch_size(config, config_over["batch_size"], n_classes)
 
     configurations = {config.name: config}
     default_configuration = config.name
@@ -572,7 +585,7 @@ def make_plans(
                        configuration=site_configs.get(name))
         for name, info in merged["sites"].items()
     }
-    return Plans(
+    plans = Plans(
         dataset_name="+".join(names),
         channel_names=dict(merged["channel_names"]),
         labels=dict(merged["labels"]),
@@ -588,3 +601,5 @@ def make_plans(
         extra={"planning": {"budget": budget, "planner": "nnU-Net ExperimentPlanner rules (fedseg)",
                             **({"notes": notes} if notes else {})}},
     )
+    check_plan_values(plans)   # what every command reading this plan will check
+    return plans

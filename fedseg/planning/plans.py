@@ -175,16 +175,23 @@ def load_plans(path: str | Path) -> Plans:
     try:
         raw = json.loads(path.read_text())
         plans = Plans.from_dict(raw)
+        computed = plans.plan_id   # ValueError for NaN or infinity, which canonical JSON cannot hold
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"not valid JSON ({exc})", path) from None
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"not a fedseg plans file ({type(exc).__name__}: {exc})", path) from None
     stored = raw.get("plan_id")
-    if stored is not None and stored != plans.plan_id:
+    if stored is not None and stored != computed:
         raise InputError("plan_id does not match the content (the file was edited after planning)", path)
     # site names become file names at the coordinator and at every site
     for name in [*plans.sites, *plans.keys]:
         check_site_name(name, path)
+    from fedseg.planning.planner import check_plan_values   # imports this module: not at the top
+
+    try:
+        check_plan_values(plans)
+    except InputError as exc:
+        raise InputError(exc.detail, path) from None
     return plans
 
 

@@ -28,6 +28,7 @@ from fedseg.data.channels import expand_to_plan, plan_channel_list, site_channel
 from fedseg.data.dataset import collect_cases
 from fedseg.data.image_header import DEFAULT_MAX_VOXELS
 from fedseg.data.image_io import write_segmentation
+from fedseg.training.device import autocast, resolve_device
 from fedseg.errors import InputError
 from fedseg.planning.plans import ConfigurationPlan, Plans
 
@@ -166,7 +167,8 @@ def _sliding_window(
     for first in range(0, len(tiles), tiles_per_batch):
         batch_tiles = tiles[first : first + tiles_per_batch]
         batch = torch.stack([source[(slice(None), *t)] for t in batch_tiles])
-        tile_probs = _predict_tiles(network, batch, n_classes, mirror, regions)
+        with autocast(device):   # float16 on CUDA (as nnU-Net predicts); softmax in float32 below
+            tile_probs = _predict_tiles(network, batch, n_classes, mirror, regions)
         for tile, tile_prob in zip(batch_tiles, tile_probs):
             probs[(slice(None), *tile)] += tile_prob * gaussian
             weights[tile] += gaussian
@@ -242,6 +244,7 @@ def predict_case(
         )
     # A reference label (if loaded) plays no part in prediction; skip its preprocessing.
     preprocessed = preprocess_case(dataclasses.replace(case_data, seg=None), plans, config)
+    device = resolve_device(str(device))
     network.to(device)
     layout = plans.label_layout
     probs = sliding_window_probabilities(

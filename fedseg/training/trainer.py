@@ -38,6 +38,7 @@ from fedseg.data.image_header import DEFAULT_MAX_VOXELS
 from fedseg.errors import InputError
 from fedseg.planning.plans import ConfigurationPlan, Plans
 from fedseg.training.dataloading import BatchStream
+from fedseg.training.device import autocast, configure_backend, grad_scaler, resolve_device
 from fedseg.training.losses import deep_supervision_scales, make_loss
 
 # nnU-Net's gradient-norm clip: keeps the high-momentum SGD stable in early iterations.
@@ -273,7 +274,8 @@ def predict_indices(
             lo = [starts[d][corner[d]] for d in range(len(patch_size))]
             window = tuple(slice(a, a + p) for a, p in zip(lo, patch_size))
             x = torch.from_numpy(np.ascontiguousarray(volume[(slice(None), *window)]))[None].to(device)
-            logits = network(x)
+            with autocast(device):
+                logits = network(x)
             if isinstance(logits, (list, tuple)):
                 logits = logits[0]
             labels = decode(logits[0]).cpu().numpy().astype(np.int16)
@@ -342,8 +344,11 @@ class SiteTrainer:
         self.plans = plans
         self.site = site
         self.config: ConfigurationPlan = plans.configuration_for(site)
-        self.device = device
-        self.network = network.to(device)
+        self.device = resolve_device(device)
+        configure_backend(self.device)
+        # mixed precision on CUDA as nnU-Net trains (None on the CPU: plain float32 steps)
+        self.grad_scaler = grad_scaler(self.device)
+        self.network = network.to(self.device)
         self.num_workers = num_workers
         self.progress = progress
         self.log = log or (lambda message: None)
@@ -405,11 +410,24 @@ class SiteTrainer:
         target = batch["target"]
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) else target.to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.compute_loss(self.network(data), target)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
-        self.optimizer.step()
+        with autocast(self.device):
+            loss = self.compute_loss(self.network(data), target)
+        self.backward_and_step(loss)
         return float(loss.detach().cpu())
+
+    def backward_and_step(self, loss: torch.Tensor) -> None:
+        """Backward pass, gradient clipping and the optimizer step; on CUDA through the GradScaler,
+        unscaled before clipping so the clip norm means the same as in float32 (nnU-Net's order)."""
+        if self.grad_scaler is None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
+            self.optimizer.step()
+            return
+        self.grad_scaler.scale(loss).backward()
+        self.grad_scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
 
     def validate(self) -> float:
         """Mean foreground Dice on the validation split (the training cases when it is empty)."""
@@ -515,6 +533,8 @@ class SiteTrainer:
             self.load_momentum({k[len(MOMENTUM_PREFIX):]: v for k, v in tensors.items() if k.startswith(MOMENTUM_PREFIX)})
             start = int(meta["iteration"])
             log_state = saved
+            if self.grad_scaler is not None and saved.get("grad_scaler"):
+                self.grad_scaler.load_state_dict(saved["grad_scaler"])   # the loss scale reached, not a fresh one
             self.log(f"resuming round {round_index} at iteration {start}/{per_round}")
             if self.progress is not None and start:
                 self.progress(start, "resumed from checkpoint")
@@ -537,6 +557,8 @@ class SiteTrainer:
             tensors = {MODEL_PREFIX + k: v for k, v in self.model_state().items()}
             tensors.update({MOMENTUM_PREFIX + k: v for k, v in self.momentum_buffers().items()})
             state = {**log_state, "resumed_from": resumed_from, **(extra or {})}
+            if self.grad_scaler is not None:
+                state["grad_scaler"] = self.grad_scaler.state_dict()
             meta = {**identity, "iteration": str(done), "finished": "true" if finished else "false",
                     "state": json.dumps(_jsonable(state), allow_nan=True)}
             _save_safetensors(ckpt_path, tensors, meta)

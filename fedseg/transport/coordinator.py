@@ -42,6 +42,7 @@ class CoordinatorSettings:
     keys: Path | None = None               # folder of <name>.pub: the plan then requires signatures
     key: Path | None = None                # the coordinator's private key (with keys)
     round_timeout: float | None = None     # seconds a round waits for the sites' updates (None: no limit)
+    budget: float | None = None            # planning budget (nnU-Net GB-equivalents; default the planner's)
 
 
 class Coordinator:
@@ -83,7 +84,7 @@ class Coordinator:
         self.plans = plan_and_init(
             self.run_dir, loaded, strategy=s.strategy, rounds=s.rounds, configuration=s.configuration,
             iterations=s.iterations, overrides=s.overrides, seed=s.seed, log=self.log, keys=keys,
-            signing_key=self._signing_key,
+            signing_key=self._signing_key, budget=s.budget,
         )
         return self.plans
 

@@ -50,6 +50,7 @@ def flower_simulate(
     settings = CoordinatorSettings(
         run_dir=run_dir, strategy=config.strategy, rounds=config.rounds, configuration=config.configuration,
         iterations=config.iterations, overrides=dict(config.overrides), seed=config.seed, round_timeout=round_timeout,
+        budget=config.budget,
     )
     results: list[SimulationResult] = []
     server_app = make_server_app(settings, n_sites=len(sites), wait_s=60.0, log=log, results=results)

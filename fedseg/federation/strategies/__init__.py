@@ -20,6 +20,11 @@ def strategy_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def strategies_knowing(key: str) -> list[str]:
+    """Names of the strategies that read parameter `key` (e.g. "group.site_a": flames)."""
+    return [name for name in strategy_names() if _REGISTRY[name]().knows_param(key)]
+
+
 def get_strategy(name: str) -> Strategy:
     try:
         return _REGISTRY[name]()

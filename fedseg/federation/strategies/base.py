@@ -21,6 +21,7 @@ never averaged: `resolved_scope` forces their scope to None whatever the strateg
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Union
@@ -63,27 +64,68 @@ class Strategy:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
-    # params this strategy understands besides ENGINE_PARAMS (checked by `check_params`)
+    # params this strategy understands besides its engine params (checked by `check_params`)
     known_params: ClassVar[frozenset[str]] = frozenset()
     # whether its model recipe trains region-based labels (sigmoid per region, fedseg.data.labels)
     supports_regions: ClassVar[bool] = True
+    # engine params (robust, clip_norm, max_update_norm) that mean something for this strategy
+    engine_params: ClassVar[frozenset[str]] = ENGINE_PARAMS
+    # Robust rules that keep the strategy's meaning: "median" and "trimmed" replace the weighted
+    # mean of every pool, "clip_norm" shortens long update deltas. A strategy whose pools are not
+    # plain weighted means narrows this and says why in `robust_refusal`.
+    robust_rules: ClassVar[frozenset[str]] = frozenset({"median", "trimmed", "clip_norm"})
+    robust_refusal: ClassVar[str] = ""
 
     # -- configuration -------------------------------------------------------------------
+    def param_names(self) -> frozenset[str]:
+        """Every strategy parameter key this strategy reads from plans.strategy.params."""
+        return self.engine_params | self.known_params
+
+    def knows_param(self, key: str) -> bool:
+        return key in self.param_names()
+
     def check_params(self, params: Mapping[str, Any]) -> None:
-        """Refuse unknown or invalid strategy params (a typo in `--set` must not pass silently)."""
-        allowed = ENGINE_PARAMS | self.known_params
-        unknown = set(params) - allowed
+        """Refuse unknown or invalid strategy params (a typo in `--set` must not pass silently)
+        and robust rules that would change what the strategy means.
+
+        Called when the plan is made, at round 0, at every aggregation and before a site
+        trains: all of them refuse exactly the same plans.
+        """
+        unknown = sorted(set(params) - self.param_names())
         if unknown:
-            raise InputError(
-                f"strategy {self.name!r} does not know parameter(s) {', '.join(sorted(unknown))} "
-                f"(known: {', '.join(sorted(allowed))})"
-            )
+            raise InputError(self.unknown_param_message(unknown[0]))
+        for key, value in sorted(params.items()):
+            # no parameter means anything as infinity or NaN (`--set x=1e400` parses as infinity)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InputError(f"--set {key} must be a finite number, not {value!r}")
         bound = params.get("max_update_norm")
-        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound > 0):
-            raise InputError(f"max_update_norm must be a positive number, got {bound!r}")
-        parse_robust(params)
+        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float))
+                                  or not 0 < bound < math.inf):
+            raise InputError(f"--set max_update_norm must be a positive number, not {bound!r}")
+        spec = parse_robust(params)
+        in_use = {spec.rule: f"robust={params.get('robust')}"} if spec.replaces_combine else {}
+        if spec.clip_norm is not None:
+            in_use["clip_norm"] = f"clip_norm={params.get('clip_norm')}"
+        refused = [setting for rule, setting in sorted(in_use.items()) if rule not in self.robust_rules]
+        if refused:
+            raise InputError(
+                f"--set {refused[0]} is refused under strategy {self.name!r}: {self.robust_refusal} "
+                f"(robust rules it accepts: {', '.join(sorted(self.robust_rules)) or 'none'})"
+            )
         parse_privacy(params)
         parse_min_sites(params)
+
+    def unknown_param_message(self, key: str) -> str:
+        """The refusal of an unknown key, naming the closest known key or the strategy that knows it."""
+        from fedseg.federation.strategies import strategies_knowing
+        from fedseg.planning.settings import PLAN_SETTINGS, unknown_key_message
+
+        if key in ENGINE_PARAMS:
+            return f"--set {key} has no effect under strategy {self.name!r}: {self.robust_refusal}"
+        owners = [name for name in strategies_knowing(key) if name != self.name]
+        if owners:
+            return f"--set {key!r} is a parameter of strategy {', '.join(owners)}, not of {self.name!r}"
+        return unknown_key_message(key, [*self.param_names(), *PLAN_SETTINGS], f"strategy {self.name!r}")
 
     def requires_same_channels(self, params: Mapping[str, Any]) -> bool:
         """Whether every site must hold the plan's channels (False: mix-modal sites hold subsets,

@@ -137,7 +137,15 @@ class Flames(Strategy):
     training_defaults: ClassVar[dict[str, Any]] = {"loss": "dice_focal"}
     supports_regions = False   # its Dice + Focal loss is defined on softmax classes
 
+    # A coordinate median or trimmed mean of a group is one tensor for all its sites: every
+    # site would load the same model, the opposite of FLAMES' personalised rule.
+    robust_rules = frozenset({"clip_norm"})
+    robust_refusal = "a median or trimmed mean gives every site of a group the same model, so FLAMES would stop being personal"
+
     # -- configuration -------------------------------------------------------------------
+    def knows_param(self, key: str) -> bool:
+        return key.startswith(GROUP_PREFIX) or super().knows_param(key)
+
     def check_params(self, params: Mapping[str, Any]) -> None:
         plain = {k: v for k, v in params.items() if not k.startswith(GROUP_PREFIX)}
         super().check_params(plain)

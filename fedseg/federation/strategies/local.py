@@ -20,6 +20,9 @@ if TYPE_CHECKING:  # pragma: no cover
 class Local(Strategy):
     name = "local"
     description = "no federation: every site trains its own model, nothing is exchanged"
+    engine_params = frozenset()
+    robust_rules = frozenset()
+    robust_refusal = "every site trains alone and nothing is aggregated"
 
     def scope(self, plans: Plans, site: str, name: str) -> str | None:
         return None

@@ -83,6 +83,11 @@ class MixMFL(Strategy):
     known_params = frozenset(DEFAULTS)
     supports_regions = False   # its decoder and losses are softmax over classes
 
+    # The memory pools are merged by concatenation and FIFO truncation, not by a weighted mean:
+    # a median of prototype banks, or a delta clipped toward last round's bank, means nothing.
+    robust_rules = frozenset()
+    robust_refusal = "its prototype memories are merged by concatenation, which a median, trimmed mean or clipped delta would corrupt"
+
     def check_params(self, params: Mapping[str, Any]) -> None:
         super().check_params(params)
         for key in _SWITCHES:
