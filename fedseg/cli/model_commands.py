@@ -21,6 +21,7 @@ def train(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     workers: int = typer.Option(2, "--workers", min=0, help="Background augmentation workers (0: in-process)."),
     key: Path = typer.Option(None, "--key", help="This site's private key (fedseg keygen); required when the plan lists keys."),
+    fold: str = typer.Option("0", "--fold", help="Cross-validation fold of STATE/splits_final.json: 0..n_folds-1, or 'all' (every case). Use one state folder per fold."),
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ) -> None:
@@ -40,6 +41,7 @@ def train(
     from fedseg.errors import InputError
     from fedseg.federation.site_training import run_site_round
     from fedseg.planning.plans import load_plans
+    from fedseg.training.folds import parse_fold
 
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise InputError(f"--device must be cpu or cuda, not {device!r}")
@@ -59,7 +61,7 @@ def train(
         result = run_site_round(
             plans, site, require_dir(data, "dataset folder"), require_file(weights, "weights file"), state, output,
             iterations=iterations, device=device, num_workers=workers, progress=advance, log=reporter.log,
-            signing_key=signing_key,
+            signing_key=signing_key, fold=parse_fold(fold, plans.training.n_folds),
         )
     reporter.log(
         f"round {result.round} {site}: {result.n_iterations} iterations, val Dice {result.val_dice:.3f}, "

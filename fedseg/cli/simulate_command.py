@@ -25,6 +25,10 @@ def simulate(
     device: str = DEVICE,
     mirror: bool = typer.Option(False, "--mirror/--no-mirror", help="Mirroring at test time."),
     resume: bool = RESUME,
+    folds: list[str] = typer.Option(
+        None, "--folds",
+        help="Cross-validation folds to run, one federation each in RUN/fold_<k>/ (e.g. --folds 0 1 2 3 4; 'all' trains on every case). Default: fold 0 in RUN itself.",
+    ),
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ) -> None:
@@ -35,6 +39,9 @@ def simulate(
     complete round. Ends with the per-site test Dice table.
 
     Example: fedseg simulate sites --strategy fedavg --rounds 3 -o run
+
+    Five-fold cross-validation (model selection, see docs/model-selection.md):
+    fedseg simulate sites --rounds 3 --folds 0 1 2 3 4 -o runs/3d_fullres
     """
     from fedseg.cli.console import Reporter, print_json
     from fedseg.federation.simulation import SimulationConfig, result_to_dict, simulate as run_simulation
@@ -48,6 +55,17 @@ def simulate(
         iterations=iterations, overrides=parse_set_options(set_), seed=seed, workers=workers, device=device,
         mirror=mirror,
     )
+    if folds:
+        from fedseg.federation.simulation import simulate_folds
+        from fedseg.training.folds import parse_fold
+
+        results = simulate_folds(cfg, [parse_fold(f) for f in folds], log=reporter.log, progress_factory=reporter.progress)
+        if as_json:
+            print_json({name: result_to_dict(r) for name, r in results.items()})
+        elif not quiet:
+            for result in results.values():
+                print_dice_table(result)
+        return
     result = run_simulation(cfg, log=reporter.log, progress_factory=reporter.progress)
     if as_json:
         print_json(result_to_dict(result))

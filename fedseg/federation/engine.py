@@ -31,6 +31,7 @@ import numpy as np
 
 from fedseg.atomic import atomic_path, write_json_atomic
 from fedseg.errors import InputError
+from fedseg.federation.best_round import update_best, validation_summary
 from fedseg.federation.manifest import expected_parameters
 from fedseg.federation.strategies import get_strategy
 from fedseg.federation.strategies.base import (
@@ -100,6 +101,8 @@ class AggregateReport:
     # bytes on the wire this round: per site, "upload" (its update file) and "download" (the
     # model file it loads next), plus totals; what communication-efficient strategies save
     traffic: dict[str, Any] = field(default_factory=dict)
+    # the sites' validation Dice of the previous round's models (fedseg.federation.best_round)
+    validation: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -222,6 +225,7 @@ def aggregate_round(
     updates = validate_updates(plans, update_paths, expected_round=expected_round, strategy=strategy)
     round_index = updates[0].meta.round
     by_site = {u.site: u for u in updates}
+    validation = validation_summary(round_index, {u.site: u.meta.extra for u in updates}, [u.path for u in updates])
     _log(log, f"round {round_index}: {len(updates)} update(s) valid ({', '.join(sorted(by_site))})")
     clip = _clip_factors(plans, robust, updates, out_dir, previous_dir, round_index, log)
 
@@ -335,8 +339,10 @@ def aggregate_round(
         signed_by=COORDINATOR if signing_key is not None else None,
     )
     report.traffic = round_traffic(report.inputs, report.outputs)
+    report.validation = validation
     write_json_atomic(out_dir / REPORT_FILE, report.to_dict())
     _log(log, f"round {round_index}: wrote {len(outputs)} weight file(s) and {REPORT_FILE} to {out_dir}")
+    update_best(out_dir.parent, report.validation, log)
     return report
 
 

@@ -8,6 +8,7 @@ started again continues from the last complete round.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ class SimulationConfig:
     fingerprint_workers: int = 1
     device: str = "cpu"
     mirror: bool = False
+    fold: int | str = 0                    # cross-validation fold every site trains on
 
 
 @dataclass
@@ -127,7 +129,7 @@ def simulate(
                 result = run_site_round(
                     plans, name, path, round_dir(run_dir, r - 1) / f"{name}.safetensors", run_dir / "state" / name,
                     update, iterations=config.iterations, device=config.device, num_workers=config.workers,
-                    progress=advance,
+                    progress=advance, fold=config.fold,
                 )
             log(f"round {r} {name}: val Dice {result.val_dice:.3f} ({result.seconds:.1f}s)")
             updates.append(update)
@@ -148,6 +150,32 @@ def simulate(
         )
     return SimulationResult(str(run_dir), plans.plan_id, config.rounds, val_dice, test_metrics, str(report_dir),
                             server_metrics, traffic=traffic)
+
+
+def simulate_folds(
+    config: SimulationConfig,
+    folds: list[int | str],
+    log: Callable[[str], None] = lambda message: None,
+    progress_factory: Callable | None = None,
+) -> dict[str, SimulationResult]:
+    """One federation per cross-validation fold, each in `run_dir/fold_<k>/` (nnU-Net's fold
+    folders), all under the same plan. The sites' fingerprints are computed once and copied
+    into the later folds' run folders. Returns fold folder name -> result."""
+    import shutil
+
+    from fedseg.training.folds import fold_name
+
+    results: dict[str, SimulationResult] = {}
+    first: Path | None = None
+    for fold in folds:
+        name = fold_name(fold)
+        run_dir = Path(config.run_dir) / name
+        if first is not None and not (run_dir / "fingerprints").is_dir():
+            shutil.copytree(first / "fingerprints", run_dir / "fingerprints")
+        log(f"{name}: federation of fold {fold}")
+        results[name] = simulate(dataclasses.replace(config, run_dir=run_dir, fold=fold), log, progress_factory)
+        first = first or run_dir
+    return results
 
 
 def plan_and_init(

@@ -32,6 +32,9 @@ class SiteRoundResult:
     val_dice: float
     mean_loss: float
     seconds: float
+    fold: int | str = 0
+    incoming_val_dice: float = float("nan")   # validation Dice of the model the round started from
+    n_val_cases: int = 0
 
 
 def incoming_round(plans: Plans, weights_path: Path) -> int:
@@ -91,12 +94,16 @@ def run_site_round(
     progress: Callable | None = None,
     log: Callable[[str], None] | None = None,
     signing_key: SigningKey | None = None,
+    fold: int | str = 0,
 ) -> SiteRoundResult:
     """Train `site` for one round starting from `weights_path`; write the update to `output`.
 
     `signing_key`: the site's private key; required when the plan lists public keys (the
     update then gets `<output>.sig`, and the incoming model must carry the coordinator's).
     Checked before training, so a site never trains a round it cannot sign.
+    `fold`: the cross-validation fold of the site's splits (fedseg.training.folds). The update
+    reports the fold's validation Dice of the incoming model and how many cases it rests on
+    (numbers only), from which the coordinator picks the best round.
     """
     from fedseg.federation.engine import split_site_state, write_site_update
     from fedseg.training.trainer import train_local
@@ -117,11 +124,15 @@ def run_site_round(
     outcome = train_local(
         plans, site, Path(dataset_root), Path(state_dir), network, state, round_index,
         iterations=iterations, device=device, num_workers=num_workers, progress=progress, log=log,
-        trainer_class=get_strategy(plans.strategy.name).trainer_class(plans),
+        trainer_class=get_strategy(plans.strategy.name).trainer_class(plans), fold=fold,
     )
     meta = write_site_update(
         plans, site, outcome.state_dict, output, round_index=round_index, n_iterations=outcome.n_iterations,
-        extra={"val_dice": _finite_or_none(outcome.val_dice), "mean_loss": _finite_or_none(outcome.mean_loss)},
+        extra={
+            "val_dice": _finite_or_none(outcome.val_dice), "mean_loss": _finite_or_none(outcome.mean_loss),
+            "fold": fold, "incoming_val_dice": _finite_or_none(outcome.incoming_val_dice),
+            "n_val_cases": outcome.n_val_cases,
+        },
         signing_key=signing_key,
     )
     _shared, local = split_site_state(plans, site, outcome.state_dict)
@@ -140,6 +151,9 @@ def run_site_round(
         val_dice=outcome.val_dice,
         mean_loss=outcome.mean_loss,
         seconds=time.monotonic() - start,
+        fold=fold,
+        incoming_val_dice=outcome.incoming_val_dice,
+        n_val_cases=outcome.n_val_cases,
     )
 
 
