@@ -28,6 +28,12 @@ WORKERS = typer.Option(2, "--workers", min=0, help="Background augmentation work
 DEVICE = typer.Option("cpu", "--device", help="cpu or cuda.")
 RESUME = typer.Option(False, "--resume", help="Continue the run in OUTPUT from its last complete round.")
 
+# Which models of a run (fedseg.federation.checkpoints), as nnU-Net's -chk.
+CHECKPOINT = typer.Option(
+    "final", "--checkpoint",
+    help="Which models of a run: final (the last complete round), best (best/: the round with the highest validation Dice) or round_N.",
+)
+
 
 def parse_set_options(items: list[str] | None) -> dict[str, str]:
     """`--set key=value` pairs -> dict, refusing malformed items."""
