@@ -30,13 +30,7 @@ INFERENCE_PLAN_FORMAT = "fedseg-inference-plan/1"
 def load_validation_file(path: Path) -> dict[str, Any]:
     from fedseg.training.postprocessing import DiceSums
 
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("validation file not found", path)
-    try:
-        record = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"not valid JSON ({exc})", path) from None
+    record = _read_json(Path(path), "validation file")
     if not isinstance(record, dict) or record.get("format") != VALIDATION_FORMAT:
         raise InputError(f"not a fedseg validation file (format {VALIDATION_FORMAT} expected)", path)
     try:
@@ -117,16 +111,19 @@ def predict_command(plan_path: Path) -> str:
 
 
 def load_inference_plan(path: Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("inference plan not found", path)
-    try:
-        plan = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"not valid JSON ({exc})", path) from None
+    plan = _read_json(Path(path), "inference plan")
     if not isinstance(plan, dict) or plan.get("format") != INFERENCE_PLAN_FORMAT or not plan.get("models"):
         raise InputError(f"not a fedseg inference plan (format {INFERENCE_PLAN_FORMAT} with models expected)", path)
     return plan
+
+
+def _read_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise InputError(f"{what} not found", path)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"not valid JSON ({exc})", path) from None
 
 
 def _score(value: float) -> float:
