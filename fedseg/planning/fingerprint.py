@@ -17,7 +17,7 @@ weighs 1 ("case_weighted" below; the merged fingerprint's nnU-Net keys). It also
 statistics with every voxel weighted equally (the exact pooled statistics of all foreground
 voxels). Both come from the same per-case sketch: the voxels are bucketed once per case.
 
-What leaves the site: spacings, cropped shapes, relative crop sizes, case ids, per channel
+What leaves the site: spacings, cropped shapes, relative crop sizes (no case names), per channel
 the foreground count, sum, sum of squares, min, max and a histogram with 0.5 %-wide
 logarithmic buckets, and the same moments and histogram with per-case weights. No voxel
 array, no image, no label map.
@@ -184,7 +184,6 @@ def _assemble(dataset: Dataset, site: str, summaries: list[CaseSummary], alpha: 
         "file_ending": dataset.file_ending,
         "image_dim": 2 if summaries[0].is_2d else 3,
         "n_cases": len(summaries),
-        "case_ids": [s.case_id for s in summaries],
         "spacings": [s.spacing for s in summaries],
         "shapes_after_crop": [s.shape_after_crop for s in summaries],
         "relative_sizes_after_crop": [s.relative_size_after_crop for s in summaries],
@@ -256,7 +255,7 @@ def validate_fingerprint(fp: Any, source: str | Path | None = None) -> None:
     if fp.get("format_version") != FINGERPRINT_FORMAT_VERSION:
         fail(f"format_version {fp.get('format_version')!r}, expected {FINGERPRINT_FORMAT_VERSION}; "
              "recompute it with `fedseg fingerprint`")
-    required = ("site", "channel_names", "labels", "file_ending", "image_dim", "n_cases", "case_ids", "spacings",
+    required = ("site", "channel_names", "labels", "file_ending", "image_dim", "n_cases", "spacings",
                 "shapes_after_crop", "relative_sizes_after_crop", "foreground_stats_per_channel", "modality")
     missing = [k for k in required if k not in fp]
     if missing:
@@ -272,7 +271,7 @@ def validate_fingerprint(fp: Any, source: str | Path | None = None) -> None:
     n = fp["n_cases"]
     if not isinstance(n, int) or n < 1:
         fail("n_cases must be a positive integer")
-    for key in ("case_ids", "spacings", "shapes_after_crop", "relative_sizes_after_crop"):
+    for key in ("spacings", "shapes_after_crop", "relative_sizes_after_crop"):
         if not isinstance(fp[key], list) or len(fp[key]) != n:
             fail(f"{key} must be a list of n_cases = {n} entries")
     for key in ("spacings", "shapes_after_crop"):
