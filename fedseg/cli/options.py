@@ -35,6 +35,11 @@ CHECKPOINT = typer.Option(
 )
 
 
+def split_list_option(items: list[str] | None) -> list[str]:
+    """Values of a repeatable option that also takes comma lists: `--fold 0,1 --fold 2` -> 0, 1, 2."""
+    return [part.strip() for item in items or [] for part in item.split(",") if part.strip()]
+
+
 def parse_set_options(items: list[str] | None) -> dict[str, str]:
     """`--set key=value` pairs -> dict, refusing malformed items."""
     overrides: dict[str, str] = {}

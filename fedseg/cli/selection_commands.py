@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from fedseg.cli.options import CHECKPOINT, DEVICE, JSON, QUIET, require_dir, require_file
+from fedseg.cli.options import CHECKPOINT, DEVICE, JSON, QUIET, require_dir, require_file, split_list_option
 
 # Kept equal to fedseg.federation.site_validation.DEFAULT_STATE_TEMPLATE (spelled out so
 # --help does not import the library).
@@ -17,7 +17,7 @@ def validate(
     site: str = typer.Option(..., "--site", help="This site's name in the plans."),
     data: Path = typer.Option(..., "--data", help="The site's nnU-Net raw dataset folder."),
     run: list[Path] = typer.Option(..., "--run", help="A configuration's cross-validation folder (fold_<k>/ run folders inside); repeat per configuration."),
-    fold: list[str] = typer.Option(..., "--fold", help="Fold(s) to score, e.g. --fold 0 --fold 1 ... (every fold: the whole cross-validation)."),
+    fold: list[str] = typer.Option(..., "--fold", help="Fold(s) to score: --fold 0,1,2,3,4 (every fold: the whole cross-validation) or repeated --fold k."),
     output: Path = typer.Option(..., "-o", "--output", help="Validation file to write (numbers only; send it to the coordinator)."),
     checkpoint: str = CHECKPOINT,
     state_template: str = typer.Option(STATE_TEMPLATE, "--state-template", help="Where the site's state folder (splits_final.json, local parameters) of a run's fold is."),
@@ -33,7 +33,7 @@ def validate(
     sums and case counts only: no case name, voxel or prediction leaves the site.
 
     Example: fedseg validate --site site_a --data sites/site_a --run runs/3d_fullres --run runs/2d
-    --fold 0 --fold 1 --fold 2 --fold 3 --fold 4 -o site_a.validation.json
+    --fold 0,1,2,3,4 -o site_a.validation.json
     """
     from fedseg.atomic import write_json_atomic
     from fedseg.cli.console import Reporter, print_json
@@ -44,7 +44,7 @@ def validate(
     roots = [require_dir(r, "run folder") for r in run]
     with reporter.progress(f"validate {site}", None) as advance:
         record = validate_site(
-            site, require_dir(data, "dataset folder"), roots, [parse_fold(f) for f in fold], checkpoint=checkpoint,
+            site, require_dir(data, "dataset folder"), roots, [parse_fold(f) for f in split_list_option(fold)], checkpoint=checkpoint,
             state_template=state_template, device=device, mirror=mirror, progress=advance,
         )
     write_json_atomic(output, record)

@@ -8,7 +8,7 @@ import typer
 
 from fedseg.cli.options import (
     CONFIGURATION, DEVICE, ITERATIONS, JSON, QUIET, RESUME, ROUNDS, RUN_OUTPUT, SEED, SET, SITES_ROOT, STRATEGY_HELP, WORKERS,
-    parse_set_options,
+    parse_set_options, split_list_option,
 )
 
 
@@ -27,7 +27,7 @@ def simulate(
     resume: bool = RESUME,
     folds: list[str] = typer.Option(
         None, "--folds",
-        help="Cross-validation folds to run, one federation each in RUN/fold_<k>/ (e.g. --folds 0 1 2 3 4; 'all' trains on every case). Default: fold 0 in RUN itself.",
+        help="Cross-validation folds to run, one federation each in RUN/fold_<k>/ (e.g. --folds 0,1,2,3,4; 'all' trains on every case). Default: fold 0 in RUN itself.",
     ),
     quiet: bool = QUIET,
     as_json: bool = JSON,
@@ -41,7 +41,7 @@ def simulate(
     Example: fedseg simulate sites --strategy fedavg --rounds 3 -o run
 
     Five-fold cross-validation (model selection, see docs/model-selection.md):
-    fedseg simulate sites --rounds 3 --folds 0 1 2 3 4 -o runs/3d_fullres
+    fedseg simulate sites --rounds 3 --folds 0,1,2,3,4 -o runs/3d_fullres
     """
     from fedseg.cli.console import Reporter, print_json
     from fedseg.federation.simulation import SimulationConfig, result_to_dict, simulate as run_simulation
@@ -59,7 +59,7 @@ def simulate(
         from fedseg.federation.simulation import simulate_folds
         from fedseg.training.folds import parse_fold
 
-        results = simulate_folds(cfg, [parse_fold(f) for f in folds], log=reporter.log, progress_factory=reporter.progress)
+        results = simulate_folds(cfg, [parse_fold(f) for f in split_list_option(folds)], log=reporter.log, progress_factory=reporter.progress)
         if as_json:
             print_json({name: result_to_dict(r) for name, r in results.items()})
         elif not quiet:

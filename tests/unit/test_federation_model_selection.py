@@ -118,3 +118,22 @@ def test_find_best_weighs_every_case_equally(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="second validation file"):
         find_best(runs, [a, a], tmp_path / "selection")
     json.dumps(plan, allow_nan=False)
+
+
+def test_cli_refuses_bad_model_selection_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """One-line errors naming the fault, exit code 2, nothing written."""
+    from fedseg.cli.main import run
+
+    images = tmp_path / "images"
+    images.mkdir()
+    assert run(["predict", "-i", str(images), "-o", str(tmp_path / "out")]) == 2
+    assert "give the models one way" in capsys.readouterr().err
+    runs = _runs(tmp_path)
+    bad = tmp_path / "site_a.json"
+    bad.write_text('{"format": "something else"}')
+    assert run(["find-best", *map(str, runs), "-m", str(bad), "-o", str(tmp_path / "sel")]) == 2
+    err = capsys.readouterr().err
+    assert "not a fedseg validation file" in err and str(bad) in err and "Traceback" not in err
+    assert not (tmp_path / "sel").exists()
+    assert run(["predict", "--run", str(runs[0] / "fold_0"), "--checkpoint", "best", "-i", str(images), "-o", str(tmp_path / "o")]) == 2
+    assert "has no best/ folder yet" in capsys.readouterr().err
