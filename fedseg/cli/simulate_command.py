@@ -48,18 +48,25 @@ def simulate(
 
     from fedseg.federation.simulation import check_run_folder
 
-    check_run_folder(output, resume)
+    from fedseg.training.folds import fold_name, parse_fold
+
+    fold_list = [parse_fold(f) for f in split_list_option(folds)]
+    if fold_list and resume:
+        # a cross-validation folder holds one run per fold; each must be a run to resume
+        for fold in fold_list:
+            check_run_folder(output / fold_name(fold), resume)
+    else:
+        check_run_folder(output, resume)
     reporter = Reporter(quiet=quiet)
     cfg = SimulationConfig(
         sites_root=sites_root, strategy=strategy, rounds=rounds, run_dir=output, configuration=config,
         iterations=iterations, overrides=parse_set_options(set_), seed=seed, workers=workers, device=device,
         mirror=mirror,
     )
-    if folds:
+    if fold_list:
         from fedseg.federation.simulation import simulate_folds
-        from fedseg.training.folds import parse_fold
 
-        results = simulate_folds(cfg, [parse_fold(f) for f in split_list_option(folds)], log=reporter.log, progress_factory=reporter.progress)
+        results = simulate_folds(cfg, fold_list, log=reporter.log, progress_factory=reporter.progress)
         if as_json:
             print_json({name: result_to_dict(r) for name, r in results.items()})
         elif not quiet:

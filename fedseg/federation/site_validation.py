@@ -105,6 +105,8 @@ def validate_site(
             plan_ids[run.name] = plans.plan_id
             labels = labels or dict(plans.labels)
             state_dir = Path(state_template.format(run=run.root, fold=fold, site=site))
+            if not (state_dir / SPLITS_FILE).is_file():
+                raise InputError(f"no {SPLITS_FILE}: the site's state folder of this fold is elsewhere (--state-template)", state_dir)
             splits_seen[run.name] = load_or_create_splits(state_dir, list(cases), plans.training.n_folds, plans.seed, site)
             network = load_site_model(plans, site, site_model_file(run_dir, checkpoint, site), state_dir if state_dir.is_dir() else None)
             members[run.name] = EnsembleMember(network, plans, plans.configuration_for(site), site)
