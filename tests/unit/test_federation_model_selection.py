@@ -137,3 +137,10 @@ def test_cli_refuses_bad_model_selection_input(tmp_path: Path, capsys: pytest.Ca
     assert not (tmp_path / "sel").exists()
     assert run(["predict", "--run", str(runs[0] / "fold_0"), "--checkpoint", "best", "-i", str(images), "-o", str(tmp_path / "o")]) == 2
     assert "has no best/ folder yet" in capsys.readouterr().err
+
+
+def test_cli_state_template_default_is_the_library_default() -> None:
+    from fedseg.cli.selection_commands import STATE_TEMPLATE
+    from fedseg.federation.site_validation import DEFAULT_STATE_TEMPLATE
+
+    assert STATE_TEMPLATE == DEFAULT_STATE_TEMPLATE
