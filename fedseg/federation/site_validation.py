@@ -79,12 +79,14 @@ def validate_site(
     from fedseg.federation.checkpoints import site_model_file
     from fedseg.federation.site_training import load_site_model
     from fedseg.planning.plans import load_plans
-    from fedseg.training.folds import SPLITS_FILE, fold_cases, fold_name, load_or_create_splits
+    from fedseg.training.folds import FOLD_ALL, SPLITS_FILE, fold_cases, fold_name, load_or_create_splits
     from fedseg.training.inference import EnsembleMember, ensemble_probabilities, probabilities_to_labels
     from fedseg.training.postprocessing import DiceSums
 
     if not folds:
         raise InputError("give at least one fold (--fold)")
+    if FOLD_ALL in folds:
+        raise InputError("fold 'all' trained on every case, so it has no held-out case to validate on")
     dataset = load_dataset(dataset_root)
     cases = {c.case_id: c for c in dataset.cases("Tr")}
     runs = configuration_runs(run_roots, folds[0])

@@ -49,13 +49,17 @@ def make_splits(case_ids: Sequence[str], n_folds: int, seed: int, site: str) -> 
     """k folds over the sorted case ids, shuffled by a seed derived from the plan seed and site.
 
     Like nnU-Net's KFold(shuffle=True): every case is validated in exactly one fold, fold
-    sizes differ by at most one.
+    sizes differ by at most one. A site with fewer cases than folds (a small site in a
+    federation of larger ones) gets folds without validation cases; such a fold trains on
+    every case and the trainer validates on its training cases.
     """
     ids = sorted(case_ids)
     if n_folds < 2:
         raise InputError(f"training.n_folds must be at least 2, not {n_folds}")
-    if len(ids) < n_folds:
-        raise InputError(f"site {site!r} has {len(ids)} training case(s), fewer than the plan's {n_folds} folds")
+    if len(ids) < 2:
+        # one case cannot be split: every fold trains on it (and validates on it, as a
+        # fold without validation cases does)
+        return [{"train": ids, "val": []} for _ in range(n_folds)]
     digest = hashlib.sha256(f"{seed}:{site}:folds".encode()).digest()
     rng = np.random.default_rng(int.from_bytes(digest[:4], "little"))
     order = [ids[i] for i in rng.permutation(len(ids))]

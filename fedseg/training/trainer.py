@@ -489,7 +489,9 @@ class SiteTrainer:
             # Score the model as it arrived (before any local step): the coordinator ranks
             # rounds by it. Saved with every checkpoint, so a resumed round keeps this value.
             log_state["incoming_val_dice"] = self.validate()
-            log_state["n_val_cases"] = len(self.val_cases or self.train_cases)
+            # a fold without validation cases scores on its training cases: reported with
+            # no case count, so the coordinator does not rank rounds by it
+            log_state["n_val_cases"] = len(self.val_cases)
 
         total = self.plans.training.rounds * per_round
         offset = (round_index - 1) * per_round

@@ -43,8 +43,9 @@ def test_bad_splits_and_folds_are_input_errors(tmp_path) -> None:
     (tmp_path / SPLITS_FILE).write_text(json.dumps([{"train": ["nope"], "val": []}]))
     with pytest.raises(InputError, match="nope"):
         load_or_create_splits(tmp_path, CASES, 5, 0, "s")
-    with pytest.raises(InputError, match="fewer than"):
-        make_splits(CASES[:3], 5, 0, "s")
+    small = make_splits(CASES[:3], 5, 0, "s")   # fewer cases than folds: the last folds validate on none
+    assert [len(f["val"]) for f in small] == [1, 1, 1, 0, 0] and small[4]["train"] == CASES[:3]
+    assert make_splits(CASES[:1], 5, 0, "s") == [{"train": CASES[:1], "val": []}] * 5
     assert parse_fold("all") == FOLD_ALL and parse_fold("3", 5) == 3
     with pytest.raises(InputError, match="fold 5 does not exist"):
         parse_fold("5", 5)
