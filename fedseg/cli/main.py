@@ -19,6 +19,7 @@ from fedseg.cli import (
     flower_commands,
     model_commands,
     run_commands,
+    selection_commands,
     simulate_command,
     trust_commands,
 )
@@ -52,7 +53,10 @@ def main(
     """fedseg command line."""
 
 
-for module in (data_commands, federation_commands, model_commands, simulate_command, run_commands, trust_commands, flower_commands):
+for module in (
+    data_commands, federation_commands, model_commands, selection_commands, simulate_command, run_commands,
+    trust_commands, flower_commands,
+):
     module.register(app)
 use_plain_help(app)   # "[required]", not "\\[required]", in every --help
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from fedseg.cli.options import DEVICE, JSON, MAX_VOXELS, QUIET, require_dir, require_file, require_output_dir, require_output_file
+from fedseg.cli.options import CHECKPOINT, DEVICE, JSON, MAX_VOXELS, QUIET, require_dir, require_file, require_output_dir, require_output_file
 from fedseg.planning.settings import MAX_ITERATIONS_PER_ROUND, MAX_ROUNDS
 
 
@@ -23,6 +23,7 @@ def train(
     workers: int = typer.Option(2, "--workers", min=0, help="Background augmentation workers (0: in-process)."),
     key: Path = typer.Option(None, "--key", help="This site's private key (fedseg keygen); required when the plan lists keys."),
     max_voxels: int = MAX_VOXELS,
+    fold: str = typer.Option("0", "--fold", help="Cross-validation fold of STATE/splits_final.json: 0..n_folds-1, or 'all' (every case). Use one state folder per fold."),
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ) -> None:
@@ -45,6 +46,7 @@ def train(
     from fedseg.federation.site_training import run_site_round
     from fedseg.planning.plans import load_plans
     from fedseg.training.device import resolve_device
+    from fedseg.training.folds import parse_fold
 
     # every output checked before any work: a wrong -o or --state must not cost a round of training
     require_output_file(output, "update file")
@@ -74,6 +76,7 @@ def train(
             plans, site, require_dir(data, "dataset folder"), require_file(weights, "weights file"), state, output,
             iterations=iterations, device=device, num_workers=workers, progress=advance, log=reporter.log,
             signing_key=signing_key, agreement_key=agreement_key, max_voxels=max_voxels,
+            fold=parse_fold(fold, plans.training.n_folds),
         )
     reporter.log(
         f"round {result.round} {site}: {result.n_iterations} iterations, val Dice {result.val_dice:.3f}, "
@@ -84,12 +87,16 @@ def train(
 
 
 def predict(
-    plans_path: Path = typer.Option(..., "--plans", help="plans.json of the federation."),
-    weights: Path = typer.Option(..., "--weights", help="Model file (round_r/<site>.safetensors or models/<pool>.safetensors)."),
     images: Path = typer.Option(..., "-i", "--input", help="Folder of {CASE}_{XXXX}<ending> channel files."),
     output: Path = typer.Option(..., "-o", "--output", help="Folder for {CASE}<ending> label maps."),
+    plans_path: Path = typer.Option(None, "--plans", help="plans.json of the federation (with --weights)."),
+    weights: list[Path] = typer.Option(None, "--weights", help="Model file(s) (round_r/<site>.safetensors or models/<pool>.safetensors); several: an ensemble."),
+    run: list[Path] = typer.Option(None, "--run", help="Run folder(s) (plans.json + rounds), e.g. one per fold; several: an ensemble."),
+    checkpoint: str = CHECKPOINT,
+    inference_plan: Path = typer.Option(None, "--inference-plan", help="inference_plan.json from fedseg find-best: its models and post-processing."),
     site: str = typer.Option(None, "--site", help="Site whose network (and local parameters) to use."),
     state: Path = typer.Option(None, "--state", help="The site's state folder, for parameters that never left it."),
+    save_probabilities: bool = typer.Option(False, "--save-probabilities", help="Also write {CASE}.npz with the softmax 'probabilities' (as nnU-Net)."),
     mirror: bool = typer.Option(False, "--mirror/--no-mirror", help="Average predictions over mirrored inputs."),
     device: str = DEVICE,
     max_voxels: int = MAX_VOXELS,
@@ -98,34 +105,46 @@ def predict(
 ) -> None:
     """Segment a folder of images (sliding window, back to each image's own geometry).
 
+    Several models (weight files, run folders, an inference plan) are ensembled by averaging
+    their softmax probabilities.
+
     Example: fedseg predict --plans plans.json --weights run/round_003/site_a.safetensors
     -i sites/site_a/imagesTs -o pred/site_a --site site_a --state state/site_a
+
+    Five folds at their best round: fedseg predict --run runs/3d/fold_0 ... --run runs/3d/fold_4
+    --checkpoint best -i images -o pred
+
+    As find-best chose: fedseg predict --inference-plan selection/inference_plan.json -i images -o pred
     """
     from fedseg.cli.console import Reporter
-    from fedseg.federation.site_training import load_site_model
-    from fedseg.planning.plans import load_plans
+    from fedseg.federation.ensemble_loading import ModelSource, load_members
     from fedseg.training.device import resolve_device
-    from fedseg.training.inference import predict_folder
+    from fedseg.training.inference import predict_folder_ensemble
 
     require_output_dir(output, "output folder")
     if state is not None:
         require_output_dir(state, "state folder")   # may be absent when the site keeps nothing local
     device = resolve_device(device)
     reporter = Reporter(quiet=quiet)
-    plans = load_plans(require_file(plans_path, "plans file"))
-    site = site or sorted(plans.sites)[0]
-    plans.site(site)
-    network = load_site_model(plans, site, require_file(weights, "weights file"), state)
+    source = ModelSource(
+        weights=[require_file(w, "weights file") for w in weights or []],
+        plans_path=require_file(plans_path, "plans file") if plans_path is not None else None,
+        runs=[require_dir(r, "run folder") for r in run or []], checkpoint=checkpoint,
+        inference_plan=require_file(inference_plan, "inference plan") if inference_plan is not None else None,
+    )
+    members, postprocessing = load_members(source, site, state)
     require_dir(images, "image folder")
-    n_cases = len({p.name.rsplit("_", 1)[0] for p in images.iterdir() if p.name.endswith(plans.file_ending)})
+    ending = members[0].plans.file_ending
+    n_cases = len({p.name.rsplit("_", 1)[0] for p in images.iterdir() if p.name.endswith(ending)})
     with reporter.progress("predict", n_cases) as advance:
-        written = predict_folder(network, images, output, plans, plans.configuration_for(site), device=device,
-                                 mirror=mirror, progress=advance, site=site, max_voxels=max_voxels)
-    reporter.log(f"wrote {len(written)} segmentations to {output}")
+        written = predict_folder_ensemble(members, images, output, device=device, mirror=mirror, progress=advance,
+                                          save_probabilities=save_probabilities, postprocessing=postprocessing,
+                                          max_voxels=max_voxels)
+    reporter.log(f"wrote {len(written)} segmentations to {output} ({len(members)} model(s))")
     if as_json:
         from fedseg.cli.console import print_json
 
-        print_json({"output": str(output), "site": site, "written": [str(p) for p in written]})
+        print_json({"output": str(output), "site": site, "models": len(members), "written": [str(p) for p in written]})
 
 
 def evaluate(

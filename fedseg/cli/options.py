@@ -43,6 +43,17 @@ BUDGET = typer.Option(
 )
 RESUME = typer.Option(False, "--resume", help="Continue the run in OUTPUT from its last complete round.")
 
+# Which models of a run (fedseg.federation.checkpoints), as nnU-Net's -chk.
+CHECKPOINT = typer.Option(
+    "final", "--checkpoint",
+    help="Which models of a run: final (the last complete round), best (best/: the round with the highest validation Dice) or round_N.",
+)
+
+
+def split_list_option(items: list[str] | None) -> list[str]:
+    """Values of a repeatable option that also takes comma lists: `--fold 0,1 --fold 2` -> 0, 1, 2."""
+    return [part.strip() for item in items or [] for part in item.split(",") if part.strip()]
+
 
 def parse_set_options(items: list[str] | None) -> dict[str, str]:
     """`--set key=value` pairs -> dict, refusing malformed items."""

@@ -8,7 +8,7 @@ import typer
 
 from fedseg.cli.options import (
     BUDGET, CONFIGURATION, DEVICE, ITERATIONS, JSON, MAX_VOXELS, QUIET, RESUME, ROUNDS, RUN_OUTPUT, SEED, SET, SITES_ROOT, STRATEGY_HELP,
-    WORKERS, parse_set_options, require_dir, require_output_dir,
+    WORKERS, parse_set_options, require_dir, require_output_dir, split_list_option,
 )
 
 
@@ -27,6 +27,10 @@ def simulate(
     mirror: bool = typer.Option(False, "--mirror/--no-mirror", help="Mirroring at test time."),
     resume: bool = RESUME,
     max_voxels: int = MAX_VOXELS,
+    folds: list[str] = typer.Option(
+        None, "--folds",
+        help="Cross-validation folds to run, one federation each in RUN/fold_<k>/ (e.g. --folds 0,1,2,3,4; 'all' trains on every case). Default: fold 0 in RUN itself.",
+    ),
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ) -> None:
@@ -38,6 +42,9 @@ def simulate(
     Ends with the per-site test Dice table.
 
     Example: fedseg simulate sites --strategy fedavg --rounds 3 -o run --device auto --budget 8
+
+    Five-fold cross-validation (model selection, see docs/model-selection.md):
+    fedseg simulate sites --rounds 3 --folds 0,1,2,3,4 -o runs/3d_fullres
     """
     from fedseg.cli.console import Reporter, print_json
     from fedseg.federation.simulation import (
@@ -45,8 +52,16 @@ def simulate(
     )
     from fedseg.training.device import resolve_device
 
+    from fedseg.training.folds import fold_name, parse_fold
+
     require_output_dir(output, "run folder")
-    check_run_folder(output, resume)
+    fold_list = [parse_fold(f) for f in split_list_option(folds)]
+    if fold_list and resume:
+        # a cross-validation folder holds one run per fold; each must be a run to resume
+        for fold in fold_list:
+            check_run_folder(output / fold_name(fold), resume)
+    else:
+        check_run_folder(output, resume)
     require_dir(sites_root, "sites folder")
     overrides = parse_set_options(set_)
     reporter = Reporter(quiet=quiet)
@@ -55,6 +70,16 @@ def simulate(
         iterations=iterations, overrides=overrides, seed=seed, workers=workers, device=resolve_device(device),
         mirror=mirror, budget=budget, max_voxels=max_voxels,
     )
+    if fold_list:
+        from fedseg.federation.simulation import simulate_folds
+
+        results = simulate_folds(cfg, fold_list, log=reporter.log, progress_factory=reporter.progress)
+        if as_json:
+            print_json({name: result_to_dict(r) for name, r in results.items()})
+        elif not quiet:
+            for result in results.values():
+                print_dice_table(result)
+        return
     result = run_simulation(cfg, log=reporter.log, progress_factory=reporter.progress)
     if as_json:
         print_json(result_to_dict(result))

@@ -168,6 +168,32 @@ def sample_class_locations(
     return locations
 
 
+def revert_probabilities(
+    probs: np.ndarray, properties: dict[str, Any], config: ConfigurationPlan, regions: bool = False,
+) -> np.ndarray:
+    """(K, z, y, x) class probabilities on the preprocessed grid -> (K, Z, Y, X) float32 in the
+    case's original geometry (`shape_before_cropping`), resampled linearly as nnU-Net's export
+    does; outside the cropping box the background has probability 1 (`regions`: the channels
+    are per-region sigmoids, and outside the box no region is present: all 0).
+
+    Probabilities of several models (folds, configurations) averaged in this geometry are an
+    ensemble, whatever grid each model predicted on.
+    """
+    spacing = [float(s) for s in properties["spacing_after_cropping"]]
+    current = target_spacing_3d(config, spacing)
+    shape_after_cropping = tuple(int(s) for s in properties["shape_after_cropping"])
+    threshold = getattr(config, "resampling_separate_z_anisotropy_threshold", DEFAULT_ANISOTROPY_THRESHOLD)
+    resampled = resample_data(
+        np.asarray(probs).astype(np.float32, copy=False), shape_after_cropping, False, current, spacing, threshold,
+        order=PROBABILITY_ORDER,
+    )
+    full = np.zeros((resampled.shape[0], *(int(s) for s in properties["shape_before_cropping"])), dtype=np.float32)
+    if not regions:
+        full[0] = 1.0
+    full[(slice(None), *bbox_to_slices(properties["bbox"]))] = resampled
+    return full
+
+
 def revert_segmentation(
     seg_or_probs: np.ndarray, properties: dict[str, Any], config: ConfigurationPlan,
     regions_class_order: Sequence[int] | None = None,
@@ -182,25 +208,18 @@ def revert_segmentation(
     the regions are painted (fedseg.data.labels.paint_regions) and the result holds label
     VALUES, not class indices.
     """
+    arr = np.asarray(seg_or_probs)
+    if arr.ndim == 4:
+        reverted = revert_probabilities(arr, properties, config, regions=regions_class_order is not None)
+        return paint_regions(reverted, regions_class_order) if regions_class_order is not None else argmax_int16(reverted)
+    if arr.ndim != 3:
+        raise ValueError(f"expected (K, z, y, x) probabilities or a (z, y, x) index map, got shape {arr.shape}")
     spacing = [float(s) for s in properties["spacing_after_cropping"]]
     current = target_spacing_3d(config, spacing)
     shape_after_cropping = tuple(int(s) for s in properties["shape_after_cropping"])
     threshold = getattr(config, "resampling_separate_z_anisotropy_threshold", DEFAULT_ANISOTROPY_THRESHOLD)
-    arr = np.asarray(seg_or_probs)
-    if arr.ndim == 4:
-        probs = resample_data(
-            arr.astype(np.float32, copy=False), shape_after_cropping, False, current, spacing, threshold,
-            order=PROBABILITY_ORDER,
-        )
-        if regions_class_order is not None:
-            indices = paint_regions(probs, regions_class_order)
-        else:
-            indices = argmax_int16(probs)
-    elif arr.ndim == 3:
-        indices = resample_data(arr.astype(np.int16)[None], shape_after_cropping, True, current, spacing, threshold)[0]
-        indices = np.maximum(indices, 0)  # an index map may carry -1 (outside); that is background
-    else:
-        raise ValueError(f"expected (K, z, y, x) probabilities or a (z, y, x) index map, got shape {arr.shape}")
+    indices = resample_data(arr.astype(np.int16)[None], shape_after_cropping, True, current, spacing, threshold)[0]
+    indices = np.maximum(indices, 0)  # an index map may carry -1 (outside); that is background
     full = np.zeros(tuple(int(s) for s in properties["shape_before_cropping"]), dtype=np.int16)
     full[bbox_to_slices(properties["bbox"])] = indices
     return full
@@ -212,6 +231,7 @@ __all__ = [
     "indices_to_label_values",
     "label_values_to_indices",
     "preprocess_case",
+    "revert_probabilities",
     "revert_segmentation",
     "sample_class_locations",
     "target_spacing_3d",

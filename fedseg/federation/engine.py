@@ -33,6 +33,7 @@ import numpy as np
 
 from fedseg.atomic import atomic_path
 from fedseg.errors import InputError
+from fedseg.federation.best_round import update_best, validation_summary
 from fedseg.federation.manifest import expected_parameters
 from fedseg.federation.privacy import SitePrivacy, prepare_private_round
 from fedseg.federation.quorum import check_quorum, quorum_note
@@ -127,6 +128,8 @@ class AggregateReport:
     # model file it loads next), plus totals; what communication-efficient strategies save
     traffic: dict[str, Any] = field(default_factory=dict)
     privacy: dict[str, Any] | None = None          # secure aggregation / DP record, ε so far (fedseg.federation.privacy)
+    # the sites' validation Dice of the previous round's models (fedseg.federation.best_round)
+    validation: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -287,6 +290,7 @@ def _aggregate_locked(
     updates = validate_updates(plans, update_paths, expected_round=expected_round, strategy=strategy)
     round_index = updates[0].meta.round
     by_site = {u.site: u for u in updates}
+    validation = validation_summary(round_index, {u.site: u.meta.extra for u in updates}, [u.path for u in updates])
     _log(log, f"round {round_index}: {len(updates)} update(s) valid ({', '.join(sorted(by_site))})")
     missing_sites = check_quorum(plans, by_site, round_index)   # too few: refused before anything is written
     # secure aggregation next: a late file from a site whose masks were recovered is refused
@@ -417,9 +421,11 @@ def _aggregate_locked(
                 for record in report.inputs:
                     record.update_norm = None
         report.traffic = round_traffic(report.inputs, report.outputs)
+        report.validation = validation
         stage.commit(REPORT_FILE, report.to_dict(), known={o.path: o.sha256 for o in outputs})
     _log(log, quorum_note(missing_sites, round_index))
     _log(log, f"round {round_index}: wrote {len(outputs)} weight file(s) and {REPORT_FILE} to {out_dir}")
+    update_best(out_dir.parent, report.validation, log)
     return report
 
 

@@ -12,6 +12,7 @@ where that round started (state/<site>/before_round/<r>/).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,6 +54,7 @@ class SimulationConfig:
     mirror: bool = False
     max_voxels: int = DEFAULT_MAX_VOXELS   # images declaring more voxels are refused unread
     budget: float | None = None            # planning budget (nnU-Net GB-equivalents; default the planner's)
+    fold: int | str = 0                    # cross-validation fold every site trains on
 
 
 @dataclass
@@ -174,7 +176,7 @@ def simulate(
                     plans, name, path, round_dir(run_dir, r - 1) / f"{name}.safetensors", run_dir / "state" / name,
                     update, iterations=config.iterations, device=config.device, num_workers=config.workers,
                     progress=advance, agreement_key=agreement_key(run_dir, plans, name),
-                    max_voxels=config.max_voxels,
+                    max_voxels=config.max_voxels, fold=config.fold,
                 )
             log(f"round {r} {name}: val Dice {result.val_dice:.3f} ({result.seconds:.1f}s)")
             updates.append(update)
@@ -286,6 +288,32 @@ def init_run(run_dir: Path, plans: Plans, log: Callable[[str], None] = lambda me
     # (bit for bit the same: it is built from the plan's seed)
     initial_round(plans, round_dir(run_dir, 0), seed=plans.seed, signing_key=signing_key)
     return plans
+
+
+def simulate_folds(
+    config: SimulationConfig,
+    folds: list[int | str],
+    log: Callable[[str], None] = lambda message: None,
+    progress_factory: Callable | None = None,
+) -> dict[str, SimulationResult]:
+    """One federation per cross-validation fold, each in `run_dir/fold_<k>/` (nnU-Net's fold
+    folders), all under the same plan. The sites' fingerprints are computed once and copied
+    into the later folds' run folders. Returns fold folder name -> result."""
+    import shutil
+
+    from fedseg.training.folds import fold_name
+
+    results: dict[str, SimulationResult] = {}
+    first: Path | None = None
+    for fold in folds:
+        name = fold_name(fold)
+        run_dir = Path(config.run_dir) / name
+        if first is not None and not (run_dir / "fingerprints").is_dir():
+            shutil.copytree(first / "fingerprints", run_dir / "fingerprints")
+        log(f"{name}: federation of fold {fold}")
+        results[name] = simulate(dataclasses.replace(config, run_dir=run_dir, fold=fold), log, progress_factory)
+        first = first or run_dir
+    return results
 
 
 def plan_and_init(

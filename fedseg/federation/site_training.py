@@ -42,6 +42,9 @@ class SiteRoundResult:
     val_dice: float
     mean_loss: float
     seconds: float
+    fold: int | str = 0
+    incoming_val_dice: float = float("nan")   # validation Dice of the model the round started from
+    n_val_cases: int = 0
 
 
 def incoming_round(plans: Plans, weights_path: Path) -> int:
@@ -107,6 +110,7 @@ def run_site_round(
     signing_key: SigningKey | None = None,
     agreement_key: AgreementKey | None = None,
     max_voxels: int = DEFAULT_MAX_VOXELS,
+    fold: int | str = 0,
 ) -> SiteRoundResult:
     """Train `site` for one round starting from `weights_path`; write the update to `output`.
 
@@ -114,6 +118,9 @@ def run_site_round(
     update then gets `<output>.sig`, and the incoming model must carry the coordinator's).
     Checked before training, so a site never trains a round it cannot sign.
     `agreement_key`: the site's key-agreement key; required when the plan uses secure aggregation.
+    `fold`: the cross-validation fold of the site's splits (fedseg.training.folds). The update
+    reports the fold's validation Dice of the incoming model and how many cases it rests on
+    (numbers only), from which the coordinator picks the best round.
     """
     from fedseg.federation.engine import split_site_state, write_site_update
     from fedseg.federation.strategies import get_strategy
@@ -141,7 +148,7 @@ def run_site_round(
         outcome = train_local(
             plans, site, Path(dataset_root), Path(state_dir), network, state, round_index,
             iterations=iterations, device=device, num_workers=num_workers, progress=progress, log=log,
-            trainer_class=strategy.trainer_class(plans), max_voxels=max_voxels,
+            trainer_class=strategy.trainer_class(plans), max_voxels=max_voxels, fold=fold,
         )
         meta = write_site_update(
             plans, site, outcome.state_dict, output, round_index=round_index, n_iterations=outcome.n_iterations,
@@ -150,6 +157,8 @@ def run_site_round(
                 # sha256 of the model file this update started from: links the round to the one before
                 STARTED_FROM: started_from,
                 "curve": training_curve(outcome.history),
+                "fold": fold, "incoming_val_dice": _finite_or_none(outcome.incoming_val_dice),
+                "n_val_cases": outcome.n_val_cases,
             },
             signing_key=signing_key, privacy=privacy,
         )
@@ -169,6 +178,9 @@ def run_site_round(
         val_dice=outcome.val_dice,
         mean_loss=outcome.mean_loss,
         seconds=time.monotonic() - start,
+        fold=fold,
+        incoming_val_dice=outcome.incoming_val_dice,
+        n_val_cases=outcome.n_val_cases,
     )
 
 

@@ -17,7 +17,7 @@ weighs 1 ("case_weighted" below; the merged fingerprint's nnU-Net keys). It also
 statistics with every voxel weighted equally (the exact pooled statistics of all foreground
 voxels). Both come from the same per-case sketch: the voxels are bucketed once per case.
 
-What leaves the site: spacings, cropped shapes, relative crop sizes, case ids, per channel
+What leaves the site: spacings, cropped shapes, relative crop sizes (no case names), per channel
 the foreground count, sum, sum of squares, min, max and a histogram with 0.5 %-wide
 logarithmic buckets, and the same moments and histogram with per-case weights. No voxel
 array, no image, no label map.
@@ -195,7 +195,6 @@ def _assemble(dataset: Dataset, site: str, summaries: list[CaseSummary], alpha: 
         "file_ending": dataset.file_ending,
         "image_dim": 2 if summaries[0].is_2d else 3,
         "n_cases": len(summaries),
-        "case_ids": [s.case_id for s in summaries],
         "spacings": [s.spacing for s in summaries],
         "shapes_after_crop": [s.shape_after_crop for s in summaries],
         "relative_sizes_after_crop": [s.relative_size_after_crop for s in summaries],
@@ -270,7 +269,7 @@ def validate_fingerprint(fp: Any, source: str | Path | None = None) -> None:
     if fp.get("format_version") != FINGERPRINT_FORMAT_VERSION:
         fail(f"format_version {fp.get('format_version')!r}, expected {FINGERPRINT_FORMAT_VERSION}; "
              "recompute it with `fedseg fingerprint`")
-    required = ("site", "channel_names", "labels", "file_ending", "image_dim", "n_cases", "case_ids", "spacings",
+    required = ("site", "channel_names", "labels", "file_ending", "image_dim", "n_cases", "spacings",
                 "shapes_after_crop", "relative_sizes_after_crop", "foreground_stats_per_channel", "modality")
     missing = [k for k in required if k not in fp]
     if missing:
@@ -287,7 +286,7 @@ def validate_fingerprint(fp: Any, source: str | Path | None = None) -> None:
     n = fp["n_cases"]
     if not bounded_int(n, 1, MAX_SITE_CASES):
         fail(f"n_cases must be an integer from 1 to {MAX_SITE_CASES:,}, not {short(n)}")
-    for key in ("case_ids", "spacings", "shapes_after_crop", "relative_sizes_after_crop"):
+    for key in ("spacings", "shapes_after_crop", "relative_sizes_after_crop"):
         if not isinstance(fp[key], list) or len(fp[key]) != n:
             fail(f"{key} must be a list of n_cases = {n} entries")
     for key in ("spacings", "shapes_after_crop"):
@@ -312,7 +311,9 @@ def _check_numbers(fp: dict[str, Any], fail: Callable[[str], NoReturn]) -> None:
         fail(f"shapes_after_crop must be integers from 0 to {MAX_AXIS:,}")
     if not all(bounded_float(r, 0.0, 1.0) for r in fp["relative_sizes_after_crop"]):
         fail("relative_sizes_after_crop must be numbers from 0 to 1")
-    if not all(bounded_int(v, 0, MAX_LABEL) for v in fp["labels"].values()):
+    # a label is one value, or a region: a list of values (fedseg.data.labels)
+    values = [x for v in fp["labels"].values() for x in (v if isinstance(v, list) else [v])]
+    if not all(bounded_int(x, 0, MAX_LABEL) for x in values):
         fail(f"label values must be integers from 0 to {MAX_LABEL:,}")
 
 

@@ -69,7 +69,9 @@ class TrainingSpec:
     momentum: float = 0.99
     loss: str = "dice_ce"
     oversample_foreground_percent: float = 0.33
-    val_fraction: float = 0.2
+    # nnU-Net's five-fold cross-validation: each site splits its own training cases into
+    # n_folds folds (seeded by the plan seed and the site name), fold k validates on chunk k.
+    n_folds: int = 5
 
 
 @dataclass

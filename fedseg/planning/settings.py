@@ -112,6 +112,10 @@ def integer_list(value: Any) -> list[int]:
     return edges
 
 
+# Folds beyond 100 would mean more federations than any site has cases to validate on.
+MAX_FOLDS = 100
+
+
 PLAN_SETTINGS: dict[str, Setting] = {
     s.key: s
     for s in (
@@ -123,7 +127,8 @@ PLAN_SETTINGS: dict[str, Setting] = {
         Setting("training.momentum", "a number in [0, 1]", number(0.0, 1.0)),
         Setting("training.loss", f"one of {', '.join(KNOWN_LOSSES)}", choice(*KNOWN_LOSSES)),
         Setting("training.oversample_foreground_percent", "a number in [0, 1]", number(0.0, 1.0)),
-        Setting("training.val_fraction", "a number in [0, 1]", number(0.0, 1.0)),
+        # cross-validation folds of each site's cases (nnU-Net: 5); at most one case per fold is practical
+        Setting("training.n_folds", f"an integer in [2, {MAX_FOLDS}]", integer(2, MAX_FOLDS)),
         Setting("configuration.patch_size", f"positive integers like 64,64,64 (each at most {MAX_PATCH_EDGE})",
                 integer_list),
         Setting("configuration.batch_size", f"an integer in [1, {MAX_BATCH_SIZE}]", integer(1, MAX_BATCH_SIZE)),

@@ -31,6 +31,7 @@ from fedseg.data.image_io import write_segmentation
 from fedseg.training.device import autocast, resolve_device
 from fedseg.errors import InputError
 from fedseg.planning.plans import ConfigurationPlan, Plans
+from fedseg.training.postprocessing import PostprocessingDecision
 
 # nnU-Net's default overlap: tiles advance by half a patch, so every voxel away from the
 # border is seen by 2^ndim tiles.
@@ -214,7 +215,20 @@ def site_channel_layout(plans: Plans, site: str | None) -> list[int] | None:
     return site_channel_indices(plan_channel_list(plans.channel_names), plans.site(site).channels)
 
 
-def predict_case(
+@dataclasses.dataclass
+class EnsembleMember:
+    """One model of an ensemble: a network with the plan and configuration it was trained under.
+
+    `site`: the site whose channel layout the images follow (mix-modal plans), or None.
+    """
+
+    network: nn.Module
+    plans: Plans
+    config: ConfigurationPlan
+    site: str | None = None
+
+
+def predict_case_probabilities(
     network: nn.Module,
     case_data: CaseData,
     plans: Plans,
@@ -224,16 +238,15 @@ def predict_case(
     step_size: float = DEFAULT_STEP_SIZE,
     site: str | None = None,
 ) -> np.ndarray:
-    """Segment one case: (z, y, x) int16 array of label values in the case's original geometry.
+    """Softmax probabilities (K, z, y, x) float32 of one case in its original geometry.
 
     `site`: the case holds that site's channels (a mix-modal plan: a subset of the plan's
     channels, laid out in the plan's order with the absent ones zero before preprocessing).
-
     The network is moved to `device`; its train/eval mode and deep-supervision flag are
     restored afterwards. `mirror` averages the predictions of all axis flips (2^ndim
     forward passes per tile: more robust, 2^ndim times slower).
     """
-    from fedseg.data.preprocessing import indices_to_label_values, preprocess_case, revert_segmentation
+    from fedseg.data.preprocessing import preprocess_case, revert_probabilities
 
     layout = site_channel_layout(plans, site)
     if layout is not None and case_data.data.shape[0] == len(layout):
@@ -257,16 +270,121 @@ def predict_case(
         device=device,
         regions=layout.has_regions,
     )
-    if layout.has_regions:   # painted region by region: already label values
-        labels = revert_segmentation(probs, preprocessed.properties, config, layout.regions_class_order)
-    else:
-        labels = indices_to_label_values(revert_segmentation(probs, preprocessed.properties, config), plans.label_values)
-    labels = np.asarray(labels).astype(np.int16, copy=False)
-    if labels.shape != tuple(case_data.geometry.shape):
+    reverted = revert_probabilities(probs, preprocessed.properties, config, regions=layout.has_regions)
+    if reverted.shape[1:] != tuple(case_data.geometry.shape):
         raise RuntimeError(
-            f"case {case_data.case_id}: prediction shape {labels.shape} differs from the image {case_data.geometry.shape}"
+            f"case {case_data.case_id}: prediction shape {reverted.shape[1:]} differs from the image {case_data.geometry.shape}"
         )
-    return labels
+    return reverted
+
+
+def ensemble_probabilities(
+    members: Sequence[EnsembleMember], case_data: CaseData, device: str = "cpu", mirror: bool = False,
+    step_size: float = DEFAULT_STEP_SIZE,
+) -> np.ndarray:
+    """The mean of the members' softmax probabilities for one case (original geometry)."""
+    total = None
+    for member in members:
+        probs = predict_case_probabilities(
+            member.network, case_data, member.plans, member.config, device=device, mirror=mirror,
+            step_size=step_size, site=member.site,
+        )
+        total = probs if total is None else total + probs
+    return total / len(members)
+
+
+def probabilities_to_labels(probs: np.ndarray, plans: Plans) -> np.ndarray:
+    """argmax over classes as dataset.json label values (int16); region-based plans paint
+    each region's sigmoid above 0.5 in `regions_class_order` (as nnU-Net does)."""
+    from fedseg.data.labels import paint_regions
+    from fedseg.data.preprocessing import argmax_int16, indices_to_label_values
+
+    layout = plans.label_layout
+    if layout.has_regions:
+        return paint_regions(probs, layout.regions_class_order)
+    return np.asarray(indices_to_label_values(argmax_int16(probs), plans.label_values)).astype(np.int16, copy=False)
+
+
+def predict_case(
+    network: nn.Module,
+    case_data: CaseData,
+    plans: Plans,
+    config: ConfigurationPlan,
+    device: str = "cpu",
+    mirror: bool = False,
+    step_size: float = DEFAULT_STEP_SIZE,
+    site: str | None = None,
+) -> np.ndarray:
+    """Segment one case: (z, y, x) int16 array of label values in the case's original geometry
+    (arguments as `predict_case_probabilities`)."""
+    probs = predict_case_probabilities(network, case_data, plans, config, device, mirror, step_size, site)
+    return probabilities_to_labels(probs, plans)
+
+
+def check_ensemble(members: Sequence[EnsembleMember]) -> None:
+    """Members must agree on what they predict: labels, channels and file ending."""
+    if not members:
+        raise InputError("an ensemble needs at least one model")
+    first = members[0].plans
+    for member in members[1:]:
+        other = member.plans
+        if (other.labels, other.channel_names, other.file_ending) != (first.labels, first.channel_names, first.file_ending):
+            raise InputError(
+                f"models of plans {first.plan_id[:12]}… and {other.plan_id[:12]}… predict different labels, "
+                "channels or file endings; an ensemble needs the same dataset"
+            )
+
+
+def predict_folder_ensemble(
+    members: Sequence[EnsembleMember],
+    images_dir: str | Path,
+    out_dir: str | Path,
+    device: str = "cpu",
+    mirror: bool = False,
+    progress: Callable[..., None] | None = None,
+    step_size: float = DEFAULT_STEP_SIZE,
+    save_probabilities: bool = False,
+    postprocessing: PostprocessingDecision | None = None,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+) -> list[Path]:
+    """Segment every `{CASE}_{XXXX}{ending}` case in `images_dir` into `out_dir/{CASE}{ending}`
+    with the mean softmax of `members` (one member: a plain prediction).
+
+    `save_probabilities`: also `out_dir/{CASE}.npz` holding `probabilities` (K, z, y, x) in the
+    image's geometry, as nnU-Net's --save_probabilities (no .pkl beside it: fedseg writes no
+    pickle). `postprocessing`: the connected-component steps to apply after argmax.
+    Each output is written atomically; all cases are checked (channel files complete, no image
+    above `max_voxels`) before the first is predicted.
+    """
+    from fedseg.atomic import atomic_path
+
+    check_ensemble(members)
+    plans = members[0].plans
+    images_dir, out_dir = Path(images_dir), Path(out_dir)
+    if not images_dir.is_dir():
+        raise InputError("images folder does not exist", images_dir)
+    ending = plans.file_ending
+    layout = site_channel_layout(plans, members[0].site)
+    n_channels = plans.n_channels if layout is None else len(layout)
+    cases = collect_cases(images_dir, None, ending, n_channels, require_labels=False)
+    check_case_sizes(cases, max_voxels)
+    foreground = [v for v in plans.label_values if v != 0]
+    written = []
+    for case in cases:
+        case_data = load_case(case, max_voxels=max_voxels)
+        probs = ensemble_probabilities(members, case_data, device=device, mirror=mirror, step_size=step_size)
+        seg = probabilities_to_labels(probs, plans)
+        if postprocessing is not None:
+            seg = postprocessing.apply(seg, foreground)
+        target = out_dir / f"{case.case_id}{ending}"
+        if save_probabilities:
+            with atomic_path(out_dir / f"{case.case_id}.npz") as tmp, open(tmp, "wb") as handle:
+                np.savez_compressed(handle, probabilities=probs.astype(np.float32, copy=False))
+        write_segmentation(seg, case_data.geometry, target)
+        written.append(target)
+        if progress is not None:
+            progress(1, info=case.case_id)
+    return written
 
 
 def predict_folder(
@@ -282,29 +400,11 @@ def predict_folder(
     site: str | None = None,
     max_voxels: int = DEFAULT_MAX_VOXELS,
 ) -> list[Path]:
-    """Segment every `{CASE}_{XXXX}{ending}` case in `images_dir` into `out_dir/{CASE}{ending}`.
-
-    Each output is written atomically in its input's geometry, holding dataset.json label
-    values. All cases are checked (channel files complete, no image above `max_voxels`)
-    before the first is predicted.
-    `site`: the images hold that site's channels (see `predict_case`).
-    `progress(1, info=case_id)` is called after each case. Returns the written paths.
+    """Segment every `{CASE}_{XXXX}{ending}` case in `images_dir` into `out_dir/{CASE}{ending}`
+    with one network (see `predict_folder_ensemble`). `site`: the images hold that site's
+    channels (see `predict_case_probabilities`). `progress(1, info=case_id)` is called after
+    each case. Returns the written paths.
     """
-    images_dir, out_dir = Path(images_dir), Path(out_dir)
-    if not images_dir.is_dir():
-        raise InputError("images folder does not exist", images_dir)
-    ending = plans.file_ending
-    layout = site_channel_layout(plans, site)
-    n_channels = plans.n_channels if layout is None else len(layout)
-    cases = collect_cases(images_dir, None, ending, n_channels, require_labels=False)
-    check_case_sizes(cases, max_voxels)
-    written = []
-    for case in cases:
-        case_data = load_case(case, max_voxels=max_voxels)
-        seg = predict_case(network, case_data, plans, config, device=device, mirror=mirror, step_size=step_size, site=site)
-        target = out_dir / f"{case.case_id}{ending}"
-        write_segmentation(seg, case_data.geometry, target)
-        written.append(target)
-        if progress is not None:
-            progress(1, info=case.case_id)
-    return written
+    member = EnsembleMember(network, plans, config, site)
+    return predict_folder_ensemble([member], images_dir, out_dir, device=device, mirror=mirror, progress=progress,
+                                   step_size=step_size, max_voxels=max_voxels)

@@ -7,6 +7,7 @@ piece without copying the rest.
 Files in the site's state folder (all written atomically, safetensors only, never pickle):
 
     preprocessed/<plan_id[:16]>/<case>.npz + <case>.json   cached preprocessed training cases
+    splits_final.json         the site's cross-validation folds (nnU-Net's layout; fedseg.training.folds)
     optimizer.safetensors     SGD momentum buffers keyed by parameter name, carried across rounds
     checkpoint.safetensors    model + momentum of the round in progress (or just finished), with
                               metadata: plan, site, round, iterations done, sha256 of the initial
@@ -39,6 +40,7 @@ from fedseg.errors import InputError
 from fedseg.planning.plans import ConfigurationPlan, Plans
 from fedseg.training.dataloading import BatchStream
 from fedseg.training.device import autocast, configure_backend, grad_scaler, resolve_device
+from fedseg.training.folds import Fold, fold_cases, load_or_create_splits
 from fedseg.training.losses import deep_supervision_scales, make_loss
 
 # nnU-Net's gradient-norm clip: keeps the high-momentum SGD stable in early iterations.
@@ -60,6 +62,8 @@ class TrainOutcome:
     n_iterations: int                     # iterations run in this round
     val_dice: float                       # mean foreground Dice on the site's local validation split
     mean_loss: float
+    incoming_val_dice: float = float("nan")   # the same Dice for the model the round started from
+    n_val_cases: int = 0                  # validation cases behind both Dice values
     history: list[dict] = field(default_factory=list)   # one row per iteration: iteration, loss, lr, data_wait_s, step_s
     data_wait_s: float = 0.0              # seconds the loop waited for batches (data pipeline wait time)
     train_s: float = 0.0                  # seconds in the training loop (waiting + steps)
@@ -105,21 +109,6 @@ def poly_lr(initial_lr: float, step: int, total_steps: int) -> float:
     if total_steps <= 0:
         return initial_lr
     return initial_lr * max(0.0, 1.0 - step / total_steps) ** POLY_EXPONENT
-
-
-def split_cases(case_ids: Sequence[str], val_fraction: float, seed: int, site: str) -> tuple[list[str], list[str]]:
-    """Deterministic train/val split seeded by the plan seed and the site name.
-
-    At least one training case; the validation split may be empty (tiny sites), in which
-    case validation falls back to the training cases.
-    """
-    ids = sorted(case_ids)
-    if not ids:
-        raise ValueError("no cases to split")
-    rng = np.random.default_rng(_derived_seed(seed, site, "split"))
-    order = [ids[i] for i in rng.permutation(len(ids))]
-    n_val = min(int(round(val_fraction * len(ids))), len(ids) - 1)
-    return sorted(order[n_val:]), sorted(order[:n_val])
 
 
 def _jsonable(obj: Any) -> Any:
@@ -329,6 +318,9 @@ class SiteTrainer:
     checkpoint_every: int = CHECKPOINT_EVERY
     grad_clip_norm: float = GRAD_CLIP_NORM
     max_voxels: int = DEFAULT_MAX_VOXELS   # images declaring more voxels are refused unread
+    # Cross-validation fold (fedseg.training.folds): which of the site's splits this run
+    # trains on; set by train_local, so subclasses keep their constructors.
+    fold: Fold = 0
 
     def __init__(
         self,
@@ -378,7 +370,8 @@ class SiteTrainer:
     def prepare_data(self, dataset_root: Path, state_dir: Path) -> None:
         cases = load_training_cases(self.plans, self.site, dataset_root, state_dir, self.log, self.max_voxels)
         by_id = {c.case_id: c for c in cases}
-        train_ids, val_ids = split_cases(list(by_id), self.plans.training.val_fraction, self.plans.seed, self.site)
+        splits = load_or_create_splits(state_dir, list(by_id), self.plans.training.n_folds, self.plans.seed, self.site)
+        train_ids, val_ids = fold_cases(splits, self.fold, list(by_id))
         self.train_cases = [by_id[i] for i in train_ids]
         self.val_cases = [by_id[i] for i in val_ids]
 
@@ -504,6 +497,7 @@ class SiteTrainer:
             "round_index": str(round_index),
             "iterations": str(per_round),
             "init_sha256": init_hash,
+            "fold": str(self.fold),
         }
         ckpt_path, opt_path = state_dir / CHECKPOINT_FILE, state_dir / OPTIMIZER_FILE
 
@@ -523,6 +517,8 @@ class SiteTrainer:
                     n_iterations=per_round,
                     val_dice=_float(saved["val_dice"]),
                     mean_loss=_float(saved["mean_loss"]),
+                    incoming_val_dice=_float(saved.get("incoming_val_dice")),
+                    n_val_cases=int(saved.get("n_val_cases", 0)),
                     history=saved["history"],
                     data_wait_s=saved["data_wait_s"],
                     train_s=saved["train_s"],
@@ -546,6 +542,13 @@ class SiteTrainer:
             if dataset_root is None:
                 raise ValueError("no training data: call prepare_data() or pass dataset_root")
             self.prepare_data(Path(dataset_root), state_dir)
+        if "incoming_val_dice" not in log_state:
+            # Score the model as it arrived (before any local step): the coordinator ranks
+            # rounds by it. Saved with every checkpoint, so a resumed round keeps this value.
+            log_state["incoming_val_dice"] = self.validate()
+            # a fold without validation cases scores on its training cases: reported with
+            # no case count, so the coordinator does not rank rounds by it
+            log_state["n_val_cases"] = len(self.val_cases)
 
         total = self.plans.training.rounds * per_round
         offset = (round_index - 1) * per_round
@@ -603,6 +606,8 @@ class SiteTrainer:
             n_iterations=per_round,
             val_dice=val_dice,
             mean_loss=mean_loss,
+            incoming_val_dice=_float(log_state["incoming_val_dice"]),
+            n_val_cases=int(log_state["n_val_cases"]),
             history=log_state["history"],
             data_wait_s=log_state["data_wait_s"],
             train_s=log_state["train_s"],
@@ -646,17 +651,20 @@ def train_local(
     log: Callable[[str], None] | None = None,
     trainer_class: type[SiteTrainer] = SiteTrainer,
     max_voxels: int = DEFAULT_MAX_VOXELS,
+    fold: Fold = 0,
 ) -> TrainOutcome:
     """Train `site` for round `round_index` (1-based) starting from `initial_state`.
 
     Poly LR runs over the whole federation: T = rounds x iterations per round (the given
     `iterations`, else the plan's), t = (round_index - 1) x iterations + local iteration.
     Calling again with the same round and initial state resumes a killed run from its
-    checkpoint, or returns a finished round's outcome without training.
+    checkpoint, or returns a finished round's outcome without training. `fold`: the
+    cross-validation fold (0..n_folds-1 or "all") of the site's `splits_final.json`.
     """
     plans.site(site)
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     trainer = trainer_class(plans, site, network, device=device, num_workers=num_workers, progress=progress, log=log)
     trainer.max_voxels = max_voxels
+    trainer.fold = fold
     return trainer.run_round(state_dir, initial_state, round_index, iterations, dataset_root=Path(dataset_root))

@@ -42,7 +42,7 @@ BAD_SETTINGS = [
     ("training.initial_lr=0", "training.initial_lr"),
     ("training.momentum=1.5", "training.momentum"),
     ("training.weight_decay=-0.1", "training.weight_decay"),
-    ("training.val_fraction=nan", "training.val_fraction"),
+    ("training.n_folds=1", "training.n_folds"),
     ("training.loss=mse", "training.loss"),
     ("seed=-1", "seed"),
 ]
@@ -62,7 +62,7 @@ def test_every_training_field_has_a_setting() -> None:
 
 @pytest.mark.parametrize("item, expected", [
     ("training.rounds=7", ("training", "rounds", 7)),
-    ("training.val_fraction=0.25", ("training", "val_fraction", 0.25)),
+    ("training.n_folds=3", ("training", "n_folds", 3)),
     ("training.momentum=0.9", ("training", "momentum", 0.9)),
     ("training.weight_decay=0.0001", ("training", "weight_decay", 0.0001)),
     ("configuration.batch_size=3", ("configuration", "batch_size", 3)),

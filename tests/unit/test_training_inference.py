@@ -357,3 +357,28 @@ def test_the_plan_network_runs_through_predict_case(tmp_path):
     seg = predict_case(net, load_case(case), plans, config, mirror=True)
     assert seg.shape == ORIGINAL_SHAPE and set(np.unique(seg).tolist()) <= {0, 1}
     assert net.deep_supervision is True and net.training is True
+
+
+def test_ensemble_averages_softmax_in_original_geometry_and_saves_probabilities(tmp_path):
+    """A 3D and a 2D model (different grids) ensembled: the npz holds the mean of the members'
+    probabilities in the image's geometry, and the label map is its argmax."""
+    from fedseg.training.inference import EnsembleMember, predict_case_probabilities, predict_folder_ensemble
+    from fedseg.training.postprocessing import PostprocessingDecision
+
+    plans3, config3 = make_plans({"background": 0, "lesion": 1})
+    plans2, config2 = make_plans({"background": 0, "lesion": 1}, two_d=True)
+    _, truth, _ = bright_cube_case(tmp_path, "alpha")
+    members = [EnsembleMember(threshold_net(3), plans3, config3), EnsembleMember(ConstantClass(2, 0, ndim=2), plans2, config2)]
+    out = tmp_path / "pred"
+    predict_folder_ensemble(members, tmp_path / "images", out, save_probabilities=True,
+                            postprocessing=PostprocessingDecision(largest_foreground=True))
+    with np.load(out / "alpha.npz") as saved:
+        probs = saved["probabilities"]
+    case = load_case(Case("alpha", (tmp_path / "images" / "alpha_0000.nii.gz",), None))
+    single = [predict_case_probabilities(m.network, case, m.plans, m.config) for m in members]
+    assert probs.shape == (2, *ORIGINAL_SHAPE) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs, (single[0] + single[1]) / 2, atol=1e-6)
+    seg, _ = read_image(out / "alpha.nii.gz")
+    np.testing.assert_array_equal(seg, np.argmax(probs, axis=0))
+    # the constant-background member halves the threshold net's confidence: still the box
+    assert dice(seg == 1, truth) > 0.8

@@ -21,7 +21,6 @@ from fedseg.training.trainer import (
     foreground_dice,
     poly_lr,
     predict_indices,
-    split_cases,
     train_local,
 )
 
@@ -195,10 +194,6 @@ def test_background_workers_in_training(site_root, tmp_path):
 
 
 def test_split_and_helpers():
-    train, val = split_cases([f"c{i}" for i in range(10)], 0.2, 0, "site_a")
-    assert len(val) == 2 and len(train) == 8 and not set(train) & set(val)
-    assert split_cases([f"c{i}" for i in range(10)], 0.2, 0, "site_a") == (train, val)
-    assert split_cases(["only"], 0.5, 0, "s") == (["only"], [])
     assert poly_lr(0.01, 0, 100) == 0.01 and poly_lr(0.01, 100, 100) == 0.0
     ref = np.zeros((4, 4, 4), dtype=np.int16)
     ref[1:3, 1:3, 1:3] = 1
@@ -225,3 +220,29 @@ def test_2d_configuration_trains_on_slices(site_root, tmp_path):
     outcome = train_local(plans, "site_a", site_root, tmp_path, net, init, 1, num_workers=0)
     assert outcome.n_iterations == 3 and math.isfinite(outcome.mean_loss)
     assert 0.0 <= outcome.val_dice <= 1.0
+
+
+def test_fold_split_and_incoming_model_dice(site_root, tmp_path):
+    """The round trains on its fold's cases, writes splits_final.json, and scores the model it
+    started from on the fold's validation cases before the first step."""
+    import json
+
+    plans = tiny_plans(iterations=2)
+    net, init = _start(plans)
+    trainer = SiteTrainer(plans, "site_a", net, num_workers=0)
+    trainer.fold = 1
+    outcome = trainer.run_round(tmp_path, init, 1, dataset_root=site_root)
+    splits = json.loads((tmp_path / "splits_final.json").read_text())
+    assert len(splits) == plans.training.n_folds
+    assert sorted(c.case_id for c in trainer.val_cases) == splits[1]["val"]
+    assert sorted(c.case_id for c in trainer.train_cases) == splits[1]["train"]
+    assert outcome.n_val_cases == len(splits[1]["val"])
+    fresh, _ = _start(plans)
+    fresh.load_state_dict(init)
+    scorer = SiteTrainer(plans, "site_a", fresh, num_workers=0)
+    scorer.val_cases, scorer.train_cases = trainer.val_cases, trainer.train_cases
+    assert outcome.incoming_val_dice == pytest.approx(scorer.validate())
+    again = SiteTrainer(plans, "site_a", _start(plans)[0], num_workers=0)
+    again.fold = 1
+    returned = again.run_round(tmp_path, init, 1, dataset_root=site_root)
+    assert returned.from_checkpoint and returned.incoming_val_dice == outcome.incoming_val_dice
