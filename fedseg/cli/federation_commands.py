@@ -13,9 +13,14 @@ def init(
     plans_path: Path = typer.Option(..., "--plans", help="plans.json from `fedseg plan`."),
     output: Path = typer.Option(..., "-o", "--output", help="Round folder to write (e.g. run/round_000)."),
     key: Path = typer.Option(None, "--key", help="The coordinator's private key; required when the plan lists keys."),
+    from_nnunet: Path = typer.Option(None, "--from-nnunet", help="Start from this nnU-Net trained model's weights (plan made with --from-nnunet)."),
+    fold: str = typer.Option("all", "--fold", help="With --from-nnunet: which fold's checkpoint_final.pth (a number or 'all')."),
     quiet: bool = QUIET,
 ) -> None:
     """Write round-0 weights for every site (same seed, same weights).
+
+    With --from-nnunet the round starts from an nnU-Net checkpoint, read without running
+    any code from it (tensors and plain values only).
 
     Example: fedseg init --plans plans.json -o run/round_000
     """
@@ -24,7 +29,12 @@ def init(
     from fedseg.planning.plans import load_plans
 
     plans = load_plans(require_file(plans_path, "plans file"))
-    written = initial_round(plans, output, seed=plans.seed, signing_key=_signing_key(key))
+    start = None
+    if from_nnunet is not None:
+        from fedseg.cli.export_commands import nnunet_start_state
+
+        start = nnunet_start_state(plans, from_nnunet, fold)
+    written = initial_round(plans, output, seed=plans.seed, signing_key=_signing_key(key), start_state=start)
     Reporter(quiet=quiet).log(f"wrote {len(written)} files under {output}")
 
 

@@ -12,7 +12,15 @@ import sys
 import typer
 
 from fedseg import __version__
-from fedseg.cli import data_commands, federation_commands, flower_commands, model_commands, simulate_command, trust_commands
+from fedseg.cli import (
+    data_commands,
+    export_commands,
+    federation_commands,
+    flower_commands,
+    model_commands,
+    simulate_command,
+    trust_commands,
+)
 
 app = typer.Typer(
     name="fedseg",
@@ -43,7 +51,8 @@ def main(
     """fedseg command line."""
 
 
-for module in (data_commands, federation_commands, model_commands, simulate_command, trust_commands, flower_commands):
+for module in (data_commands, federation_commands, model_commands, simulate_command, trust_commands, flower_commands,
+               export_commands):
     module.register(app)
 
 

@@ -452,7 +452,8 @@ def _input_record(update: ValidatedUpdate, clip: _Clip | None = None) -> InputRe
 # round 0
 # ---------------------------------------------------------------------------------------
 def initial_round(
-    plans: Plans, out_dir: str | Path, seed: int | None = None, signing_key: SigningKey | None = None
+    plans: Plans, out_dir: str | Path, seed: int | None = None, signing_key: SigningKey | None = None,
+    start_state: Mapping[str, np.ndarray] | None = None,
 ) -> list[Path]:
     """Write round_000: `<site>.safetensors` (the FULL initial state, local tensors included,
     so a site can start without building anything) and `models/<pool>.safetensors`.
@@ -461,6 +462,9 @@ def initial_round(
     One network per configuration, built with the seed; every tensor of a (pool, key) is then
     taken from the first site (in name order) that holds it, so all sites of a pool start
     from bit-identical shared weights even when their configurations differ.
+
+    `start_state` (e.g. a pretrained nnU-Net model, fedseg.federation.nnunet_import) replaces
+    the seeded weights; it must hold exactly the network's tensors with their shapes.
     """
     import torch
 
@@ -479,6 +483,8 @@ def initial_round(
                 torch.manual_seed(seed)
                 network = strategy.network(plans, site)
             state = {k: v.detach().cpu().numpy().copy() for k, v in network.state_dict().items()}
+            if start_state is not None:
+                state = _pretrained_state(state, start_state)
             if config in manifests:
                 expected = expected_parameters(plans, site)
                 got = {k: (tuple(v.shape), v.dtype.name) for k, v in state.items()}
@@ -525,6 +531,19 @@ def initial_round(
         _write_signed(path, tensors, meta, signing_key)
         written.append(path)
     return written
+
+
+def _pretrained_state(built: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`start` in the built network's tensor order and dtypes; any name or shape difference is refused."""
+    if set(built) != set(start):
+        raise InputError(f"the starting weights do not match the plan's network (differs at {describe(set(built) ^ set(start))})")
+    out = {}
+    for name, array in built.items():
+        given = np.asarray(start[name])
+        if given.shape != array.shape:
+            raise InputError(f"starting weight {name!r} is {list(given.shape)}, the plan's network has {list(array.shape)}")
+        out[name] = given.astype(array.dtype, copy=True)
+    return out
 
 
 def _write_signed(path: Path, tensors: Mapping[str, Any], meta: WeightMeta, signing_key: SigningKey | None) -> WeightMeta:
