@@ -162,8 +162,9 @@ def revert_segmentation(
 ) -> np.ndarray:
     """Bring a prediction on the preprocessed grid back to the case's original geometry.
 
-    Accepts (K, z, y, x) class probabilities (resampled linearly, then argmax, as nnU-Net's
-    export does with logits) or a (z, y, x) class-index map (resampled through one-hot masks).
+    Accepts (K, z, y, x) class scores, logits or probabilities (resampled linearly, then
+    argmax, as nnU-Net's export does with logits) or a (z, y, x) class-index map (resampled
+    through one-hot masks).
     Returns (z, y, x) int16 class indices of shape `shape_before_cropping`; outside the
     cropping box everything is background (0).
     """

@@ -1,11 +1,14 @@
 """Sliding-window inference, as nnU-Net predicts a case.
 
 A case is preprocessed exactly as for training (crop, normalise, resample to the plan's
-spacing), covered by overlapping patch-sized tiles, each tile's softmax is weighted by a
-Gaussian importance map (tile centres are more reliable than tile borders, where the
-network saw less context), the weighted sum is divided by the summed weights, and the
-probabilities are resampled back to the case's original geometry
-(`fedseg.data.preprocessing.revert_segmentation`) and turned into dataset.json label values.
+spacing), covered by overlapping patch-sized tiles, each tile's network output (logits) is
+weighted by a Gaussian importance map (tile centres are more reliable than tile borders,
+where the network saw less context), the weighted sum is divided by the summed weights, and
+the logits are resampled back to the case's original geometry
+(`fedseg.data.preprocessing.revert_segmentation`), where the argmax gives dataset.json
+label values: nnU-Net's order of operations, so both tools give the same label map for the
+same weights. `sliding_window_probabilities` combines softmax outputs instead, for callers
+that want probabilities.
 
 2D configurations predict every z slice of the (C, z, y, x) case with the 2D network.
 """
@@ -116,6 +119,28 @@ def sliding_window_probabilities(
         return _sliding_window(network, data, patch_size, n_classes, step_size, mirror, device, tiles_per_batch)
 
 
+def sliding_window_logits(
+    network: nn.Module,
+    data: np.ndarray,
+    patch_size: Sequence[int],
+    n_classes: int,
+    step_size: float = DEFAULT_STEP_SIZE,
+    mirror: bool = False,
+    device: str | torch.device = "cpu",
+    tiles_per_batch: int = TILES_PER_BATCH,
+) -> np.ndarray:
+    """Network outputs (K, z, y, x) float32 before softmax, combined over tiles and flips.
+
+    This is how nnU-Net's predictor combines them (Gaussian-weighted mean of logits, mean
+    over mirrorings) and what its export resamples to the original geometry before the
+    argmax; `predict_case` does the same, so a model gives the same label map in both tools.
+    Combining probabilities instead moves boundary voxels wherever the case is resampled.
+    """
+    with inference_mode(network):
+        return _sliding_window(network, data, patch_size, n_classes, step_size, mirror, device, tiles_per_batch,
+                               softmax=False)
+
+
 def _sliding_window(
     network: nn.Module,
     data: np.ndarray,
@@ -125,6 +150,7 @@ def _sliding_window(
     mirror: bool,
     device: str | torch.device,
     tiles_per_batch: int,
+    softmax: bool = True,
 ) -> np.ndarray:
     if data.ndim != 4:
         raise ValueError(f"expected (C, z, y, x) data, got shape {data.shape}")
@@ -158,7 +184,7 @@ def _sliding_window(
     for first in range(0, len(tiles), tiles_per_batch):
         batch_tiles = tiles[first : first + tiles_per_batch]
         batch = torch.stack([source[(slice(None), *t)] for t in batch_tiles])
-        tile_probs = _predict_tiles(network, batch, n_classes, mirror)
+        tile_probs = _predict_tiles(network, batch, n_classes, mirror, softmax)
         for tile, tile_prob in zip(batch_tiles, tile_probs):
             probs[(slice(None), *tile)] += tile_prob * gaussian
             weights[tile] += gaussian
@@ -170,8 +196,8 @@ def _sliding_window(
     return probs[(slice(None), *crop)].cpu().numpy()
 
 
-def _predict_tiles(network: nn.Module, batch: torch.Tensor, n_classes: int, mirror: bool) -> torch.Tensor:
-    """Softmax of a batch of tiles (B, K, *patch), averaged over all axis flips if `mirror`."""
+def _predict_tiles(network: nn.Module, batch: torch.Tensor, n_classes: int, mirror: bool, softmax: bool = True) -> torch.Tensor:
+    """Softmax (or, with `softmax=False`, logits) of a batch of tiles (B, K, *patch), averaged over all axis flips if `mirror`."""
     spatial_axes = list(range(2, batch.ndim))
     flip_sets = (
         [combo for r in range(len(spatial_axes) + 1) for combo in itertools.combinations(spatial_axes, r)]
@@ -189,7 +215,7 @@ def _predict_tiles(network: nn.Module, batch: torch.Tensor, n_classes: int, mirr
                 f"network output shape {tuple(out.shape)} does not match {n_classes} classes on tiles "
                 f"{tuple(batch.shape[2:])}"
             )
-        prob = torch.softmax(out.float(), dim=1)
+        prob = torch.softmax(out.float(), dim=1) if softmax else out.float()
         if axes:
             prob = torch.flip(prob, axes)
         total = prob if total is None else total + prob
@@ -234,7 +260,7 @@ def predict_case(
     # A reference label (if loaded) plays no part in prediction; skip its preprocessing.
     preprocessed = preprocess_case(dataclasses.replace(case_data, seg=None), plans, config)
     network.to(device)
-    probs = sliding_window_probabilities(
+    logits = sliding_window_logits(
         network,
         preprocessed.data,
         config.patch_size,
@@ -243,7 +269,7 @@ def predict_case(
         mirror=mirror,
         device=device,
     )
-    indices = revert_segmentation(probs, preprocessed.properties, config)
+    indices = revert_segmentation(logits, preprocessed.properties, config)
     labels = indices_to_label_values(indices, sorted(plans.labels.values()))
     labels = np.asarray(labels).astype(np.int16, copy=False)
     if labels.shape != tuple(case_data.geometry.shape):
