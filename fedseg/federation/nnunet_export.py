@@ -71,16 +71,25 @@ def require_unet(plans: Plans, site: str) -> None:
         )
 
 
-def _site_for(plans: Plans, weights_site: str, site: str | None) -> str:
+def _site_for(plans: Plans, weights_site: str, site: str | None, weights: Path) -> str:
     if site is not None:
         plans.site(site)  # InputError for an unknown site
         return site
     if weights_site in plans.sites:
         return weights_site
-    # A pool model (global or per-modality group): any site that loads it; the first site
-    # on the default configuration has the network the pool model belongs to.
-    candidates = [s for s, info in sorted(plans.sites.items()) if not info.configuration]
-    return candidates[0] if candidates else sorted(plans.sites)[0]
+    # A pool model (global, or one per modality group): the first site that loads its
+    # tensors from that pool has the network the pool model belongs to.
+    from fedseg.federation.manifest import expected_parameters
+    from fedseg.federation.strategies import get_strategy
+    from fedseg.federation.strategies.base import resolved_loads
+
+    strategy = get_strategy(plans.strategy.name)
+    for name in sorted(plans.sites):
+        for parameter, (_shape, dtype) in expected_parameters(plans, name).items():
+            source = resolved_loads(strategy, plans, name, parameter, dtype)
+            if source is not None and source[0] == weights_site:
+                return name
+    raise InputError(f"is the model of pool {weights_site!r}, which no site of the plan loads from; give --site", weights)
 
 
 def model_state(plans: Plans, weights: Path, site: str | None, state_dir: Path | None) -> tuple[str, dict[str, np.ndarray]]:
@@ -91,7 +100,7 @@ def model_state(plans: Plans, weights: Path, site: str | None, state_dir: Path |
 
     with open_weight_file(weights) as reader:
         weights_site = reader.meta.site
-    site = _site_for(plans, weights_site, site)
+    site = _site_for(plans, weights_site, site, weights)
     require_unet(plans, site)
     local = {k: to_numpy(v) for k, v in load_local_state(state_dir).items()} if state_dir is not None else None
     try:
