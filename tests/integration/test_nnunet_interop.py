@@ -214,3 +214,19 @@ def test_strategies_without_nnunets_network_are_refused(federation: dict[str, Pa
     plans = dataclasses.replace(load_plans(federation["plans"]), strategy=StrategySpec("fedsam", {}))
     with pytest.raises(InputError, match="fedsam.*not nnU-Net's U-Net"):
         require_unet(plans, "site_a")
+
+
+def test_bad_dataset_name_and_missing_fold_are_exit_2(
+    federation: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "results"
+    rc = run(["export", "nnunet", "--plans", str(federation["plans"]), "--weights", str(federation["model"]),
+              "--dataset", "Dataset42_Tiny", "-o", str(out), "-q"])
+    assert rc == 2 and "Dataset42_Tiny" in capsys.readouterr().err and not out.exists()
+    plans = tmp_path / "plans.json"
+    assert run(["plan", *federation["fps"], "--from-nnunet", str(federation["trainer"]), "-o", str(plans), "-q"]) == 0
+    rc = run(["init", "--plans", str(plans), "--from-nnunet", str(federation["trainer"]), "--fold", "3",
+              "-o", str(tmp_path / "round_000"), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "fold_3" in err and "not found" in err
+    assert not (tmp_path / "round_000").exists()
