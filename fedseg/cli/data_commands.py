@@ -85,10 +85,14 @@ def plan(
     set_: list[str] = typer.Option(None, "--set", help="Override a planned value or a strategy parameter: key=value (every key: docs/cli.md)."),
     seed: int = typer.Option(1234, "--seed", help="Seed for initial weights and training."),
     keys: Path = typer.Option(None, "--keys", help="Folder of <site>.pub files (fedseg keygen): every file must then be signed."),
+    from_nnunet: Path = typer.Option(None, "--from-nnunet", help="Adopt this nnU-Net trained model's configuration (docs/nnunet.md)."),
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ) -> None:
     """Merge site fingerprints exactly and plan the federation (nnU-Net rules).
+
+    With --from-nnunet TRAINER_FOLDER the configuration (spacing, patch, normalisation,
+    network) is the nnU-Net model's, so `fedseg init --from-nnunet` can start from its weights.
 
     With --keys, the plan lists every site's and the coordinator's public key; from then on
     unsigned or wrongly signed weight files are refused (docs/security.md). Privacy options
@@ -124,6 +128,10 @@ def plan(
         seed=seed,
         fingerprint_names=[str(p) for p in fingerprints],
     )
+    if from_nnunet is not None:
+        from fedseg.cli.export_commands import adopt_nnunet_plan
+
+        plans = adopt_nnunet_plan(plans, from_nnunet)
     if keys is not None:
         from fedseg.federation.signing import check_plan_keys, load_public_keys
 

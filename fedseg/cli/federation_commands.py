@@ -18,6 +18,8 @@ def init(
     output: Path = typer.Option(..., "-o", "--output", help="Round folder to write (e.g. run/round_000)."),
     key: Path = typer.Option(None, "--key", help="The coordinator's private key; required when the plan lists keys."),
     replace: bool = REPLACE,
+    from_nnunet: Path = typer.Option(None, "--from-nnunet", help="Start from this nnU-Net trained model's weights (plan made with --from-nnunet)."),
+    fold: str = typer.Option("all", "--fold", help="With --from-nnunet: which fold's checkpoint_final.pth (a number or 'all')."),
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ) -> None:
@@ -26,6 +28,8 @@ def init(
     The files appear together with OUTPUT/init.json, the record listing each with its
     sha256. Run again with the same plan: nothing changes; with another plan: refused
     unless --replace.
+    With --from-nnunet the round starts from an nnU-Net checkpoint, read without running
+    any code from it (tensors and plain values only).
 
     Example: fedseg init --plans plans.json -o run/round_000
     """
@@ -35,7 +39,12 @@ def init(
 
     require_output_dir(output, "round folder")
     plans = load_plans(require_file(plans_path, "plans file"))
-    written = initial_round(plans, output, seed=plans.seed, signing_key=_signing_key(key), replace=replace)
+    start = None
+    if from_nnunet is not None:
+        from fedseg.cli.export_commands import nnunet_start_state
+
+        start = nnunet_start_state(plans, from_nnunet, fold)
+    written = initial_round(plans, output, seed=plans.seed, signing_key=_signing_key(key), start_state=start, replace=replace)
     Reporter(quiet=quiet).log(f"wrote {len(written)} files under {output}")
     if as_json:
         from fedseg.cli.console import print_json

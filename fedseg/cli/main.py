@@ -15,6 +15,7 @@ from fedseg import __version__
 from fedseg.cli.help_format import use_plain_help
 from fedseg.cli import (
     data_commands,
+    export_commands,
     federation_commands,
     flower_commands,
     model_commands,
@@ -55,7 +56,7 @@ def main(
 
 for module in (
     data_commands, federation_commands, model_commands, selection_commands, simulate_command, run_commands,
-    trust_commands, flower_commands,
+    trust_commands, flower_commands, export_commands,
 ):
     module.register(app)
 use_plain_help(app)   # "[required]", not "\\[required]", in every --help

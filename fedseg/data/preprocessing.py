@@ -194,14 +194,45 @@ def revert_probabilities(
     return full
 
 
+def revert_logits(
+    logits: np.ndarray, properties: dict[str, Any], config: ConfigurationPlan, regions: bool = False,
+) -> np.ndarray:
+    """(K, z, y, x) network outputs on the preprocessed grid -> (K, Z, Y, X) float32
+    probabilities in the case's original geometry, in nnU-Net's order: the logits are
+    resampled (linearly), then turned into probabilities (softmax over classes, or a sigmoid
+    per region with `regions`); outside the cropping box the background has probability 1
+    (regions: no region present)."""
+    spacing = [float(s) for s in properties["spacing_after_cropping"]]
+    current = target_spacing_3d(config, spacing)
+    shape_after_cropping = tuple(int(s) for s in properties["shape_after_cropping"])
+    threshold = getattr(config, "resampling_separate_z_anisotropy_threshold", DEFAULT_ANISOTROPY_THRESHOLD)
+    resampled = resample_data(
+        np.asarray(logits).astype(np.float32, copy=False), shape_after_cropping, False, current, spacing, threshold,
+        order=PROBABILITY_ORDER,
+    )
+    if regions:
+        from scipy.special import expit   # the logistic function without overflow warnings
+
+        probs = expit(resampled)
+    else:   # a stable softmax: exp of the difference to the largest logit
+        probs = np.exp(resampled - resampled.max(axis=0, keepdims=True))
+        probs /= probs.sum(axis=0, keepdims=True)
+    full = np.zeros((probs.shape[0], *(int(s) for s in properties["shape_before_cropping"])), dtype=np.float32)
+    if not regions:
+        full[0] = 1.0
+    full[(slice(None), *bbox_to_slices(properties["bbox"]))] = probs
+    return full
+
+
 def revert_segmentation(
     seg_or_probs: np.ndarray, properties: dict[str, Any], config: ConfigurationPlan,
     regions_class_order: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Bring a prediction on the preprocessed grid back to the case's original geometry.
 
-    Accepts (K, z, y, x) class probabilities (resampled linearly, then argmax, as nnU-Net's
-    export does with logits) or a (z, y, x) class-index map (resampled through one-hot masks).
+    Accepts (K, z, y, x) class scores, logits or probabilities (resampled linearly, then
+    argmax, as nnU-Net's export does with logits) or a (z, y, x) class-index map (resampled
+    through one-hot masks).
     Returns (z, y, x) int16 class indices of shape `shape_before_cropping`; outside the
     cropping box everything is background (0).
     With `regions_class_order`, the probabilities are per-region sigmoids: after resampling,
@@ -231,6 +262,7 @@ __all__ = [
     "indices_to_label_values",
     "label_values_to_indices",
     "preprocess_case",
+    "revert_logits",
     "revert_probabilities",
     "revert_segmentation",
     "sample_class_locations",

@@ -590,6 +590,7 @@ def _input_record(update: ValidatedUpdate, clip: _Clip | None = None) -> InputRe
 def initial_round(
     plans: Plans, out_dir: str | Path, seed: int | None = None, signing_key: SigningKey | None = None,
     replace: bool = False,
+    start_state: Mapping[str, np.ndarray] | None = None,
 ) -> list[Path]:
     """Write round_000: `<site>.safetensors` (the FULL initial state, local tensors included,
     so a site can start without building anything), `models/<pool>.safetensors` and the
@@ -600,40 +601,61 @@ def initial_round(
     taken from the first site (in name order) that holds it, so all sites of a pool start
     from bit-identical shared weights even when their configurations differ.
 
+    `start_state` (e.g. a pretrained nnU-Net model, fedseg.federation.nnunet_import) replaces
+    the seeded weights; it must hold exactly the network's tensors with their shapes.
+
     Like `aggregate_round`: committed as a whole under the folder's lock; a complete round 0
-    of the same plan and seed is left as it is, another one is refused unless `replace`.
+    of the same plan, seed and starting weights is left as it is, another one is refused
+    unless `replace`.
     """
     out_dir = Path(out_dir)
     seed = plans.seed if seed is None else int(seed)
     check_output_folder(out_dir)
+    start = None if start_state is None else _start_digest(start_state)
     with folder_lock(out_dir, "round folder"):
-        return _initial_locked(plans, out_dir, seed, signing_key, replace)
+        return _initial_locked(plans, out_dir, seed, signing_key, replace, start_state, start)
 
 
-def _existing_initial_round(plans: Plans, out_dir: Path, seed: int, replace: bool) -> list[Path] | None:
+def _start_digest(start_state: Mapping[str, np.ndarray]) -> str:
+    """sha256 over the starting weights (names, shapes, dtypes, bytes): round 0's record says
+    which start it was built from, so another start is not mistaken for the same round."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(start_state):
+        array = np.ascontiguousarray(start_state[name])
+        digest.update(f"{name}|{array.shape}|{array.dtype.name}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _existing_initial_round(plans: Plans, out_dir: Path, seed: int, replace: bool, start: str | None) -> list[Path] | None:
     check_round_number(out_dir, 0, INIT_RECORD)
     finish_commit(out_dir)
     found = read_record(out_dir)
     if found is None:
         return None
     record = found[1]
-    if record.get("plan_id") == plans.plan_id and record.get("seed") == seed:
+    if record.get("plan_id") == plans.plan_id and record.get("seed") == seed and record.get("start") == start:
         if not damaged_files(out_dir, record):
             return [out_dir / rel for rel in record_files(record) if rel.endswith(".safetensors")]
         return None   # the same round 0, damaged: written again (the same bytes, from the seed)
     if not replace:
         raise InputError(
-            f"already holds a round 0 of another plan or seed (plan_id {str(record.get('plan_id'))[:12]}…, seed "
+            f"already holds a round 0 of another plan, seed or start (plan_id {str(record.get('plan_id'))[:12]}…, seed "
             f"{record.get('seed')}); pass --replace to replace it, or choose a new folder",
             out_dir / INIT_RECORD,
         )
     return None
 
 
-def _initial_locked(plans: Plans, out_dir: Path, seed: int, signing_key: SigningKey | None, replace: bool) -> list[Path]:
+def _initial_locked(
+    plans: Plans, out_dir: Path, seed: int, signing_key: SigningKey | None, replace: bool,
+    start_state: Mapping[str, np.ndarray] | None, start: str | None,
+) -> list[Path]:
     import torch
 
-    existing = _existing_initial_round(plans, out_dir, seed, replace)
+    existing = _existing_initial_round(plans, out_dir, seed, replace, start)
     if existing is not None:
         return existing
     strategy = get_strategy(plans.strategy.name)
@@ -649,6 +671,8 @@ def _initial_locked(plans: Plans, out_dir: Path, seed: int, signing_key: Signing
                 torch.manual_seed(seed)
                 network = strategy.network(plans, site)
             state = {k: v.detach().cpu().numpy().copy() for k, v in network.state_dict().items()}
+            if start_state is not None:
+                state = _pretrained_state(state, start_state)
             if config in manifests:
                 expected = expected_parameters(plans, site)
                 got = {k: (tuple(v.shape), v.dtype.name) for k, v in state.items()}
@@ -694,8 +718,24 @@ def _initial_locked(plans: Plans, out_dir: Path, seed: int, signing_key: Signing
             )
             written.append(f"{MODELS_DIR}/{pool_filename(pool)}.safetensors")
             _write_signed(stage.path(written[-1]), tensors, meta, signing_key)
-        stage.commit(INIT_RECORD, {"round": 0, "plan_id": plans.plan_id, "strategy": plans.strategy.name, "seed": seed})
+        record = {"round": 0, "plan_id": plans.plan_id, "strategy": plans.strategy.name, "seed": seed}
+        if start is not None:
+            record["start"] = start   # sha256 of the starting weights (e.g. an nnU-Net checkpoint)
+        stage.commit(INIT_RECORD, record)
     return [out_dir / rel for rel in written]
+
+
+def _pretrained_state(built: Mapping[str, np.ndarray], start: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`start` in the built network's tensor order and dtypes; any name or shape difference is refused."""
+    if set(built) != set(start):
+        raise InputError(f"the starting weights do not match the plan's network (differs at {describe(set(built) ^ set(start))})")
+    out = {}
+    for name, array in built.items():
+        given = np.asarray(start[name])
+        if given.shape != array.shape:
+            raise InputError(f"starting weight {name!r} is {list(given.shape)}, the plan's network has {list(array.shape)}")
+        out[name] = given.astype(array.dtype, copy=True)
+    return out
 
 
 def _write_signed(path: Path, tensors: Mapping[str, Any], meta: WeightMeta, signing_key: SigningKey | None) -> WeightMeta:

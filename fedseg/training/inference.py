@@ -1,11 +1,14 @@
 """Sliding-window inference, as nnU-Net predicts a case.
 
 A case is preprocessed exactly as for training (crop, normalise, resample to the plan's
-spacing), covered by overlapping patch-sized tiles, each tile's softmax is weighted by a
-Gaussian importance map (tile centres are more reliable than tile borders, where the
-network saw less context), the weighted sum is divided by the summed weights, and the
-probabilities are resampled back to the case's original geometry
-(`fedseg.data.preprocessing.revert_segmentation`) and turned into dataset.json label values.
+spacing), covered by overlapping patch-sized tiles, each tile's network output (logits) is
+weighted by a Gaussian importance map (tile centres are more reliable than tile borders,
+where the network saw less context), the weighted sum is divided by the summed weights, and
+the logits are resampled back to the case's original geometry
+(`fedseg.data.preprocessing.revert_segmentation`), where the argmax gives dataset.json
+label values: nnU-Net's order of operations, so both tools give the same label map for the
+same weights. `sliding_window_probabilities` combines softmax outputs instead, for callers
+that want probabilities.
 
 2D configurations predict every z slice of the (C, z, y, x) case with the 2D network.
 """
@@ -120,7 +123,38 @@ def sliding_window_probabilities(
     afterwards); a list output is tolerated and its first, full-resolution entry used.
     """
     with inference_mode(network):
-        return _sliding_window(network, data, patch_size, n_classes, step_size, mirror, device, tiles_per_batch, regions)
+        return _sliding_window(network, data, patch_size, n_classes, step_size, mirror, device, tiles_per_batch,
+                               "sigmoid" if regions else "softmax")
+
+
+def sliding_window_logits(
+    network: nn.Module,
+    data: np.ndarray,
+    patch_size: Sequence[int],
+    n_classes: int,
+    step_size: float = DEFAULT_STEP_SIZE,
+    mirror: bool = False,
+    device: str | torch.device = "cpu",
+    tiles_per_batch: int = TILES_PER_BATCH,
+) -> np.ndarray:
+    """Network outputs (K, z, y, x) float32 before softmax, combined over tiles and flips.
+
+    This is how nnU-Net's predictor combines them (Gaussian-weighted mean of logits, mean
+    over mirrorings) and what its export resamples to the original geometry before the
+    argmax; `predict_case` does the same, so a model gives the same label map in both tools.
+    Combining probabilities instead moves boundary voxels wherever the case is resampled.
+    """
+    with inference_mode(network):
+        return _sliding_window(network, data, patch_size, n_classes, step_size, mirror, device, tiles_per_batch,
+                               nonlinearity=None)
+
+
+def _apply_nonlinearity(out: torch.Tensor, nonlinearity: str | None) -> torch.Tensor:
+    if nonlinearity is None:
+        return out
+    if nonlinearity == "sigmoid":
+        return torch.sigmoid(out)
+    return torch.softmax(out, dim=1)
 
 
 def _sliding_window(
@@ -132,7 +166,7 @@ def _sliding_window(
     mirror: bool,
     device: str | torch.device,
     tiles_per_batch: int,
-    regions: bool = False,
+    nonlinearity: str | None = "softmax",
 ) -> np.ndarray:
     if data.ndim != 4:
         raise ValueError(f"expected (C, z, y, x) data, got shape {data.shape}")
@@ -168,8 +202,8 @@ def _sliding_window(
     for first in range(0, len(tiles), tiles_per_batch):
         batch_tiles = tiles[first : first + tiles_per_batch]
         batch = torch.stack([source[(slice(None), *t)] for t in batch_tiles])
-        with autocast(device):   # float16 on CUDA (as nnU-Net predicts); softmax in float32 below
-            tile_probs = _predict_tiles(network, batch, n_classes, mirror, regions)
+        with autocast(device):   # float16 on CUDA (as nnU-Net predicts); outputs combined in float32 below
+            tile_probs = _predict_tiles(network, batch, n_classes, mirror, nonlinearity)
         for tile, tile_prob in zip(batch_tiles, tile_probs):
             probs[(slice(None), *tile)] += tile_prob * gaussian
             weights[tile] += gaussian
@@ -181,9 +215,11 @@ def _sliding_window(
     return probs[(slice(None), *crop)].cpu().numpy()
 
 
-def _predict_tiles(network: nn.Module, batch: torch.Tensor, n_classes: int, mirror: bool, regions: bool = False) -> torch.Tensor:
-    """Softmax (sigmoid for regions) of a batch of tiles (B, K, *patch), averaged over all
-    axis flips if `mirror`."""
+def _predict_tiles(
+    network: nn.Module, batch: torch.Tensor, n_classes: int, mirror: bool, nonlinearity: str | None = "softmax",
+) -> torch.Tensor:
+    """Softmax ("softmax"), per-region sigmoid ("sigmoid") or raw logits (None) of a batch of
+    tiles (B, K, *patch), averaged over all axis flips if `mirror`."""
     spatial_axes = list(range(2, batch.ndim))
     flip_sets = (
         [combo for r in range(len(spatial_axes) + 1) for combo in itertools.combinations(spatial_axes, r)]
@@ -201,7 +237,7 @@ def _predict_tiles(network: nn.Module, batch: torch.Tensor, n_classes: int, mirr
                 f"network output shape {tuple(out.shape)} does not match {n_classes} classes on tiles "
                 f"{tuple(batch.shape[2:])}"
             )
-        prob = torch.sigmoid(out.float()) if regions else torch.softmax(out.float(), dim=1)
+        prob = _apply_nonlinearity(out.float(), nonlinearity)
         if axes:
             prob = torch.flip(prob, axes)
         total = prob if total is None else total + prob
@@ -238,15 +274,20 @@ def predict_case_probabilities(
     step_size: float = DEFAULT_STEP_SIZE,
     site: str | None = None,
 ) -> np.ndarray:
-    """Softmax probabilities (K, z, y, x) float32 of one case in its original geometry.
+    """Probabilities (K, z, y, x) float32 of one case in its original geometry: softmax over
+    classes (per-region sigmoids for region-based labels).
 
+    As nnU-Net predicts: the tiles' and mirrorings' logits are combined, resampled to the
+    original geometry, and only then turned into probabilities (combining probabilities
+    instead moves boundary voxels wherever a case is resampled, and would not give the same
+    label map as nnU-Net for the same weights).
     `site`: the case holds that site's channels (a mix-modal plan: a subset of the plan's
     channels, laid out in the plan's order with the absent ones zero before preprocessing).
     The network is moved to `device`; its train/eval mode and deep-supervision flag are
     restored afterwards. `mirror` averages the predictions of all axis flips (2^ndim
     forward passes per tile: more robust, 2^ndim times slower).
     """
-    from fedseg.data.preprocessing import preprocess_case, revert_probabilities
+    from fedseg.data.preprocessing import preprocess_case, revert_logits
 
     layout = site_channel_layout(plans, site)
     if layout is not None and case_data.data.shape[0] == len(layout):
@@ -260,7 +301,7 @@ def predict_case_probabilities(
     device = resolve_device(str(device))
     network.to(device)
     layout = plans.label_layout
-    probs = sliding_window_probabilities(
+    logits = sliding_window_logits(
         network,
         preprocessed.data,
         config.patch_size,
@@ -268,9 +309,8 @@ def predict_case_probabilities(
         step_size=step_size,
         mirror=mirror,
         device=device,
-        regions=layout.has_regions,
     )
-    reverted = revert_probabilities(probs, preprocessed.properties, config, regions=layout.has_regions)
+    reverted = revert_logits(logits, preprocessed.properties, config, regions=layout.has_regions)
     if reverted.shape[1:] != tuple(case_data.geometry.shape):
         raise RuntimeError(
             f"case {case_data.case_id}: prediction shape {reverted.shape[1:]} differs from the image {case_data.geometry.shape}"
