@@ -64,7 +64,7 @@ DEFAULT_BUDGET = 0.8
 # the median shape: certainly larger than any budget needs.
 INITIAL_PATCH_VOXELS = {3: 256 ** 3, 2: 2048 ** 2}
 
-KNOWN_LOSSES = ("dice_ce", "dice_focal")   # the losses fedseg.training.losses.make_loss builds
+KNOWN_LOSSES = ("dice_ce", "dice_focal", "bce")   # the losses fedseg.training.losses.make_loss builds
 CONFIGURATIONS = ("3d_fullres", "2d")
 
 # channel name (case-insensitive) -> normalisation scheme, as nnU-Net's
