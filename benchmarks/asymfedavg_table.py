@@ -38,6 +38,7 @@ STRATEGIES = (
      ("--set", "decoder_match=bottleneck")),
     ("asymfedavg_shapes_only", "asymfedavg", "asymfedavg, bottleneck + match_strides=false (the earlier rule)",
      ("--set", "decoder_match=bottleneck", "--set", "match_strides=false")),
+    ("asymfedavg_match_inputs", "asymfedavg", "asymfedavg, match_inputs=true", ("--set", "match_inputs=true")),
     ("asymfedavg_unaligned", "asymfedavg", "asymfedavg, aligned_init=false", ("--set", "aligned_init=false")),
 )
 

@@ -10,7 +10,14 @@ import pytest
 
 from fedseg.errors import InputError
 from fedseg.federation.strategies import get_strategy
-from fedseg.federation.strategies.asymfedavg import MAP_KEY, is_norm_parameter, shared_parameter_map, summarise_map
+from fedseg.federation.strategies.asymfedavg import (
+    MAP_KEY,
+    input_layers,
+    is_norm_parameter,
+    shared_parameter_map,
+    structural_key,
+    summarise_map,
+)
 from fedseg.planning.plans import ConfigurationPlan, NetworkSpec
 
 
@@ -312,3 +319,23 @@ def test_aligned_init_can_be_switched_off_and_is_checked():
     strategy.check_params({"aligned_init": False})
     with pytest.raises(InputError, match="aligned_init must be true or false"):
         strategy.check_params({"aligned_init": "yes"})
+
+
+def test_match_inputs_pools_a_layer_only_where_its_inputs_are_pooled_alike():
+    """iso's first stage differs in shape from the thick sites': with match_inputs every later
+    layer of iso reads channels from filters no other site has, so iso pools nothing, while
+    the two thick sites still pool their whole network."""
+    iso = _config([32, 64, 64])
+    thick = dataclasses.replace(iso, network=dataclasses.replace(iso.network, kernel_sizes=[[1, 3, 3], [3, 3, 3], [3, 3, 3]]))
+    manifests = {"iso": _manifest(iso), "thick": _manifest(thick), "thick2": _manifest(thick)}
+    by_shape = shared_parameter_map(manifests)
+    assert by_shape["sites"]["iso"]["encoder.stages.1.convs.0.conv.weight"]["pool"] == "global"
+    strict = shared_parameter_map(manifests, match_inputs=True)
+    assert strict["sites"]["iso"] == {}
+    thick_names = [n for n in manifests["thick"] if structural_key(n) is not None]
+    assert all(strict["sites"]["thick"][n]["pool"] == "sites:thick+thick2" for n in thick_names)
+    feeds = input_layers(manifests["iso"])
+    assert feeds["decoder.stages.0.convs.0"] == ("decoder.transpconvs.0", "encoder.stages.1.convs.1")
+    assert feeds["decoder.transpconvs.0"] == ("encoder.stages.2.convs.1",)
+    assert feeds["decoder.seg_layers.1"] == ("decoder.stages.1.convs.1",)
+    assert "encoder.stages.0.convs.0" not in feeds

@@ -73,7 +73,7 @@ def rule_text(decoder_match: str, match_strides: bool) -> str:
 
 
 # true/false strategy params and their defaults
-FLAG_DEFAULTS = {"local_norms": False, "aligned_init": True, "match_strides": True}
+FLAG_DEFAULTS = {"local_norms": False, "aligned_init": True, "match_strides": True, "match_inputs": False}
 
 # encoder.stages.{s}.<rest>: s counted from the input (0 = full resolution)
 _ENCODER = re.compile(r"^encoder\.stages\.(\d+)\.(.+)$")
@@ -135,11 +135,14 @@ def shared_parameter_map(
     local_norms: bool = False,
     decoder_match: str = DEFAULT_DECODER_MATCH,
     strides: Mapping[str, Mapping[str, Sequence[int]]] | None = None,
+    match_inputs: bool = False,
 ) -> dict[str, Any]:
     """The map for sites with the given manifests ({site: {name: (shape, dtype)}}).
 
     `strides` ({site: {layer: stride}}, see layer_strides) makes a layer's stride part of what
-    must agree; None compares shapes only.
+    must agree; None compares shapes only. `match_inputs`: a layer is pooled only among sites
+    whose layers feeding it (see input_layers) are pooled together too, so that its input
+    channels come from the same shared filters at every member.
     Returns {"rule", "local_norms", "decoder_match", "sites": {site: {name: key}} (shared names
     only), "keys": {pool/key id: {"key", "pool", "shape", "dtype", "sites"}}}.
     Deterministic: sites and names are visited in sorted order.
@@ -148,6 +151,7 @@ def shared_parameter_map(
     # block -> signature -> [site]; a signature is the block's ((key, shape, dtype), ...)
     positions: dict[str, dict[tuple, list[str]]] = {}
     names_of: dict[tuple[str, str], list[tuple[str, str]]] = {}   # (site, block) -> [(name, key)]
+    key_block_of: dict[tuple[str, str], str] = {}                  # (site, layer by name) -> block
     for site in all_sites:
         blocks: dict[str, list[tuple[str, tuple[int, ...], str, str]]] = {}
         site_strides = (strides or {}).get(site, {})
@@ -160,25 +164,92 @@ def shared_parameter_map(
                 continue
             blocks.setdefault(block_of(key), []).append((key, tuple(int(x) for x in shape), str(dtype), name))
             block_stride[block_of(key)] = tuple(site_strides.get(block_of(name), ()))
+            key_block_of[(site, block_of(name))] = block_of(key)
         for block, tensors in blocks.items():
             signature = tuple((key, shape, dtype) for key, shape, dtype, _ in tensors) + (("stride", block_stride[block]),)
             positions.setdefault(block, {}).setdefault(signature, []).append(site)
             names_of[(site, block)] = [(name, key) for key, _, _, name in tensors]
     sites_map: dict[str, dict[str, dict[str, str]]] = {site: {} for site in all_sites}
     keys: dict[str, dict[str, Any]] = {}
-    for block in sorted(positions):
-        # member_sites are in sorted order: sites were visited sorted
+    pool_of: dict[tuple[str, str], str] = {}      # (site, block) -> pool, for pooled layers
+    feeds = {site: input_layers(manifests[site]) for site in all_sites} if match_inputs else {}
+    for block in sorted(positions, key=_layer_order):
+        groups: list[tuple[tuple, list[str]]] = []
         for signature, member_sites in sorted(positions[block].items()):
+            if not match_inputs:
+                groups.append((signature, member_sites))
+                continue
+            # split the sites further by where their inputs come from (a local input: the site itself)
+            by_inputs: dict[tuple, list[str]] = {}
+            for site in member_sites:
+                layer = next(name for name, kb in key_block_of.items() if name[0] == site and kb == block)[1]
+                sources = tuple(pool_of.get((site, key_block_of.get((site, src), "")), "local:" + site)
+                                for src in feeds[site].get(layer, ()))
+                by_inputs.setdefault(sources, []).append(site)
+            groups += [(signature, sites) for _, sites in sorted(by_inputs.items())]
+        # member_sites are in sorted order: sites were visited sorted
+        for signature, member_sites in groups:
             if len(member_sites) < 2:
                 continue
             pool = GLOBAL_POOL if member_sites == all_sites else SUBSET_POOL_PREFIX + "+".join(member_sites)
+            for site in member_sites:
+                pool_of[(site, block)] = pool
             for key, shape, dtype in signature[:-1]:     # the last entry is the stride
                 keys[f"{pool}/{key}"] = {"key": key, "pool": pool, "shape": list(shape), "dtype": dtype, "sites": list(member_sites)}
             for site in member_sites:
                 for name, key in names_of[(site, block)]:
                     sites_map[site][name] = {"pool": pool, "key": key}
-    rule = rule_text(decoder_match, strides is not None)
+    rule = rule_text(decoder_match, strides is not None) + ("; inputs pooled alike" if match_inputs else "")
     return {"rule": rule, "local_norms": bool(local_norms), "decoder_match": decoder_match, "sites": sites_map, "keys": keys}
+
+
+def input_layers(names: Iterable[str]) -> dict[str, tuple[str, ...]]:
+    """{layer: the layers whose output it reads} of a plain U-Net, by parameter-name blocks
+    (`encoder.stages.1.convs.0`, `decoder.transpconvs.0`, ...); the first layer reads the image
+    (no entry)."""
+    layers = {block_of(name) for name in names if structural_key(name) is not None}
+    convs: dict[str, int] = {}          # stage prefix -> number of convs
+    for layer in layers:
+        stage, _, index = layer.rpartition(".convs.")
+        if index.isdigit():
+            convs[stage] = max(convs.get(stage, 0), int(index) + 1)
+
+    def last(stage: str) -> str:
+        return f"{stage}.convs.{convs[stage] - 1}"
+
+    n_enc = sum(1 for stage in convs if stage.startswith("encoder."))
+    feeds: dict[str, tuple[str, ...]] = {}
+    for layer in layers:
+        parts = layer.split(".")
+        if layer.startswith("encoder."):
+            s, i = int(parts[2]), int(parts[4])
+            if i > 0:
+                feeds[layer] = (f"encoder.stages.{s}.convs.{i - 1}",)
+            elif s > 0:
+                feeds[layer] = (last(f"encoder.stages.{s - 1}"),)
+        elif parts[1] == "transpconvs":
+            j = int(parts[2])
+            feeds[layer] = (last(f"decoder.stages.{j - 1}") if j > 0 else last(f"encoder.stages.{n_enc - 1}"),)
+        elif parts[1] == "stages":
+            j, i = int(parts[2]), int(parts[4])
+            feeds[layer] = ((f"decoder.stages.{j}.convs.{i - 1}",) if i > 0
+                            else (f"decoder.transpconvs.{j}", last(f"encoder.stages.{n_enc - 2 - j}")))
+        else:   # seg_layers
+            feeds[layer] = (last(f"decoder.stages.{int(parts[2])}"),)
+    return feeds
+
+
+def _layer_order(block: str) -> tuple:
+    """Blocks (position keys of layers) in an order where every layer comes after those it
+    reads: the encoder from the input, then the decoder from the bottleneck up (from the
+    deepest level when levels count from the output)."""
+    parts = block.split(".")
+    if parts[0] == "encoder":
+        return (0, int(parts[2]), int(parts[4]) if len(parts) > 4 else 0, 0)
+    level = parts[2]
+    depth = -int(level[3:]) if level.startswith("out") else int(level)
+    kind = {"transpconvs": 0, "stages": 1, "seg_layers": 2}[parts[1]]
+    return (1, depth, kind, int(parts[4]) if len(parts) > 4 else 0)
 
 
 def derive_from_reference(reference: np.ndarray, shape: Sequence[int]) -> np.ndarray | None:
@@ -311,7 +382,8 @@ class AsymFedAvg(Strategy):
             strides = {site: layer_strides(plans.configuration_for(site).network) for site in manifests}
         return {MAP_KEY: shared_parameter_map(
             manifests, local_norms=params.get("local_norms", FLAG_DEFAULTS["local_norms"]),
-            decoder_match=params.get("decoder_match", DEFAULT_DECODER_MATCH), strides=strides)}
+            decoder_match=params.get("decoder_match", DEFAULT_DECODER_MATCH), strides=strides,
+            match_inputs=params.get("match_inputs", FLAG_DEFAULTS["match_inputs"]))}
 
     # -- routing ---------------------------------------------------------------------------
     def _entry(self, plans: Plans, site: str, name: str) -> Mapping[str, str] | None:
