@@ -152,6 +152,7 @@ def shared_parameter_map(
     positions: dict[str, dict[tuple, list[str]]] = {}
     names_of: dict[tuple[str, str], list[tuple[str, str]]] = {}   # (site, block) -> [(name, key)]
     key_block_of: dict[tuple[str, str], str] = {}                  # (site, layer by name) -> block
+    layer_of: dict[tuple[str, str], str] = {}                      # (site, block) -> layer by name
     for site in all_sites:
         blocks: dict[str, list[tuple[str, tuple[int, ...], str, str]]] = {}
         site_strides = (strides or {}).get(site, {})
@@ -165,6 +166,7 @@ def shared_parameter_map(
             blocks.setdefault(block_of(key), []).append((key, tuple(int(x) for x in shape), str(dtype), name))
             block_stride[block_of(key)] = tuple(site_strides.get(block_of(name), ()))
             key_block_of[(site, block_of(name))] = block_of(key)
+            layer_of[(site, block_of(key))] = block_of(name)
         for block, tensors in blocks.items():
             signature = tuple((key, shape, dtype) for key, shape, dtype, _ in tensors) + (("stride", block_stride[block]),)
             positions.setdefault(block, {}).setdefault(signature, []).append(site)
@@ -182,7 +184,7 @@ def shared_parameter_map(
             # split the sites further by where their inputs come from (a local input: the site itself)
             by_inputs: dict[tuple, list[str]] = {}
             for site in member_sites:
-                layer = next(name for name, kb in key_block_of.items() if name[0] == site and kb == block)[1]
+                layer = layer_of[(site, block)]
                 sources = tuple(pool_of.get((site, key_block_of.get((site, src), "")), "local:" + site)
                                 for src in feeds[site].get(layer, ()))
                 by_inputs.setdefault(sources, []).append(site)
