@@ -1,7 +1,9 @@
 """Local-only vs fedavg (one common plan) vs asymfedavg (per-site plans) on the `fednnunet` preset.
 
-Runs `fedseg simulate` five times (local-only with each site's own plan and with the common
-plan, fedavg, asymfedavg, and asymfedavg with `aligned_init=false`) on the same synthetic
+Runs `fedseg simulate` once per row of STRATEGIES (local-only with each site's own plan and
+with the common plan, fedavg, asymfedavg with its defaults, with `decoder_match=bottleneck`,
+with the earlier rule (bottleneck, shapes only), and with `aligned_init=false`; `--runs`
+picks a subset) on the same synthetic
 sites (1, 2.5 and 4 mm slices) with the same rounds, iterations and seed, then prints a markdown table of each site's test Dice and
 HD95 (foreground mean; HD95 in mm). With several `--seeds` (each a new draw of the data and
 of training) it also prints the Dice averaged over seeds. Single-threaded torch: a few
@@ -32,6 +34,11 @@ STRATEGIES = (
     ("local", "local", "local only (common plan)", ()),
     ("fedavg", "fedavg", "fedavg (common plan)", ()),
     ("asymfedavg", "asymfedavg", "asymfedavg (per-site plans)", ()),
+    ("asymfedavg_bottleneck", "asymfedavg", "asymfedavg, decoder_match=bottleneck",
+     ("--set", "decoder_match=bottleneck")),
+    ("asymfedavg_shapes_only", "asymfedavg", "asymfedavg, bottleneck + match_strides=false (the earlier rule)",
+     ("--set", "decoder_match=bottleneck", "--set", "match_strides=false")),
+    ("asymfedavg_match_inputs", "asymfedavg", "asymfedavg, match_inputs=true", ("--set", "match_inputs=true")),
     ("asymfedavg_unaligned", "asymfedavg", "asymfedavg, aligned_init=false", ("--set", "aligned_init=false")),
 )
 
@@ -47,7 +54,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, dict[str, dict]]:
         subprocess.run([*fedseg_command(), "synth", str(sites), "--preset", "fednnunet", "--seed", str(args.seed), "--quiet"],
                        check=True, env=env)
     results: dict[str, dict[str, dict]] = {}
-    for run_name, strategy, _label, extra in STRATEGIES:
+    for run_name, strategy, _label, extra in selected(args):
         run_dir = work / f"run_{run_name}"
         start = time.monotonic()
         command = [
@@ -63,6 +70,10 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, dict[str, dict]]:
             for site in sorted(sites.iterdir()) if (site / "dataset.json").is_file()
         }
     return results
+
+
+def selected(args: argparse.Namespace) -> list[tuple]:
+    return [row for row in STRATEGIES if not args.runs or row[0] in args.runs]
 
 
 def shared_summary(work: Path) -> str:
@@ -83,10 +94,13 @@ def shared_summary(work: Path) -> str:
 
 
 def table(results: dict[str, dict[str, dict]]) -> str:
+    """Per-site Dice and HD95 of every run in `results`."""
     sites = sorted(next(iter(results.values())))
     header = "| strategy | " + " | ".join(f"{s} Dice | {s} HD95" for s in sites) + " | mean Dice |"
     lines = [header, "|---" * (2 * len(sites) + 2) + "|"]
     for run_name, _strategy, label, _extra in STRATEGIES:
+        if run_name not in results:
+            continue
         row = results[run_name]
         cells = []
         for site in sites:
@@ -107,6 +121,8 @@ def mean_table(per_seed: dict[int, dict[str, dict[str, dict]]]) -> str:
     header = "| strategy | " + " | ".join(f"{s} Dice" for s in sites) + " | mean Dice | seeds with every site >= local own |"
     lines = [header, "|---" * (len(sites) + 3) + "|"]
     for run_name, _strategy, label, _extra in STRATEGIES:
+        if run_name not in per_seed[seeds[0]]:
+            continue
         means = [sum(per_seed[k][run_name][s]["dice"] for k in seeds) / len(seeds) for s in sites]
         reached = sum(all(per_seed[k][run_name][s]["dice"] >= per_seed[k]["local_own"][s]["dice"] for s in sites) for k in seeds)
         lines.append(f"| {label} | " + " | ".join(f"{m:.3f}" for m in means) + f" | {sum(means) / len(means):.3f} | {reached} / {len(seeds)} |")
@@ -120,6 +136,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="seeds of the synthetic data and of training; several print a mean table as well")
     parser.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: a temporary one)")
+    parser.add_argument("--runs", nargs="+", choices=[row[0] for row in STRATEGIES], default=None,
+                        help="only these rows (default: all); local_own is needed for the mean table")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep if args.keep is not None else Path(tmp)

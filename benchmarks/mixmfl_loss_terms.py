@@ -3,7 +3,9 @@
 Trains `mixmfl` on the `mixmfl` preset (6 sites) and, at every training step, measures the
 norm of each weighted term's gradient on the modality-shared and on the modality-tailored
 encoders: ‖∇ L_seg‖, ‖λ1 ∇ L_cls‖, ‖λ2 ∇ L_triplet‖. Prints the mean over the first and the
-last steps, and each decoupling term's gradient as a fraction of the segmentation one.
+last steps, and each decoupling term's gradient as a fraction of the segmentation one, and
+the modality classifier's accuracy on the tailored and on the shared representations of the
+step's batch (chance: 1 / 2 at a two-sequence site).
 
     .venv/bin/python benchmarks/mixmfl_loss_terms.py --out /tmp/mixmfl_terms [--rounds 3 --iterations 10]
 
@@ -32,6 +34,8 @@ def gradient_norm(loss, params) -> float:
 
 
 def measuring_train_step(original, records: list[dict]):
+    import torch
+
     def train_step(self, batch: dict) -> float:
         net = self.network
         outputs, aux = net(batch["data"].to(self.device), return_aux=True)
@@ -41,6 +45,10 @@ def measuring_train_step(original, records: list[dict]):
         cls, triplet = self.decoupling_losses(aux)
         weighted = {"seg": seg, "cls": self.lambda_cls * cls, "triplet": self.lambda_triplet * triplet}
         row = {"seg": float(seg.detach()), "cls": float(cls.detach()), "triplet": float(triplet.detach())}
+        with torch.no_grad():
+            for kind in ("tailored", "shared"):
+                hits = [(net.classify(aux[f"{kind}_raw"][m]).argmax(1) == m).float().mean() for m in net.present]
+                row[f"acc_{kind}"] = float(sum(hits) / len(hits))
         for part in PARTS:
             params = [p for name, p in net.named_parameters() if name.startswith(part + ".")]
             for term, loss in weighted.items():
@@ -63,6 +71,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--seed", type=int, default=1234, help="training seed (data seed 0)")
     parser.add_argument("--patch", default="16,16,16", help="configuration.patch_size (small: CPU time)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra plan parameter, e.g. lambda_triplet=0.1 (repeatable)")
     args = parser.parse_args()
 
     import torch
@@ -77,20 +87,22 @@ def main() -> None:
         generate(sites, preset="mixmfl", seed=0)
     records: list[dict] = []
     MixMFLTrainer.train_step = measuring_train_step(MixMFLTrainer.train_step, records)
-    simulate(SimulationConfig(sites, "mixmfl", args.rounds, args.out / f"run_seed{args.seed}", iterations=args.iterations,
-                              overrides={"configuration.patch_size": args.patch}, seed=args.seed, workers=0))
+    run_name = f"run_seed{args.seed}" + "".join(f"_{kv}" for kv in args.sets)
+    simulate(SimulationConfig(sites, "mixmfl", args.rounds, args.out / run_name, iterations=args.iterations,
+                              overrides={"configuration.patch_size": args.patch, **dict(kv.split("=", 1) for kv in args.sets)},
+                              seed=args.seed, workers=0))
 
     window = max(1, len(records) // 4)
     print(f"{len(records)} training steps (6 sites x {args.rounds} rounds x {args.iterations} iterations)")
-    print("| steps | L_seg | L_cls | L_triplet | part | ‖∇L_seg‖ | ‖λ1∇L_cls‖ (share) | ‖λ2∇L_triplet‖ (share) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| steps | L_seg | L_cls | L_triplet | part | ‖∇L_seg‖ | ‖λ1∇L_cls‖ (share) | ‖λ2∇L_triplet‖ (share) | classifier accuracy |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for label, rows in ((f"first {window}", records[:window]), (f"last {window}", records[-window:])):
         s = summary(rows)
         for part in PARTS:
             seg = s[f"grad_{part}_seg"]
             cls, tri = s[f"grad_{part}_cls"], s[f"grad_{part}_triplet"]
             print(f"| {label} | {s['seg']:.3f} | {s['cls']:.3f} | {s['triplet']:.3f} | {part} | {seg:.3g} | "
-                  f"{cls:.3g} ({cls / seg:.1%}) | {tri:.2g} ({tri / seg:.2%}) |")
+                  f"{cls:.3g} ({cls / seg:.1%}) | {tri:.2g} ({tri / seg:.2%}) | {s[f'acc_{part}']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ MAX_SEED = 2 ** 63 - 1
 # A patch edge beyond 2^14 voxels exceeds every image nnU-Net plans for (its initial 2D patch
 # is 2048); the finer bound is the compute budget (fedseg.planning.planner.check_compute).
 MAX_PATCH_EDGE = 1 << 14
-KNOWN_LOSSES = ("dice_ce", "dice_focal")   # the losses fedseg.training.losses.make_loss builds
+KNOWN_LOSSES = ("dice_ce", "dice_focal", "bce")   # the losses fedseg.training.losses.make_loss builds
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Segmentation losses as nnU-Net defines them, plus FLAMES' Dice + Focal.
+"""Segmentation losses as nnU-Net defines them, plus FLAMES' Dice + Focal and FedFMS' BCE.
 
 Targets are class-index maps of shape (b, 1, *spatial) (float or int). Voxels marked -1
 (outside the nonzero mask after cropping) count as background, as nnU-Net does when the
@@ -27,7 +27,7 @@ FOCAL_MIX = (0.3, 0.7)     # (Dice weight, Focal weight)
 FOCAL_ALPHA = 0.8
 FOCAL_GAMMA = 2.0
 
-LOSS_NAMES = ("dice_ce", "dice_focal")
+LOSS_NAMES = ("dice_ce", "dice_focal", "bce")
 
 
 def _class_indices(target: torch.Tensor) -> torch.Tensor:
@@ -136,6 +136,15 @@ class FocalLoss(nn.Module):
         return (-alpha_t * (1.0 - pt) ** self.gamma * log_pt).mean()
 
 
+class OneHotBCE(nn.Module):
+    """FedFMS' loss: binary cross-entropy of every class's logit (sigmoid) against its one-hot
+    mask, mean over classes and voxels (BCEWithLogits on SAM's multi-class head)."""
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        onehot = F.one_hot(_class_indices(target), logits.shape[1]).movedim(-1, 1).to(logits.dtype)
+        return F.binary_cross_entropy_with_logits(logits, onehot)
+
+
 class DiceCELoss(nn.Module):
     """nnU-Net's DC_and_CE_loss: CE + soft Dice, weights 1:1."""
 
@@ -200,7 +209,7 @@ def make_loss(
     deep_supervision_scales: Sequence[Sequence[float]] | None = None,
     region_class_indices: Sequence[Sequence[int]] | None = None,
 ) -> nn.Module:
-    """The training loss by plan name ("dice_ce" | "dice_focal").
+    """The training loss by plan name ("dice_ce" | "dice_focal" | "bce").
 
     With `deep_supervision_scales` (one entry per network output) the loss takes lists of
     outputs and targets; without, one output tensor and one target tensor.
@@ -215,6 +224,8 @@ def make_loss(
         base: nn.Module = DiceCELoss()
     elif name == "dice_focal":
         base = DiceFocalLoss()
+    elif name == "bce":
+        base = OneHotBCE()
     else:
         raise ValueError(f"unknown loss {name!r} (known: {', '.join(LOSS_NAMES)})")
     if deep_supervision_scales is None:

@@ -20,9 +20,20 @@ input always has every plan channel, absent ones zero and ignored):
 - `fuse.<s>`:      per stage a 1x1 conv-norm-nonlin from [shared, tailored of every sequence
                    in plan order] to the plan's width of that stage, so the unchanged
                    nnU-Net `decoder` (same parameter names as the plain U-Net) decodes it;
-- `decoupler.classifier`: modality classifier on pooled bottleneck features (tailored as is,
-                   shared through a gradient-reversal layer);
-  `decoupler.fusion`: the pair-wise fusion layer of the entropy triplet loss.
+- `decoupler.classifier`: modality classifier on the statistics of each encoder's bottleneck
+                   representation taken before its last InstanceNorm (per channel: spatial
+                   mean and Gaussian entropy; tailored as is, shared through a gradient-
+                   reversal layer). After the norm every channel has mean ~0 and variance ~1
+                   whatever the sequence, so pooled normalised features carry almost no
+                   modality; the pre-norm statistics are what the norm removes;
+  `decoupler.fusion`: the pair-wise fusion of the entropy triplet loss, a plain convolution
+                   (no norm), so that its output's variance, and so its entropy, can move.
+
+Decoupling representations ("raw"): the bottleneck output of each encoder's last convolution
+before its InstanceNorm. The paper models representations as Gaussians whose entropy
+½·log(2πeσ²) follows their variance; after InstanceNorm + LeakyReLU every channel's variance
+is fixed by the norm (entropy ≈ 0.886 for any input, noise included), so a triplet loss on
+those features cannot move.
 
 Encoder branches are half the plan's width (BRANCH_DIVISOR): a site runs 2·|present| encoder
 passes, so the encoder cost stays near one plain U-Net's.
@@ -84,6 +95,12 @@ def entropy_profile(features: torch.Tensor) -> torch.Tensor:
     return 0.5 * torch.log(2 * math.pi * math.e * (var + ENTROPY_EPS))
 
 
+def modality_statistics(raw: torch.Tensor) -> torch.Tensor:
+    """(B, D, *spatial) -> (B, 2D): per channel the spatial mean and the Gaussian entropy of a
+    pre-norm representation: what the classifier tells sequences apart by."""
+    return torch.cat((raw.flatten(2).mean(-1), entropy_profile(raw)), dim=1)
+
+
 def entropy_triplet_loss(
     anchors: Sequence[torch.Tensor], positives: Sequence[torch.Tensor], negatives: Sequence[torch.Tensor], margin: float
 ) -> torch.Tensor:
@@ -136,6 +153,20 @@ def retrieve(
     return out.transpose(1, 2).reshape(reference.shape)
 
 
+def encode_keeping_raw(encoder: Encoder, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The encoder's skips (as `encoder(x)`) and its bottleneck before the last InstanceNorm."""
+    skips = [x]
+    for stage in encoder.stages[:-1]:
+        skips.append(stage(skips[-1]))
+    *first, last = encoder.stages[-1].convs
+    h = skips[-1]
+    for block in first:
+        h = block(h)
+    raw = last.conv(h)
+    skips.append(last.nonlin(last.norm(raw)))
+    return skips[1:], raw
+
+
 class MixMFLNet(nn.Module):
     """Mix-modal U-Net; `forward(x)` as the plain U-Net, `forward(x, return_aux=True)` adds features."""
 
@@ -178,8 +209,9 @@ class MixMFLNet(nn.Module):
         self.decoder = Decoder(spec, ndim, n_classes)
         d = self.feature_dim
         self.decoupler = nn.Module()
-        self.decoupler.classifier = nn.Sequential(nn.Linear(d, d), nn.LeakyReLU(1e-2), nn.Linear(d, self.n_channels))
-        self.decoupler.fusion = ConvNormNonlin(ndim, 2 * d, d, [3] * ndim, ones)
+        self.decoupler.classifier = nn.Sequential(nn.Linear(2 * d, d), nn.LeakyReLU(1e-2), nn.Linear(d, self.n_channels))
+        conv = nn.Conv3d if ndim == 3 else nn.Conv2d
+        self.decoupler.fusion = conv(2 * d, d, 3, 1, 1, bias=True)
         # memory.<seq>.<stage>: one prototype memory per sequence and encoder stage
         self.memory = nn.ModuleDict()
         for key in self.sequence_keys:
@@ -199,23 +231,27 @@ class MixMFLNet(nn.Module):
     def set_memory(self, index: int, stage: int, value: torch.Tensor) -> None:
         self.memory_of(index, stage).copy_(value)
 
-    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.decoupler.classifier(pooled)
+    def classify(self, raw: torch.Tensor) -> torch.Tensor:
+        """Modality logits (B, n_channels) of pre-norm bottleneck representations (B, D, *spatial)."""
+        return self.decoupler.classifier(modality_statistics(raw))
 
     def fuse_pair(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return self.decoupler.fusion(torch.cat((a, b), dim=1))
 
     # -- forward -------------------------------------------------------------------------
-    def encode(self, x: torch.Tensor) -> tuple[dict[int, list[torch.Tensor]], dict[int, list[torch.Tensor]]]:
-        """(tailored, shared) skip lists per present sequence index."""
+    def encode(self, x: torch.Tensor) -> tuple[dict[int, list[torch.Tensor]], dict[int, list[torch.Tensor]], dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """(tailored, shared) skip lists per present sequence index, and their pre-norm bottlenecks."""
         if x.shape[1] != self.n_channels:
             raise ValueError(f"input has {x.shape[1]} channel(s), the network expects {self.n_channels} (absent ones zero)")
-        tailored = {m: self.tailored[self.sequence_keys[m]](x[:, m:m + 1]) for m in self.present}
+        tailored, tailored_raw = {}, {}
+        for m in self.present:
+            tailored[m], tailored_raw[m] = encode_keeping_raw(self.tailored[self.sequence_keys[m]], x[:, m:m + 1])
         # one batched pass of the shared encoder over all present sequences
-        stacked = self.shared(torch.cat([x[:, m:m + 1] for m in self.present], dim=0))
+        stacked, stacked_raw = encode_keeping_raw(self.shared, torch.cat([x[:, m:m + 1] for m in self.present], dim=0))
         b = x.shape[0]
         shared = {m: [s[i * b:(i + 1) * b] for s in stacked] for i, m in enumerate(self.present)}
-        return tailored, shared
+        shared_raw = {m: stacked_raw[i * b:(i + 1) * b] for i, m in enumerate(self.present)}
+        return tailored, shared, tailored_raw, shared_raw
 
     def _queries(self, shared_mean: torch.Tensor, tailored: dict[int, list[torch.Tensor]], stage: int) -> dict[int, torch.Tensor]:
         """The key spaces this site queries a missing sequence's memory with (see MEMORY_QUERIES)."""
@@ -227,7 +263,7 @@ class MixMFLNet(nn.Module):
         return queries
 
     def forward(self, x: torch.Tensor, return_aux: bool = False):
-        tailored, shared = self.encode(x)
+        tailored, shared, tailored_raw, shared_raw = self.encode(x)
         n_stages = len(self.fuse)
         bottleneck = n_stages - 1
         shared_mean = [torch.stack([shared[m][s] for m in self.present]).mean(0) for s in range(n_stages)]
@@ -254,6 +290,9 @@ class MixMFLNet(nn.Module):
             "tailored": {m: t[bottleneck] for m, t in tailored.items()},
             "shared": {m: t[bottleneck] for m, t in shared.items()},
             "shared_mean": shared_mean[bottleneck],
+            # pre-norm bottlenecks: what the decoupling losses see
+            "tailored_raw": tailored_raw,
+            "shared_raw": shared_raw,
             "retrieved": retrieved,
             # every stage, for the memory refresh
             "stage_shared_mean": shared_mean,

@@ -3,14 +3,16 @@
 Loss (paper eq. 3): L = L_seg + λ1·L_cls + λ2·L_triplet, with L_seg the plan's loss
 (nnU-Net's Dice + CE with deep supervision), λ1 = 0.5, λ2 = 1e-4 by default.
 
-- L_cls: cross-entropy of the modality classifier on the pooled bottleneck features of every
-  present sequence: tailored features as they are, shared features through a gradient-
-  reversal layer, both labelled with their sequence. The classifier learns to tell
+- L_cls: cross-entropy of the modality classifier on the pre-norm bottleneck representation
+  of every present sequence (its per-channel mean and entropy, see
+  mixmfl_network.modality_statistics): tailored ones as they are, shared ones through a
+  gradient-reversal layer, both labelled with their sequence. The classifier learns to tell
   sequences apart; the tailored encoders are pushed to be modality-specific, the shared
   encoder (reversed gradient) to be modality-invariant.
-- L_triplet: the entropy triplet loss (mixmfl_network.entropy_triplet_loss): anchors = the
-  shared representations, positives = fusion(shared_i, shared_j), negatives =
-  fusion(shared_i, tailored_j), over all present i, j.
+- L_triplet: the entropy triplet loss (mixmfl_network.entropy_triplet_loss) on pre-norm
+  representations, where variance and so entropy can move: anchors = the shared ones,
+  positives = fusion(shared_i, shared_j), negatives = fusion(shared_i, tailored_j), over all
+  present i, j (fusion inputs are the normalised bottlenecks the decoder also sees).
 - Memory: at the end of a round the site runs its training cases through the network,
   takes at every encoder stage the features of each present sequence m at class-balanced
   voxels (value: m's tailored features; key: the shared mean, and in a second batch of
@@ -34,6 +36,29 @@ from fedseg.training.trainer import SiteTrainer, _derived_seed
 VOXELS_PER_CLASS = 256
 
 
+def decoupling_losses(net: MixMFLNet, aux: dict, classifier: bool, triplet: bool, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_cls, L_triplet) of one forward pass's `aux` (a term switched off is 0)."""
+    present = net.present
+    zero = aux["shared_mean"].new_zeros(())
+    cls_loss, triplet_loss = zero, zero
+    if classifier:
+        raws, labels = [], []
+        for m in present:
+            batch = aux["tailored_raw"][m].shape[0]
+            raws += [aux["tailored_raw"][m], grad_reverse(aux["shared_raw"][m])]
+            labels += [m] * (2 * batch)
+        logits = net.classify(torch.cat(raws))
+        cls_loss = F.cross_entropy(logits, torch.tensor(labels, device=logits.device))
+    if triplet:
+        anchors = [aux["shared_raw"][m] for m in present]
+        shared = [aux["shared"][m] for m in present]
+        tailored = [aux["tailored"][m] for m in present]
+        positives = [net.fuse_pair(a, b) for a in shared for b in shared]
+        negatives = [net.fuse_pair(a, t) for a in shared for t in tailored]
+        triplet_loss = entropy_triplet_loss(anchors, positives, negatives, margin)
+    return cls_loss, triplet_loss
+
+
 class MixMFLTrainer(SiteTrainer):
     """SiteTrainer with the decoupling losses and the end-of-round memory refresh."""
 
@@ -55,26 +80,8 @@ class MixMFLTrainer(SiteTrainer):
 
     # -- losses --------------------------------------------------------------------------
     def decoupling_losses(self, aux: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        net: MixMFLNet = self.network
-        present = net.present
-        zero = aux["shared_mean"].new_zeros(())
-        cls_loss, triplet_loss = zero, zero
-        if self.lambda_cls > 0:
-            feats, labels = [], []
-            for m in present:
-                batch = aux["tailored"][m].shape[0]
-                feats.append(aux["tailored"][m].flatten(2).mean(-1))
-                feats.append(grad_reverse(aux["shared"][m]).flatten(2).mean(-1))
-                labels += [m] * (2 * batch)
-            logits = net.classify(torch.cat(feats))
-            cls_loss = F.cross_entropy(logits, torch.tensor(labels, device=logits.device))
-        if self.lambda_triplet > 0:
-            shared = [aux["shared"][m] for m in present]
-            tailored = [aux["tailored"][m] for m in present]
-            positives = [net.fuse_pair(a, b) for a in shared for b in shared]
-            negatives = [net.fuse_pair(a, t) for a in shared for t in tailored]
-            triplet_loss = entropy_triplet_loss(shared, positives, negatives, float(self.params["triplet_margin"]))
-        return cls_loss, triplet_loss
+        return decoupling_losses(self.network, aux, self.lambda_cls > 0, self.lambda_triplet > 0,
+                                 float(self.params["triplet_margin"]))
 
     def train_step(self, batch: dict) -> float:
         data = batch["data"].to(self.device, non_blocking=True)
@@ -122,18 +129,10 @@ class MixMFLTrainer(SiteTrainer):
                 # keys in the shared space, and in the tailored space of each other sequence
                 # held here (what a site holding that sequence but not m will query with)
                 key_spaces = [(SHARED_KEY, shared)] + [(tailored_key(q), tailored[q]) for q in net.present if q != m]
-                batches, slot = [], 0
-                for source, keys in key_spaces:
-                    chosen = _balanced(classes, VOXELS_PER_CLASS, rng)
-                    k, v = keys[chosen], tailored[m][chosen]
-                    labels = kmeans(np.concatenate([_unit(k), _unit(v)], axis=1), int(self.params["prototypes"]), rng)
-                    clusters = np.unique(labels)
-                    centres_k = np.stack([k[labels == c].mean(0) for c in clusters])
-                    centres_v = np.stack([v[labels == c].mean(0) for c in clusters])
-                    batches.append(prototype_rows(centres_k, centres_v, round_index, self.site_number, source, slot))
-                    slot += len(centres_k)
+                rows = prototype_batch(key_spaces, tailored[m], classes, int(self.params["prototypes"]), rng,
+                                       round_index, self.site_number)
                 memory = net.memory_of(m, stage)
-                updated = push(memory.detach().cpu().numpy(), np.concatenate(batches))
+                updated = push(memory.detach().cpu().numpy(), rows)
                 net.set_memory(m, stage, torch.from_numpy(updated).to(memory.device, memory.dtype))
         self.log(f"round {round_index}: pushed prototypes of {len(net.present)} sequence(s) x {net.n_stages} stage(s) to the memory")
 
@@ -163,6 +162,31 @@ class MixMFLTrainer(SiteTrainer):
             net.train(was_training)
         return [(np.concatenate(keys[s]), {m: np.concatenate(v) for m, v in values[s].items()}, np.concatenate(classes[s]))
                 for s in range(n)]
+
+
+def prototype_batch(
+    key_spaces: list[tuple[int, np.ndarray]], values: np.ndarray, classes: np.ndarray, prototypes: int,
+    rng: np.random.Generator, round_index: int, site_number: int,
+) -> np.ndarray:
+    """Memory rows one site writes for one sequence and stage in one round.
+
+    values: the sequence's tailored features (N, D) at N voxels of class `classes` (N,);
+    key_spaces: [(key source, keys (N, D) at the same voxels)]. Per key space: up to
+    VOXELS_PER_CLASS voxels of every class, k-means (at most `prototypes` clusters) on the
+    unit-normalised [key, value] pairs, one row per cluster holding the mean key and the mean
+    value; slots are numbered on across the key spaces.
+    """
+    batches, slot = [], 0
+    for source, keys in key_spaces:
+        chosen = _balanced(classes, VOXELS_PER_CLASS, rng)
+        k, v = keys[chosen], values[chosen]
+        labels = kmeans(np.concatenate([_unit(k), _unit(v)], axis=1), prototypes, rng)
+        clusters = np.unique(labels)
+        centres_k = np.stack([k[labels == c].mean(0) for c in clusters])
+        centres_v = np.stack([v[labels == c].mean(0) for c in clusters])
+        batches.append(prototype_rows(centres_k, centres_v, round_index, site_number, source, slot))
+        slot += len(centres_k)
+    return np.concatenate(batches)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

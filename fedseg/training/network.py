@@ -1,8 +1,9 @@
 """nnU-Net's plain convolutional U-Net (PlainConvUNet), 2D and 3D, built from a plan.
 
 Parameter names are part of the file protocol: aggregation pairs tensors by name, and
-asymmetric averaging matches encoder stages counted from the input and decoder stages
-counted from the bottleneck. So the layout is fixed and stage-structured:
+asymmetric averaging matches encoder stages counted from the input and decoder stages by
+resolution level counted from the output (or, on request, from the bottleneck: the indexing
+below). So the layout is fixed and stage-structured:
 
     encoder.stages.{s}.convs.{i}.conv.weight / .bias      s = 0 is the full-resolution stage
     encoder.stages.{s}.convs.{i}.norm.weight / .bias

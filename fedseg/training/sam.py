@@ -572,18 +572,19 @@ class SamSegmenter(nn.Module):
         return logits
 
 
-def init_sam_weights(model: SamSegmenter, generator: torch.Generator) -> None:
+def init_sam_weights(model: SamSegmenter, generator: torch.Generator, zero_adapters: bool = True) -> None:
     """Seeded initial weights (used where no checkpoint provides them).
 
     Linear and conv layers keep PyTorch's default scheme (as SAM's builder does), redrawn
     from `generator`; the absolute position embedding gets ViT's N(0, 0.02) instead of SAM's
     zeros, so a model trained without a checkpoint still sees where each patch is; the
-    adapters' output layers stay zero; the Fourier matrix is standard normal as in SAM.
+    adapters' output layers stay zero unless `zero_adapters` is False (MSA's code: default
+    init for them too); the Fourier matrix is standard normal as in SAM.
     """
     with torch.no_grad():
         for name, module in model.named_modules():
             if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
-                if name.endswith("D_fc2"):
+                if name.endswith("D_fc2") and zero_adapters:
                     continue
                 fan_in = nn.init._calculate_fan_in_and_fan_out(module.weight)[1 if isinstance(module, nn.ConvTranspose2d) else 0]
                 bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
@@ -710,6 +711,7 @@ def build_sam_segmenter(
     checkpoint: str | Path | None = None,
     checkpoint_sha256: str | None = None,
     seed: int = 0,
+    zero_adapters: bool = True,
 ) -> SamSegmenter:
     """The model with seeded initial weights, then the checkpoint's where it has them.
 
@@ -720,7 +722,7 @@ def build_sam_segmenter(
         model = SamSegmenter(config, n_channels, n_classes, adapters=adapters, freeze_backbone=freeze_backbone)
     if next(model.parameters()).is_meta:
         return model
-    init_sam_weights(model, torch.Generator().manual_seed(int(seed)))
+    init_sam_weights(model, torch.Generator().manual_seed(int(seed)), zero_adapters)
     if checkpoint:
         if checkpoint_sha256:
             actual = file_sha256(checkpoint) if Path(checkpoint).is_file() else None

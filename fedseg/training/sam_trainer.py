@@ -1,4 +1,4 @@
-"""Local training of the SAM segmenter (FedFMS): the default loop with AdamW instead of SGD.
+"""Local training of the SAM segmenter (FedFMS): the default loop with AdamW (or the paper's Adam) instead of SGD.
 
 SAM and MSA are fine-tuned with Adam (MSA: lr 1e-4); nnU-Net's SGD with momentum 0.99 at
 lr 1e-2 drives a ViT to predict background everywhere. Everything else is the default
@@ -24,6 +24,8 @@ DEFAULT_PRETRAINED_LR = 1e-4
 # Separator between a parameter name and the Adam state entry in saved optimizer files.
 STATE_SEPARATOR = "::"
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq", "step")
+# FedFMS trains with Adam, momentum parameters 0.9 and 0.999.
+PAPER_BETAS = (0.9, 0.999)
 
 
 def sam_learning_rate(plans: Plans) -> float:
@@ -34,15 +36,17 @@ def sam_learning_rate(plans: Plans) -> float:
 
 
 class SamTrainer(SiteTrainer):
-    """SiteTrainer with AdamW over the trainable parameters (the adapters and decoder for fedmsa)."""
+    """SiteTrainer with AdamW (or the paper's Adam) over the trainable parameters (the adapters
+    and decoder for fedmsa)."""
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         self.base_lr = sam_learning_rate(self.plans)
-        return torch.optim.AdamW(
-            [p for p in self.network.parameters() if p.requires_grad],
-            lr=self.base_lr,
-            weight_decay=self.plans.training.weight_decay,
-        )
+        params = self.plans.strategy.params
+        self.constant_lr = params.get("sam.lr_schedule", "poly") == "constant"
+        trainable = [p for p in self.network.parameters() if p.requires_grad]
+        if params.get("sam.optimizer", "adamw") == "adam":
+            return torch.optim.Adam(trainable, lr=self.base_lr, betas=PAPER_BETAS)
+        return torch.optim.AdamW(trainable, lr=self.base_lr, weight_decay=self.plans.training.weight_decay)
 
     def on_round_start(self, round_index: int) -> None:
         report = getattr(self.network, "checkpoint_report", None)
@@ -50,6 +54,9 @@ class SamTrainer(SiteTrainer):
             self.log(report)
 
     def set_lr(self, lr: float) -> None:
+        if self.constant_lr:
+            super().set_lr(self.base_lr)
+            return
         # the trainer's poly schedule, rescaled from training.initial_lr to Adam's base rate
         super().set_lr(lr / self.plans.training.initial_lr * self.base_lr)
 

@@ -76,7 +76,7 @@ def test_shell_pipeline_as_a_site_script_runs_it(tiny_sites: Path, tmp_path: Pat
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     work = tmp_path / "work"
     result = subprocess.run(
-        ["bash", str(REPO / "scripts" / "federation_example.sh"), str(tiny_sites), str(work), "2", "6"],
+        ["bash", str(REPO / "scripts" / "federation_example.sh"), str(tiny_sites), str(work), "2", "15"],
         capture_output=True, text=True, env=env, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -86,7 +86,9 @@ def test_shell_pipeline_as_a_site_script_runs_it(tiny_sites: Path, tmp_path: Pat
     for site in sites:
         metrics = json.loads((work / f"metrics_{site}.json").read_text())
         assert metrics["n_cases"] == len(list((tiny_sites / site / "labelsTs").iterdir()))
-        assert metrics["foreground_mean"]["dice"] is not None
+        # the same training as `simulate` above (2 rounds x 15 iterations), so the same bar: a
+        # pipeline that lost the aggregate or predicted with other weights scores near 0
+        assert metrics["foreground_mean"]["dice"] >= 0.7, (site, metrics["foreground_mean"])
     # the script ends with `fedseg status` and `fedseg report` on its folder
     assert "next: done: all 2 round(s) complete, with test metrics" in result.stdout
     page = (work / "report" / "report.html").read_text()

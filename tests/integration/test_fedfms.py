@@ -67,5 +67,8 @@ def test_both_learn(runs, strategy: str) -> None:
     _, result = runs[strategy]
     per_round = [sum(values) / len(values) for values in zip(*result.val_dice.values())]
     assert per_round[-1] > per_round[0], per_round
-    assert per_round[-1] > 0.05, per_round
-    assert all(m["foreground_mean"]["dice"] is not None for m in result.test_metrics.values())
+    # 3 rounds x 25 iterations from a random tiny SAM reach validation Dice 0.55 (fedmsa) and
+    # 0.67 (fedsam), test Dice 0.63-0.73 per site; a model that only predicts background scores 0
+    assert per_round[-1] >= 0.4, per_round
+    test = {site: m["foreground_mean"]["dice"] for site, m in result.test_metrics.items()}
+    assert all(dice >= 0.5 for dice in test.values()), test

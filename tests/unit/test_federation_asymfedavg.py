@@ -10,7 +10,14 @@ import pytest
 
 from fedseg.errors import InputError
 from fedseg.federation.strategies import get_strategy
-from fedseg.federation.strategies.asymfedavg import MAP_KEY, is_norm_parameter, shared_parameter_map, summarise_map
+from fedseg.federation.strategies.asymfedavg import (
+    MAP_KEY,
+    input_layers,
+    is_norm_parameter,
+    shared_parameter_map,
+    structural_key,
+    summarise_map,
+)
 from fedseg.planning.plans import ConfigurationPlan, NetworkSpec
 
 
@@ -43,8 +50,22 @@ def deep_and_shallow() -> dict[str, dict]:
     return {"deep": _manifest(_config([32, 64, 64, 64])), "shallow": _manifest(_config([32, 64, 64]))}
 
 
-def test_map_pairs_decoder_stages_from_the_bottleneck(deep_and_shallow):
+def test_map_pairs_decoder_stages_from_the_output_by_default(deep_and_shallow):
     shared = shared_parameter_map(deep_and_shallow)
+    deep, shallow = shared["sites"]["deep"], shared["sites"]["shallow"]
+    # the full-resolution decoder stage is j=2 in the deep net, j=1 in the shallow one: level 0
+    for part in ("stages.{}.convs.0.conv.weight", "stages.{}.convs.1.norm.bias", "transpconvs.{}.weight", "seg_layers.{}.weight"):
+        key = "decoder." + part.format("out0")
+        assert deep["decoder." + part.format(2)] == shallow["decoder." + part.format(1)] == {"pool": "global", "key": key}
+    # level 1: deep j=1 (128 -> 64 from a 64-wide bottleneck side) vs shallow j=0: same shapes
+    assert deep["decoder.stages.1.convs.0.conv.weight"] == shallow["decoder.stages.0.convs.0.conv.weight"]
+    # the deep net's extra decoder stage (right after its bottleneck) has no partner
+    assert "decoder.stages.0.convs.0.conv.weight" not in deep
+    assert shared["decoder_match"] == "output" and "from the output" in shared["rule"]
+
+
+def test_map_pairs_decoder_stages_from_the_bottleneck_on_request(deep_and_shallow):
+    shared = shared_parameter_map(deep_and_shallow, decoder_match="bottleneck")
     deep, shallow = shared["sites"]["deep"], shared["sites"]["shallow"]
     # decoder stage 0 upsamples the bottleneck in both networks: paired, one global key
     for name in ("decoder.stages.0.convs.0.conv.weight", "decoder.transpconvs.0.weight", "decoder.stages.0.convs.1.conv.weight"):
@@ -103,9 +124,23 @@ def test_subset_pools_and_local_norms(deep_and_shallow):
     assert lines["site shallow"].endswith("local")
 
 
+def test_strided_layers_are_shared_only_where_the_strides_agree(deep_and_shallow):
+    # same shapes, but the second site downsamples its stage 1 in-plane only
+    strides = {"deep": {"encoder.stages.1.convs.0": (2, 2, 2)}, "deep2": {"encoder.stages.1.convs.0": (1, 2, 2)}}
+    manifests = {"deep": deep_and_shallow["deep"], "deep2": deep_and_shallow["deep"]}
+    shared = shared_parameter_map(manifests, strides=strides)
+    assert "encoder.stages.1.convs.0.conv.weight" not in shared["sites"]["deep"]
+    assert shared["sites"]["deep"]["encoder.stages.1.convs.1.conv.weight"]["pool"] == "global"
+    assert "strides" in shared["rule"]
+    by_shape = shared_parameter_map(manifests)
+    assert by_shape["sites"]["deep"]["encoder.stages.1.convs.0.conv.weight"]["pool"] == "global"
+
+
 def test_check_params():
     strategy = get_strategy("asymfedavg")
-    strategy.check_params({"weighting": "uniform", "local_norms": True})
+    strategy.check_params({"weighting": "uniform", "local_norms": True, "decoder_match": "bottleneck", "match_strides": False})
+    with pytest.raises(InputError, match="decoder_match must be one of output, bottleneck"):
+        strategy.check_params({"decoder_match": "middle"})
     with pytest.raises(InputError, match="weighting"):
         strategy.check_params({"weighting": "median"})
     with pytest.raises(InputError, match="local_norms"):
@@ -193,7 +228,7 @@ def test_aggregate_over_the_map(preset_fingerprints, tmp_path: Path):
     init_c, _ = read_weight_file(tmp_path / "round_000" / "site_c.safetensors")
     expected = init_c[subset] + (2 * n["site_b"] + 3 * n["site_c"]) / (n["site_b"] + n["site_c"])
     np.testing.assert_allclose(out_c[subset], expected, rtol=1e-5, atol=1e-5)
-    assert subset not in out_a
+    assert all(shared["site_a"][n]["pool"] != "sites:site_b+site_c" for n in out_a)   # site_a is no member
     global_model, meta = read_weight_file(tmp_path / "round_001" / "models" / "global.safetensors")
     assert all(e["pool"] == "global" for e in (v for s in shared.values() for v in s.values() if v["key"] in global_model))
 
@@ -219,6 +254,19 @@ def test_inspect_shows_the_map(preset_fingerprints, tmp_path: Path):
     assert lines["encoder.stages.1"].startswith("global")
     assert set(k for k in lines if k.startswith("site ")) == {"site site_a", "site site_b", "site site_c"}
     assert MAP_KEY not in summary      # the per-tensor map itself is not dumped
+
+
+@pytest.mark.parametrize("decoder_match", ["output", "bottleneck"])
+def test_every_site_of_the_preset_shares_decoder_tensors(preset_fingerprints, decoder_match):
+    """On the fednnunet preset (site_c a stage shallower) matching from the output gives every
+    site decoder tensors to pool; matching from the bottleneck leaves site_c without any."""
+    shared = _plans(preset_fingerprints, decoder_match=decoder_match).extra[MAP_KEY]["sites"]
+    decoder = {site: [n for n in names if n.startswith("decoder.")] for site, names in shared.items()}
+    if decoder_match == "output":
+        assert all(len(names) >= 12 for names in decoder.values()), {s: len(n) for s, n in decoder.items()}
+        assert shared["site_c"]["decoder.seg_layers.1.weight"] == shared["site_a"]["decoder.seg_layers.2.weight"]
+    else:
+        assert decoder["site_c"] == []
 
 
 def test_a_thin_filter_derived_from_a_thick_one_answers_a_slice_as_the_thick_one_a_constant_volume():
@@ -271,3 +319,23 @@ def test_aligned_init_can_be_switched_off_and_is_checked():
     strategy.check_params({"aligned_init": False})
     with pytest.raises(InputError, match="aligned_init must be true or false"):
         strategy.check_params({"aligned_init": "yes"})
+
+
+def test_match_inputs_pools_a_layer_only_where_its_inputs_are_pooled_alike():
+    """iso's first stage differs in shape from the thick sites': with match_inputs every later
+    layer of iso reads channels from filters no other site has, so iso pools nothing, while
+    the two thick sites still pool their whole network."""
+    iso = _config([32, 64, 64])
+    thick = dataclasses.replace(iso, network=dataclasses.replace(iso.network, kernel_sizes=[[1, 3, 3], [3, 3, 3], [3, 3, 3]]))
+    manifests = {"iso": _manifest(iso), "thick": _manifest(thick), "thick2": _manifest(thick)}
+    by_shape = shared_parameter_map(manifests)
+    assert by_shape["sites"]["iso"]["encoder.stages.1.convs.0.conv.weight"]["pool"] == "global"
+    strict = shared_parameter_map(manifests, match_inputs=True)
+    assert strict["sites"]["iso"] == {}
+    thick_names = [n for n in manifests["thick"] if structural_key(n) is not None]
+    assert all(strict["sites"]["thick"][n]["pool"] == "sites:thick+thick2" for n in thick_names)
+    feeds = input_layers(manifests["iso"])
+    assert feeds["decoder.stages.0.convs.0"] == ("decoder.transpconvs.0", "encoder.stages.1.convs.1")
+    assert feeds["decoder.transpconvs.0"] == ("encoder.stages.2.convs.1",)
+    assert feeds["decoder.seg_layers.1"] == ("decoder.stages.1.convs.1",)
+    assert "encoder.stages.0.convs.0" not in feeds

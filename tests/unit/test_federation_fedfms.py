@@ -35,6 +35,9 @@ def test_registered() -> None:
     ({"sam.lr": -1}, "sam.lr"),
     ({"sam.checkpoint_sha256": "abc"}, "sha256"),
     ({"sam.typo": 1}, "does not know"),
+    ({"sam.optimizer": "sgd"}, "sam.optimizer must be one of adamw, adam"),
+    ({"sam.lr_schedule": "cosine"}, "sam.lr_schedule"),
+    ({"sam.adapter_init": "random"}, "sam.adapter_init"),
 ])
 def test_bad_params_are_refused(params, message) -> None:
     with pytest.raises(InputError, match=message):
@@ -96,3 +99,40 @@ def test_fedmsa_round_trip_through_the_engine(tmp_path: Path) -> None:
     assert traffic["per_site"]["a"]["upload"] == (tmp_path / "a.safetensors").stat().st_size
     assert traffic["per_site"]["b"]["download"] == (tmp_path / "r1" / "b.safetensors").stat().st_size
     assert traffic["upload"] == sum(v["upload"] for v in traffic["per_site"].values())
+
+
+def test_the_papers_recipe_as_plan_params() -> None:
+    """training.loss=bce, sam.optimizer=adam, sam.lr_schedule=constant, sam.adapter_init=default:
+    Adam with betas 0.9 / 0.999 and no weight decay at a constant rate, adapters not zero."""
+    from fedseg.training.sam_trainer import SamTrainer
+
+    paper = _plans("fedmsa", **{"sam.optimizer": "adam", "sam.lr_schedule": "constant", "sam.adapter_init": "default"})
+    net = get_strategy("fedmsa").network(paper, "a")
+    fc2 = [p for n, p in net.named_parameters() if n.endswith("D_fc2.weight")]
+    assert fc2 and all(p.abs().sum() > 0 for p in fc2)
+    default = get_strategy("fedmsa").network(_plans("fedmsa"), "a")
+    assert all(p.abs().sum() == 0 for n, p in default.named_parameters() if n.endswith("D_fc2.weight"))
+
+    trainer = object.__new__(SamTrainer)
+    trainer.plans, trainer.network = paper, net
+    trainer.optimizer = trainer.make_optimizer()
+    assert type(trainer.optimizer) is torch.optim.Adam
+    group = trainer.optimizer.param_groups[0]
+    assert group["betas"] == (0.9, 0.999) and group["weight_decay"] == 0
+    trainer.set_lr(1e-5)                      # the poly schedule's value: ignored
+    assert group["lr"] == trainer.base_lr
+    trainer.plans = _plans("fedmsa")
+    trainer.optimizer = trainer.make_optimizer()
+    assert type(trainer.optimizer) is torch.optim.AdamW
+    trainer.set_lr(trainer.plans.training.initial_lr / 2)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(trainer.base_lr / 2)
+
+
+def test_bce_loss_is_the_mean_binary_cross_entropy_of_the_one_hot_masks() -> None:
+    from fedseg.training.losses import make_loss
+
+    logits = torch.tensor([[[[2.0]], [[0.0]], [[-1.0]]]])          # (1, 3 classes, 1, 1)
+    target = torch.tensor([[[[2.0]]]])                             # class 2
+    expected = -(torch.log(1 - torch.sigmoid(torch.tensor(2.0))) + torch.log(torch.tensor(0.5))
+                 + torch.log(torch.sigmoid(torch.tensor(-1.0)))) / 3
+    torch.testing.assert_close(make_loss("bce")(logits, target), expected)

@@ -85,12 +85,21 @@ def test_scopes_per_sequence_and_ablation_switches(mixmfl_fingerprints):
     s.check_params({"memory_query": "tailored"})
 
 
-def test_tailored_pool_is_the_weighted_mean_over_holders_only(mixmfl_fingerprints):
+def test_tailored_pool_is_the_plain_mean_over_holders_and_weighted_on_request(mixmfl_fingerprints):
     _root, fps = mixmfl_fingerprints
-    plans = _plans(fps)
     s = get_strategy("mixmfl")
     holders = [Contribution("site1", 10, 5, np.full(3, 1.0, np.float32)), Contribution("site2", 30, 5, np.full(3, 5.0, np.float32))]
-    assert np.allclose(s.combine(plans, "group:T1", "tailored.T1.x", holders), 4.0)   # (10·1 + 30·5) / 40
+    assert np.allclose(s.combine(_plans(fps), "group:T1", "tailored.T1.x", holders), 3.0)   # Σ m_i w_i / Σ m_i
+    weighted = _plans(fps, tailored_weighting="n_cases")
+    assert np.allclose(s.combine(weighted, "group:T1", "tailored.T1.x", holders), 4.0)      # (10·1 + 30·5) / 40
+    # the shared parts stay weighted by case count
+    assert np.allclose(s.combine(_plans(fps), "global", "decoder.x", holders), 4.0)
+    with pytest.raises(InputError, match="tailored_weighting must be one of uniform, n_cases"):
+        s.check_params({"tailored_weighting": "median"})
+    # under secure aggregation each site weighs its own masked contribution by the same rule
+    assert [s.sum_weight(_plans(fps), "group:T1", n) for n in (10, 30)] == [1.0, 1.0]
+    assert [s.sum_weight(weighted, "group:T1", n) for n in (10, 30)] == [10.0, 30.0]
+    assert s.sum_weight(_plans(fps), "global", 30) == 30.0
 
 
 def test_memory_pool_merges_by_fifo(mixmfl_fingerprints):

@@ -199,3 +199,103 @@ def test_loss_terms_line_reports_each_terms_mean_and_weight():
     line = MixMFLTrainer.loss_terms_line(trainer, 3)
     assert line == "round 3: mean loss terms: segmentation 0.5000, classifier 1.3000 x λ1=0.5, triplet 1.0000 x λ2=0.0001"
     assert MixMFLTrainer.loss_terms_line(SimpleNamespace(term_steps=0), 3) is None
+
+
+def test_memory_refresh_clusters_every_class_into_its_own_prototype():
+    """A rare class (10 lesion voxels among 2000) still gets a prototype whose value is the mean
+    of its voxels; every key space gets its own rows, slots numbered on."""
+    from fedseg.training.mixmfl_trainer import prototype_batch
+
+    rng = np.random.default_rng(0)
+    classes = np.array([0] * 2000 + [1] * 10)
+    values = np.where(classes[:, None] == 1, [0.0, 5.0], [3.0, 0.0]) + rng.normal(0, 0.01, (2010, 2))
+    shared_keys = np.where(classes[:, None] == 1, [1.0, 1.0], [-1.0, 1.0]) + rng.normal(0, 0.01, (2010, 2))
+    other_keys = -shared_keys
+    rows = prototype_batch([(SHARED_KEY, shared_keys), (tailored_key(2), other_keys)], values, classes, 2,
+                           np.random.default_rng(1), round_index=3, site_number=4)
+    assert rows.shape == (4, 4 + 2 * 2)
+    assert rows[:, 0].tolist() == [3] * 4 and rows[:, 1].tolist() == [4] * 4 and rows[:, 2].tolist() == [0, 1, 2, 3]
+    assert rows[:, 3].tolist() == [SHARED_KEY] * 2 + [tailored_key(2)] * 2
+    lesion_value = values[classes == 1].mean(0)
+    for source in (SHARED_KEY, tailored_key(2)):
+        mine = rows[rows[:, 3] == source]
+        found = [r for r in mine if np.allclose(r[6:], lesion_value, atol=1e-6)]
+        assert len(found) == 1, mine[:, 6:]
+        keys = shared_keys if source == SHARED_KEY else other_keys
+        np.testing.assert_allclose(found[0][4:6], keys[classes == 1].mean(0), atol=1e-6)
+        background = [r for r in mine if np.allclose(r[6:], [3.0, 0.0], atol=0.01)]
+        assert len(background) == 1
+
+
+def _tiny_net(present, seed=0):
+    torch.manual_seed(seed)
+    return MixMFLNet(SPEC, 3, SEQS, 2, present=present)
+
+
+def test_decoupling_losses_are_finite_switchable_and_reach_the_right_encoders():
+    from fedseg.training.mixmfl_trainer import decoupling_losses
+
+    net = _tiny_net([0, 2])
+    x = torch.randn(2, 4, 16, 16, 16)
+    _, aux = net(x, return_aux=True)
+    cls, triplet = decoupling_losses(net, aux, classifier=True, triplet=True, margin=1.0)
+    assert torch.isfinite(cls) and torch.isfinite(triplet)
+    assert 0.5 < cls.item() < 3.0          # 4-way cross-entropy at initialisation, near ln 4
+    off = decoupling_losses(net, aux, classifier=False, triplet=False, margin=1.0)
+    assert off[0].item() == 0.0 and off[1].item() == 0.0
+    # the classifier loss reaches both kinds of encoder; the triplet loss the shared one (its
+    # anchors) and the tailored ones (through the negatives' fusion)
+    for loss in (cls, triplet):
+        grads = torch.autograd.grad(loss, [net.shared.stages[-1].convs[0].conv.weight,
+                                           net.tailored["T2"].stages[-1].convs[0].conv.weight], retain_graph=True)
+        assert all(g.abs().sum() > 0 for g in grads)
+
+
+def test_entropy_of_pre_norm_features_follows_their_scale():
+    """The triplet loss sees pre-norm bottlenecks: scaling the shared encoder's last
+    convolution moves their entropy by log(scale) per channel (after the norm it could not)."""
+    from fedseg.training.mixmfl_network import entropy_profile
+
+    net = _tiny_net([0, 1])
+    x = torch.randn(1, 4, 16, 16, 16)
+    with torch.no_grad():
+        _, before = net(x, return_aux=True)
+        net.shared.stages[-1].convs[-1].conv.weight.mul_(3.0)
+        net.shared.stages[-1].convs[-1].conv.bias.mul_(3.0)
+        _, after = net(x, return_aux=True)
+    shift = entropy_profile(after["shared_raw"][0]) - entropy_profile(before["shared_raw"][0])
+    torch.testing.assert_close(shift, torch.full_like(shift, float(np.log(3.0))), atol=1e-3, rtol=0)
+    # the normalised features the decoder sees are unchanged
+    torch.testing.assert_close(after["shared"][0], before["shared"][0], atol=1e-4, rtol=1e-4)
+
+
+def test_modality_classifier_learns_tailored_features_and_not_shared_ones():
+    """Two sequences with different textures: a few steps of the decoupling loss teach the
+    classifier to tell the tailored representations apart (accuracy well above chance), while
+    the gradient reversal keeps it from telling the shared ones apart (without the reversal
+    it does: accuracy 1.0 on both)."""
+    from fedseg.training.mixmfl_trainer import decoupling_losses
+
+    net = _tiny_net([0, 1], seed=1)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+
+    def batch(n=4):
+        smooth = torch.nn.functional.avg_pool3d(torch.randn(n, 1, 16, 16, 16, generator=gen), 5, 1, 2) * 4
+        rough = torch.randn(n, 1, 16, 16, 16, generator=gen)
+        return torch.cat([smooth, rough, torch.zeros(n, 2, 16, 16, 16)], dim=1)
+
+    for _ in range(20):
+        _, aux = net(batch(2), return_aux=True)
+        cls, _ = decoupling_losses(net, aux, classifier=True, triplet=False, margin=1.0)
+        opt.zero_grad()
+        cls.backward()
+        opt.step()
+    with torch.no_grad():
+        _, aux = net(batch(12), return_aux=True)
+        def accuracy(kind):
+            preds = [net.classify(aux[kind][m]).argmax(1) for m in (0, 1)]
+            return float(torch.cat([(p == m).float() for p, m in zip(preds, (0, 1))]).mean())
+        tailored, shared = accuracy("tailored_raw"), accuracy("shared_raw")
+    assert tailored >= 0.9, tailored
+    assert shared <= 0.6, shared       # no better than chance (0.5): reversal, not learning

@@ -8,10 +8,16 @@ fedseg.planning.planner.site_configurations) and, once the parameter manifests e
 shared-parameter map (`plans.extra["shared_parameters"]`):
 
 - positions are structural: encoder stage s is counted from the input (stage 0 sees the
-  image at every site), decoder stage j from the bottleneck (j = 0 upsamples the deepest
-  features at every site). The plain U-Net's parameter names already count this way
-  (fedseg.training.network), so a position's key is the parameter name itself; a tensor
-  outside that layout gets no position and stays local;
+  image at every site); decoder stages are counted from the output (`decoder_match=output`,
+  the default: level 0 is the full-resolution stage that feeds the segmentation, at every
+  site, whatever its depth; key `decoder.<part>.out<level>.<rest>`) or, for comparison, from
+  the bottleneck (`decoder_match=bottleneck`: the plain U-Net's own indexing, so the key is
+  the parameter name; with nnU-Net's widths, sites of different depth then share no decoder
+  tensor at all). A tensor outside that layout gets no position and stays local;
+- a convolution's meaning depends on its stride as well as its shape: a 3x3x3 filter applied
+  with stride (2,2,2) downsamples across slices, the same-shaped filter with stride (1,2,2)
+  does not. With `match_strides=true` (the default) a layer is only shared between sites that
+  apply it with the same stride (transposed convolutions carry their stride in their shape);
 - the unit of sharing is a layer (a convolution with its bias and its norm's scale and shift,
   a transposed convolution, a segmentation head): a norm's scale or a bias only means
   something for the filters that make its channels, so sharing it where the filters differ
@@ -38,7 +44,7 @@ pool's sites); `weighting=uniform` gives the reference implementation's plain me
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -53,13 +59,21 @@ if TYPE_CHECKING:  # pragma: no cover
 MAP_KEY = "shared_parameters"
 GLOBAL_POOL = "global"
 SUBSET_POOL_PREFIX = "sites:"
-RULE = (
-    "encoder stages matched from the input, decoder stages from the bottleneck; "
-    "a layer (conv with its norm) is shared by every group of >= 2 sites whose shapes all agree, local otherwise"
-)
+# How decoder stages are paired across sites of different depth (`--set decoder_match=...`).
+DECODER_MATCHES = ("output", "bottleneck")
+DEFAULT_DECODER_MATCH = "output"
+
+
+def rule_text(decoder_match: str, match_strides: bool) -> str:
+    """The map's rule in words (written into plans.json and shown by `fedseg inspect`)."""
+    decoder = "from the output (full-resolution end)" if decoder_match == "output" else "from the bottleneck"
+    agree = "shapes and strides" if match_strides else "shapes"
+    return (f"encoder stages matched from the input, decoder stages {decoder}; "
+            f"a layer (conv with its norm) is shared by every group of >= 2 sites whose {agree} all agree, local otherwise")
+
 
 # true/false strategy params and their defaults
-FLAG_DEFAULTS = {"local_norms": False, "aligned_init": True}
+FLAG_DEFAULTS = {"local_norms": False, "aligned_init": True, "match_strides": True, "match_inputs": False}
 
 # encoder.stages.{s}.<rest>: s counted from the input (0 = full resolution)
 _ENCODER = re.compile(r"^encoder\.stages\.(\d+)\.(.+)$")
@@ -69,21 +83,47 @@ _DECODER = re.compile(r"^decoder\.(transpconvs|stages|seg_layers)\.(\d+)\.(.+)$"
 _NORM = re.compile(r"(^|\.)norm\.(weight|bias)$")
 
 
-def structural_key(name: str) -> str | None:
+def structural_key(name: str, decoder_stages: int | None = None, decoder_match: str = "bottleneck") -> str | None:
     """The position of a parameter that is comparable across sites, or None (not shareable).
 
-    Encoder positions count from the input, decoder positions from the bottleneck; with the
-    plain U-Net's naming both equal the parameter name, so the key IS the name (which keeps
-    the global model file readable). What this function decides is which names have a
-    cross-site position at all.
+    Encoder positions count from the input: the key is the name. Decoder positions count from
+    the bottleneck (the name itself) or, with decoder_match="output", from the output: decoder
+    stage j of a network with `decoder_stages` decoder stages is level decoder_stages-1-j,
+    key `decoder.<part>.out<level>.<rest>` (a name of its own, so that a pool key never reads
+    as a site's parameter name of another stage).
     """
     match = _ENCODER.match(name)
     if match:
         return f"encoder.stages.{int(match.group(1))}.{match.group(2)}"
     match = _DECODER.match(name)
-    if match:
-        return f"decoder.{match.group(1)}.{int(match.group(2))}.{match.group(3)}"
-    return None
+    if not match:
+        return None
+    part, j, rest = match.group(1), int(match.group(2)), match.group(3)
+    if decoder_match == "bottleneck":
+        return f"decoder.{part}.{j}.{rest}"
+    if decoder_match != "output" or decoder_stages is None:
+        raise ValueError(f"decoder_match={decoder_match!r} needs the network's number of decoder stages")
+    return f"decoder.{part}.out{decoder_stages - 1 - j}.{rest}"
+
+
+def decoder_depth(names: Iterable[str]) -> int:
+    """Number of decoder stages of a plain U-Net, from its parameter names."""
+    return 1 + max((int(m.group(2)) for m in map(_DECODER.match, names) if m), default=-1)
+
+
+def structural_keys(names: Iterable[str], decoder_match: str) -> dict[str, str]:
+    """{name: position key} for the names of one site's network that have a position."""
+    names = list(names)
+    depth = decoder_depth(names)
+    keys = {name: structural_key(name, depth, decoder_match) for name in names}
+    return {name: key for name, key in keys.items() if key is not None}
+
+
+def layer_strides(spec: Any) -> dict[str, tuple[int, ...]]:
+    """{layer (block of parameter names): stride} of a plain U-Net's strided convolutions: the
+    first convolution of every encoder stage (every other layer has stride 1, and a transposed
+    convolution's stride is its kernel shape)."""
+    return {f"encoder.stages.{s}.convs.0": tuple(int(x) for x in stride) for s, stride in enumerate(spec.strides)}
 
 
 def is_norm_parameter(name: str) -> bool:
@@ -91,48 +131,127 @@ def is_norm_parameter(name: str) -> bool:
 
 
 def shared_parameter_map(
-    manifests: Mapping[str, Mapping[str, tuple[Sequence[int], str]]], local_norms: bool = False
+    manifests: Mapping[str, Mapping[str, tuple[Sequence[int], str]]],
+    local_norms: bool = False,
+    decoder_match: str = DEFAULT_DECODER_MATCH,
+    strides: Mapping[str, Mapping[str, Sequence[int]]] | None = None,
+    match_inputs: bool = False,
 ) -> dict[str, Any]:
     """The map for sites with the given manifests ({site: {name: (shape, dtype)}}).
 
-    Returns {"rule", "local_norms", "sites": {site: {name: key}} (shared names only),
-             "keys": {pool/key id: {"key", "pool", "shape", "dtype", "sites"}}}.
+    `strides` ({site: {layer: stride}}, see layer_strides) makes a layer's stride part of what
+    must agree; None compares shapes only. `match_inputs`: a layer is pooled only among sites
+    whose layers feeding it (see input_layers) are pooled together too, so that its input
+    channels come from the same shared filters at every member.
+    Returns {"rule", "local_norms", "decoder_match", "sites": {site: {name: key}} (shared names
+    only), "keys": {pool/key id: {"key", "pool", "shape", "dtype", "sites"}}}.
     Deterministic: sites and names are visited in sorted order.
     """
     all_sites = sorted(manifests)
     # block -> signature -> [site]; a signature is the block's ((key, shape, dtype), ...)
     positions: dict[str, dict[tuple, list[str]]] = {}
     names_of: dict[tuple[str, str], list[tuple[str, str]]] = {}   # (site, block) -> [(name, key)]
+    key_block_of: dict[tuple[str, str], str] = {}                  # (site, layer by name) -> block
+    layer_of: dict[tuple[str, str], str] = {}                      # (site, block) -> layer by name
     for site in all_sites:
         blocks: dict[str, list[tuple[str, tuple[int, ...], str, str]]] = {}
-        for name in sorted(manifests[site]):
+        site_strides = (strides or {}).get(site, {})
+        block_stride: dict[str, tuple[int, ...]] = {}
+        for name, key in sorted(structural_keys(manifests[site], decoder_match).items()):
             shape, dtype = manifests[site][name]
             if not np.issubdtype(np.dtype(dtype), np.floating):
                 continue  # integer buffers are never averaged
             if local_norms and is_norm_parameter(name):
                 continue
-            key = structural_key(name)
-            if key is None:
-                continue
             blocks.setdefault(block_of(key), []).append((key, tuple(int(x) for x in shape), str(dtype), name))
+            block_stride[block_of(key)] = tuple(site_strides.get(block_of(name), ()))
+            key_block_of[(site, block_of(name))] = block_of(key)
+            layer_of[(site, block_of(key))] = block_of(name)
         for block, tensors in blocks.items():
-            signature = tuple((key, shape, dtype) for key, shape, dtype, _ in tensors)
+            signature = tuple((key, shape, dtype) for key, shape, dtype, _ in tensors) + (("stride", block_stride[block]),)
             positions.setdefault(block, {}).setdefault(signature, []).append(site)
             names_of[(site, block)] = [(name, key) for key, _, _, name in tensors]
     sites_map: dict[str, dict[str, dict[str, str]]] = {site: {} for site in all_sites}
     keys: dict[str, dict[str, Any]] = {}
-    for block in sorted(positions):
-        # member_sites are in sorted order: sites were visited sorted
+    pool_of: dict[tuple[str, str], str] = {}      # (site, block) -> pool, for pooled layers
+    feeds = {site: input_layers(manifests[site]) for site in all_sites} if match_inputs else {}
+    for block in sorted(positions, key=_layer_order):
+        groups: list[tuple[tuple, list[str]]] = []
         for signature, member_sites in sorted(positions[block].items()):
+            if not match_inputs:
+                groups.append((signature, member_sites))
+                continue
+            # split the sites further by where their inputs come from (a local input: the site itself)
+            by_inputs: dict[tuple, list[str]] = {}
+            for site in member_sites:
+                layer = layer_of[(site, block)]
+                sources = tuple(pool_of.get((site, key_block_of.get((site, src), "")), "local:" + site)
+                                for src in feeds[site].get(layer, ()))
+                by_inputs.setdefault(sources, []).append(site)
+            groups += [(signature, sites) for _, sites in sorted(by_inputs.items())]
+        # member_sites are in sorted order: sites were visited sorted
+        for signature, member_sites in groups:
             if len(member_sites) < 2:
                 continue
             pool = GLOBAL_POOL if member_sites == all_sites else SUBSET_POOL_PREFIX + "+".join(member_sites)
-            for key, shape, dtype in signature:
+            for site in member_sites:
+                pool_of[(site, block)] = pool
+            for key, shape, dtype in signature[:-1]:     # the last entry is the stride
                 keys[f"{pool}/{key}"] = {"key": key, "pool": pool, "shape": list(shape), "dtype": dtype, "sites": list(member_sites)}
             for site in member_sites:
                 for name, key in names_of[(site, block)]:
                     sites_map[site][name] = {"pool": pool, "key": key}
-    return {"rule": RULE, "local_norms": bool(local_norms), "sites": sites_map, "keys": keys}
+    rule = rule_text(decoder_match, strides is not None) + ("; inputs pooled alike" if match_inputs else "")
+    return {"rule": rule, "local_norms": bool(local_norms), "decoder_match": decoder_match, "sites": sites_map, "keys": keys}
+
+
+def input_layers(names: Iterable[str]) -> dict[str, tuple[str, ...]]:
+    """{layer: the layers whose output it reads} of a plain U-Net, by parameter-name blocks
+    (`encoder.stages.1.convs.0`, `decoder.transpconvs.0`, ...); the first layer reads the image
+    (no entry)."""
+    layers = {block_of(name) for name in names if structural_key(name) is not None}
+    convs: dict[str, int] = {}          # stage prefix -> number of convs
+    for layer in layers:
+        stage, _, index = layer.rpartition(".convs.")
+        if index.isdigit():
+            convs[stage] = max(convs.get(stage, 0), int(index) + 1)
+
+    def last(stage: str) -> str:
+        return f"{stage}.convs.{convs[stage] - 1}"
+
+    n_enc = sum(1 for stage in convs if stage.startswith("encoder."))
+    feeds: dict[str, tuple[str, ...]] = {}
+    for layer in layers:
+        parts = layer.split(".")
+        if layer.startswith("encoder."):
+            s, i = int(parts[2]), int(parts[4])
+            if i > 0:
+                feeds[layer] = (f"encoder.stages.{s}.convs.{i - 1}",)
+            elif s > 0:
+                feeds[layer] = (last(f"encoder.stages.{s - 1}"),)
+        elif parts[1] == "transpconvs":
+            j = int(parts[2])
+            feeds[layer] = (last(f"decoder.stages.{j - 1}") if j > 0 else last(f"encoder.stages.{n_enc - 1}"),)
+        elif parts[1] == "stages":
+            j, i = int(parts[2]), int(parts[4])
+            feeds[layer] = ((f"decoder.stages.{j}.convs.{i - 1}",) if i > 0
+                            else (f"decoder.transpconvs.{j}", last(f"encoder.stages.{n_enc - 2 - j}")))
+        else:   # seg_layers
+            feeds[layer] = (last(f"decoder.stages.{int(parts[2])}"),)
+    return feeds
+
+
+def _layer_order(block: str) -> tuple:
+    """Blocks (position keys of layers) in an order where every layer comes after those it
+    reads: the encoder from the input, then the decoder from the bottleneck up (from the
+    deepest level when levels count from the output)."""
+    parts = block.split(".")
+    if parts[0] == "encoder":
+        return (0, int(parts[2]), int(parts[4]) if len(parts) > 4 else 0, 0)
+    level = parts[2]
+    depth = -int(level[3:]) if level.startswith("out") else int(level)
+    kind = {"transpconvs": 0, "stages": 1, "seg_layers": 2}[parts[1]]
+    return (1, depth, kind, int(parts[4]) if len(parts) > 4 else 0)
 
 
 def derive_from_reference(reference: np.ndarray, shape: Sequence[int]) -> np.ndarray | None:
@@ -162,15 +281,16 @@ def derive_from_reference(reference: np.ndarray, shape: Sequence[int]) -> np.nda
     return (out * np.sqrt(reference.shape[1] / shape[1])).astype(reference.dtype)
 
 
-def aligned_initial_states(states: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
+def aligned_initial_states(
+    states: Mapping[str, Mapping[str, np.ndarray]], decoder_match: str = DEFAULT_DECODER_MATCH
+) -> dict[str, dict[str, np.ndarray]]:
     """Round-0 weights whose differently shaped tensors at one structural position all follow
     one reference (the largest; the first site in name order among equals); see the module
     docstring. Tensors that cannot be derived, and positions where every site agrees, are kept."""
     holders: dict[str, list[tuple[str, str]]] = {}
     for site in sorted(states):
-        for name in sorted(states[site]):
-            key = structural_key(name)
-            if key is not None and np.issubdtype(states[site][name].dtype, np.floating):
+        for name, key in sorted(structural_keys(states[site], decoder_match).items()):
+            if np.issubdtype(states[site][name].dtype, np.floating):
                 holders.setdefault(key, []).append((site, name))
     aligned = {site: dict(tensors) for site, tensors in states.items()}
     for key, members in holders.items():
@@ -224,14 +344,15 @@ def _module_of(key: str) -> str:
 def _module_order(module: str) -> tuple:
     parts = module.split(".")
     order = {"encoder": 0, "decoder": 1}.get(parts[0], 2)
-    index = int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else 0
+    level = parts[2].removeprefix("out") if len(parts) > 2 else ""
+    index = int(level) if level.isdigit() else 0
     return (order, index, parts[1] if len(parts) > 1 else "")
 
 
 class AsymFedAvg(Strategy):
     name = "asymfedavg"
     description = "per-site plans (FednnU-Net); structurally matching, same-shape parameters averaged, the rest local"
-    known_params = frozenset({"weighting", *FLAG_DEFAULTS})
+    known_params = frozenset({"weighting", "decoder_match", *FLAG_DEFAULTS})
     # make_plans plans one configuration per site from its own fingerprint
     plans_per_site = True
 
@@ -243,19 +364,28 @@ class AsymFedAvg(Strategy):
         for flag, default in FLAG_DEFAULTS.items():
             if not isinstance(params.get(flag, default), bool):
                 raise InputError(f"{flag} must be true or false, got {params.get(flag)!r}")
+        if params.get("decoder_match", DEFAULT_DECODER_MATCH) not in DECODER_MATCHES:
+            raise InputError(f"decoder_match must be one of {', '.join(DECODER_MATCHES)}, got {params.get('decoder_match')!r}")
 
     def initial_states(self, plans: Plans, states: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         if not plans.strategy.params.get("aligned_init", FLAG_DEFAULTS["aligned_init"]):
             return states
-        return aligned_initial_states(states)
+        return aligned_initial_states(states, plans.strategy.params.get("decoder_match", DEFAULT_DECODER_MATCH))
 
     # -- plan time -----------------------------------------------------------------------
     def planned_extra(self, plans: Plans) -> dict[str, Any]:
         from fedseg.federation.manifest import expected_parameters
 
-        self.check_params(plans.strategy.params)
+        params = plans.strategy.params
+        self.check_params(params)
         manifests = {site: expected_parameters(plans, site) for site in sorted(plans.sites)}
-        return {MAP_KEY: shared_parameter_map(manifests, local_norms=plans.strategy.params.get("local_norms", FLAG_DEFAULTS["local_norms"]))}
+        strides = None
+        if params.get("match_strides", FLAG_DEFAULTS["match_strides"]):
+            strides = {site: layer_strides(plans.configuration_for(site).network) for site in manifests}
+        return {MAP_KEY: shared_parameter_map(
+            manifests, local_norms=params.get("local_norms", FLAG_DEFAULTS["local_norms"]),
+            decoder_match=params.get("decoder_match", DEFAULT_DECODER_MATCH), strides=strides,
+            match_inputs=params.get("match_inputs", FLAG_DEFAULTS["match_inputs"]))}
 
     # -- routing ---------------------------------------------------------------------------
     def _entry(self, plans: Plans, site: str, name: str) -> Mapping[str, str] | None:

@@ -12,6 +12,15 @@ average by FedAvg's rule (Σ n_k w_k / Σ n_k, float64; `weighting=uniform` for 
                     tiny); position embeddings of a checkpoint are interpolated to it
     sam.lr          AdamW learning rate (default 1e-2 for tiny, 1e-4 for vit_*, MSA's rate);
                     the trainer's poly schedule is applied to it
+    sam.optimizer   adamw (default: AdamW with training.weight_decay) | adam (the paper's
+                    Adam, betas 0.9 / 0.999, no weight decay)
+    sam.lr_schedule poly (default: the trainer's poly decay) | constant (the paper names none)
+    sam.adapter_init  zero (default: the adapters' output layers start at zero, so an adapted
+                    encoder starts as the pretrained one) | default (MSA's code: PyTorch's
+                    default init of every adapter layer)
+
+The paper's recipe: `--set training.loss=bce --set sam.optimizer=adam --set
+sam.lr_schedule=constant --set sam.adapter_init=default --set configuration.batch_size=6`.
 
 fedmsa: the image encoder (except the adapters) is frozen and is not part of the model's
 state at all: every site rebuilds it from `sam.checkpoint` (or, without a checkpoint, from
@@ -31,7 +40,11 @@ from fedseg.federation.strategies.fedavg import GLOBAL_POOL, FedAvg
 if TYPE_CHECKING:  # pragma: no cover
     from fedseg.planning.plans import Plans
 
-SAM_PARAMS = frozenset({"sam.config", "sam.checkpoint", "sam.checkpoint_sha256", "sam.image_size", "sam.lr"})
+SAM_PARAMS = frozenset({"sam.config", "sam.checkpoint", "sam.checkpoint_sha256", "sam.image_size", "sam.lr",
+                        "sam.optimizer", "sam.lr_schedule", "sam.adapter_init"})
+# choice-valued params: (allowed values, the first is the default)
+SAM_CHOICES = {"sam.optimizer": ("adamw", "adam"), "sam.lr_schedule": ("poly", "constant"),
+               "sam.adapter_init": ("zero", "default")}
 DEFAULT_SAM_CONFIG = "tiny"
 # Names of SAM's variants (fedseg.training.sam.SAM_CONFIGS), repeated here so that checking a
 # plan does not import torch.
@@ -63,6 +76,9 @@ class _FedFMS(FedAvg):
         lr = params.get("sam.lr")
         if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
             raise InputError(f"sam.lr must be a positive number, got {lr!r}")
+        for key, allowed in SAM_CHOICES.items():
+            if params.get(key, allowed[0]) not in allowed:
+                raise InputError(f"{key} must be one of {', '.join(allowed)}, got {params[key]!r}")
         size = params.get("sam.image_size")
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
             raise InputError(f"sam.image_size must be a positive integer, got {size!r}")
@@ -77,7 +93,7 @@ class _FedFMS(FedAvg):
             config, plans.n_channels, plans.n_classes,
             adapters=self.adapters, freeze_backbone=self.adapters,
             checkpoint=params.get("sam.checkpoint"), checkpoint_sha256=params.get("sam.checkpoint_sha256"),
-            seed=plans.seed,
+            seed=plans.seed, zero_adapters=params.get("sam.adapter_init", "zero") == "zero",
         )
 
     def trainer_class(self, plans: Plans) -> Any:

@@ -5,9 +5,11 @@ union, plans.sites[s].channels a site's subset). The network (fedseg.training.mi
 has one modality-tailored encoder per sequence, a modality-shared encoder, a decoupler and a
 shared decoder, plus one prototype memory per sequence and encoder stage. Where each tensor goes:
 
-- `tailored.<seq>.*`  -> pool "group:<seq>": averaged over the sites that hold the sequence
-                         (Σ m_i n_i w_i / Σ m_i n_i, m_i = 1 when site i holds it; weights
-                         n_cases); a site without the sequence keeps its (unused) copy local.
+- `tailored.<seq>.*`  -> pool "group:<seq>": averaged over the sites that hold the sequence,
+                         unweighted as in the paper (Σ m_i w_i / Σ m_i, m_i = 1 when site i
+                         holds it); `tailored_weighting=n_cases` weights by case count
+                         (Σ m_i n_i w_i / Σ m_i n_i). A site without the sequence keeps its
+                         (unused) copy local.
                          `tailored=false` (ablation "w/o tailored updating"): one "global" pool
                          over all sites, as plain FedAvg would average them;
 - `shared.*`, `fuse.*`, `decoder.*`, `decoupler.*` -> "global" (all sites, weights n_cases);
@@ -19,7 +21,7 @@ shared decoder, plus one prototype memory per sequence and encoder stage. Where 
 Strategy params (`fedseg plan --set key=value`): tailored, memory, triplet, classifier (true/
 false: the paper's ablation switches), lambda_cls (0.5), lambda_triplet (1e-4),
 triplet_margin (1.0), memory_size (200), prototypes (k-means centres per sequence, stage,
-key space, site and round: 16).
+key space, site and round: 16), tailored_weighting (uniform | n_cases).
 """
 
 from __future__ import annotations
@@ -50,7 +52,9 @@ DEFAULTS: dict[str, Any] = {
     "memory_size": 200,         # the paper's memory size per modality
     "prototypes": 16,
     "memory_query": "both",     # key spaces a site queries: both, tailored, shared
+    "tailored_weighting": "uniform",   # the paper's Σ m_i w_i / Σ m_i; n_cases: by case count
 }
+TAILORED_WEIGHTINGS = ("uniform", "n_cases")
 _SWITCHES = ("tailored", "memory", "triplet", "classifier")
 
 
@@ -101,6 +105,9 @@ class MixMFL(Strategy):
 
         if params.get("memory_query", DEFAULTS["memory_query"]) not in MEMORY_QUERIES:
             raise InputError(f"memory_query must be one of {', '.join(MEMORY_QUERIES)}, got {params['memory_query']!r}")
+        if params.get("tailored_weighting", DEFAULTS["tailored_weighting"]) not in TAILORED_WEIGHTINGS:
+            raise InputError(f"tailored_weighting must be one of {', '.join(TAILORED_WEIGHTINGS)}, "
+                             f"got {params['tailored_weighting']!r}")
         for key in ("memory_size", "prototypes"):
             value = params.get(key, DEFAULTS[key])
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -155,11 +162,18 @@ class MixMFL(Strategy):
     def pool_weights(self, plans: Plans, pool: str, contributions: Sequence[Contribution]) -> dict[str, float] | None:
         if pool.startswith(MEMORY_PREFIX):
             return None   # not a weighting: concatenation + FIFO
+        if pool.startswith(TAILORED_PREFIX) and mixmfl_params(plans)["tailored_weighting"] == "uniform":
+            return {c.site: 1.0 / len(contributions) for c in contributions}
         total = float(sum(c.n_cases for c in contributions))
         return {c.site: c.n_cases / total for c in contributions}
 
     def sum_weight(self, plans: Plans, pool: str, n_cases: int) -> float | None:
-        return None if pool.startswith(MEMORY_PREFIX) else float(n_cases)
+        # the weight a site gives its masked contribution: the same rule as `pool_weights`
+        if pool.startswith(MEMORY_PREFIX):
+            return None
+        if pool.startswith(TAILORED_PREFIX) and mixmfl_params(plans)["tailored_weighting"] == "uniform":
+            return 1.0
+        return float(n_cases)
 
     def combine(self, plans: Plans, pool: str, key: str, contributions: Sequence[Contribution]) -> np.ndarray:
         if pool.startswith(MEMORY_PREFIX):
