@@ -120,7 +120,7 @@ def _plans(n_sites: int, keys: dict[str, str] | None):
                                ["ZScoreNormalization"], [False], network)
     sites = {f"site{i:02d}": SiteInfo("MRI", ["T1"], 5 + 3 * i) for i in range(n_sites)}
     plans = Plans("aggspeed", {"0": "T1"}, {"background": 0, "fg": 1}, ".nii.gz", {}, sites,
-                  StrategySpec("fedavg"), {"3d_fullres": config}, "3d_fullres", keys=dict(keys or {}))
+                  StrategySpec("fedavg", {"min_sites": 1}), {"3d_fullres": config}, "3d_fullres", keys=dict(keys or {}))
     return attach_manifests(plans)
 
 

@@ -105,13 +105,15 @@ def wire_dtype(plans: Plans, dtype: str) -> str:
     return WIRE_DTYPE if parse_privacy(plans.strategy.params).secure_aggregation else dtype
 
 
-def _check_structure(reader: WeightFileReader, strategy: Strategy, plans: Plans, expected_round: int | None) -> WeightMeta:
+def _check_structure(
+    reader: WeightFileReader, strategy: Strategy, plans: Plans, expected_round: int | None, plan_id: str
+) -> WeightMeta:
     path, meta, infos = reader.path, reader.meta, reader.infos
     if meta.kind != "update":
         raise InputError(f"is a {meta.kind!r} file, expected an update (round_r/updates/<site>.safetensors)", path)
-    if meta.plan_id != plans.plan_id:
+    if meta.plan_id != plan_id:
         raise InputError(
-            f"was made under another plan (plan_id {meta.plan_id[:12]}…, this plan {plans.plan_id[:12]}…)", path
+            f"was made under another plan (plan_id {meta.plan_id[:12]}…, this plan {plan_id[:12]}…)", path
         )
     if meta.strategy != plans.strategy.name:
         raise InputError(f"was made for strategy {meta.strategy!r}, the plan uses {plans.strategy.name!r}", path)
@@ -224,7 +226,8 @@ def validate_updates(
     if not paths:
         raise InputError("no update files given")
     readers = [open_reader(p) for p in paths]
-    metas = [_check_structure(r, strategy, plans, expected_round) for r in readers]
+    plan_id = plans.plan_id   # a hash of the whole plan: computed once, not per file
+    metas = [_check_structure(r, strategy, plans, expected_round, plan_id) for r in readers]
 
     first_round = metas[0].round
     seen: dict[str, Path] = {}
