@@ -96,3 +96,26 @@ def test_a_round_of_version_1_and_version_2_updates_is_aggregated_like_flower(
     model, _ = read_weight_file(tmp_path / "round_001" / "models" / "global.safetensors")
     for name, expected in zip(sorted(model), flower_aggregate(results)):
         np.testing.assert_allclose(model[name], expected, rtol=1e-6, atol=1e-7)
+
+
+def test_signed_update_with_other_bytes_but_the_signed_content_leaves_no_round(keydir: Path, tmp_path: Path) -> None:  # noqa: F811
+    """The sha256 of the bytes is checked after the merge, in the background, but before the
+    commit: bytes that differ from the signed ones (here only the header's padding, so the
+    content hash still matches) are refused and nothing is written."""
+    from fedseg.federation.engine import write_site_update
+
+    plans = keyed_plans(keydir)
+    paths = []
+    for i, site in enumerate(sorted(plans.sites)):
+        path = tmp_path / "updates" / f"{site}.safetensors"
+        write_site_update(plans, site, random_state(i + 1), path, round_index=1, n_iterations=10, signing_key=key(keydir, site))
+        paths.append(path)
+    data = paths[1].read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    paths[1].write_bytes((n + 8).to_bytes(8, "little") + data[8:8 + n] + b" " * 8 + data[8 + n:])
+    read_weight_file(paths[1])           # still a valid file with the signed content
+    out = tmp_path / "round_001"
+    with pytest.raises(InputError, match="differ from the signed ones \\(sha256 mismatch\\)") as caught:
+        aggregate_round(plans, paths, out, signing_key=key(keydir, "coordinator"))
+    assert caught.value.path == paths[1]
+    assert not (out / "aggregate.json").exists() and not list(out.glob("*.safetensors"))
