@@ -8,9 +8,12 @@ over memory-mapped updates).
 
 For each N: `fedseg simulate SITES --rounds 2 --iterations I --workers 0` (one process;
 round 2's wall time is taken from the round folders' commit records, `aggregate.json`, so
-preprocessing, which round 1 pays, is left out), then the coordinator alone: `fedseg
+preprocessing, which round 1 pays, is left out) and the CPU time of the whole command (both
+rounds, preprocessing and the final evaluation: every part of it is per site, and CPU time
+is far less disturbed than wall time when other jobs share the cores), then the coordinator alone: `fedseg
 aggregate` of round 2's N updates into a fresh folder, as a subprocess with its peak resident
-and anonymous memory. Prints a table, fits time = a + b·N and writes a plot.
+and anonymous memory. Prints a table, fits time = a + b·N (wall of round 2, and CPU of the
+whole run) and writes a plot.
 
     nice .venv/bin/python benchmarks/sites_scale.py --work /tmp/fedseg_sites_scale [--sites 3,6,12,24]
 
@@ -74,35 +77,44 @@ def main() -> None:
         rows.append((n, round_seconds(run, 2), whole, coordinator))
         print(f"  {n} sites done (load {load_average()})", flush=True)
 
-    print(f"{'sites':>5} {'round 2 s':>10} {'s/site':>7} {'simulate s':>11} {'simulate peak RSS MB':>21} "
+    print(f"{'sites':>5} {'round 2 s':>10} {'s/site':>7} {'simulate s':>11} {'CPU s':>7} {'CPU s/site':>11} {'simulate peak RSS MB':>21} "
           f"{'aggregate s':>12} {'aggregate peak RSS MB':>22} {'aggregate peak anon MB':>23}")
     for n, seconds, whole, coordinator in rows:
-        print(f"{n:>5} {seconds:>10.1f} {seconds / n:>7.2f} {whole.seconds:>11.1f} {whole.peak_rss_mb:>21.0f} "
+        print(f"{n:>5} {seconds:>10.1f} {seconds / n:>7.2f} {whole.seconds:>11.1f} {whole.cpu_seconds:>7.1f} "
+              f"{whole.cpu_seconds / n:>11.2f} {whole.peak_rss_mb:>21.0f} "
               f"{coordinator.seconds:>12.2f} {coordinator.peak_rss_mb:>22.0f} {coordinator.peak_anon_mb:>23.0f}")
     n_arr = np.array([r[0] for r in rows], dtype=float)
-    t_arr = np.array([r[1] for r in rows])
-    slope, intercept = np.polyfit(n_arr, t_arr, 1)
-    fitted = intercept + slope * n_arr
-    r2 = 1 - float(np.sum((t_arr - fitted) ** 2) / np.sum((t_arr - t_arr.mean()) ** 2))
+    wall = _fit(n_arr, np.array([r[1] for r in rows]))
+    cpu = _fit(n_arr, np.array([r[2].cpu_seconds for r in rows]))
     anon = [r[3].peak_anon_mb for r in rows]
     plot = args.work / "sites_scale.png"
-    _plot(n_arr, t_arr, fitted, anon, plot)
+    _plot(n_arr, wall, cpu, anon, plot)
     print(f"load after: {load_average()}; plot {plot}")
-    print(f"ratio: round time = {intercept:.1f} s + {slope:.2f} s x sites (R^2 {r2:.3f}); coordinator peak anonymous "
+    print(f"ratio: round 2 wall = {wall[1]:.1f} s + {wall[2]:.2f} s x sites (R^2 {wall[3]:.3f}); whole run CPU = "
+          f"{cpu[1]:.1f} s + {cpu[2]:.2f} s x sites (R^2 {cpu[3]:.3f}); coordinator peak anonymous "
           f"memory {min(anon):.0f}-{max(anon):.0f} MB from {counts[0]} to {counts[-1]} sites")
 
 
-def _plot(n: np.ndarray, seconds: np.ndarray, fitted: np.ndarray, anon: list[float], path: Path) -> None:
+def _fit(n: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, float, float]:
+    """(values, intercept, slope, R²) of the least-squares line y = a + b·n."""
+    slope, intercept = np.polyfit(n, y, 1)
+    fitted = intercept + slope * n
+    r2 = 1 - float(np.sum((y - fitted) ** 2) / np.sum((y - y.mean()) ** 2))
+    return y, float(intercept), float(slope), r2
+
+
+def _plot(n: np.ndarray, wall: tuple, cpu: tuple, anon: list[float], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
-    left.plot(n, seconds, "o", label="round 2")
-    left.plot(n, fitted, "-", label="linear fit")
+    for (values, intercept, slope, _r2), label in ((wall, "round 2 wall"), (cpu, "whole run CPU")):
+        left.plot(n, values, "o", label=label)
+        left.plot(n, intercept + slope * n, "-", color=left.lines[-1].get_color())
     left.set_xlabel("sites")
-    left.set_ylabel("round wall time (s)")
+    left.set_ylabel("seconds")
     left.legend()
     right.plot(n, anon, "o-")
     right.set_xlabel("sites")
