@@ -2,12 +2,14 @@
 
 Set-up (nnunet_peer.py): 10 training cases of ~64³ voxels, 2 channels, planned by both tools
 (the same 3d_fullres patch, batch, spacing and 5-stage PlainConvUNet, checked), and one test
-volume of ~96³ voxels (at the planned spacing). nnU-Net gets a model folder whose fold_0/checkpoint_final.pth holds
-a randomly initialised network built by nnU-Net's own trainer class; fedseg predicts with its
-round-0 model (`fedseg init`). The weights differ but the computation does not depend on
-them: both run the same network over the same sliding-window tiles (step 0.5, Gaussian
-weighting), without test-time mirroring, on 2 CPU threads, including reading, preprocessing
-(crop, normalisation, resampling), resampling back and writing the label map.
+volume of ~96³ voxels (at the planned spacing). fedseg predicts with its round-0 model
+(`fedseg init`); nnU-Net gets a model folder whose fold_0/checkpoint_final.pth is a network
+built by nnU-Net's own trainer class holding the same weights (fedseg's tensors copied in by
+name: `encoder.stages.S.convs...` is nnU-Net's `encoder.stages.S.0.convs...`; every nnU-Net
+parameter must be matched). Both run the same network over the same sliding-window tiles
+(step 0.5, Gaussian weighting), without test-time mirroring, on 2 CPU threads, including
+reading, preprocessing (crop, normalisation, resampling), resampling back and writing the
+label map; the two label maps are compared voxel by voxel.
 
     nice .venv/bin/python benchmarks/predict_speed.py --nnunet-venv /path/to/nnunet_venv
 
@@ -30,13 +32,15 @@ from nnunet_peer import DATASET, Peer, describe  # noqa: E402
 
 TRAINER_FOLDER = "nnUNetTrainer__nnUNetPlans__3d_fullres"
 
-# Run with nnU-Net's python: a checkpoint as nnU-Net's trainer writes it, with initial weights.
+# Run with nnU-Net's python: a checkpoint as nnU-Net's trainer writes it, holding fedseg's weights.
 MAKE_CHECKPOINT = r"""
-import json, sys, torch
+import json, re, sys
+import numpy as np
+import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-plans_file, dataset_file, out = sys.argv[1:4]
+plans_file, dataset_file, out, weights_file = sys.argv[1:5]
 plans, dataset_json = json.load(open(plans_file)), json.load(open(dataset_file))
 pm = PlansManager(plans)
 cm = pm.get_configuration("3d_fullres")
@@ -44,6 +48,19 @@ torch.manual_seed(0)
 net = nnUNetTrainer.build_network_architecture(
     pm, cm, determine_num_input_channels(pm, cm, dataset_json), pm.get_label_manager(dataset_json).num_segmentation_heads,
     enable_deep_supervision=True)
+given = dict(np.load(weights_file))
+
+def fedseg_name(name):
+    name = name.replace("decoder.encoder.", "encoder.")
+    name = name.replace("all_modules.0.", "conv.").replace("all_modules.1.", "norm.")
+    return re.sub(r"^encoder\.stages\.(\d+)\.0\.", r"encoder.stages.\1.", name)
+
+state = net.state_dict()
+for name in state:
+    source = given[fedseg_name(name)]
+    assert tuple(source.shape) == tuple(state[name].shape), name
+    state[name] = torch.from_numpy(source)
+net.load_state_dict(state)
 torch.save({"network_weights": net.state_dict(), "trainer_name": "nnUNetTrainer",
             "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": 0, "dataset_json": dataset_json,
                           "device": torch.device("cpu")},
@@ -53,14 +70,21 @@ print(sum(p.numel() for p in net.parameters()))
 """
 
 
-def nnunet_model_folder(peer: Peer) -> int:
+def nnunet_model_folder(peer: Peer, weights: Path) -> int:
+    """nnU-Net's model folder holding fedseg's weights (`weights`, a fedseg weight file)."""
+    import numpy as np
+
+    from fedseg.federation.weightfile import read_weight_file
+
     folder = peer.results / DATASET / TRAINER_FOLDER
+    exported = peer.work / "fedseg_weights.npz"
+    np.savez(exported, **read_weight_file(weights)[0])
     (folder / "fold_0").mkdir(parents=True, exist_ok=True)
     shutil.copy(peer.pre / "nnUNetPlans.json", folder / "plans.json")
     shutil.copy(peer.pre / "dataset.json", folder / "dataset.json")
     shutil.copy(peer.pre / "dataset_fingerprint.json", folder / "dataset_fingerprint.json")
     done = subprocess.run([str(peer.venv / "bin" / "python"), "-c", MAKE_CHECKPOINT, str(folder / "plans.json"),
-                           str(folder / "dataset.json"), str(folder / "fold_0" / "checkpoint_final.pth")],
+                           str(folder / "dataset.json"), str(folder / "fold_0" / "checkpoint_final.pth"), str(exported)],
                           env=peer.env, check=True, capture_output=True, text=True)
     return int(done.stdout.split()[-1])
 
@@ -79,7 +103,8 @@ def main() -> None:
     peer = Peer(args.work, args.nnunet_venv)
     peer.prepare(n_cases=10, size=64, test_size=96)
     config = peer.check_same_configuration()
-    n_params = nnunet_model_folder(peer)
+    weights = peer.fedseg / "round_000" / "models" / "global.safetensors"
+    n_params = nnunet_model_folder(peer, weights)
     images = peer.raw / "imagesTs"
     print(f"{describe(config)}; {n_params / 1e6:.1f}M parameters; test volume {images}; load {load_average()}")
 
@@ -88,7 +113,7 @@ def main() -> None:
               "3d_fullres", "-f", "0", "-chk", "checkpoint_final.pth", "-device", "cpu", "--disable_tta",
               "--disable_progress_bar"]
     fs_cmd = [peer.fedseg_cli, "predict", "--plans", str(peer.plans_path), "--weights",
-              str(peer.fedseg / "round_000" / "models" / "global.safetensors"), "-i", str(images), "-o", str(out_fs),
+              str(weights), "-i", str(images), "-o", str(out_fs),
               "--no-mirror", "--device", "cpu", "--quiet"]
     runs: dict[str, list[Measured]] = {"nnunet": [], "fedseg": []}
     env = {**peer.env}
@@ -104,7 +129,22 @@ def main() -> None:
         print(f"{label:<34} {m.seconds:>7.2f} {m.cpu_seconds:>7.2f} {m.peak_rss_mb:>12.0f}   "
               + " ".join(f"{r.seconds:.2f}" for r in runs[key]))
     print(f"load after: {load_average()}")
-    print(f"ratio: fedseg predict is {nn.seconds / fs.seconds:.2f}x as fast as nnUNetv2_predict (target >= 1.0)")
+    print(compare_labels(out_nn, out_fs))
+    print(f"ratio: fedseg predict is {nn.seconds / fs.seconds:.2f}x as fast as nnUNetv2_predict (target >= 2.0)")
+
+
+def compare_labels(out_nn: Path, out_fs: Path) -> str:
+    """How many voxels of the two tools' label maps differ, per case."""
+    import nibabel as nib
+    import numpy as np
+
+    parts = []
+    for theirs in sorted(out_nn.glob("*.nii.gz")):
+        a = np.asarray(nib.load(theirs).dataobj)
+        b = np.asarray(nib.load(out_fs / theirs.name).dataobj)
+        differ = int(np.count_nonzero(a != b)) if a.shape == b.shape else a.size
+        parts.append(f"{theirs.name}: {differ} of {a.size} voxels differ, labels {sorted(np.unique(b).tolist())}")
+    return "labels: " + "; ".join(parts)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,24 @@
 """Check a round's update files before any arithmetic (ARCHITECTURE.md §6).
 
 Cheap checks first (header, metadata, names/shapes/dtypes/scopes against the plan, rounds,
-duplicates, signatures when the plan lists keys), so a wrong file is refused in milliseconds; then one streaming pass per file
-over the tensor data that verifies the content hash, that every value is finite and the
-update's L2 norm, plus the sha256 of the file bytes for the round report. Files are checked
-in threads: hashlib and numpy release the GIL on large buffers.
+duplicates, signatures when the plan lists keys), so a wrong file is refused in milliseconds;
+then one streaming pass per file over the tensor data that verifies the content hash, that
+every value is finite and the update's L2 norm, a cache-sized chunk at a time (each chunk is
+hashed and summed while it is in the CPU cache, so the data is read from memory once). Files
+are checked in threads: the hashes and numpy release the GIL on large buffers.
 
-Hashing is most of validation's cost (sha256 runs at 1-2 GB/s per core; the finite/norm
-pass is ~10x faster), so a signed file is hashed once, not twice: its signature covers both
-its content hash and the sha256 of its bytes, so bytes whose sha256 equals the signed one are
-exactly the bytes the site signed, content hash included, and recomputing the content hash
-would prove nothing more. An unsigned file needs both: the content hash is its only
-integrity check and the file sha256 is what the round report records.
+The sha256 of the file bytes (what the round report records, and what a signature signs
+beside the content hash) is computed in background threads while the caller goes on
+(`ValidatedUpdate.sha256` waits for it): for a file whose content hash the pass verified it is
+no integrity check any more, only the file's name in the report, so the engine overlaps it
+with the merge and asks for it just before the round is committed. A mismatch with the
+signed sha256 is still an InputError before anything is committed.
+
+Which check proves integrity depends on the format version (fedseg.federation.weightfile):
+a version-2 file's content hash is BLAKE3 (~5x faster than sha256) and is always verified. A
+version-1 file's content hash is sha256; a signed version-1 file is hashed once, by the sha256
+of its bytes compared with the signed one in the pass (its signature covers the content hash
+too), an unsigned one by its content hash.
 
 Every failure is an InputError naming the file and the fault; the first bad file in the
 order given is reported.
@@ -22,7 +29,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -48,6 +55,8 @@ from fedseg.names import check_site_name
 if TYPE_CHECKING:  # pragma: no cover
     from fedseg.planning.plans import Plans
 
+# Bytes per chunk of the validation pass: hashed, then summed while still in L2/L3 cache.
+_SCAN_CHUNK = 1 << 20
 # Elements per block in the finite/norm pass: 64 Ki float32 (256 KiB) stays in L2 and keeps
 # float32 dot-product rounding small (measured relative error ~1e-8 against float64); the
 # sum over blocks is float64.
@@ -58,16 +67,27 @@ _BLOCK = 1 << 16
 class ValidatedUpdate:
     path: Path
     meta: WeightMeta
-    sha256: str            # of the file bytes
     n_bytes: int
     update_norm: float     # L2 norm over all tensors in the file, in float64
     # The open mapping that was validated: the engine reads tensors from it, so a file
     # replaced after validation cannot slip unchecked bytes into the average.
     reader: WeightFileReader = field(repr=False, compare=False)
+    # sha256 of the file bytes, computed in the background (see `sha256`)
+    pending_sha256: Future[str] = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
+    signed_sha256: str | None = field(repr=False, compare=False, default=None)
 
     @property
     def site(self) -> str:
         return self.meta.site
+
+    @property
+    def sha256(self) -> str:
+        """sha256 of the file bytes; waits for the background hash. InputError when the file is
+        signed and its bytes are not the signed ones."""
+        digest = self.pending_sha256.result()
+        if self.signed_sha256 is not None and digest != self.signed_sha256:
+            raise InputError("bad signature: the file bytes differ from the signed ones (sha256 mismatch)", self.path)
+        return digest
 
 
 def expected_update(strategy: Strategy, plans: Plans, site: str) -> dict[str, tuple[tuple[int, ...], str, str]]:
@@ -85,13 +105,15 @@ def wire_dtype(plans: Plans, dtype: str) -> str:
     return WIRE_DTYPE if parse_privacy(plans.strategy.params).secure_aggregation else dtype
 
 
-def _check_structure(reader: WeightFileReader, strategy: Strategy, plans: Plans, expected_round: int | None) -> WeightMeta:
+def _check_structure(
+    reader: WeightFileReader, strategy: Strategy, plans: Plans, expected_round: int | None, plan_id: str
+) -> WeightMeta:
     path, meta, infos = reader.path, reader.meta, reader.infos
     if meta.kind != "update":
         raise InputError(f"is a {meta.kind!r} file, expected an update (round_r/updates/<site>.safetensors)", path)
-    if meta.plan_id != plans.plan_id:
+    if meta.plan_id != plan_id:
         raise InputError(
-            f"was made under another plan (plan_id {meta.plan_id[:12]}…, this plan {plans.plan_id[:12]}…)", path
+            f"was made under another plan (plan_id {meta.plan_id[:12]}…, this plan {plan_id[:12]}…)", path
         )
     if meta.strategy != plans.strategy.name:
         raise InputError(f"was made for strategy {meta.strategy!r}, the plan uses {plans.strategy.name!r}", path)
@@ -157,18 +179,31 @@ def _sum_of_squares(name: str, array: np.ndarray, path: Path) -> float:
     return total
 
 
-def _scan_data(reader: WeightFileReader, max_norm: float | None, content_hash: bool = True) -> float:
+def _scan_data(reader: WeightFileReader, max_norm: float | None, content_hash: bool = True, signed: bool = False) -> float:
     """Content hash (unless `content_hash` is False) + finite check + L2 norm in one pass over
-    the tensors; returns the norm."""
+    the tensors, a cache-sized chunk at a time; returns the norm."""
     path = reader.path
     hasher = ContentHasher(reader.meta) if content_hash else None
     sumsq = 0.0
     for name, array in reader.iter_tensors():
-        if hasher is not None:
-            hasher.add(name, array)
-        if np.issubdtype(array.dtype, np.floating):
-            sumsq += _sum_of_squares(name, array, path)
+        is_float = np.issubdtype(array.dtype, np.floating)
+        if hasher is None:
+            if is_float:
+                sumsq += _sum_of_squares(name, array, path)
+            continue
+        flat = array.reshape(-1)
+        itemsize = array.dtype.itemsize
+        parts: list[float] = []
+
+        def summed(begin: int, end: int, flat: np.ndarray = flat, name: str = name) -> None:
+            # byte range -> element range; chunks are multiples of every itemsize
+            parts.append(_sum_of_squares(name, flat[begin // itemsize:end // itemsize], path))
+
+        hasher.add(name, array, summed if is_float else None, chunk=_SCAN_CHUNK)
+        sumsq += math.fsum(parts)
     if hasher is not None:
+        if signed and hasher.hexdigest() != reader.meta.content_hash:
+            raise InputError("bad signature: the file bytes differ from the signed ones (content hash mismatch)", path)
         check_hash(path, reader.meta, hasher.hexdigest())
     norm = math.sqrt(sumsq)
     if max_norm is not None and not norm <= max_norm:
@@ -191,7 +226,8 @@ def validate_updates(
     if not paths:
         raise InputError("no update files given")
     readers = [open_reader(p) for p in paths]
-    metas = [_check_structure(r, strategy, plans, expected_round) for r in readers]
+    plan_id = plans.plan_id   # a hash of the whole plan: computed once, not per file
+    metas = [_check_structure(r, strategy, plans, expected_round, plan_id) for r in readers]
 
     first_round = metas[0].round
     seen: dict[str, Path] = {}
@@ -211,24 +247,34 @@ def validate_updates(
 
     bound = plans.strategy.params.get("max_update_norm")
     max_norm = float(bound) if bound is not None else None
-    # Two independent tasks per file (content pass, sha256 of the bytes) so that every core
-    # hashes; both hashlib and numpy release the GIL on large buffers. A signed file skips the
-    # content hash: the sha256 of its bytes, compared with the signed one below, covers it.
-    n_workers = max(1, min(2 * len(paths), workers or os.cpu_count() or 1))
+    # Integrity first, in the pass: the content hash, except for a signed version-1 file, whose
+    # (sha256) content hash would cost as much as the sha256 of its bytes that its signature
+    # needs anyway: that one is checked in the pass instead.
+    by_bytes = [signed is not None and m.format_version < 2 for m, signed in zip(metas, signed_sha256)]
+    n_workers = max(1, min(len(paths), workers or os.cpu_count() or 1))
     for reader in readers:
-        reader.map()  # before the threads: both tasks of a file share one mapping
-    with ThreadPoolExecutor(max_workers=n_workers) as pool:
-        scans = [pool.submit(_scan_data, r, max_norm, signed is None) for r, signed in zip(readers, signed_sha256)]
+        reader.map()  # before the threads: the pass and the sha256 share one mapping
+    pool = ThreadPoolExecutor(max_workers=n_workers)
+    try:
+        scans = [
+            pool.submit(_scan_data, r, max_norm, not bytes_only, signed is not None)
+            for r, signed, bytes_only in zip(readers, signed_sha256, by_bytes)
+        ]
+        # queued behind the scans: they run while the caller merges
         digests = [pool.submit(r.file_sha256) for r in readers]
-        # report the first bad file in the order given, whatever finished first; for a signed
-        # file the signature check comes first (a changed byte is "not the signed bytes")
-        norms, shas = [], []
-        for r, scan, digest, signed in zip(readers, scans, digests, signed_sha256):
-            shas.append(digest.result())
-            if signed is not None and signed != shas[-1]:
-                raise InputError("bad signature: the file bytes differ from the signed ones (sha256 mismatch)", r.path)
-            norms.append(scan.result())
-    return [
-        ValidatedUpdate(path=r.path, meta=m, sha256=sha, n_bytes=int(r.map().size), update_norm=norm, reader=r)
-        for r, m, norm, sha in zip(readers, metas, norms, shas)
-    ]
+        updates = []
+        # report the first bad file in the order given, whatever finished first
+        for r, m, scan, digest, signed, bytes_only in zip(readers, metas, scans, digests, signed_sha256, by_bytes):
+            update = ValidatedUpdate(
+                path=r.path, meta=m, n_bytes=int(r.map().size), update_norm=0.0, reader=r,
+                pending_sha256=digest, signed_sha256=signed,
+            )
+            if bytes_only:
+                update.sha256  # noqa: B018 - the integrity check of this file: before its data counts
+            update.update_norm = scan.result()
+            updates.append(update)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=False)   # the sha256 tasks finish on their own; `.sha256` waits for one
+    return updates
