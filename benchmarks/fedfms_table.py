@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from fedseg.data.synth import generate
+from fedseg.synth import generate
 from fedseg.federation.simulation import SimulationConfig, simulate
 
 RUNS = (

@@ -37,7 +37,7 @@ def synth(
     Example: fedseg synth sites --preset tiny --seed 0
     """
     from fedseg.cli.console import Reporter
-    from fedseg.data.synth import generate
+    from fedseg.synth import generate
 
     require_output_dir(out, "output folder")
     reporter = Reporter(quiet=quiet)
