@@ -117,12 +117,11 @@ class Strategy:
 
     def unknown_param_message(self, key: str) -> str:
         """The refusal of an unknown key, naming the closest known key or the strategy that knows it."""
-        from fedseg.federation.strategies import strategies_knowing
         from fedseg.planning.settings import PLAN_SETTINGS, unknown_key_message
 
         if key in ENGINE_PARAMS:
             return f"--set {key} has no effect under strategy {self.name!r}: {self.robust_refusal}"
-        owners = [name for name in strategies_knowing(key) if name != self.name]
+        owners = [name for name in strategy_classes_knowing(key) if name != self.name]
         if owners:
             return f"--set {key!r} is a parameter of strategy {', '.join(owners)}, not of {self.name!r}"
         return unknown_key_message(key, [*self.param_names(), *PLAN_SETTINGS], f"strategy {self.name!r}")
@@ -249,3 +248,20 @@ def weighted_mean(contributions: Sequence[Contribution], weights: Sequence[float
 
 def plain_mean(contributions: Sequence[Contribution]) -> np.ndarray:
     return weighted_mean(contributions, [1.0] * len(contributions))
+
+
+def strategy_classes_knowing(key: str) -> list[str]:
+    """Names of the loaded strategy classes that read parameter `key`, sorted.
+
+    Read from the class hierarchy rather than from the registry, which imports every strategy
+    module: this module stays below them all (the strategies do not depend on each other). The
+    registry's import loads every registered strategy before any strategy can be looked up,
+    so the two lists agree."""
+    found: set[str] = set()
+    pending = list(Strategy.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if vars(cls).get("name") and cls().knows_param(key):   # a subclass that keeps its parent's name is that strategy
+            found.add(cls.name)
+    return sorted(found)
