@@ -36,20 +36,25 @@ class GoldenRun:
     sites: tuple[str, ...]
     configuration: str = "3d_fullres"
     overrides: dict[str, str] = field(default_factory=dict)
+    # site -> training cases kept: sites of different sizes, so that weighting by case count
+    # shows in the tensors (every preset gives its sites the same number of cases)
+    training_cases: dict[str, int] = field(default_factory=dict)
 
 
 PATCH_16 = {"configuration.patch_size": "16,16,16", "configuration.batch_size": "2"}
 PATCH_2D = {"configuration.batch_size": "2"}
 
 RUNS: tuple[GoldenRun, ...] = (
-    GoldenRun("fedavg", "tiny", ("site_a", "site_b"), overrides=PATCH_16),
+    GoldenRun("fedavg", "tiny", ("site_a", "site_b"), overrides=PATCH_16, training_cases={"site_b": 5}),
     GoldenRun("local", "tiny", ("site_a", "site_b"), overrides=PATCH_16),
-    GoldenRun("asymfedavg", "fednnunet", ("site_a", "site_c"), overrides=PATCH_16),
+    GoldenRun("asymfedavg", "fednnunet", ("site_a", "site_c"), overrides=PATCH_16, training_cases={"site_c": 5}),
     GoldenRun("flames", "flames", ("mri_a", "mri_b", "us_breast"), configuration="2d", overrides=PATCH_2D),
     GoldenRun("mixmfl", "mixmfl", ("site1", "site2", "site6"),
-              overrides={**PATCH_16, "memory_size": "40", "prototypes": "4"}),
-    GoldenRun("fedmsa", "fedfms", ("site_a", "site_b"), configuration="2d", overrides={**PATCH_2D, "sam.config": "tiny"}),
-    GoldenRun("fedsam", "fedfms", ("site_a", "site_b"), configuration="2d", overrides={**PATCH_2D, "sam.config": "tiny"}),
+              overrides={**PATCH_16, "memory_size": "40", "prototypes": "4"}, training_cases={"site2": 6}),
+    GoldenRun("fedmsa", "fedfms", ("site_a", "site_b"), configuration="2d", overrides={**PATCH_2D, "sam.config": "tiny"},
+              training_cases={"site_b": 7}),
+    GoldenRun("fedsam", "fedfms", ("site_a", "site_b"), configuration="2d", overrides={**PATCH_2D, "sam.config": "tiny"},
+              training_cases={"site_b": 7}),
 )
 
 
@@ -63,7 +68,22 @@ def make_sites(run: GoldenRun, root: Path) -> Path:
     sites = root / "sites" / run.strategy
     for name in run.sites:
         shutil.copytree(preset_dir / name, sites / name)
+        if name in run.training_cases:
+            keep_training_cases(sites / name, run.training_cases[name])
     return sites
+
+
+def keep_training_cases(site_dir: Path, n: int) -> None:
+    """Delete the site's training cases after the first n (images and labels) and say so in dataset.json."""
+    dataset = json.loads((site_dir / "dataset.json").read_text())
+    labels = sorted((site_dir / "labelsTr").iterdir())
+    for label in labels[n:]:
+        case_id = label.name[: -len(dataset["file_ending"])]
+        for image in (site_dir / "imagesTr").glob(f"{case_id}_*"):
+            image.unlink()
+        label.unlink()
+    dataset["numTraining"] = n
+    (site_dir / "dataset.json").write_text(json.dumps(dataset, indent=2))
 
 
 def run_round(run: GoldenRun, sites_root: Path, run_dir: Path) -> None:
