@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fedseg.errors import InputError
-from fedseg.federation.strategies import get_strategy, strategies_knowing, strategy_names
-from fedseg.federation.strategies.base import strategy_classes_knowing
+from fedseg.federation.strategies import get_strategy
 
 
 @pytest.mark.parametrize("strategy, key, owner", [
@@ -18,7 +17,3 @@ def test_wrong_strategy_parameter_names_its_owner(strategy: str, key: str, owner
     with pytest.raises(InputError, match=f"is a parameter of strategy {owner}, not of '{strategy}'"):
         get_strategy(strategy).check_params({key: "1"})
 
-
-def test_owners_from_the_class_hierarchy_agree_with_the_registry() -> None:
-    keys = {key for name in strategy_names() for key in get_strategy(name).param_names()} | {"group.x", "nonsense"}
-    assert all(strategy_classes_knowing(key) == strategies_knowing(key) for key in keys)

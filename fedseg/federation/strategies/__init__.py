@@ -26,6 +26,10 @@ def strategies_knowing(key: str) -> list[str]:
     return [name for name in strategy_names() if _REGISTRY[name]().knows_param(key)]
 
 
+# the base class names the owner of a parameter given to the wrong strategy from this registry
+Strategy.param_owners = staticmethod(strategies_knowing)
+
+
 def register_strategy(cls: type[Strategy]) -> type[Strategy]:
     """Make `cls` available under `cls.name` to plans and every command of this process; returns
     `cls` (usable as a class decorator). A strategy defined outside this package registers
@@ -34,7 +38,7 @@ def register_strategy(cls: type[Strategy]) -> type[Strategy]:
     name = getattr(cls, "name", "")
     if not (isinstance(cls, type) and issubclass(cls, Strategy)):
         raise TypeError(f"{cls!r} is not a Strategy subclass")
-    if not name or not name.replace("_", "").isalnum() or name != name.lower():
+    if not name or not name.isascii() or not name.replace("_", "").isalnum() or name != name.lower():
         raise ValueError(f"strategy name must be a lower-case word (letters, digits, _), not {name!r}")
     if _REGISTRY.get(name, cls) is not cls:
         raise ValueError(f"strategy name {name!r} is taken by {_REGISTRY[name].__qualname__}")

@@ -22,7 +22,7 @@ never averaged: `resolved_scope` forces their scope to None whatever the strateg
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Union
 
@@ -75,6 +75,10 @@ class Strategy:
     # plain weighted means narrows this and says why in `robust_refusal`.
     robust_rules: ClassVar[frozenset[str]] = frozenset({"median", "trimmed", "clip_norm"})
     robust_refusal: ClassVar[str] = ""
+    # Names of the registered strategies that read a parameter key, for the refusal of a key given
+    # to the wrong strategy. Installed by the registry (fedseg.federation.strategies), which
+    # imports every strategy and so cannot be imported by this module that they all import.
+    param_owners: ClassVar[Callable[[str], list[str]]] = staticmethod(lambda key: [])
 
     # -- configuration -------------------------------------------------------------------
     def param_names(self) -> frozenset[str]:
@@ -121,7 +125,7 @@ class Strategy:
 
         if key in ENGINE_PARAMS:
             return f"--set {key} has no effect under strategy {self.name!r}: {self.robust_refusal}"
-        owners = [name for name in strategy_classes_knowing(key) if name != self.name]
+        owners = [name for name in Strategy.param_owners(key) if name != self.name]
         if owners:
             return f"--set {key!r} is a parameter of strategy {', '.join(owners)}, not of {self.name!r}"
         return unknown_key_message(key, [*self.param_names(), *PLAN_SETTINGS], f"strategy {self.name!r}")
@@ -248,20 +252,3 @@ def weighted_mean(contributions: Sequence[Contribution], weights: Sequence[float
 
 def plain_mean(contributions: Sequence[Contribution]) -> np.ndarray:
     return weighted_mean(contributions, [1.0] * len(contributions))
-
-
-def strategy_classes_knowing(key: str) -> list[str]:
-    """Names of the loaded strategy classes that read parameter `key`, sorted.
-
-    Read from the class hierarchy rather than from the registry, which imports every strategy
-    module: this module stays below them all (the strategies do not depend on each other). The
-    registry's import loads every registered strategy before any strategy can be looked up,
-    so the two lists agree."""
-    found: set[str] = set()
-    pending = list(Strategy.__subclasses__())
-    while pending:
-        cls = pending.pop()
-        pending.extend(cls.__subclasses__())
-        if vars(cls).get("name") and cls().knows_param(key):   # a subclass that keeps its parent's name is that strategy
-            found.add(cls.name)
-    return sorted(found)
