@@ -28,7 +28,9 @@ install: venv
 install-test: venv
 	$(BIN)/pip install -e ".[test]"
 
+# lint-imports: the layer and independence contracts of pyproject.toml (docs/architecture.md)
 test: install-test
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 test-slow: install-test

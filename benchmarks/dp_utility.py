@@ -60,7 +60,7 @@ def main() -> None:
     args = parser.parse_args()
     from measure import load_average
 
-    from fedseg.data.synth import generate
+    from fedseg.synth import generate
 
     print(f"load average before: {load_average()}")
     args.work.mkdir(parents=True, exist_ok=True)

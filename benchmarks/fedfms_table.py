@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from fedseg.data.synth import generate
+from fedseg.synth import generate
 from fedseg.federation.simulation import SimulationConfig, simulate
 
 # FedFMS' own training recipe: BCE, Adam (0.9, 0.999) at a constant rate, batch 6, MSA's

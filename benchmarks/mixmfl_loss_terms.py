@@ -78,7 +78,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from fedseg.data.synth import generate
+    from fedseg.synth import generate
     from fedseg.federation.simulation import SimulationConfig, simulate
     from fedseg.training.mixmfl_trainer import MixMFLTrainer
 

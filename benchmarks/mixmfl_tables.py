@@ -108,7 +108,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from fedseg.data.synth import generate
+    from fedseg.synth import generate
 
     sites = args.out / "sites"
     if not (sites / "site6" / "dataset.json").is_file():

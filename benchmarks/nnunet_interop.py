@@ -248,7 +248,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="write all figures to this JSON file")
     args = parser.parse_args()
 
-    from fedseg.data.synth import generate
+    from fedseg.synth import generate
 
     work = args.work or Path(tempfile.mkdtemp(prefix="nnunet_interop_"))
     if work.exists() and any(work.iterdir()):

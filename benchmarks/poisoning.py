@@ -97,7 +97,7 @@ def main() -> None:
 
     torch.set_num_threads(1)   # the experiment must fit a shared 2-core machine
     from fedseg.data.dataset import load_dataset
-    from fedseg.data.synth import generate
+    from fedseg.synth import generate
     from fedseg.planning.fingerprint import compute_fingerprint
 
     start = time.monotonic()

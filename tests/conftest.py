@@ -11,7 +11,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three synthetic sites (preset `tiny`). Read-only: copy before modifying."""
-    from fedseg.data.synth import generate
+    from fedseg.synth import generate
 
     root = tmp_path_factory.mktemp("tiny_sites")
     generate(root, preset="tiny", seed=0)

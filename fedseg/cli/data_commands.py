@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import typer
@@ -37,7 +38,7 @@ def synth(
     Example: fedseg synth sites --preset tiny --seed 0
     """
     from fedseg.cli.console import Reporter
-    from fedseg.data.synth import generate
+    from fedseg.synth import generate
 
     require_output_dir(out, "output folder")
     reporter = Reporter(quiet=quiet)
@@ -103,11 +104,11 @@ def plan(
     Example: fedseg plan fp/*.json --strategy fedavg -o plans.json --set training.rounds=3
     """
     from fedseg.cli.console import Reporter, print_json
-    from fedseg.federation.manifest import attach_manifests
+    from fedseg.federation.plan_building import build_plans
     from fedseg.federation.privacy import plan_privacy
+    from fedseg.federation.signing import load_public_keys
     from fedseg.federation.strategies import get_strategy
     from fedseg.planning.fingerprint import load_fingerprint
-    from fedseg.planning.planner import make_plans
 
     require_output_file(output, "plans file")
     if keys is not None:
@@ -117,28 +118,19 @@ def plan(
         from fedseg.errors import InputError
 
         raise InputError(f"--config must be 3d_fullres or 2d, not {config!r}")
-    strategy_impl = get_strategy(strategy)
+    strategy_impl = get_strategy(strategy)   # an unknown strategy is refused before any file is read
     fps = [load_fingerprint(require_file(p, "fingerprint")) for p in fingerprints]
-    plans = make_plans(
-        fps,
-        strategy=strategy,
-        configuration=config,
-        budget=budget,
-        overrides=parse_set_options(set_),
-        seed=seed,
-        fingerprint_names=[str(p) for p in fingerprints],
-    )
+    adopt = None
     if from_nnunet is not None:
         from fedseg.cli.export_commands import adopt_nnunet_plan
 
-        plans = adopt_nnunet_plan(plans, from_nnunet)
-    if keys is not None:
-        from fedseg.federation.signing import check_plan_keys, load_public_keys
-
-        plans.keys = load_public_keys(keys)
-        check_plan_keys(plans.keys, sorted(plans.sites))
-    plans = attach_manifests(plans, strategy_impl)
-    plans = plan_privacy(plans, strategy_impl, keys)
+        adopt = functools.partial(adopt_nnunet_plan, trainer_folder=from_nnunet)
+    plans = build_plans(
+        fps, strategy=strategy, configuration=config, overrides=parse_set_options(set_), seed=seed, budget=budget,
+        fingerprint_names=[str(p) for p in fingerprints], adopt=adopt,
+        keys=load_public_keys(keys) if keys is not None else None,
+    )
+    plans = plan_privacy(plans, strategy_impl, keys)   # the sites' key-agreement keys from --keys
     plans.save(output)
     cfg = plans.configuration_for(None)
     for note in plans.extra.get("planning", {}).get("notes", []):

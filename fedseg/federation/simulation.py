@@ -163,7 +163,7 @@ def simulate(
     for r in range(1, config.rounds + 1):
         rdir = round_dir(run_dir, r)
         if r < first:
-            _collect_val_dice(rdir, val_dice)
+            collect_val_dice(rdir, val_dice)
             log(f"round {r}: already complete, skipped")
             continue
         check_budget_before_round(plans, round_dir(run_dir, r - 1), r)
@@ -181,7 +181,7 @@ def simulate(
             log(f"round {r} {name}: val Dice {result.val_dice:.3f} ({result.seconds:.1f}s)")
             updates.append(update)
         aggregate_round(plans, updates, rdir)
-        _collect_val_dice(rdir, val_dice)
+        collect_val_dice(rdir, val_dice)
 
     # 5. test: every site predicts its own test split with the model it would use
     test_metrics = evaluate_sites(plans, run_dir, site_dirs, config, progress_factory)
@@ -233,27 +233,16 @@ def plan_run(
     keys: dict[str, str] | None = None,
     budget: float | None = None,
 ) -> Plans:
-    """The run's plan from the sites' fingerprints, checked as `fedseg plan` checks it; writes nothing."""
-    from fedseg.federation.manifest import attach_manifests
-    from fedseg.federation.strategies import get_strategy
-    from fedseg.planning.planner import make_plans
-
-    from fedseg.federation.privacy import check_privacy_plan
+    """The run's plan from the sites' fingerprints (`build_plans`, as `fedseg plan` makes it), with
+    --rounds and --iterations as plan values; writes nothing."""
+    from fedseg.federation.plan_building import build_plans
 
     overrides = dict(overrides)
     _option_into_plan(overrides, "training.rounds", rounds, "--rounds")
     if iterations is not None:
         _option_into_plan(overrides, "training.iterations_per_round", iterations, "--iterations")
-    plans = make_plans(fingerprints, strategy=strategy, configuration=configuration, budget=budget,
-                       overrides=overrides, seed=seed)
-    if keys:
-        from fedseg.federation.signing import check_plan_keys
-
-        plans.keys = dict(keys)
-        check_plan_keys(plans.keys, sorted(plans.sites))
-    plans = attach_manifests(plans, get_strategy(strategy))
-    check_privacy_plan(plans, get_strategy(strategy), keys=False)   # before init_run makes any key
-    return plans
+    return build_plans(fingerprints, strategy=strategy, configuration=configuration, overrides=overrides, seed=seed,
+                       budget=budget, keys=keys or None)
 
 
 def init_run(run_dir: Path, plans: Plans, log: Callable[[str], None] = lambda message: None, signing_key=None) -> Plans:
@@ -440,7 +429,8 @@ def _option_into_plan(overrides: dict[str, str], key: str, value: int, flag: str
     overrides[key] = str(value)
 
 
-def _collect_val_dice(rdir: Path, val_dice: dict[str, list[float | None]]) -> None:
+def collect_val_dice(rdir: Path, val_dice: dict[str, list[float | None]]) -> None:
+    """Append each site's validation Dice of round `rdir` (from its update's metadata; None when absent)."""
     from fedseg.federation.weightfile import open_weight_file
 
     for name in val_dice:

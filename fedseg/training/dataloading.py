@@ -55,7 +55,7 @@ CACHED_PER_WORKER = 2
 
 
 class TrainingCase(Protocol):
-    """What the loader needs of a preprocessed case (fedseg.data.preprocessing.PreprocessedCase)."""
+    """What the loader needs of a preprocessed case (fedseg.training.preprocessing.PreprocessedCase)."""
 
     case_id: str
     data: np.ndarray          # (C, z, y, x) float32

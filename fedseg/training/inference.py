@@ -5,7 +5,7 @@ spacing), covered by overlapping patch-sized tiles, each tile's network output (
 weighted by a Gaussian importance map (tile centres are more reliable than tile borders,
 where the network saw less context), the weighted sum is divided by the summed weights, and
 the logits are resampled back to the case's original geometry
-(`fedseg.data.preprocessing.revert_segmentation`), where the argmax gives dataset.json
+(`fedseg.training.preprocessing.revert_segmentation`), where the argmax gives dataset.json
 label values: nnU-Net's order of operations, so both tools give the same label map for the
 same weights. `sliding_window_probabilities` combines softmax outputs instead, for callers
 that want probabilities.
@@ -287,7 +287,7 @@ def predict_case_probabilities(
     restored afterwards. `mirror` averages the predictions of all axis flips (2^ndim
     forward passes per tile: more robust, 2^ndim times slower).
     """
-    from fedseg.data.preprocessing import preprocess_case, revert_logits
+    from fedseg.training.preprocessing import preprocess_case, revert_logits
 
     layout = site_channel_layout(plans, site)
     if layout is not None and case_data.data.shape[0] == len(layout):
@@ -337,7 +337,7 @@ def probabilities_to_labels(probs: np.ndarray, plans: Plans) -> np.ndarray:
     """argmax over classes as dataset.json label values (int16); region-based plans paint
     each region's sigmoid above 0.5 in `regions_class_order` (as nnU-Net does)."""
     from fedseg.data.labels import paint_regions
-    from fedseg.data.preprocessing import argmax_int16, indices_to_label_values
+    from fedseg.training.preprocessing import argmax_int16, indices_to_label_values
 
     layout = plans.label_layout
     if layout.has_regions:

@@ -175,7 +175,7 @@ def load_training_cases(
     Every file's header is checked against `max_voxels` before the first case is read."""
     from fedseg.data.case_loading import check_case_sizes, load_case
     from fedseg.data.dataset import load_dataset
-    from fedseg.data.preprocessing import preprocess_case
+    from fedseg.training.preprocessing import preprocess_case
 
     dataset = load_dataset(dataset_root)
     layout = site_layout(plans, dataset, Path(dataset_root) / "dataset.json")

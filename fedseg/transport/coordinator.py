@@ -147,7 +147,7 @@ class Coordinator:
     # -- report ------------------------------------------------------------------------------
     def finish(self, sites: list[str], test_metrics: Mapping[str, dict]) -> SimulationResult:
         """report/: per-site test metrics (computed at the sites), validation Dice per round, traffic."""
-        from fedseg.federation.simulation import SimulationResult, _collect_val_dice, collect_traffic, write_report
+        from fedseg.federation.simulation import SimulationResult, collect_traffic, collect_val_dice, write_report
         from fedseg.training.evaluation import save_metrics
 
         plans = self._require_plans()
@@ -156,7 +156,7 @@ class Coordinator:
             save_metrics(result, self.run_dir / "report" / f"metrics_{site}.json")
         val_dice: dict[str, list[float | None]] = {site: [] for site in sorted(sites)}
         for r in range(1, rounds + 1):
-            _collect_val_dice(round_dir(self.run_dir, r), val_dice)
+            collect_val_dice(round_dir(self.run_dir, r), val_dice)
         traffic = collect_traffic(self.run_dir, rounds, sorted(sites))
         report_dir = write_report(self.run_dir, plans.plan_id, val_dice, dict(test_metrics), plans.labels, traffic=traffic)
         return SimulationResult(

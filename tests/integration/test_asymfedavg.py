@@ -11,7 +11,7 @@ import pytest
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     pytest.importorskip("torch")
-    from fedseg.data.synth import generate
+    from fedseg.synth import generate
     from fedseg.federation.simulation import SimulationConfig, simulate
 
     root = tmp_path_factory.mktemp("asymfedavg")

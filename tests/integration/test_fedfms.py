@@ -15,7 +15,7 @@ ROUNDS, ITERATIONS = 3, 25
 
 @pytest.fixture(scope="module")
 def fedfms_sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from fedseg.data.synth import generate
+    from fedseg.synth import generate
 
     root = tmp_path_factory.mktemp("fedfms_sites")
     generate(root, preset="fedfms", seed=0)

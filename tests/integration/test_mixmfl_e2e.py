@@ -10,7 +10,7 @@ import numpy as np
 
 
 def test_mixmfl_two_rounds_with_memory(tmp_path: Path):
-    from fedseg.data.synth import generate
+    from fedseg.synth import generate
     from fedseg.federation.simulation import SimulationConfig, simulate
     from fedseg.federation.weightfile import read_weight_file
     from fedseg.planning.plans import load_plans

@@ -10,7 +10,7 @@ import pytest
 
 from fedseg.data.case_loading import load_case
 from fedseg.data.dataset import load_dataset
-from fedseg.data.synth import PRESETS, generate
+from fedseg.synth import PRESETS, generate
 from fedseg.errors import InputError
 
 

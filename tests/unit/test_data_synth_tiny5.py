@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedseg.data.dataset import load_dataset
-from fedseg.data.synth import PRESETS, generate
+from fedseg.synth import PRESETS, generate
 
 
 def test_tiny5_has_five_sites_extending_tiny(tmp_path: Path, tiny_sites: Path) -> None:

@@ -154,7 +154,7 @@ def test_check_params():
 @pytest.fixture(scope="module")
 def preset_fingerprints(tmp_path_factory) -> list[dict]:
     from fedseg.data.dataset import load_dataset
-    from fedseg.data.synth import generate
+    from fedseg.synth import generate
     from fedseg.planning.fingerprint import compute_fingerprint
 
     root = tmp_path_factory.mktemp("fednnunet")

@@ -15,7 +15,7 @@ from fedseg.federation.strategies.base import Contribution
 @pytest.fixture(scope="module")
 def mixmfl_fingerprints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
     from fedseg.data.dataset import load_dataset
-    from fedseg.data.synth import generate
+    from fedseg.synth import generate
     from fedseg.planning.fingerprint import compute_fingerprint
 
     root = tmp_path_factory.mktemp("mixmfl_sites")

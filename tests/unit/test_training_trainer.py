@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from fedseg.data.synth import generate
+from fedseg.synth import generate
 from fedseg.planning.plans import ConfigurationPlan, NetworkSpec, Plans, SiteInfo, StrategySpec, TrainingSpec
 from fedseg.training.network import build_network, initial_state
 from fedseg.training.trainer import (

@@ -22,7 +22,7 @@ never averaged: `resolved_scope` forces their scope to None whatever the strateg
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Union
 
@@ -75,6 +75,10 @@ class Strategy:
     # plain weighted means narrows this and says why in `robust_refusal`.
     robust_rules: ClassVar[frozenset[str]] = frozenset({"median", "trimmed", "clip_norm"})
     robust_refusal: ClassVar[str] = ""
+    # Names of the registered strategies that read a parameter key, for the refusal of a key given
+    # to the wrong strategy. Installed by the registry (fedseg.federation.strategies), which
+    # imports every strategy and so cannot be imported by this module that they all import.
+    param_owners: ClassVar[Callable[[str], list[str]]] = staticmethod(lambda key: [])
 
     # -- configuration -------------------------------------------------------------------
     def param_names(self) -> frozenset[str]:
@@ -117,12 +121,11 @@ class Strategy:
 
     def unknown_param_message(self, key: str) -> str:
         """The refusal of an unknown key, naming the closest known key or the strategy that knows it."""
-        from fedseg.federation.strategies import strategies_knowing
         from fedseg.planning.settings import PLAN_SETTINGS, unknown_key_message
 
         if key in ENGINE_PARAMS:
             return f"--set {key} has no effect under strategy {self.name!r}: {self.robust_refusal}"
-        owners = [name for name in strategies_knowing(key) if name != self.name]
+        owners = [name for name in Strategy.param_owners(key) if name != self.name]
         if owners:
             return f"--set {key!r} is a parameter of strategy {', '.join(owners)}, not of {self.name!r}"
         return unknown_key_message(key, [*self.param_names(), *PLAN_SETTINGS], f"strategy {self.name!r}")

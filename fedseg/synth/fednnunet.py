@@ -22,15 +22,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-if TYPE_CHECKING:  # pragma: no cover
-    from fedseg.data.synth import SyntheticSite
-
-# The shared helpers of fedseg.data.synth are imported inside the functions: synth.py
-# registers this preset in its PRESETS, so a module-level import would be circular.
+from fedseg.synth.common import SyntheticSite, ellipsoid_field, lesion_site, physical_grid, smooth_noise, soften
 
 
 @dataclass(frozen=True)
@@ -61,16 +55,12 @@ DESCRIPTION = "3 sites with 1, 2.5 and 4 mm slices and different fields of view 
 
 
 def make_site(site: str, site_index: int, seed: int) -> SyntheticSite:
-    from fedseg.data.synth import lesion_site
-
     protocol = PROTOCOLS[site_index]
     return lesion_site(f"fedseg synthetic 'fednnunet' preset, {site}: {protocol.spacing[0]} mm slices", site_index, seed,
                        N_TRAIN, N_TEST, protocol.spacing, lambda rng: _volume(rng, protocol))
 
 
 def _volume(rng: np.random.Generator, protocol: ScanProtocol) -> tuple[np.ndarray, np.ndarray]:
-    from fedseg.data.synth import ellipsoid_field, physical_grid, smooth_noise, soften
-
     # Shape jitters by up to ~10 % per case, as real scans of different patients do.
     shape = tuple(int(round(n * rng.uniform(0.9, 1.0))) for n in protocol.shape)
     spacing = protocol.spacing

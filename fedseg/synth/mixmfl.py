@@ -24,12 +24,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:  # pragma: no cover
-    from fedseg.data.synth import SyntheticCase, SyntheticSite
+from fedseg.synth.common import (
+    SyntheticCase, SyntheticSite, case_rng, case_splits, ellipsoid_field, geometry_3d, physical_grid, smooth_noise, soften,
+)
 
 SEQUENCES = ("T1", "T1ce", "T2", "FLAIR")
 SITE_SEQUENCES: dict[str, tuple[str, str]] = {
@@ -81,8 +81,6 @@ TISSUE = 100.0
 
 def mixmfl_site(site: str, site_index: int, seed: int) -> SyntheticSite:
     """One site of the preset: its pair of sequences, labels and cases."""
-    from fedseg.data.synth import SyntheticCase, SyntheticSite, case_splits, geometry_3d
-
     sequences = SITE_SEQUENCES[site]
     style = STYLES[site_index]
 
@@ -103,8 +101,6 @@ def mixmfl_volume(
     seed: int, site_index: int, case_index: int, sequences: tuple[str, ...], style: SiteStyle
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """(one image per sequence, label) of one case; the anatomy does not depend on the sequences."""
-    from fedseg.data.synth import case_rng, ellipsoid_field, physical_grid, smooth_noise, soften
-
     rng = case_rng(seed, site_index, case_index)
     fov = FOV_MM * rng.uniform(0.93, 1.07, size=3)
     shape = tuple(int(round(f / s)) for f, s in zip(fov, SPACING))

@@ -30,17 +30,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedseg.data.image_io import DUMMY_2D_SPACING, Geometry
+from fedseg.synth.common import SyntheticCase, SyntheticSite, case_rng, case_splits, smooth_noise
 
-if TYPE_CHECKING:  # pragma: no cover
-    from fedseg.data.synth import SyntheticSite
-
-# fedseg.data.synth imports this module to register the preset, so its helpers are imported
-# inside the functions below (no import cycle, whichever module is imported first).
 
 IMAGE_SIZE = 64                       # pixels per side: small enough for quick CPU training
 LABELS = {"background": 0, "lesion": 1}
@@ -93,8 +88,6 @@ def flames_site(
     n_test: int | None = None,
 ) -> SyntheticSite:
     """One site of the preset (or the server test set for `site == "_server_test"`)."""
-    from fedseg.data.synth import SyntheticCase, SyntheticSite, case_rng, case_splits
-
     if site == SERVER_TEST:
         return _server_site(seed, file_ending, n_test)
     style = FLAMES_STYLES[site]
@@ -116,8 +109,6 @@ def flames_site(
 
 
 def _server_site(seed: int, file_ending: str, n_per_organ: int | None) -> SyntheticSite:
-    from fedseg.data.synth import SyntheticCase, SyntheticSite, case_rng
-
     n = N_SERVER_PER_ORGAN if n_per_organ is None else n_per_organ
     ids = {organ: [f"{organ}_{i:03d}" for i in range(n)] for organ in SERVER_STYLES}
 
@@ -165,8 +156,6 @@ def _grid() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _smooth_noise(rng: np.random.Generator, sigma: float) -> np.ndarray:
-    from fedseg.data.synth import smooth_noise
-
     return smooth_noise(rng, (IMAGE_SIZE, IMAGE_SIZE), (sigma, sigma))
 
 

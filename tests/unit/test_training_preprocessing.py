@@ -9,7 +9,7 @@ import pytest
 
 from fedseg.data.case_loading import CaseData
 from fedseg.data.image_io import Geometry
-from fedseg.data.preprocessing import (
+from fedseg.training.preprocessing import (
     indices_to_label_values,
     label_values_to_indices,
     preprocess_case,

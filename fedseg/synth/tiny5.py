@@ -8,18 +8,15 @@ Sites site_a..site_c are exactly `tiny`'s; site_d and site_e add two more scanne
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from fedseg.synth.common import SyntheticSite, lesion_site
+from fedseg.synth.tiny import TINY_STYLES, TINY_TEST, TINY_TRAIN, TinySiteStyle, tiny_volume
 
-if TYPE_CHECKING:  # pragma: no cover
-    from fedseg.data.synth import SyntheticSite
 
 DESCRIPTION = "5 sites like 'tiny' (3D blob in a body; spacing and intensity differ per site), for robustness tests"
 SITES = ("site_a", "site_b", "site_c", "site_d", "site_e")
 
 
 def _styles():
-    from fedseg.data.synth import TINY_STYLES, TinySiteStyle
-
     return TINY_STYLES + (
         TinySiteStyle((1.2, 1.0, 1.0), scale=2.0, offset=100.0, noise=0.09),
         TinySiteStyle((1.0, 1.3, 1.3), scale=0.8, offset=20.0, noise=0.07),
@@ -27,8 +24,6 @@ def _styles():
 
 
 def tiny5_site(site: str, site_index: int, seed: int) -> SyntheticSite:
-    from fedseg.data.synth import TINY_TEST, TINY_TRAIN, _tiny_volume, lesion_site
-
     style = _styles()[site_index]
     return lesion_site(f"fedseg synthetic 'tiny5' preset, {site}", site_index, seed, TINY_TRAIN, TINY_TEST,
-                       style.spacing, lambda rng: _tiny_volume(rng, style))
+                       style.spacing, lambda rng: tiny_volume(rng, style))

@@ -16,7 +16,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from fedseg.data.image_io import DUMMY_2D_SPACING, Geometry
-from fedseg.data.synth import SyntheticCase, SyntheticSite, case_rng, case_splits, smooth_noise
+from fedseg.synth.common import SyntheticCase, SyntheticSite, case_rng, case_splits, smooth_noise
 
 SIZE = 64                      # pixels per side: small enough for CPU training in seconds
 FEDFMS_TRAIN, FEDFMS_TEST = 12, 4
