@@ -10,7 +10,7 @@ import pytest
 
 from fedseg.federation.simulation import SimulationConfig, simulate
 
-ROUNDS, ITERATIONS = 3, 25
+ROUNDS, ITERATIONS = 3, 40
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +67,9 @@ def test_both_learn(runs, strategy: str) -> None:
     _, result = runs[strategy]
     per_round = [sum(values) / len(values) for values in zip(*result.val_dice.values())]
     assert per_round[-1] > per_round[0], per_round
-    # 3 rounds x 25 iterations from a random tiny SAM reach validation Dice 0.55 (fedmsa) and
-    # 0.67 (fedsam), test Dice 0.63-0.73 per site; a model that only predicts background scores 0
+    # 3 rounds x 40 iterations from a random tiny SAM reach validation Dice 0.67 (fedmsa) and
+    # 0.75 (fedsam), test Dice 0.69-0.74 per site (at 25 iterations fedmsa's frozen random
+    # backbone left it at 0.29 on some folds); a model that only predicts background scores 0
     assert per_round[-1] >= 0.4, per_round
     test = {site: m["foreground_mean"]["dice"] for site, m in result.test_metrics.items()}
     assert all(dice >= 0.5 for dice in test.values()), test
