@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -144,7 +145,14 @@ def test_coordinator_receives_no_case_name_voxel_or_prediction(selection_run: Pa
                 manifest = expected_parameters(plans, update.stem)
                 for name, info in header.items():   # only network parameters, at their planned shapes
                     assert tuple(info["shape"]) == manifest[name][0], (update, name)
-                assert set(json.loads(metadata["extra"])) <= {"val_dice", "mean_loss", "fold", "incoming_val_dice", "n_val_cases"}
+                extra = json.loads(metadata["extra"])
+                # numbers only: Dice, loss, fold, counts, the loss/lr curve (at most 32 points
+                # each) and the sha256 of the model the update started from
+                assert set(extra) <= {
+                    "val_dice", "mean_loss", "fold", "incoming_val_dice", "n_val_cases", "curve", "started_from",
+                }
+                assert re.fullmatch(r"[0-9a-f]{64}", extra["started_from"])
+                assert all(len(v) <= 32 and all(isinstance(x, (int, float)) for x in v) for v in extra["curve"].values())
     assert n_updates == 2 * 5 * ROUNDS * 3
     for path in received:
         data = path.read_bytes()
