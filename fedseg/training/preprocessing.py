@@ -179,19 +179,7 @@ def revert_probabilities(
     Probabilities of several models (folds, configurations) averaged in this geometry are an
     ensemble, whatever grid each model predicted on.
     """
-    spacing = [float(s) for s in properties["spacing_after_cropping"]]
-    current = target_spacing_3d(config, spacing)
-    shape_after_cropping = tuple(int(s) for s in properties["shape_after_cropping"])
-    threshold = getattr(config, "resampling_separate_z_anisotropy_threshold", DEFAULT_ANISOTROPY_THRESHOLD)
-    resampled = resample_data(
-        np.asarray(probs).astype(np.float32, copy=False), shape_after_cropping, False, current, spacing, threshold,
-        order=PROBABILITY_ORDER,
-    )
-    full = np.zeros((resampled.shape[0], *(int(s) for s in properties["shape_before_cropping"])), dtype=np.float32)
-    if not regions:
-        full[0] = 1.0
-    full[(slice(None), *bbox_to_slices(properties["bbox"]))] = resampled
-    return full
+    return _uncrop_probabilities(_resample_to_cropped_grid(probs, properties, config), properties, regions)
 
 
 def revert_logits(
@@ -202,14 +190,7 @@ def revert_logits(
     resampled (linearly), then turned into probabilities (softmax over classes, or a sigmoid
     per region with `regions`); outside the cropping box the background has probability 1
     (regions: no region present)."""
-    spacing = [float(s) for s in properties["spacing_after_cropping"]]
-    current = target_spacing_3d(config, spacing)
-    shape_after_cropping = tuple(int(s) for s in properties["shape_after_cropping"])
-    threshold = getattr(config, "resampling_separate_z_anisotropy_threshold", DEFAULT_ANISOTROPY_THRESHOLD)
-    resampled = resample_data(
-        np.asarray(logits).astype(np.float32, copy=False), shape_after_cropping, False, current, spacing, threshold,
-        order=PROBABILITY_ORDER,
-    )
+    resampled = _resample_to_cropped_grid(logits, properties, config)
     if regions:
         from scipy.special import expit   # the logistic function without overflow warnings
 
@@ -217,6 +198,25 @@ def revert_logits(
     else:   # a stable softmax: exp of the difference to the largest logit
         probs = np.exp(resampled - resampled.max(axis=0, keepdims=True))
         probs /= probs.sum(axis=0, keepdims=True)
+    return _uncrop_probabilities(probs, properties, regions)
+
+
+def _resample_to_cropped_grid(values: np.ndarray, properties: dict[str, Any], config: ConfigurationPlan) -> np.ndarray:
+    """(K, z, y, x) float values on the preprocessed grid, resampled linearly to the cropped box
+    at the case's own spacing (`shape_after_cropping`)."""
+    spacing = [float(s) for s in properties["spacing_after_cropping"]]
+    current = target_spacing_3d(config, spacing)
+    shape_after_cropping = tuple(int(s) for s in properties["shape_after_cropping"])
+    threshold = getattr(config, "resampling_separate_z_anisotropy_threshold", DEFAULT_ANISOTROPY_THRESHOLD)
+    return resample_data(
+        np.asarray(values).astype(np.float32, copy=False), shape_after_cropping, False, current, spacing, threshold,
+        order=PROBABILITY_ORDER,
+    )
+
+
+def _uncrop_probabilities(probs: np.ndarray, properties: dict[str, Any], regions: bool) -> np.ndarray:
+    """Probabilities of the cropped box placed into the full image: outside it the background
+    has probability 1 (regions: every region 0)."""
     full = np.zeros((probs.shape[0], *(int(s) for s in properties["shape_before_cropping"])), dtype=np.float32)
     if not regions:
         full[0] = 1.0
