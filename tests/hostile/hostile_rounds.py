@@ -5,33 +5,17 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytest
-
 # the tiny fedavg plan and its updates are the engine tests' own (tests/unit)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 
 from test_federation_engine import _rewrite as rewrite  # noqa: E402
 from test_federation_engine import make_plans, random_state, write_updates  # noqa: E402
+from test_federation_validation_cli import aggregate, assert_refused  # noqa: E402
 
-from fedseg.cli.main import run  # noqa: E402
 from fedseg.federation.engine import write_site_update  # noqa: E402
 from fedseg.planning.plans import Plans  # noqa: E402
 
 __all__ = ["assert_refused", "aggregate", "files_of", "make_plans", "random_state", "rewrite", "setup_plan", "write_updates", "write_site_update"]
-
-
-def assert_refused(capsys: pytest.CaptureFixture, rc: int, names: Path | str, fragment: str = "") -> str:
-    """Exit 2, one line that starts like every fedseg error, names `names` and says `fragment`."""
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("fedseg: error: "), err
-    assert "Traceback" not in err
-    assert str(names) in err and fragment in err, err
-    return err
-
-
-def aggregate(plans_path: Path, files, out: Path, *extra: str) -> int:
-    return run(["aggregate", "--plans", str(plans_path), *map(str, files), "-o", str(out), "-q", *extra])
 
 
 def setup_plan(folder: Path) -> tuple[Plans, Path]:

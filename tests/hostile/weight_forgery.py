@@ -4,42 +4,37 @@ tensors, and byte-level edits of a safetensors file that fedseg's writer would n
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
+
+from cli_inputs import listing
 
 from fedseg.federation.engine import aggregate_round, write_site_update
 from fedseg.federation.weightfile import WeightMeta, read_weight_file, write_weight_file
-from fedseg.planning.plans import ConfigurationPlan, NetworkSpec, Plans, SiteInfo, StrategySpec
+from fedseg.planning.plans import Plans
 
-MANIFEST = {
-    "encoder.stages.0.conv.weight": {"shape": [4, 1, 3, 3, 3], "dtype": "float32"},
-    "encoder.stages.0.conv.bias": {"shape": [4], "dtype": "float32"},
-    "decoder.seg_layers.0.weight": {"shape": [2, 4, 1, 1, 1], "dtype": "float32"},
-    "norm.num_batches_tracked": {"shape": [], "dtype": "int64"},
-}
-N_CASES = {"A": 3, "B": 5, "C": 8}
+# the tiny plan and the refusal check are the unit tests' own (tests/unit)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+
+from test_federation_engine import MANIFEST  # noqa: E402
+from test_federation_engine import make_plans as engine_plans  # noqa: E402
+from test_federation_validation_cli import assert_refused  # noqa: E402
+
+__all__ = [
+    "GIB", "MANIFEST", "add_stowaway", "aggregate_round", "assert_refused", "federation", "listing", "make_plans",
+    "read_header", "rewrite", "round_model", "site_state", "write_raw", "write_site_update", "write_updates",
+    "write_weight_file",
+]
+
 GIB = 1 << 30
 
 
 def make_plans(params: dict | None = None, manifest: dict | None = None, sites: dict[str, int] | None = None) -> Plans:
-    network = NetworkSpec(
-        n_stages=2, features_per_stage=[4, 8], kernel_sizes=[[3, 3, 3]] * 2, strides=[[1, 1, 1], [2, 2, 2]],
-        n_conv_per_stage=[1, 1], n_conv_per_stage_decoder=[1],
-    )
-    config = ConfigurationPlan(
-        name="3d_fullres", spacing=[1.0, 1.0, 1.0], patch_size=[16, 16, 16], median_image_size_in_voxels=[16, 16, 16],
-        batch_size=2, normalization_schemes=["ZScoreNormalization"], use_mask_for_norm=[False], network=network,
-    )
-    return Plans(
-        dataset_name="hostile", channel_names={"0": "T1"}, labels={"background": 0, "lesion": 1},
-        file_ending=".nii.gz", fingerprint={},
-        sites={s: SiteInfo("MRI", ["T1"], n) for s, n in (sites or N_CASES).items()},
-        strategy=StrategySpec("fedavg", dict(params or {})), configurations={"3d_fullres": config},
-        default_configuration="3d_fullres", extra={"manifests": {"3d_fullres": manifest or MANIFEST}},
-    )
+    """The engine tests' tiny fedavg plan, with `params`, another manifest or other sites."""
+    return engine_plans(params=params, sites=sites, manifest=manifest)
 
 
 def site_state(seed: int, manifest: dict | None = None) -> dict[str, np.ndarray]:
@@ -108,16 +103,3 @@ def add_stowaway(path: Path, n_bytes: int = 3 * GIB // 2, name: str = "stowaway"
     header, data = read_header(path)
     header[name] = {"dtype": "F32", "shape": [n_bytes // 4], "data_offsets": [len(data), len(data) + n_bytes]}
     write_raw(path, header, data, total_data=len(data) + n_bytes)
-
-
-def assert_refused(capsys: pytest.CaptureFixture, rc: int, names: Path | str, fragment: str = "") -> str:
-    """Exit 2 and one line on stderr that names the file (and says `fragment`), no traceback."""
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, err
-    assert len(err.splitlines()) == 1 and err.startswith("fedseg: error: "), err
-    assert str(names) in err and fragment in err, err
-    return err
-
-
-def listing(folder: Path) -> set[str]:
-    return {str(p.relative_to(folder)) for p in folder.rglob("*")}

@@ -37,7 +37,9 @@ FLOAT_NAMES = [n for n, e in MANIFEST.items() if e["dtype"] == "float32"]
 N_CASES = {"A": 3, "B": 5, "C": 8}
 
 
-def make_plans(strategy: str = "fedavg", params: dict | None = None, sites: dict[str, int] | None = None) -> Plans:
+def make_plans(
+    strategy: str = "fedavg", params: dict | None = None, sites: dict[str, int] | None = None, manifest: dict | None = None,
+) -> Plans:
     network = NetworkSpec(
         n_stages=2, features_per_stage=[4, 8], kernel_sizes=[[3, 3, 3]] * 2, strides=[[1, 1, 1], [2, 2, 2]],
         n_conv_per_stage=[1, 1], n_conv_per_stage_decoder=[1],
@@ -50,7 +52,7 @@ def make_plans(strategy: str = "fedavg", params: dict | None = None, sites: dict
         dataset_name="unit", channel_names={"0": "T1"}, labels={"background": 0, "lesion": 1}, file_ending=".nii.gz",
         fingerprint={}, sites={s: SiteInfo("MRI", ["T1"], n) for s, n in (sites or N_CASES).items()},
         strategy=StrategySpec(strategy, dict(params or {})), configurations={"3d_fullres": config},
-        default_configuration="3d_fullres", extra={"manifests": {"3d_fullres": MANIFEST}},
+        default_configuration="3d_fullres", extra={"manifests": {"3d_fullres": manifest or MANIFEST}},
     )
 
 
