@@ -13,13 +13,14 @@ import numpy as np
 from cli_inputs import listing
 
 from fedseg.federation.engine import aggregate_round, write_site_update
-from fedseg.federation.weightfile import WeightMeta, read_weight_file, write_weight_file
+from fedseg.federation.weightfile import write_weight_file
 from fedseg.planning.plans import Plans
 
 # the tiny plan and the refusal check are the unit tests' own (tests/unit)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 
 from test_federation_engine import MANIFEST  # noqa: E402
+from test_federation_engine import _rewrite as rewrite  # noqa: E402
 from test_federation_engine import make_plans as engine_plans  # noqa: E402
 from test_federation_validation_cli import assert_refused  # noqa: E402
 
@@ -71,14 +72,6 @@ def round_model(tmp_path: Path, plans: Plans, updates: dict[str, Path]) -> Path:
     target = tmp_path / "model_A.safetensors"
     target.write_bytes((tmp_path / "round_001" / "A.safetensors").read_bytes())
     return target
-
-
-def rewrite(path: Path, **meta_changes: Any) -> None:
-    """Rewrite a weight file with changed metadata and a VALID content hash over it."""
-    tensors, meta = read_weight_file(path)
-    fields = {**meta.__dict__, **meta_changes}
-    fields.pop("content_hash")
-    write_weight_file(path, tensors, WeightMeta(**fields))
 
 
 def read_header(path: Path) -> tuple[dict[str, Any], bytes]:
