@@ -21,7 +21,6 @@ import numpy as np
 
 from fedseg.data.case_loading import CaseData
 from fedseg.data.cropping import OUTSIDE_NONZERO_LABEL, bbox_to_slices, crop_to_nonzero
-from fedseg.data.labels import paint_regions
 from fedseg.data.normalization import normalize
 from fedseg.data.resampling import (
     DEFAULT_ANISOTROPY_THRESHOLD,
@@ -224,25 +223,19 @@ def _uncrop_probabilities(probs: np.ndarray, properties: dict[str, Any], regions
     return full
 
 
-def revert_segmentation(
-    seg_or_probs: np.ndarray, properties: dict[str, Any], config: ConfigurationPlan,
-    regions_class_order: Sequence[int] | None = None,
-) -> np.ndarray:
+def revert_segmentation(seg_or_probs: np.ndarray, properties: dict[str, Any], config: ConfigurationPlan) -> np.ndarray:
     """Bring a prediction on the preprocessed grid back to the case's original geometry.
 
     Accepts (K, z, y, x) class scores, logits or probabilities (resampled linearly, then
     argmax, as nnU-Net's export does with logits) or a (z, y, x) class-index map (resampled
     through one-hot masks).
     Returns (z, y, x) int16 class indices of shape `shape_before_cropping`; outside the
-    cropping box everything is background (0).
-    With `regions_class_order`, the probabilities are per-region sigmoids: after resampling,
-    the regions are painted (fedseg.data.labels.paint_regions) and the result holds label
-    VALUES, not class indices.
+    cropping box everything is background (0). (Region-based predictions go through
+    `revert_logits` and `fedseg.data.labels.paint_regions`.)
     """
     arr = np.asarray(seg_or_probs)
     if arr.ndim == 4:
-        reverted = revert_probabilities(arr, properties, config, regions=regions_class_order is not None)
-        return paint_regions(reverted, regions_class_order) if regions_class_order is not None else argmax_int16(reverted)
+        return argmax_int16(revert_probabilities(arr, properties, config))
     if arr.ndim != 3:
         raise ValueError(f"expected (K, z, y, x) probabilities or a (z, y, x) index map, got shape {arr.shape}")
     spacing = [float(s) for s in properties["spacing_after_cropping"]]
