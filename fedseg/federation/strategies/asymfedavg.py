@@ -50,13 +50,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedseg.errors import InputError
-from fedseg.federation.strategies.base import Contribution, Strategy, weighted_mean
-from fedseg.federation.strategies.fedavg import WEIGHTINGS, case_weight, case_weights
+from fedseg.federation.strategies.base import Manifest, ProposedRoutes, Strategy, case_weight, check_choice
 
 if TYPE_CHECKING:  # pragma: no cover
     from fedseg.planning.plans import Plans
 
-MAP_KEY = "shared_parameters"
 GLOBAL_POOL = "global"
 SUBSET_POOL_PREFIX = "sites:"
 # How decoder stages are paired across sites of different depth (`--set decoder_match=...`).
@@ -320,35 +318,6 @@ def block_of(key: str) -> str:
     return ".".join(parts)
 
 
-def summarise_map(shared: Mapping[str, Any], manifests_by_site: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, str]:
-    """Human-readable lines: per module (stage), which pools hold how many tensors; per site, shared / total."""
-    modules: dict[str, dict[str, int]] = {}
-    for entry in shared.get("keys", {}).values():
-        module = _module_of(entry["key"])
-        modules.setdefault(module, {})
-        modules[module][entry["pool"]] = modules[module].get(entry["pool"], 0) + 1
-    lines = {"rule": shared.get("rule", ""), "local_norms": str(shared.get("local_norms", False))}
-    for module in sorted(modules, key=_module_order):
-        lines[module] = ", ".join(f"{pool} ({n} tensors)" for pool, n in sorted(modules[module].items()))
-    for site, names in sorted(shared.get("sites", {}).items()):
-        total = len(manifests_by_site[site]) if manifests_by_site and site in manifests_by_site else None
-        lines[f"site {site}"] = f"{len(names)} shared" + (f" of {total} tensors, {total - len(names)} local" if total is not None else "")
-    return lines
-
-
-def _module_of(key: str) -> str:
-    parts = key.split(".")
-    return ".".join(parts[:3])
-
-
-def _module_order(module: str) -> tuple:
-    parts = module.split(".")
-    order = {"encoder": 0, "decoder": 1}.get(parts[0], 2)
-    level = parts[2].removeprefix("out") if len(parts) > 2 else ""
-    index = int(level) if level.isdigit() else 0
-    return (order, index, parts[1] if len(parts) > 1 else "")
-
-
 class AsymFedAvg(Strategy):
     name = "asymfedavg"
     description = "per-site plans (FednnU-Net); structurally matching, same-shape parameters averaged, the rest local"
@@ -358,62 +327,37 @@ class AsymFedAvg(Strategy):
 
     def check_params(self, params: Mapping[str, Any]) -> None:
         super().check_params(params)
-        weighting = params.get("weighting", "n_cases")
-        if weighting not in WEIGHTINGS:
-            raise InputError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
+        check_choice(params, "weighting", ("n_cases", "uniform"))
         for flag, default in FLAG_DEFAULTS.items():
             if not isinstance(params.get(flag, default), bool):
                 raise InputError(f"{flag} must be true or false, got {params.get(flag)!r}")
         if params.get("decoder_match", DEFAULT_DECODER_MATCH) not in DECODER_MATCHES:
             raise InputError(f"decoder_match must be one of {', '.join(DECODER_MATCHES)}, got {params.get('decoder_match')!r}")
 
-    def initial_states(self, plans: Plans, states: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    def initial_states(self, plans: Plans, states: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
         if not plans.strategy.params.get("aligned_init", FLAG_DEFAULTS["aligned_init"]):
             return states
         return aligned_initial_states(states, plans.strategy.params.get("decoder_match", DEFAULT_DECODER_MATCH))
 
-    # -- plan time -----------------------------------------------------------------------
-    def planned_extra(self, plans: Plans) -> dict[str, Any]:
-        from fedseg.federation.manifest import expected_parameters
-
+    # -- plan time ---------------------------------------------------------------------------
+    def shared_map(self, plans: Plans, manifests: Mapping[str, Manifest]) -> dict[str, Any]:
+        """The shared-parameter map of `shared_parameter_map` for these sites and parameters."""
         params = plans.strategy.params
         self.check_params(params)
-        manifests = {site: expected_parameters(plans, site) for site in sorted(plans.sites)}
         strides = None
         if params.get("match_strides", FLAG_DEFAULTS["match_strides"]):
             strides = {site: layer_strides(plans.configuration_for(site).network) for site in manifests}
-        return {MAP_KEY: shared_parameter_map(
+        return shared_parameter_map(
             manifests, local_norms=params.get("local_norms", FLAG_DEFAULTS["local_norms"]),
             decoder_match=params.get("decoder_match", DEFAULT_DECODER_MATCH), strides=strides,
-            match_inputs=params.get("match_inputs", FLAG_DEFAULTS["match_inputs"]))}
+            match_inputs=params.get("match_inputs", FLAG_DEFAULTS["match_inputs"]))
 
-    # -- routing ---------------------------------------------------------------------------
-    def _entry(self, plans: Plans, site: str, name: str) -> Mapping[str, str] | None:
-        shared = plans.extra.get(MAP_KEY)
-        if not isinstance(shared, dict) or "sites" not in shared:
-            raise InputError("the plan has no shared-parameter map for asymfedavg (re-run `fedseg plan`)")
-        return shared["sites"].get(site, {}).get(name)
-
-    def scope(self, plans: Plans, site: str, name: str) -> str | None:
-        entry = self._entry(plans, site, name)
-        return None if entry is None else entry["pool"]
-
-    def key(self, plans: Plans, site: str, name: str) -> str:
-        entry = self._entry(plans, site, name)
-        return name if entry is None else entry["key"]
-
-    def model_pools(self, plans: Plans) -> list[str]:
-        shared = plans.extra.get(MAP_KEY) or {}
-        has_global = any(e["pool"] == GLOBAL_POOL for e in shared.get("keys", {}).values())
-        return [GLOBAL_POOL] if has_global else []
+    def route(self, plans: Plans, manifests: Mapping[str, Manifest]) -> ProposedRoutes:
+        shared = self.shared_map(plans, manifests)
+        tensors = {site: {name: (entry["pool"], entry["key"]) for name, entry in shared["sites"][site].items()}
+                   for site in manifests}
+        return ProposedRoutes(tensors, model_pools=frozenset({GLOBAL_POOL}))
 
     # -- merging -----------------------------------------------------------------------------
-    def pool_weights(self, plans: Plans, pool: str, contributions: Sequence[Contribution]) -> dict[str, float]:
-        return case_weights(plans, contributions)
-
     def sum_weight(self, plans: Plans, pool: str, n_cases: int) -> float:
-        return case_weight(plans, n_cases)
-
-    def combine(self, plans: Plans, pool: str, key: str, contributions: Sequence[Contribution]) -> np.ndarray:
-        weights = self.pool_weights(plans, pool, contributions)
-        return weighted_mean(contributions, [weights[c.site] for c in contributions])
+        return case_weight(plans.strategy.params, n_cases)
