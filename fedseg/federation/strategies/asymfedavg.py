@@ -145,62 +145,76 @@ def shared_parameter_map(
     only), "keys": {pool/key id: {"key", "pool", "shape", "dtype", "sites"}}}.
     Deterministic: sites and names are visited in sorted order.
     """
+    layout = _Layout()
+    for site in sorted(manifests):
+        layout.add_site(site, manifests[site], (strides or {}).get(site, {}), local_norms, decoder_match)
     all_sites = sorted(manifests)
-    # block -> signature -> [site]; a signature is the block's ((key, shape, dtype), ...)
-    positions: dict[str, dict[tuple, list[str]]] = {}
-    names_of: dict[tuple[str, str], list[tuple[str, str]]] = {}   # (site, block) -> [(name, key)]
-    key_block_of: dict[tuple[str, str], str] = {}                  # (site, layer by name) -> block
-    layer_of: dict[tuple[str, str], str] = {}                      # (site, block) -> layer by name
-    for site in all_sites:
+    sites_map: dict[str, dict[str, dict[str, str]]] = {site: {} for site in all_sites}
+    keys: dict[str, dict[str, Any]] = {}
+    pool_of: dict[tuple[str, str], str] = {}      # (site, block) -> pool, for pooled layers
+    feeds = {site: input_layers(manifests[site]) for site in all_sites} if match_inputs else None
+    for block in sorted(layout.positions, key=_layer_order):
+        # member_sites are in sorted order: sites were visited sorted
+        for signature, member_sites in layout.groups(block, feeds, pool_of):
+            if len(member_sites) < 2:
+                continue
+            pool = GLOBAL_POOL if member_sites == all_sites else SUBSET_POOL_PREFIX + "+".join(member_sites)
+            for key, shape, dtype in signature[:-1]:     # the last entry is the stride
+                keys[f"{pool}/{key}"] = {"key": key, "pool": pool, "shape": list(shape), "dtype": dtype, "sites": list(member_sites)}
+            for site in member_sites:
+                pool_of[(site, block)] = pool
+                for name, key in layout.names_of[(site, block)]:
+                    sites_map[site][name] = {"pool": pool, "key": key}
+    rule = rule_text(decoder_match, strides is not None) + ("; inputs pooled alike" if match_inputs else "")
+    return {"rule": rule, "local_norms": bool(local_norms), "decoder_match": decoder_match, "sites": sites_map, "keys": keys}
+
+
+class _Layout:
+    """The sites' layers by structural position: which sites agree on a layer's tensors and stride."""
+
+    def __init__(self) -> None:
+        # block -> signature -> [site]; a signature is the block's ((key, shape, dtype), ..., ("stride", s))
+        self.positions: dict[str, dict[tuple, list[str]]] = {}
+        self.names_of: dict[tuple[str, str], list[tuple[str, str]]] = {}   # (site, block) -> [(name, key)]
+        self.key_block_of: dict[tuple[str, str], str] = {}                  # (site, layer by name) -> block
+        self.layer_of: dict[tuple[str, str], str] = {}                      # (site, block) -> layer by name
+
+    def add_site(self, site: str, manifest: Mapping[str, tuple[Sequence[int], str]], site_strides: Mapping[str, Sequence[int]],
+                 local_norms: bool, decoder_match: str) -> None:
         blocks: dict[str, list[tuple[str, tuple[int, ...], str, str]]] = {}
-        site_strides = (strides or {}).get(site, {})
         block_stride: dict[str, tuple[int, ...]] = {}
-        for name, key in sorted(structural_keys(manifests[site], decoder_match).items()):
-            shape, dtype = manifests[site][name]
+        for name, key in sorted(structural_keys(manifest, decoder_match).items()):
+            shape, dtype = manifest[name]
             if not np.issubdtype(np.dtype(dtype), np.floating):
                 continue  # integer buffers are never averaged
             if local_norms and is_norm_parameter(name):
                 continue
             blocks.setdefault(block_of(key), []).append((key, tuple(int(x) for x in shape), str(dtype), name))
             block_stride[block_of(key)] = tuple(site_strides.get(block_of(name), ()))
-            key_block_of[(site, block_of(name))] = block_of(key)
-            layer_of[(site, block_of(key))] = block_of(name)
+            self.key_block_of[(site, block_of(name))] = block_of(key)
+            self.layer_of[(site, block_of(key))] = block_of(name)
         for block, tensors in blocks.items():
             signature = tuple((key, shape, dtype) for key, shape, dtype, _ in tensors) + (("stride", block_stride[block]),)
-            positions.setdefault(block, {}).setdefault(signature, []).append(site)
-            names_of[(site, block)] = [(name, key) for key, _, _, name in tensors]
-    sites_map: dict[str, dict[str, dict[str, str]]] = {site: {} for site in all_sites}
-    keys: dict[str, dict[str, Any]] = {}
-    pool_of: dict[tuple[str, str], str] = {}      # (site, block) -> pool, for pooled layers
-    feeds = {site: input_layers(manifests[site]) for site in all_sites} if match_inputs else {}
-    for block in sorted(positions, key=_layer_order):
+            self.positions.setdefault(block, {}).setdefault(signature, []).append(site)
+            self.names_of[(site, block)] = [(name, key) for key, _, _, name in tensors]
+
+    def groups(self, block: str, feeds: Mapping[str, Mapping[str, tuple[str, ...]]] | None,
+               pool_of: Mapping[tuple[str, str], str]) -> list[tuple[tuple, list[str]]]:
+        """(signature, sites) of every group of sites that agree on `block`; with `feeds`
+        (match_inputs), split further by where their inputs come from (a local input: the site itself)."""
         groups: list[tuple[tuple, list[str]]] = []
-        for signature, member_sites in sorted(positions[block].items()):
-            if not match_inputs:
+        for signature, member_sites in sorted(self.positions[block].items()):
+            if feeds is None:
                 groups.append((signature, member_sites))
                 continue
-            # split the sites further by where their inputs come from (a local input: the site itself)
             by_inputs: dict[tuple, list[str]] = {}
             for site in member_sites:
-                layer = layer_of[(site, block)]
-                sources = tuple(pool_of.get((site, key_block_of.get((site, src), "")), "local:" + site)
+                layer = self.layer_of[(site, block)]
+                sources = tuple(pool_of.get((site, self.key_block_of.get((site, src), "")), "local:" + site)
                                 for src in feeds[site].get(layer, ()))
                 by_inputs.setdefault(sources, []).append(site)
             groups += [(signature, sites) for _, sites in sorted(by_inputs.items())]
-        # member_sites are in sorted order: sites were visited sorted
-        for signature, member_sites in groups:
-            if len(member_sites) < 2:
-                continue
-            pool = GLOBAL_POOL if member_sites == all_sites else SUBSET_POOL_PREFIX + "+".join(member_sites)
-            for site in member_sites:
-                pool_of[(site, block)] = pool
-            for key, shape, dtype in signature[:-1]:     # the last entry is the stride
-                keys[f"{pool}/{key}"] = {"key": key, "pool": pool, "shape": list(shape), "dtype": dtype, "sites": list(member_sites)}
-            for site in member_sites:
-                for name, key in names_of[(site, block)]:
-                    sites_map[site][name] = {"pool": pool, "key": key}
-    rule = rule_text(decoder_match, strides is not None) + ("; inputs pooled alike" if match_inputs else "")
-    return {"rule": rule, "local_norms": bool(local_norms), "decoder_match": decoder_match, "sites": sites_map, "keys": keys}
+        return groups
 
 
 def input_layers(names: Iterable[str]) -> dict[str, tuple[str, ...]]:
