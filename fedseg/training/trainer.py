@@ -1,8 +1,8 @@
 """Local training of one site for one federated round.
 
-`train_local` is the entry point; `SiteTrainer` holds the loop and its hooks
-(`on_round_start`, `train_step`, `compute_loss`, `validate`) so strategies can change one
-piece without copying the rest.
+`train_local` is the entry point; `SiteTrainer` holds the hooks (`on_round_start`,
+`train_step`, `compute_loss`, `validate`, ...) that the round loop (fedseg.training.round_loop)
+runs through, so strategies can change one piece without copying the rest.
 
 Files in the site's state folder (all written atomically, safetensors only, never pickle):
 
