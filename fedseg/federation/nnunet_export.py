@@ -36,7 +36,7 @@ from fedseg.federation.nnunet_plans import (
     nnunet_plans,
 )
 from fedseg.federation.routes import route_table
-from fedseg.federation.site_state import load_local_state
+from fedseg.training.site_state import load_local_state
 from fedseg.federation.site_update import compose_site_state
 from fedseg.federation.strategies import get_strategy
 from fedseg.federation.weightfile import open_weight_file, to_numpy

@@ -30,7 +30,7 @@ from fedseg.federation.round_commit import (
 )
 from fedseg.federation.server_eval import SERVER_TEST_DIR, evaluate_server_models, is_server_test_set
 from fedseg.federation.site_training import STARTED_FROM
-from fedseg.federation.site_state import restore_site_state
+from fedseg.training.site_state import restore_site_state
 from fedseg.federation.weightfile import open_weight_file, sha256_file
 from fedseg.folder_lock import folder_lock
 from fedseg.names import check_site_name, path_inside
@@ -122,7 +122,7 @@ def simulate(
     from fedseg.federation.aggregation import aggregate_round
     from fedseg.federation.privacy import check_budget_before_round
     from fedseg.federation.site_training import run_site_round
-    from fedseg.federation.site_state import snapshot_site_state
+    from fedseg.training.site_state import snapshot_site_state
     from fedseg.planning.fingerprint import compute_fingerprint, load_fingerprint, save_fingerprint
 
     run_dir = Path(config.run_dir)

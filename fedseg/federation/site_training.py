@@ -21,7 +21,7 @@ from fedseg.federation.privacy import site_privacy
 from fedseg.federation.round_commit import check_committed
 from fedseg.federation.secure_aggregation import AgreementKey
 from fedseg.federation.signing import SigningKey, require_signing_key
-from fedseg.federation.site_state import load_local_state, save_local_state
+from fedseg.training.site_state import load_local_state, save_local_state
 from fedseg.federation.site_update import compose_site_state, split_site_state, write_site_update
 from fedseg.federation.strategies import get_strategy
 from fedseg.federation.weightfile import open_weight_file, sha256_file

@@ -25,6 +25,7 @@ from fedseg.data.image_header import DEFAULT_MAX_VOXELS
 from fedseg.errors import InputError
 from fedseg.planning.plans import ConfigurationPlan, Plans
 from fedseg.training.json_values import jsonable
+from fedseg.training import site_state
 from fedseg.training.preprocessing import preprocess_case
 
 
@@ -39,7 +40,7 @@ class CachedCase:
 
 
 def cache_dir(plans: Plans, state_dir: Path) -> Path:
-    return Path(state_dir) / "preprocessed" / plans.plan_id[:16]
+    return site_state.cache_dir(plans.plan_id, state_dir)
 
 
 def site_layout(plans: Plans, dataset: Any, dataset_json: Path) -> list[int] | None:

@@ -20,8 +20,8 @@ import numpy as np
 
 from fedseg.atomic import write_json_atomic
 from fedseg.errors import InputError
+from fedseg.training.site_state import SPLITS_FILE
 
-SPLITS_FILE = "splits_final.json"
 FOLD_ALL = "all"
 
 Fold = int | str   # 0..n_folds-1, or FOLD_ALL

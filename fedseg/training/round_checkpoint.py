@@ -24,9 +24,8 @@ from safetensors.torch import load_file, save_file
 from fedseg.atomic import atomic_path
 from fedseg.training.folds import Fold
 from fedseg.training.json_values import jsonable
+from fedseg.training.site_state import CHECKPOINT_FILE, OPTIMIZER_FILE
 
-CHECKPOINT_FILE = "checkpoint.safetensors"
-OPTIMIZER_FILE = "optimizer.safetensors"
 CHECKPOINT_FORMAT = "fedseg-checkpoint/1"
 MODEL_PREFIX = "model."
 MOMENTUM_PREFIX = "momentum."

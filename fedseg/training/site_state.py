@@ -1,31 +1,47 @@
-"""A site's state folder (`state/<site>/` in a run folder, `--state` of `fedseg train`).
+"""A site's state folder (`state/<site>/` of a run folder, `--state` of `fedseg train`): its
+layout, in one place, and the files that carry a site from one round to the next.
 
-What stays at the site between rounds: the tensors the route table keeps local
-(`local.safetensors`, this module), the optimizer and checkpoint of the trainer and its cache
-of preprocessed cases (fedseg.training.trainer), and snapshots of the files a round started
-from (`before_round/<r>/`), from which a run redoes a round.
+    local.safetensors                  the tensors the plan's route table keeps at the site
+    checkpoint.safetensors             the trainer's checkpoint of the round in progress
+    optimizer.safetensors              the optimizer's momentum, carried across rounds
+    splits_final.json                  the site's cross-validation splits (fedseg.training.folds)
+    preprocessed/<plan_id[:16]>/       training cases preprocessed once (fedseg.training.case_cache)
+    before_round/<r>/                  the round files round r started from (hard links), from
+                                       which a run redoes a round
+
+Torch-free: tensors are read and written as numpy arrays.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-import torch
-from safetensors.torch import load_file, save_file
+import numpy as np
+from safetensors.numpy import load_file, save_file
 
 from fedseg.atomic import atomic_path
 from fedseg.errors import InputError
-from fedseg.training.trainer import OPTIMIZER_FILE
 
 LOCAL_STATE_FILE = "local.safetensors"
-SNAPSHOT_DIR = "before_round"          # state/<site>/before_round/<r>/: the state files round r started from
+CHECKPOINT_FILE = "checkpoint.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+SPLITS_FILE = "splits_final.json"
+CACHE_DIR = "preprocessed"
+SNAPSHOT_DIR = "before_round"
 # the files a round reads from the state folder and changes for the next one
 ROUND_STATE_FILES = (LOCAL_STATE_FILE, OPTIMIZER_FILE)
 
 
-def load_local_state(state_dir: Path) -> dict[str, torch.Tensor]:
+def cache_dir(plan_id: str, state_dir: Path) -> Path:
+    """Where the training cases preprocessed for plan `plan_id` are cached."""
+    return Path(state_dir) / CACHE_DIR / plan_id[:16]
+
+
+def load_local_state(state_dir: Path) -> dict[str, np.ndarray]:
     """The site's local tensors ({} before its first round)."""
     path = Path(state_dir) / LOCAL_STATE_FILE
     if not path.is_file():
@@ -36,10 +52,18 @@ def load_local_state(state_dir: Path) -> dict[str, torch.Tensor]:
         raise InputError(f"cannot read local state ({exc})", path) from None
 
 
-def save_local_state(state_dir: Path, tensors: dict[str, torch.Tensor]) -> None:
+def save_local_state(state_dir: Path, tensors: Mapping[str, Any]) -> None:
+    """Write the site's local tensors (numpy arrays or CPU/GPU torch tensors)."""
+    arrays = {name: np.ascontiguousarray(_to_numpy(value)) for name, value in tensors.items()}
     Path(state_dir).mkdir(parents=True, exist_ok=True)
     with atomic_path(Path(state_dir) / LOCAL_STATE_FILE) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        save_file(arrays, str(tmp))
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach") and hasattr(value, "cpu"):   # a torch tensor, without importing torch
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
 
 
 def snapshot_site_state(state_dir: Path, round_index: int) -> None:
