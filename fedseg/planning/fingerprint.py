@@ -21,6 +21,10 @@ What leaves the site: spacings, cropped shapes, relative crop sizes (no case nam
 the foreground count, sum, sum of squares, min, max and a histogram with 0.5 %-wide
 logarithmic buckets, and the same moments and histogram with per-case weights. No voxel
 array, no image, no label map.
+
+This module computes fingerprints (it reads images); their file format, validation, reading
+and writing are fedseg.planning.fingerprint_file, re-exported here, which the coordinator
+uses without loading any image library.
 """
 
 from __future__ import annotations
@@ -41,7 +45,6 @@ from fedseg.data.dataset import Case, Dataset
 from fedseg.data.voxel_limit import DEFAULT_MAX_VOXELS
 from fedseg.errors import InputError
 from fedseg.names import check_site_name
-# The file side of a fingerprint, re-exported: callers read, write and compute fingerprints here.
 from fedseg.planning.fingerprint_file import (
     FINGERPRINT_FORMAT,
     FINGERPRINT_FORMAT_VERSION,
