@@ -8,6 +8,9 @@ message instead of exhausting memory.
 "Voxels" is the product of every declared dimension (a 4D NIfTI counts its fourth axis, a
 vector image its components); a colour pixel of a PNG/BMP/TIFF counts as one (at most four
 values each).
+
+The default limit itself is fedseg.data.voxel_limit (re-exported here), which loads no image
+library: the command line shows it in its help.
 """
 
 from __future__ import annotations
