@@ -18,6 +18,11 @@ from pathlib import Path
 
 from fedseg.errors import InputError
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: the lock is not taken
+    fcntl = None
+
 LOCK_FILE = ".fedseg.lock"
 
 
@@ -29,9 +34,7 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
     A folder this call created and that is still empty afterwards is removed again, so a
     refusal after locking leaves nothing behind.
     """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
+    if fcntl is None:  # pragma: no cover - not POSIX
         yield
         return
     folder = Path(folder)

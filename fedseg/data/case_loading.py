@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedseg.data.dataset import Case
-from fedseg.data.image_header import DEFAULT_MAX_VOXELS, check_voxel_limit
+from fedseg.data.image_header import check_voxel_limit
 from fedseg.data.image_io import Geometry, file_ending_of, geometries_agree, read_channels, read_image
+from fedseg.data.voxel_limit import DEFAULT_MAX_VOXELS
 from fedseg.errors import InputError
 
 
@@ -42,6 +43,13 @@ def load_case(
     channels, finite intensities, and (given `label_values`) no label value outside
     dataset.json's labels.
     """
+    data, geometry = _read_case_channels(case, check_finite, max_voxels)
+    seg = _read_case_label(case, geometry, label_values, max_voxels) if case.label is not None else None
+    return CaseData(case.case_id, data, seg, geometry)
+
+
+def _read_case_channels(case: Case, check_finite: bool, max_voxels: int) -> tuple[np.ndarray, Geometry]:
+    """Every channel file of a case as one (C, z, y, x) array and the geometry they share."""
     channels = []
     geometry: Geometry | None = None
     for path in case.images:
@@ -64,32 +72,38 @@ def load_case(
             f"case {case.case_id}: the files hold {n_held} channel(s), dataset.json declares {case.n_channels}",
             case.images[0],
         )
-    seg = None
-    if case.label is not None:
-        label_array, label_geo = read_image(case.label, max_voxels, as_float=False)
-        if label_geo.shape != geometry.shape:
-            raise InputError(
-                f"case {case.case_id}: label shape {label_geo.shape} differs from image shape {geometry.shape}",
-                case.label,
-            )
-        if not geometries_agree(geometry, label_geo):
-            raise InputError(
-                f"case {case.case_id}: label spacing {_fmt(label_geo.spacing)} differs from image spacing "
-                f"{_fmt(geometry.spacing)}",
-                case.label,
-            )
-        seg = label_map_as_int16(label_array, f"case {case.case_id}: label", case.label)
-        if label_values is not None:
-            present = np.unique(seg)
-            unknown = sorted(set(present.tolist()) - set(label_values))
-            if unknown:
-                raise InputError(
-                    f"case {case.case_id}: label value(s) {unknown} not in dataset.json labels {label_values}",
-                    case.label,
-                )
     # One file (the usual case, and every colour image) is already (C, z, y, x): no copy.
     data = channels[0] if len(channels) == 1 else np.concatenate(channels)
-    return CaseData(case.case_id, data, seg, geometry)
+    return data, geometry
+
+
+def _read_case_label(
+    case: Case, geometry: Geometry, label_values: list[int] | None, max_voxels: int
+) -> np.ndarray:
+    """The case's label map as int16, checked against the images' geometry and the dataset's labels."""
+    assert case.label is not None
+    label_array, label_geo = read_image(case.label, max_voxels, as_float=False)
+    if label_geo.shape != geometry.shape:
+        raise InputError(
+            f"case {case.case_id}: label shape {label_geo.shape} differs from image shape {geometry.shape}",
+            case.label,
+        )
+    if not geometries_agree(geometry, label_geo):
+        raise InputError(
+            f"case {case.case_id}: label spacing {_fmt(label_geo.spacing)} differs from image spacing "
+            f"{_fmt(geometry.spacing)}",
+            case.label,
+        )
+    seg = label_map_as_int16(label_array, f"case {case.case_id}: label", case.label)
+    if label_values is not None:
+        present = np.unique(seg)
+        unknown = sorted(set(present.tolist()) - set(label_values))
+        if unknown:
+            raise InputError(
+                f"case {case.case_id}: label value(s) {unknown} not in dataset.json labels {label_values}",
+                case.label,
+            )
+    return seg
 
 
 def label_map_as_int16(array: np.ndarray, what: str, path) -> np.ndarray:

@@ -8,6 +8,9 @@ message instead of exhausting memory.
 "Voxels" is the product of every declared dimension (a 4D NIfTI counts its fourth axis, a
 vector image its components); a colour pixel of a PNG/BMP/TIFF counts as one (at most four
 values each).
+
+The default limit itself is fedseg.data.voxel_limit (re-exported here), which loads no image
+library: the command line shows it in its help.
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ import math
 import struct
 from pathlib import Path
 
+import nibabel
+import SimpleITK as sitk
+import tifffile
+
 from fedseg.data.native_stderr import captured_stderr
+from fedseg.data.voxel_limit import DEFAULT_MAX_VOXELS
 from fedseg.errors import InputError
 
-# 2^30 voxels: a 1024 x 1024 x 1024 volume, above the largest CT series in routine use
-# (e.g. 2000 slices of 512 x 512 = 2^29), and 4 GiB once read as float32.
-DEFAULT_MAX_VOXELS = 2**30
+__all__ = ["DEFAULT_MAX_VOXELS", "PNG_SIGNATURE", "check_voxel_limit", "declared_shape"]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -79,8 +85,6 @@ def _bmp_shape(path: Path) -> tuple[int, ...]:
 
 
 def _tiff_shape(path: Path) -> tuple[int, ...]:
-    import tifffile
-
     try:
         with captured_stderr(), tifffile.TiffFile(str(path)) as tif:   # tifffile logs damaged pages
             series = tif.series
@@ -98,8 +102,6 @@ def _tiff_shape(path: Path) -> tuple[int, ...]:
 
 
 def _nifti_shape(path: Path) -> tuple[int, ...] | None:
-    import nibabel
-
     try:
         return tuple(int(s) for s in nibabel.load(str(path)).shape)  # lazy: reads the header only
     except Exception:  # not a NIfTI nibabel understands: ask SimpleITK
@@ -107,8 +109,6 @@ def _nifti_shape(path: Path) -> tuple[int, ...] | None:
 
 
 def _sitk_shape(path: Path) -> tuple[int, ...]:
-    import SimpleITK as sitk
-
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:

@@ -11,12 +11,19 @@ Every reader checks the header's declared size against a voxel limit first
 
 from __future__ import annotations
 
+import gzip
+import shutil
+import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel
 import numpy as np
+import SimpleITK as sitk
 
-from fedseg.data.image_header import DEFAULT_MAX_VOXELS, check_voxel_limit
+from fedseg.atomic import atomic_path
+from fedseg.data.image_header import check_voxel_limit
 from fedseg.data.native_stderr import captured_stderr
 from fedseg.data.raster_io import (
     DUMMY_2D_SPACING,
@@ -26,6 +33,7 @@ from fedseg.data.raster_io import (
     write_natural,
     write_tiff_stack,
 )
+from fedseg.data.voxel_limit import DEFAULT_MAX_VOXELS
 from fedseg.errors import InputError
 
 # Images of one case may differ in spacing by float noise; more than this is a real mismatch.
@@ -116,8 +124,6 @@ def read_image(
 
 
 def _read_sitk(path: Path, as_float: bool = True) -> tuple[np.ndarray, Geometry]:
-    import SimpleITK as sitk
-
     nifti = check_nifti_complete(path) if file_ending_of(path) in (".nii", ".nii.gz") else None
     if nifti is not None:
         fast = _read_float_nifti(path, nifti)
@@ -149,18 +155,16 @@ def _read_sitk(path: Path, as_float: bool = True) -> tuple[np.ndarray, Geometry]
     return data, Geometry(tuple(data.shape), spacing, origin, direction, False)
 
 
-def check_gipl_complete(path: Path, image) -> None:
+def check_gipl_complete(path: Path, image: sitk.Image) -> None:
     """ITK fills the missing voxels of a truncated GIPL file without complaint: compare the
     file's size with its fixed 256-byte header plus the voxel bytes the header promises."""
-    import SimpleITK as sitk
-
     expected = GIPL_HEADER_BYTES + image.GetNumberOfPixels() * sitk.GetArrayViewFromImage(image).itemsize
     actual = path.stat().st_size
     if actual < expected:
         raise InputError(f"truncated image: {actual} of {expected} bytes present", path)
 
 
-def _read_float_nifti(path: Path, nifti) -> tuple[np.ndarray, Geometry] | None:
+def _read_float_nifti(path: Path, nifti: nibabel.spatialimages.SpatialImage) -> tuple[np.ndarray, Geometry] | None:
     """A plain 3D float NIfTI, decompressed once: voxels from nibabel, geometry from ITK's header.
 
     Reading it with ITK would turn NaN/inf into 0, so `_restore_nonfinite` must decompress
@@ -169,8 +173,6 @@ def _read_float_nifti(path: Path, nifti) -> tuple[np.ndarray, Geometry] | None:
     directly and ITK reads only the header (spacing, origin, direction, exactly as ReadImage
     gives them). Anything else returns None and takes the general path.
     """
-    import SimpleITK as sitk
-
     proxy = nifti.dataobj
     if (
         len(nifti.shape) != 3
@@ -197,7 +199,7 @@ def _read_float_nifti(path: Path, nifti) -> tuple[np.ndarray, Geometry] | None:
     return data, Geometry(tuple(data.shape), spacing, origin, direction, False)
 
 
-def _restore_nonfinite(array: np.ndarray, nifti) -> np.ndarray:
+def _restore_nonfinite(array: np.ndarray, nifti: nibabel.spatialimages.SpatialImage) -> np.ndarray:
     """Put back the NaN/inf voxels that ITK's NIfTI reader silently turns into 0.
 
     A NaN in an image is a broken file the user must hear about (load_case refuses it), not
@@ -216,7 +218,7 @@ def _restore_nonfinite(array: np.ndarray, nifti) -> np.ndarray:
     return array
 
 
-def check_nifti_complete(path: Path):  # -> nibabel image | None (nibabel is imported lazily)
+def check_nifti_complete(path: Path) -> nibabel.spatialimages.SpatialImage | None:
     """Raise InputError if a NIfTI file holds fewer voxel bytes than its header promises.
 
     SimpleITK reads a truncated file (an interrupted copy, a full disk) without complaint and
@@ -226,11 +228,6 @@ def check_nifti_complete(path: Path):  # -> nibabel image | None (nibabel is imp
     count its bytes. Returns the (lazily loaded) nibabel image, or None if nibabel cannot
     parse the header (SimpleITK then gives the verdict).
     """
-    import gzip
-    import zlib
-
-    import nibabel
-
     try:
         image = nibabel.load(str(path))
         offset = int(getattr(image.dataobj, "offset", 0))
@@ -285,8 +282,6 @@ def write_image(data: np.ndarray, geometry: Geometry, path: str | Path) -> None:
 
 
 def _write(array: np.ndarray, geometry: Geometry, path: Path, channel_file: bool) -> None:
-    from fedseg.atomic import atomic_path
-
     ending = file_ending_of(path)
     if ending == ".mhd":
         _write_mhd(array, geometry, path)
@@ -303,9 +298,6 @@ def _write(array: np.ndarray, geometry: Geometry, path: Path, channel_file: bool
 def _write_mhd(array: np.ndarray, geometry: Geometry, path: Path) -> None:
     """A MetaImage header names its data file (`case.zraw`) beside it: both are written in a
     temporary folder, then the data file and, last, the header are renamed into place."""
-    import shutil
-    import tempfile
-
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -319,8 +311,6 @@ def _write_mhd(array: np.ndarray, geometry: Geometry, path: Path) -> None:
 
 
 def write_sitk(array: np.ndarray, geometry: Geometry, tmp: Path, ending: str) -> None:
-    import SimpleITK as sitk
-
     if geometry.is_2d:
         image = sitk.GetImageFromArray(array[0])
         image.SetSpacing(tuple(geometry.spacing[1:][::-1]))

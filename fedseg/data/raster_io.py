@@ -21,7 +21,11 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import tifffile
+from PIL import Image
+from skimage import io as skio
 
+from fedseg.atomic import write_json_atomic
 from fedseg.data.native_stderr import captured_stderr
 from fedseg.errors import InputError
 
@@ -57,9 +61,6 @@ def read_natural(path: Path, ending: str) -> np.ndarray:
 
 
 def _read_pil(path: Path) -> np.ndarray:
-    from PIL import Image
-    from skimage import io as skio
-
     # The voxel limit (fedseg.data.image_header) has already admitted this image's size, so
     # Pillow's own decompression-bomb warning says nothing new: keep it off stderr.
     with warnings.catch_warnings():
@@ -73,8 +74,6 @@ def _read_pil(path: Path) -> np.ndarray:
 
 
 def _read_tiff_array(path: Path) -> np.ndarray:
-    import tifffile
-
     try:
         with captured_stderr():   # tifffile logs its own complaints about damaged pages
             return np.asarray(tifffile.imread(str(path)))
@@ -120,10 +119,6 @@ def read_spacing_json(json_path: Path) -> tuple[float, float, float]:
 
 def write_tiff_stack(array: np.ndarray, spacing: tuple[float, ...], tmp: Path, target: Path, channel_file: bool) -> None:
     """Write a (z, y, x) array to `tmp` (renamed onto `target` by the caller) and its spacing JSON."""
-    import tifffile
-
-    from fedseg.atomic import write_json_atomic
-
     write_json_atomic(spacing_json_path(target, channel_file), {"spacing": [float(s) for s in spacing]})
     tifffile.imwrite(str(tmp), np.asarray(array), compression="zlib", photometric="minisblack")
 
@@ -131,12 +126,8 @@ def write_tiff_stack(array: np.ndarray, spacing: tuple[float, ...], tmp: Path, t
 def write_natural(array2d: np.ndarray, tmp: Path, ending: str) -> None:
     """Write a 2D uint8/uint16 array to `tmp` in the format of `ending`."""
     if ending in (".tif", ".tiff"):
-        import tifffile
-
         tifffile.imwrite(str(tmp), array2d, compression="zlib", photometric="minisblack")
         return
-    from skimage import io as skio
-
     named = tmp.with_name(tmp.name + ending)   # skimage picks the format from the name
     skio.imsave(str(named), array2d, check_contrast=False)
     named.replace(tmp)

@@ -3,7 +3,7 @@
 FednnU-Net's Federated Fingerprint Extraction averages the sites' mean, std, median and
 percentiles weighted by case count; std and quantiles of a union are not averages of the
 parts, so that is wrong whenever sites differ. Here every site sends mergeable statistics
-(fedseg.planning.fingerprint), and the merge is exact:
+(fedseg.planning.fingerprint, read by fedseg.planning.fingerprint_file), and the merge is exact:
 
 - spacings, shapes_after_crop and relative sizes: concatenated (sites sorted by name, so
   the result does not depend on the order the files were given in);
@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from fedseg.errors import InputError
-from fedseg.planning.fingerprint import validate_fingerprint
+from fedseg.planning.fingerprint_file import validate_fingerprint
 from fedseg.planning.sketch import QuantileSketch
 
 MERGED_FORMAT = "fedseg.merged_fingerprint"
@@ -58,45 +58,16 @@ def merge_fingerprints(
     Refuses (InputError naming the input) fingerprints that disagree on labels, on 2D vs 3D
     images, on the number of channels (when required), or that repeat a site name.
     """
-    if not fps:
-        raise InputError("no fingerprints to merge")
-    if names is None:
-        names = [str(fp.get("site", f"fingerprint {i}")) if isinstance(fp, dict) else f"fingerprint {i}"
-                 for i, fp in enumerate(fps)]
-    if len(names) != len(fps):
-        raise ValueError("names must have one entry per fingerprint")
-    for fp, name in zip(fps, names):
-        validate_fingerprint(fp, name)
-
-    seen: dict[str, str] = {}
-    for fp, name in zip(fps, names):
-        if fp["site"] in seen:
-            raise InputError(f"site {fp['site']!r} appears twice (also in {seen[fp['site']]})", name)
-        seen[fp["site"]] = name
-
-    # Sorting by site name makes every list and every float sum independent of input order.
-    order = sorted(range(len(fps)), key=lambda i: fps[i]["site"])
-    fps = [fps[i] for i in order]
-    names = [names[i] for i in order]
-    reference, ref_name = fps[0], names[0]
+    fps, names = _checked_and_sorted(fps, names)
+    reference = fps[0]
     for fp, name in zip(fps[1:], names[1:]):
-        _check_compatible(reference, ref_name, fp, name, require_same_channels)
+        _check_compatible(reference, names[0], fp, name, require_same_channels)
 
     if require_same_channels:
         channel_names, stats_by_channel = _merge_channels_by_index(fps)
     else:
         channel_names, stats_by_channel = _merge_channels_by_name(fps)
-
-    properties, voxel_properties = {}, {}
-    for channel, (voxels, cases) in stats_by_channel.items():
-        if voxels.count == 0:
-            raise InputError(
-                f"channel {channel} ({channel_names[channel]}) has no foreground voxels at any site: "
-                "intensity statistics cannot be computed",
-                names[0] if len(names) == 1 else None,
-            )
-        properties[channel] = _intensity_properties(cases, "inverted_cdf")
-        voxel_properties[channel] = _intensity_properties(voxels, "linear")
+    properties, voxel_properties = _channel_properties(stats_by_channel, channel_names, names)
 
     relative_sizes = [r for fp in fps for r in fp["relative_sizes_after_crop"]]
     file_endings = sorted({fp["file_ending"] for fp in fps})
@@ -127,6 +98,31 @@ def merge_fingerprints(
         "foreground_cases_per_channel": {c: round(w.weight) for c, (_, w) in stats_by_channel.items()},
         "quantile_relative_accuracy": next(iter(stats_by_channel.values()))[0].alpha,
     }
+
+
+def _checked_and_sorted(
+    fps: Sequence[dict[str, Any]], names: Sequence[str] | None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Validate every fingerprint, refuse a repeated site, and sort both lists by site name."""
+    if not fps:
+        raise InputError("no fingerprints to merge")
+    if names is None:
+        names = [str(fp.get("site", f"fingerprint {i}")) if isinstance(fp, dict) else f"fingerprint {i}"
+                 for i, fp in enumerate(fps)]
+    if len(names) != len(fps):
+        raise ValueError("names must have one entry per fingerprint")
+    for fp, name in zip(fps, names):
+        validate_fingerprint(fp, name)
+
+    seen: dict[str, str] = {}
+    for fp, name in zip(fps, names):
+        if fp["site"] in seen:
+            raise InputError(f"site {fp['site']!r} appears twice (also in {seen[fp['site']]})", name)
+        seen[fp["site"]] = name
+
+    # Sorting by site name makes every list and every float sum independent of input order.
+    order = sorted(range(len(fps)), key=lambda i: fps[i]["site"])
+    return [fps[i] for i in order], [names[i] for i in order]
 
 
 def _check_compatible(ref: dict, ref_name: str, fp: dict, name: str, require_same_channels: bool) -> None:
@@ -205,6 +201,23 @@ def _merged_sketch(sketch_dicts) -> QuantileSketch:
         merged = sketch if merged is None else merged.merge(sketch)
     assert merged is not None
     return merged
+
+
+def _channel_properties(
+    stats_by_channel: dict[str, _ChannelSketches], channel_names: dict[str, str], names: list[str]
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """Per channel, nnU-Net's case-weighted intensity properties and the voxel-weighted ones."""
+    properties, voxel_properties = {}, {}
+    for channel, (voxels, cases) in stats_by_channel.items():
+        if voxels.count == 0:
+            raise InputError(
+                f"channel {channel} ({channel_names[channel]}) has no foreground voxels at any site: "
+                "intensity statistics cannot be computed",
+                names[0] if len(names) == 1 else None,
+            )
+        properties[channel] = _intensity_properties(cases, "inverted_cdf")
+        voxel_properties[channel] = _intensity_properties(voxels, "linear")
+    return properties, voxel_properties
 
 
 def _intensity_properties(sketch: QuantileSketch, interpolation: str) -> dict[str, float]:

@@ -51,16 +51,17 @@ from typing import Any
 
 import numpy as np
 
+from fedseg.planning.sketch_bounds import MAX_CONTENTS, READ_ALPHA_RANGE, bucket_key, finite_number, nonnegative_int
+from fedseg.planning.sketch_buckets import BucketStore, add_sparse, add_trimmed, bucket_chunk, scaled
+
+__all__ = ["DEFAULT_ALPHA", "MAX_CONTENTS", "READ_ALPHA_RANGE", "SKETCH_FORMAT", "SKETCH_FORMAT_VERSION",
+           "WEIGHT_UNIT", "WEIGHT_UNIT_BITS", "QuantileSketch"]
+
 SKETCH_FORMAT = "fedseg.ddsketch"
 SKETCH_FORMAT_VERSION = 2
 # 0.5 % relative error: far below the spread of intensity percentiles across scanners, and
 # it keeps a channel's sketch to a few thousand buckets for any realistic intensity range.
 DEFAULT_ALPHA = 0.005
-# What `from_dict` accepts from a file. The dense bucket store spans the keys present, at most
-# 2 * 745 / ln(gamma) of them (~1.5 million, 12 MB, at alpha 1e-3), so alpha is bounded below;
-# bucket contents (counts, or weights in units of 2**-30) sum in int64, so they are capped at 2**62.
-READ_ALPHA_RANGE = (1e-3, 0.5)
-MAX_CONTENTS = 2**62
 # Values are bucketed in chunks of this many: the float64 work buffers (0.5 MiB each) stay in
 # cache and are reused, instead of page-faulting in whole-array temporaries.
 _CHUNK = 1 << 16
@@ -71,51 +72,6 @@ _CHUNK = 1 << 16
 WEIGHT_UNIT_BITS = 30
 WEIGHT_UNIT = 2.0 ** -WEIGHT_UNIT_BITS
 _INTERPOLATIONS = ("lower", "linear", "inverted_cdf")
-
-
-class _Store:
-    """Dense integer bucket contents for keys offset .. offset + len(counts) - 1 (int64)."""
-
-    __slots__ = ("offset", "counts")
-
-    def __init__(self) -> None:
-        self.offset = 0
-        self.counts = np.zeros(0, dtype=np.int64)
-
-    @property
-    def total(self) -> int:
-        return int(self.counts.sum())
-
-    def _extend(self, lo: int, hi: int) -> None:
-        if self.counts.size == 0:
-            self.offset = lo
-            self.counts = np.zeros(hi - lo + 1, dtype=np.int64)
-            return
-        cur_lo, cur_hi = self.offset, self.offset + self.counts.size - 1
-        new_lo, new_hi = min(lo, cur_lo), max(hi, cur_hi)
-        if (new_lo, new_hi) == (cur_lo, cur_hi):
-            return
-        grown = np.zeros(new_hi - new_lo + 1, dtype=np.int64)
-        grown[cur_lo - new_lo: cur_lo - new_lo + self.counts.size] = self.counts
-        self.offset, self.counts = new_lo, grown
-
-    def add_keys(self, keys: np.ndarray) -> None:
-        if keys.size == 0:
-            return
-        lo, hi = int(keys.min()), int(keys.max())
-        self._extend(lo, hi)
-        self.counts += np.bincount(keys - self.offset, minlength=self.counts.size)
-
-    def add_counts(self, lo: int, counts: np.ndarray) -> None:
-        if counts.size == 0:
-            return
-        self._extend(lo, lo + counts.size - 1)
-        start = lo - self.offset
-        self.counts[start: start + counts.size] += counts
-
-    def nonzero_items(self) -> tuple[np.ndarray, np.ndarray]:
-        idx = np.flatnonzero(self.counts)
-        return idx + self.offset, self.counts[idx]
 
 
 class QuantileSketch:
@@ -145,8 +101,8 @@ class QuantileSketch:
         self.max = -math.inf
         # Bucket contents are integers: counts, or multiples of WEIGHT_UNIT when weighted.
         self.zero_count = 0
-        self._positive = _Store()
-        self._negative = _Store()   # keyed by |x|
+        self._positive = BucketStore()
+        self._negative = BucketStore()   # keyed by |x|
 
     @property
     def weight(self) -> float:
@@ -193,45 +149,14 @@ class QuantileSketch:
             total += float(np.sum(m))
             np.square(m, out=s)
             total_sq += float(np.sum(s))
-            self._add_chunk(chunk, m, k, inv_log_gamma, all_positive=vmin > 0.0)
+            self.zero_count += bucket_chunk(self._positive, self._negative, chunk, m, k, inv_log_gamma,
+                                            all_positive=vmin > 0.0)
         self.count += int(v.size)
         self.sum += total
         self.sumsq += total_sq
         self.min = min(self.min, vmin)
         self.max = max(self.max, vmax)
         return self
-
-    def _add_chunk(self, chunk: np.ndarray, m: np.ndarray, k: np.ndarray, inv_log_gamma: float,
-                   all_positive: bool) -> None:
-        """Bucket one chunk; `m` holds the chunk as float64 and is overwritten."""
-        negative = None
-        n_zero = 0
-        if not all_positive:
-            negative = chunk < 0
-            np.abs(m, out=m)
-            zero = m == 0.0
-            n_zero = int(np.count_nonzero(zero))
-            if n_zero:
-                # log(0) is -inf: park zeros at 1.0 (key 0) and take them out of that bucket below.
-                m[zero] = 1.0
-        np.log(m, out=m)
-        m *= inv_log_gamma
-        np.ceil(m, out=m)
-        np.copyto(k, m, casting="unsafe")
-        if all_positive:
-            self._positive.add_keys(k)
-            return
-        kmin, kmax = int(k.min()), int(k.max())
-        width = kmax - kmin + 1
-        k -= kmin
-        k[negative] += width          # one bincount for both signs: negatives in the upper half
-        counts = np.bincount(k, minlength=2 * width)
-        positive_counts, negative_counts = counts[:width], counts[width:]
-        if n_zero:
-            positive_counts[-kmin] -= n_zero
-            self.zero_count += n_zero
-        _add_trimmed(self._positive, kmin, positive_counts)
-        _add_trimmed(self._negative, kmin, negative_counts)
 
     def merge(self, other: QuantileSketch, weight: float = 1.0) -> QuantileSketch:
         """Add `other`'s contents to this sketch, each of its values' weight times `weight`. Returns self.
@@ -258,8 +183,8 @@ class QuantileSketch:
             if biggest * factor >= 2.0 ** 62:
                 raise ValueError(f"merge weight {weight} is too large for the sketch's integer bucket weights")
             for mine, theirs in ((self._positive, other._positive), (self._negative, other._negative)):
-                _add_trimmed(mine, theirs.offset, _scaled(theirs.counts, factor))
-            self.zero_count += int(_scaled(np.array([other.zero_count], dtype=np.int64), factor)[0])
+                add_trimmed(mine, theirs.offset, scaled(theirs.counts, factor))
+            self.zero_count += int(scaled(np.array([other.zero_count], dtype=np.int64), factor)[0])
             self._weight += weight * other.weight
             self.sum += weight * other.sum
             self.sumsq += weight * other.sumsq
@@ -374,7 +299,7 @@ class QuantileSketch:
 
     def to_dict(self) -> dict[str, Any]:
         """Compact JSON-able form: moments plus sparse {bucket key: integer content} per sign."""
-        def sparse(store: _Store) -> dict[str, int]:
+        def sparse(store: BucketStore) -> dict[str, int]:
             keys, counts = store.nonzero_items()
             return {str(int(k)): int(c) for k, c in zip(keys, counts)}
 
@@ -408,23 +333,23 @@ class QuantileSketch:
             raise ValueError("'weighted' must be true or false")
         # Every number is bounded before use (the sketch may come from another site): alpha
         # sets the key range, which sizes the dense bucket store; counts must fit int64 sums.
-        alpha = _finite(d["alpha"], "alpha")
+        alpha = finite_number(d["alpha"], "alpha")
         if not READ_ALPHA_RANGE[0] <= alpha <= READ_ALPHA_RANGE[1]:
             raise ValueError(f"alpha must be in [{READ_ALPHA_RANGE[0]}, {READ_ALPHA_RANGE[1]}], not {alpha}")
         sketch = cls(alpha, weighted=weighted)
         if d.get("bucket_unit") != sketch.bucket_unit:
             raise ValueError(f"bucket_unit must be {sketch.bucket_unit} for a {'' if weighted else 'un'}weighted sketch")
-        sketch.count = _nonnegative_int(d["count"], "count")
-        sketch.sum = _finite(d["sum"], "sum")
-        sketch.sumsq = _finite(d["sumsq"], "sumsq")
-        sketch.zero_count = _nonnegative_int(d["zero_count"], "zero_count")
-        weight = _finite(d["weight"], "weight")
+        sketch.count = nonnegative_int(d["count"], "count")
+        sketch.sum = finite_number(d["sum"], "sum")
+        sketch.sumsq = finite_number(d["sumsq"], "sumsq")
+        sketch.zero_count = nonnegative_int(d["zero_count"], "zero_count")
+        weight = finite_number(d["weight"], "weight")
         if weighted:
             sketch._weight = weight
         elif weight != sketch.count:
             raise ValueError("weight of an unweighted sketch must equal its count")
         if sketch.count:
-            sketch.min, sketch.max = _finite(d["min"], "min"), _finite(d["max"], "max")
+            sketch.min, sketch.max = finite_number(d["min"], "min"), finite_number(d["max"], "max")
             if not sketch.min <= sketch.max:
                 raise ValueError("min is larger than max")
         # the keys a float64 can reach: |ln x| <= 745 for every finite nonzero double
@@ -434,12 +359,12 @@ class QuantileSketch:
             if not isinstance(items, dict):
                 raise ValueError("bucket contents must be an object")
             if items:
-                keys = [_bucket_key(k, key_limit) for k in items]
-                values = [_nonnegative_int(c, "bucket content") for c in items.values()]
+                keys = [bucket_key(k, key_limit) for k in items]
+                values = [nonnegative_int(c, "bucket content") for c in items.values()]
                 contents += sum(values)   # Python ints: no wrap-around before the check
                 if contents > MAX_CONTENTS:
                     raise ValueError(f"bucket contents add up to more than {MAX_CONTENTS}")
-                _add_sparse(store, np.array(keys, dtype=np.int64), np.array(values, dtype=np.int64))
+                add_sparse(store, np.array(keys, dtype=np.int64), np.array(values, dtype=np.int64))
         if not weighted and contents != sketch.count:
             raise ValueError("bucket counts do not add up to count")
         # Weighted: rounding to the 2**-30 grid moves a part's total by far less than 1e-4.
@@ -456,54 +381,3 @@ class QuantileSketch:
     def __repr__(self) -> str:
         kind = ", weighted" if self.weighted else ""
         return f"QuantileSketch(alpha={self.alpha}{kind}, count={self.count}, min={self.min}, max={self.max})"
-
-
-def _nonnegative_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_CONTENTS:
-        shown = repr(value) if len(repr(value)) <= 24 else "a number out of range"
-        raise ValueError(f"{what} must be a non-negative integer up to 2^62, not {shown}")
-    return value
-
-
-def _finite(value: Any, what: str) -> float:
-    """A JSON number as a finite float; ValueError for inf/NaN, strings or a 400-digit integer."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{what} must be a number")
-    try:
-        number = float(value)
-    except OverflowError:
-        raise ValueError(f"{what} is beyond the float range") from None
-    if not math.isfinite(number):
-        raise ValueError(f"{what} must be finite, not {number}")
-    return number
-
-
-def _bucket_key(text: Any, limit: int) -> int:
-    try:
-        key = int(text)
-    except (TypeError, ValueError):
-        raise ValueError(f"bucket key {str(text)[:24]!r} is not an integer") from None
-    if abs(key) > limit:
-        raise ValueError(f"bucket key {key if abs(key) < 10**12 else '(huge)'} is beyond the float64 range (|key| <= {limit})")
-    return key
-
-
-def _scaled(counts: np.ndarray, factor: float) -> np.ndarray:
-    """Integer bucket contents times `factor`, rounded to the nearest integer (exact when factor is 1)."""
-    if factor == 1.0:
-        return counts
-    return np.rint(counts * factor).astype(np.int64)
-
-
-def _add_trimmed(store: _Store, lo: int, counts: np.ndarray) -> None:
-    """Add dense counts starting at key `lo`, without growing the store for empty edges."""
-    nonzero = np.flatnonzero(counts)
-    if nonzero.size:
-        store.add_counts(lo + int(nonzero[0]), counts[nonzero[0]: nonzero[-1] + 1])
-
-
-def _add_sparse(store: _Store, keys: np.ndarray, counts: np.ndarray) -> None:
-    lo, hi = int(keys.min()), int(keys.max())
-    dense = np.zeros(hi - lo + 1, dtype=np.int64)
-    np.add.at(dense, keys - lo, counts)
-    store.add_counts(lo, dense)

@@ -5,12 +5,13 @@ geometry). `generate` writes `out_dir/<site>/` with dataset.json, imagesTr, labe
 imagesTs, labelsTs. Sites differ the way real hospitals do: voxel spacing, intensity scale
 and offset, noise, so federated planning and normalisation have something to reconcile.
 
-The registry (this module) imports the preset modules; they import only
-`fedseg.synth.common` (and `tiny` for `tiny5`), never this module, so there is no import cycle.
+The registry (this module) imports the preset modules (the package fedseg.synth.presets);
+they import only `fedseg.synth.common` (and `tiny` for `tiny5`), never this module, so there
+is no import cycle.
 
-Adding a preset: write a module with a function `(site: str, site_index: int, seed: int) ->
-SyntheticSite` (build it from `fedseg.synth.common`) and register it in `PRESETS` below with
-its site names.
+Adding a preset: write a module in fedseg/synth/presets/ with a function `(site: str,
+site_index: int, seed: int) -> SyntheticSite` (build it from `fedseg.synth.common`) and
+register it in `PRESETS` below with its site names.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedseg.errors import InputError
-from fedseg.synth import brain, fedfms, fednnunet, flames, mixmfl, tiny, tiny5
 from fedseg.synth.common import SiteGenerator, write_site
+from fedseg.synth.presets import brain, fedfms, fednnunet, flames, mixmfl, tiny, tiny5
 
 Log = Callable[[str], None]
 

@@ -13,7 +13,7 @@ import pytest
 from fedseg.cli.main import run
 from fedseg.data.image_io import read_image
 from fedseg.synth import generate, write_site
-from fedseg.synth.flames import FLAMES_SITES, SERVER_TEST, flames_site
+from fedseg.synth.presets.flames import FLAMES_SITES, SERVER_TEST, flames_site
 
 # Two MRI sites (a group of 2: personalised weights) and one ultrasound site (a group of 1).
 SITES = ("mri_a", "mri_b", "us_breast")

@@ -313,3 +313,18 @@ def test_workers_start_fresh_when_torch_is_loaded(federation, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))
     assert fingerprint_module._pool_context().get_start_method() != "fork"
     assert compute_fingerprint(dataset, "b_site", workers=2) == compute_fingerprint(dataset, "b_site")
+
+
+def test_merging_and_reading_fingerprints_load_no_image_library():
+    """The coordinator reads, validates and merges fingerprints without SimpleITK or nibabel
+    (fedseg.planning.fingerprint_file); only computing one (fedseg.planning.fingerprint) reads images."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import fedseg.data.voxel_limit, fedseg.planning.fingerprint_file, fedseg.planning.merge\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('SimpleITK', 'nibabel')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]"

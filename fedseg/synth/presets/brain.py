@@ -10,8 +10,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel
 import numpy as np
 from scipy import ndimage as ndi
+from skimage.filters import threshold_otsu
 
 from fedseg.errors import InputError
 from fedseg.synth.common import SyntheticCase, SyntheticSite, case_rng, case_splits, geometry_3d, smooth_noise
@@ -37,8 +39,6 @@ MAX_TRANSLATION_MM = 4.0
 
 def template_path() -> Path:
     """nibabel's bundled T1 example (33x41x25 voxels at 2 mm)."""
-    import nibabel
-
     path = Path(os.path.dirname(nibabel.__file__)) / "tests" / "data" / "anatomical.nii"
     if not path.is_file():
         raise InputError("the 'brain' preset needs nibabel's bundled tests/data/anatomical.nii", path)
@@ -47,8 +47,6 @@ def template_path() -> Path:
 
 def load_brain_template() -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
     """(image (z, y, x) float32 scaled to median tissue = 1, tissue mask, spacing (z, y, x))."""
-    import nibabel
-
     img = nibabel.load(str(template_path()))
     volume = np.asarray(img.dataobj, dtype=np.float32).transpose(2, 1, 0)  # nibabel x,y,z -> z,y,x
     spacing = tuple(float(z) for z in img.header.get_zooms()[:3][::-1])
@@ -59,8 +57,6 @@ def load_brain_template() -> tuple[np.ndarray, np.ndarray, tuple[float, float, f
 
 def tissue_mask(volume: np.ndarray) -> np.ndarray:
     """Otsu threshold, largest connected component, holes filled: the head/brain tissue."""
-    from skimage.filters import threshold_otsu
-
     mask = volume > threshold_otsu(volume)
     labels, n = ndi.label(mask)
     if n > 1:

@@ -9,7 +9,7 @@ Sites site_a..site_c are exactly `tiny`'s; site_d and site_e add two more scanne
 from __future__ import annotations
 
 from fedseg.synth.common import SyntheticSite, lesion_site
-from fedseg.synth.tiny import TINY_STYLES, TINY_TEST, TINY_TRAIN, TinySiteStyle, tiny_volume
+from fedseg.synth.presets.tiny import TINY_STYLES, TINY_TEST, TINY_TRAIN, TinySiteStyle, tiny_volume
 
 
 DESCRIPTION = "5 sites like 'tiny' (3D blob in a body; spacing and intensity differ per site), for robustness tests"

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.ndimage import gaussian_filter
 
 from fedseg.data.image_io import DUMMY_2D_SPACING, Geometry
 from fedseg.synth.common import SyntheticCase, SyntheticSite, case_rng, case_splits, smooth_noise
@@ -229,8 +230,6 @@ def _ultrasound(rng: np.random.Generator, style: FlamesSiteStyle) -> tuple[np.nd
         tissue = np.where(spot, 215.0, tissue)
     tissue = tissue * np.exp(-0.5 * depth)   # depth attenuation
     # Speckle: Rayleigh-distributed multiplicative noise with ~1-pixel correlation.
-    from scipy.ndimage import gaussian_filter
-
     real = gaussian_filter(rng.standard_normal(shape), 0.7)
     imag = gaussian_filter(rng.standard_normal(shape), 0.7)
     speckle = np.sqrt(real ** 2 + imag ** 2)
