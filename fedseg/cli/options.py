@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from fedseg.data.image_header import DEFAULT_MAX_VOXELS
+from fedseg.data.voxel_limit import DEFAULT_MAX_VOXELS
 from fedseg.errors import InputError
 from fedseg.planning.settings import MAX_ITERATIONS_PER_ROUND, MAX_ROUNDS
 
