@@ -127,7 +127,7 @@ class PlainConvUNet(nn.Module):
 
     def __init__(self, spec: NetworkSpec, ndim: int, n_channels: int, n_classes: int) -> None:
         super().__init__()
-        _check_spec(spec, ndim)
+        check_spec(spec, ndim)
         self.spec = spec
         self.ndim = ndim
         self.n_channels = n_channels
@@ -141,7 +141,9 @@ class PlainConvUNet(nn.Module):
         return outputs if self.deep_supervision else outputs[0]
 
 
-def _check_spec(spec: NetworkSpec, ndim: int) -> None:
+def check_spec(spec: NetworkSpec, ndim: int) -> None:
+    """ValueError unless `spec` describes a U-Net of `ndim` dimensions (at least 2 stages,
+    one entry per stage in every per-stage list, kernels and strides of `ndim` entries)."""
     n = spec.n_stages
     if n < 2:
         raise ValueError("a U-Net needs at least 2 stages")
@@ -158,6 +160,10 @@ def _check_spec(spec: NetworkSpec, ndim: int) -> None:
         for entry in getattr(spec, field):
             if len(entry) != ndim:
                 raise ValueError(f"network.{field} entry {entry} does not match the {ndim}D patch")
+
+
+# The former private name, still imported by mixmfl_network until it uses `check_spec`.
+_check_spec = check_spec
 
 
 def init_weights(module: nn.Module, generator: torch.Generator | None = None) -> None:

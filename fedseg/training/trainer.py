@@ -98,7 +98,7 @@ def state_sha256(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _derived_seed(*parts: Any) -> int:
+def derived_seed(*parts: Any) -> int:
     """A 32-bit seed from any parts (plan seed, site name, round...), stable across runs and platforms."""
     digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:4], "little")
@@ -567,7 +567,7 @@ class SiteTrainer:
             _save_safetensors(ckpt_path, tensors, meta)
 
         if start < per_round:
-            batches = self.make_batches(_derived_seed(self.plans.seed, self.site, round_index, start))
+            batches = self.make_batches(derived_seed(self.plans.seed, self.site, round_index, start))
             try:
                 for i in range(start, per_round):
                     lr = poly_lr(self.plans.training.initial_lr, offset + i, total)
