@@ -4,10 +4,30 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from fedseg.federation.manifest import attach_manifests
+from fedseg.federation.privacy import check_privacy_plan
+from fedseg.federation.signing import check_plan_keys
+from fedseg.federation.strategies import Strategy, get_strategy
+from fedseg.planning.overrides import final_strategy_params
+from fedseg.planning.planner import make_plans
+from fedseg.planning.strategy_traits import StrategyTraits
 
 if TYPE_CHECKING:  # pragma: no cover
     from fedseg.planning.plans import Plans
+
+
+def strategy_traits(strategy: Strategy, params: Mapping[str, Any]) -> StrategyTraits:
+    """What planning takes from `strategy`, given the plan's final strategy `params` (whether
+    sites must hold the same channels may depend on them, e.g. a `missing=zero` mode)."""
+    return StrategyTraits(
+        name=strategy.name,
+        plans_per_site=bool(getattr(strategy, "plans_per_site", False)),
+        requires_same_channels=bool(strategy.requires_same_channels(params)),
+        supports_regions=bool(strategy.supports_regions),
+        training_defaults=dict(getattr(strategy, "training_defaults", None) or {}),
+    )
 
 
 def build_plans(
@@ -29,16 +49,10 @@ def build_plans(
     The sites' key-agreement keys (secure aggregation) are not attached here: `fedseg plan`
     reads them from --keys, `simulate` makes them in the run folder (`plan_privacy`).
     """
-    # torch-free but heavy modules: imported on use, like every library call of the CLI
-    from fedseg.federation.manifest import attach_manifests
-    from fedseg.federation.privacy import check_privacy_plan
-    from fedseg.federation.signing import check_plan_keys
-    from fedseg.federation.strategies import get_strategy
-    from fedseg.planning.planner import make_plans
-
     impl = get_strategy(strategy)
+    traits = strategy_traits(impl, final_strategy_params(overrides))
     plans = make_plans(fingerprints, strategy=strategy, configuration=configuration, budget=budget,
-                       overrides=overrides, seed=seed, fingerprint_names=fingerprint_names)
+                       overrides=overrides, seed=seed, fingerprint_names=fingerprint_names, traits=traits)
     if adopt is not None:
         plans = adopt(plans)
     if keys is not None:
