@@ -111,7 +111,7 @@ def floor(paths: list[str]) -> None:
 # inputs
 # ---------------------------------------------------------------------------------------
 def _plans(n_sites: int, keys: dict[str, str] | None):
-    from fedseg.federation.manifest import attach_manifests
+    from fedseg.federation.plan_building import attach_manifests
     from fedseg.planning.plans import ConfigurationPlan, NetworkSpec, Plans, SiteInfo, StrategySpec
 
     n = len(FEATURES)
@@ -126,7 +126,7 @@ def _plans(n_sites: int, keys: dict[str, str] | None):
 
 def make(folder: Path, n_sites: int, signed: bool, seed: int = 0) -> None:
     """plans.json, updates/<site>.safetensors (+ .sig and keys/ when signed); skipped if present."""
-    from fedseg.federation.engine import write_site_update
+    from fedseg.federation.site_update import write_site_update
     from fedseg.federation.manifest import expected_parameters
     from fedseg.federation.signing import COORDINATOR, generate_key, load_public_keys, load_signing_key
 
@@ -157,7 +157,7 @@ def breakdown(folder: Path, n: int) -> None:
     """Time each check separately (single-threaded unless said), on one process; prints JSON."""
     import hashlib
 
-    from fedseg.federation.engine import aggregate_round
+    from fedseg.federation.aggregation import aggregate_round
     from fedseg.federation.signing import COORDINATOR, load_signing_key, verify_signature, write_signature
     from fedseg.federation.validation import _sum_of_squares, validate_updates
     from fedseg.federation.weightfile import ContentHasher, open_reader

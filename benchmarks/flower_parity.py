@@ -25,7 +25,8 @@ import numpy as np
 
 
 def make(out: Path, n_sites: int = 3, seed: int = 0) -> None:
-    from fedseg.federation.engine import aggregate_round, write_site_update
+    from fedseg.federation.aggregation import aggregate_round
+    from fedseg.federation.site_update import write_site_update
     from fedseg.planning.plans import ConfigurationPlan, NetworkSpec, Plans, SiteInfo, StrategySpec
 
     shapes = {"encoder.stages.0.conv.weight": [32, 1, 3, 3, 3], "encoder.stages.0.conv.bias": [32],

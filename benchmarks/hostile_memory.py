@@ -132,7 +132,7 @@ def make_clip_round(plans_path: str, round0_model: str, folder: str, n_sites: st
 
     import numpy as np
 
-    from fedseg.federation.engine import write_site_update
+    from fedseg.federation.site_update import write_site_update
     from fedseg.federation.weightfile import WeightMeta, read_weight_file, write_weight_file
     from fedseg.planning.plans import StrategySpec, load_plans
 
@@ -157,7 +157,7 @@ def traced_clip_round(folder: str) -> None:
     """aggregate_round under tracemalloc: prints the peak of numpy/Python allocations (MB)."""
     import tracemalloc
 
-    from fedseg.federation.engine import aggregate_round
+    from fedseg.federation.aggregation import aggregate_round
     from fedseg.planning.plans import load_plans
 
     out = Path(folder)

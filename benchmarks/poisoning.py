@@ -33,8 +33,9 @@ def attack(path: Path, scale: float) -> None:
 
 
 def run_arm(name: str, params: dict, attacker: str | None, args, sites: dict[str, Path], fingerprints: list) -> dict:
-    from fedseg.federation.engine import aggregate_round, initial_round
-    from fedseg.federation.manifest import attach_manifests
+    from fedseg.federation.aggregation import aggregate_round
+    from fedseg.federation.round_zero import initial_round
+    from fedseg.federation.plan_building import attach_manifests
     from fedseg.federation.site_training import load_site_model, run_site_round
     from fedseg.federation.strategies import get_strategy
     from fedseg.planning.planner import make_plans

@@ -57,7 +57,8 @@ def timed(fn, repeat: int) -> tuple[float, float, object]:
 
 
 def measure(n_sites: int, n_parameters: int, repeat: int, work: Path) -> dict:
-    from fedseg.federation.engine import aggregate_round, write_site_update
+    from fedseg.federation.aggregation import aggregate_round
+    from fedseg.federation.site_update import write_site_update
     from fedseg.federation.privacy import SitePrivacy, plan_privacy, reveal_seeds
     from fedseg.federation.secure_aggregation import load_agreement_key
     from fedseg.federation.signing import generate_key

@@ -34,7 +34,7 @@ def init(
     Example: fedseg init --plans plans.json -o run/round_000
     """
     from fedseg.cli.console import Reporter
-    from fedseg.federation.engine import initial_round
+    from fedseg.federation.round_zero import initial_round
     from fedseg.planning.plans import load_plans
 
     require_output_dir(output, "round folder")
@@ -81,7 +81,7 @@ def aggregate(
     from dataclasses import asdict
 
     from fedseg.cli.console import Reporter, print_json
-    from fedseg.federation.engine import aggregate_round
+    from fedseg.federation.aggregation import aggregate_round
     from fedseg.planning.plans import load_plans
 
     require_output_dir(output, "round folder")

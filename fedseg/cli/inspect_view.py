@@ -117,6 +117,7 @@ def _weight_file(path: Path) -> dict[str, Any]:
 
 
 def _plans(path: Path) -> dict[str, Any]:
+    from fedseg.federation.routes import ROUTES_KEY, route_table, routes_by_module, summarise_routes
     from fedseg.planning.plans import load_plans
 
     plans = load_plans(path)
@@ -144,23 +145,15 @@ def _plans(path: Path) -> dict[str, Any]:
     fp = plans.fingerprint
     out["intensity (merged)"] = fp.get("foreground_intensity_properties_per_channel")
     for key, value in plans.extra.items():
-        if key == "shared_parameters":
-            out["shared parameters"] = _shared_map(plans, value)
+        if key == ROUTES_KEY:
+            table = route_table(plans)
+            out["route table"] = summarise_routes(table)
+            out["routes by module"] = routes_by_module(table)
         elif key != "manifests":
             out[key] = value
     if "manifests" in plans.extra:
         out["tensors per configuration"] = {k: len(v) for k, v in plans.extra["manifests"].items()}
     return out
-
-
-def _shared_map(plans: Any, shared: dict[str, Any]) -> dict[str, str]:
-    """asymfedavg's shared-parameter map, one line per module and per site (the raw map has a row per tensor)."""
-    from fedseg.federation.strategies.asymfedavg import summarise_map
-
-    manifests = plans.extra.get("manifests") or {}
-    by_site = {site: manifests.get(info.configuration or plans.default_configuration, {})
-               for site, info in plans.sites.items()}
-    return summarise_map(shared, by_site)
 
 
 def _fingerprint(fp: dict[str, Any]) -> dict[str, Any]:

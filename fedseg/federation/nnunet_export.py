@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from fedseg.errors import InputError
 from fedseg.federation.nnunet_checkpoint import CHECKPOINT_NAME, write_checkpoint
@@ -34,7 +35,14 @@ from fedseg.federation.nnunet_plans import (
     nnunet_fingerprint,
     nnunet_plans,
 )
+from fedseg.federation.routes import route_table
+from fedseg.training.site_state import load_local_state
+from fedseg.federation.site_update import compose_site_state
+from fedseg.federation.strategies import get_strategy
+from fedseg.federation.weightfile import open_weight_file, to_numpy
 from fedseg.planning.plans import ConfigurationPlan, Plans
+from fedseg.training.network import PlainConvUNet
+from fedseg.training.recipes.registry import get_recipe
 
 DEFAULT_DATASET = "Dataset999_fedseg"
 _DATASET_NAME = re.compile(r"^Dataset(\d{3})_[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -60,10 +68,7 @@ def parse_dataset_name(name: str) -> int:
 
 def require_unet(plans: Plans, site: str) -> None:
     """InputError unless `site` trains nnU-Net's plain U-Net under this plan's strategy."""
-    from fedseg.federation.strategies import get_strategy
-    from fedseg.training.network import PlainConvUNet
-
-    network = get_strategy(plans.strategy.name).network(plans, site)
+    network = get_recipe(get_strategy(plans.strategy.name).recipe).network(plans, site)
     if not isinstance(network, PlainConvUNet):
         raise InputError(
             f"strategy {plans.strategy.name!r} trains a {type(network).__name__}, not nnU-Net's U-Net: "
@@ -79,25 +84,14 @@ def _site_for(plans: Plans, weights_site: str, site: str | None, weights: Path) 
         return weights_site
     # A pool model (global, or one per modality group): the first site that loads its
     # tensors from that pool has the network the pool model belongs to.
-    from fedseg.federation.manifest import expected_parameters
-    from fedseg.federation.strategies import get_strategy
-    from fedseg.federation.strategies.base import resolved_loads
-
-    strategy = get_strategy(plans.strategy.name)
-    for name in sorted(plans.sites):
-        for parameter, (_shape, dtype) in expected_parameters(plans, name).items():
-            source = resolved_loads(strategy, plans, name, parameter, dtype)
-            if source is not None and source[0] == weights_site:
-                return name
+    info = route_table(plans).pools.get(weights_site)
+    if info is not None and info.members:
+        return info.members[0]
     raise InputError(f"is the model of pool {weights_site!r}, which no site of the plan loads from; give --site", weights)
 
 
 def model_state(plans: Plans, weights: Path, site: str | None, state_dir: Path | None) -> tuple[str, dict[str, np.ndarray]]:
     """(site, full parameter state) the exported network holds."""
-    from fedseg.federation.engine import compose_site_state
-    from fedseg.federation.site_training import load_local_state
-    from fedseg.federation.weightfile import open_weight_file, to_numpy
-
     with open_weight_file(weights) as reader:
         weights_site = reader.meta.site
     site = _site_for(plans, weights_site, site, weights)
@@ -162,9 +156,7 @@ def export_nnunet(
     return ExportResult(trainer_folder, dataset_id, configuration, site, command)
 
 
-def _cpu_device():
-    import torch
-
+def _cpu_device() -> torch.device:
     return torch.device("cpu")
 
 

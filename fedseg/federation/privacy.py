@@ -28,8 +28,10 @@ from fedseg.federation import dp as dp_mod
 from fedseg.federation import secure_aggregation as sa
 from fedseg.federation.privacy_params import PrivacySpec, parse_privacy
 from fedseg.federation.robust import parse_robust
-from fedseg.federation.strategies.base import Contribution, Strategy, resolved_scope, weighted_mean
-from fedseg.federation.validation import expected_update
+from fedseg.federation.routes import route_table
+from fedseg.federation.signing import PRIVATE_SUFFIX, generate_key
+from fedseg.federation.strategies import get_strategy
+from fedseg.federation.strategies.base import Contribution, Strategy, weighted_mean
 
 if TYPE_CHECKING:  # pragma: no cover
     from fedseg.federation.validation import ValidatedUpdate
@@ -44,14 +46,11 @@ REPORT_FIELD = "privacy"          # the key of the privacy record in aggregate.j
 PoolKey = tuple[str, str]
 
 
-def key_members(plans: Plans, strategy: Strategy) -> dict[PoolKey, list[str]]:
+def key_members(plans: Plans) -> dict[PoolKey, list[str]]:
     """(pool, key) -> sorted plan sites that send a tensor to it (masks and noise shares are
     per pool key: with asymfedavg, not every site of a pool holds every key)."""
-    members: dict[PoolKey, set[str]] = {}
-    for site in sorted(plans.sites):
-        for name, (_shape, _dtype, pool) in expected_update(strategy, plans, site).items():
-            members.setdefault((pool, strategy.key(plans, site, name)), set()).add(site)
-    return {pk: sorted(sites) for pk, sites in sorted(members.items())}
+    members = route_table(plans).members()
+    return {pk: sorted({site for site, _name in sent}) for pk, sent in sorted(members.items())}
 
 
 def check_privacy_plan(plans: Plans, strategy: Strategy, keys: bool = True) -> PrivacySpec:
@@ -72,7 +71,7 @@ def check_privacy_plan(plans: Plans, strategy: Strategy, keys: bool = True) -> P
                     f"secure_aggregation=true cannot be combined with {key}: the coordinator never sees a single update "
                     f"(use dp.clip: each site bounds its own update)"
                 )
-    members = key_members(plans, strategy)
+    members = key_members(plans)
     for (pool, key), sites in members.items():
         if any(strategy.sum_weight(plans, pool, plans.sites[s].n_cases) is None for s in sites):
             raise InputError(
@@ -134,7 +133,7 @@ class SitePrivacy:
     rng: np.random.Generator = field(default_factory=dp_mod.system_rng)
 
     def protect(
-        self, plans: Plans, strategy: Strategy, site: str, shared: Mapping[str, np.ndarray], round_index: int, n_cases: int
+        self, plans: Plans, site: str, shared: Mapping[str, np.ndarray], round_index: int, n_cases: int
     ) -> dict[str, np.ndarray]:
         """The tensors the site really sends: clipped (DP), noised and masked (secure aggregation)."""
         spec = parse_privacy(plans.strategy.params)
@@ -146,13 +145,14 @@ class SitePrivacy:
         if not spec.secure_aggregation:
             return {name: np.asarray(values[name], dtype=shared[name].dtype) for name in shared}
         key = sa.require_agreement_key(plans, self.agreement_key, site)
-        members = key_members(plans, strategy)
+        strategy = get_strategy(plans.strategy.name)
+        members = key_members(plans)
+        routes = route_table(plans).sent(site)
         public = sa.plan_public_keys(plans)
         seeds: dict[tuple[str, str], bytes] = {}     # (pool, peer) -> seed
         out = {}
         for name, value in values.items():
-            pool = resolved_scope(strategy, plans, site, name, shared[name].dtype.name)
-            pool_key = strategy.key(plans, site, name)
+            pool, pool_key = routes[name].pool, routes[name].key
             peers = [p for p in members[(pool, pool_key)] if p != site]
             for peer in peers:
                 if (pool, peer) not in seeds:
@@ -300,7 +300,7 @@ def prepare_private_round(
             raise InputError("recovery files are only for plans with secure_aggregation=true")
         return None
     round_index = updates[0].meta.round
-    members = key_members(plans, strategy)
+    members = key_members(plans)
     private = PrivateRound(plans, strategy, spec, members, {u.site: u.meta.n_cases for u in updates})
     if spec.secure_aggregation:
         _check_dropouts(private, updates, out_dir, round_index, recovery_paths)
@@ -356,12 +356,10 @@ def _check_dropouts(
 
 def reveal_seeds(plans: Plans, key: sa.AgreementKey, round_index: int, dropped: Sequence[str], out: str | Path) -> Path:
     """A survivor's recovery file for the sites that dropped out of `round_index` (see secure_aggregation)."""
-    from fedseg.federation.strategies import get_strategy
-
     if not parse_privacy(plans.strategy.params).secure_aggregation:
         raise InputError("the plan does not use secure aggregation, so there are no seeds to reveal")
     pools: dict[str, set[str]] = {}
-    for (pool, _key), sites in key_members(plans, get_strategy(plans.strategy.name)).items():
+    for (pool, _key), sites in key_members(plans).items():
         pools.setdefault(pool, set()).update(sites)
     return sa.write_recovery(plans, key, round_index, dropped, {p: sorted(s) for p, s in pools.items()}, out)
 
@@ -380,8 +378,6 @@ def plan_privacy(plans: Plans, strategy: Strategy, keys_folder: str | Path | Non
 
 def ensure_site_keys(folder: Path, sites: Sequence[str]) -> Path:
     """Key pairs for every site under `folder` (made once, reused on resume): for `simulate`."""
-    from fedseg.federation.signing import PRIVATE_SUFFIX, generate_key
-
     for site in sorted(sites):
         if not (Path(folder) / f"{site}{PRIVATE_SUFFIX}").is_file():
             generate_key(site, folder)

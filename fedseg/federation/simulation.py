@@ -29,7 +29,8 @@ from fedseg.federation.round_commit import (
     round_number_of,
 )
 from fedseg.federation.server_eval import SERVER_TEST_DIR, evaluate_server_models, is_server_test_set
-from fedseg.federation.site_training import STARTED_FROM, restore_site_state
+from fedseg.federation.site_training import STARTED_FROM
+from fedseg.training.site_state import restore_site_state
 from fedseg.federation.weightfile import open_weight_file, sha256_file
 from fedseg.folder_lock import folder_lock
 from fedseg.names import check_site_name, path_inside
@@ -118,9 +119,10 @@ def simulate(
 ) -> SimulationResult:
     """Run fingerprint -> plan -> init -> rounds of train/aggregate -> predict -> evaluate."""
     from fedseg.data.dataset import load_dataset
-    from fedseg.federation.engine import aggregate_round
+    from fedseg.federation.aggregation import aggregate_round
     from fedseg.federation.privacy import check_budget_before_round
-    from fedseg.federation.site_training import run_site_round, snapshot_site_state
+    from fedseg.federation.site_training import run_site_round
+    from fedseg.training.site_state import snapshot_site_state
     from fedseg.planning.fingerprint import compute_fingerprint, load_fingerprint, save_fingerprint
 
     run_dir = Path(config.run_dir)
@@ -251,7 +253,7 @@ def init_run(run_dir: Path, plans: Plans, log: Callable[[str], None] = lambda me
     Run again on the same folder (resume), the plan must come out the same; `signing_key`
     signs round_000. With secure aggregation the sites' key pairs are made in run_dir/keys.
     """
-    from fedseg.federation.engine import initial_round
+    from fedseg.federation.round_zero import initial_round
     from fedseg.federation.privacy import plan_privacy
     from fedseg.federation.strategies import get_strategy
     from fedseg.planning.plans import load_plans

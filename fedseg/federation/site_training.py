@@ -13,19 +13,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from fedseg.data.image_header import DEFAULT_MAX_VOXELS
 from fedseg.errors import InputError
 from fedseg.federation.privacy import site_privacy
+from fedseg.federation.round_commit import check_committed
 from fedseg.federation.secure_aggregation import AgreementKey
 from fedseg.federation.signing import SigningKey, require_signing_key
-from fedseg.federation.weightfile import sha256_file
+from fedseg.training.site_state import load_local_state, save_local_state
+from fedseg.federation.site_update import compose_site_state, split_site_state, write_site_update
+from fedseg.federation.strategies import get_strategy
+from fedseg.federation.weightfile import open_weight_file, sha256_file
 from fedseg.folder_lock import folder_lock
 from fedseg.planning.plans import Plans
+from fedseg.training.recipes.registry import get_recipe
+from fedseg.training.trainer import train_local
 
-LOCAL_STATE_FILE = "local.safetensors"
 STARTED_FROM = "started_from"          # update metadata: sha256 of the model file the round started from
-SNAPSHOT_DIR = "before_round"          # state/<site>/before_round/<r>/: the state files round r started from
 # Points of the loss / learning-rate curve a site reports in its update (`extra["curve"]`):
 # enough to draw a round's training in `fedseg report`, small enough for the file's header.
 CURVE_POINTS = 32
@@ -49,50 +54,20 @@ class SiteRoundResult:
 
 def incoming_round(plans: Plans, weights_path: Path) -> int:
     """Round of the model file a site starts from (its checks happen in compose_site_state)."""
-    from fedseg.federation.weightfile import open_weight_file
-
     with open_weight_file(weights_path) as reader:
         return reader.meta.round
 
 
 def site_network_and_state(plans: Plans, site: str, weights_path: Path, state_dir: Path | None):
     """The site's network and its full starting state: incoming model file + local-only tensors."""
-    import torch
-
-    from fedseg.federation.engine import compose_site_state
-    from fedseg.federation.round_commit import check_committed
-    from fedseg.federation.strategies import get_strategy
-
     check_committed(weights_path)   # a file of a round folder counts only when its commit record lists it
-    network = get_strategy(plans.strategy.name).network(plans, site)
+    network = get_recipe(get_strategy(plans.strategy.name).recipe).network(plans, site)
     local = load_local_state(state_dir) if state_dir is not None else {}
     arrays = compose_site_state(plans, site, weights_path, local)
     # compose_site_state returns arrays the caller owns (copies of the file's tensors, the
     # local state as loaded): share them with torch instead of copying the model once more
     state = {name: torch.from_numpy(np.require(array, requirements=["C", "W"])) for name, array in arrays.items()}
     return network, state
-
-
-def load_local_state(state_dir: Path) -> dict:
-    from safetensors.torch import load_file
-
-    path = Path(state_dir) / LOCAL_STATE_FILE
-    if not path.is_file():
-        return {}
-    try:
-        return load_file(str(path))
-    except Exception as exc:  # safetensors raises several types for damaged files
-        raise InputError(f"cannot read local state ({exc})", path) from None
-
-
-def save_local_state(state_dir: Path, tensors: dict) -> None:
-    from safetensors.torch import save_file
-
-    from fedseg.atomic import atomic_path
-
-    Path(state_dir).mkdir(parents=True, exist_ok=True)
-    with atomic_path(Path(state_dir) / LOCAL_STATE_FILE) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
 
 
 def run_site_round(
@@ -122,24 +97,12 @@ def run_site_round(
     reports the fold's validation Dice of the incoming model and how many cases it rests on
     (numbers only), from which the coordinator picks the best round.
     """
-    from fedseg.federation.engine import split_site_state, write_site_update
-    from fedseg.federation.strategies import get_strategy
-    from fedseg.training.trainer import train_local
-
     start = time.monotonic()
     plans.site(site)
     strategy = get_strategy(plans.strategy.name)
     strategy.check_params(plans.strategy.params)   # what plan, init and aggregate refuse, a site refuses too
     signing_key = require_signing_key(plans.keys, signing_key, site)
-    previous_round = incoming_round(plans, weights_path)
-    round_index = previous_round + 1
-    if round_index > plans.training.rounds:
-        raise InputError(
-            f"is the model of round {previous_round}; the plan has {plans.training.rounds} rounds, so nothing is left to train",
-            weights_path,
-        )
-    from fedseg.federation.strategies import get_strategy
-
+    round_index = _round_to_train(plans, weights_path)
     with folder_lock(state_dir, "site state folder"):
         network, state = site_network_and_state(plans, site, weights_path, state_dir)
         started_from = sha256_file(weights_path)
@@ -148,19 +111,11 @@ def run_site_round(
         outcome = train_local(
             plans, site, Path(dataset_root), Path(state_dir), network, state, round_index,
             iterations=iterations, device=device, num_workers=num_workers, progress=progress, log=log,
-            trainer_class=strategy.trainer_class(plans), max_voxels=max_voxels, fold=fold,
+            trainer_class=get_recipe(strategy.recipe).trainer_class(plans), max_voxels=max_voxels, fold=fold,
         )
         meta = write_site_update(
             plans, site, outcome.state_dict, output, round_index=round_index, n_iterations=outcome.n_iterations,
-            extra={
-                "val_dice": _finite_or_none(outcome.val_dice), "mean_loss": _finite_or_none(outcome.mean_loss),
-                # sha256 of the model file this update started from: links the round to the one before
-                STARTED_FROM: started_from,
-                "curve": training_curve(outcome.history),
-                "fold": fold, "incoming_val_dice": _finite_or_none(outcome.incoming_val_dice),
-                "n_val_cases": outcome.n_val_cases,
-            },
-            signing_key=signing_key, privacy=privacy,
+            extra=_update_extra(outcome, started_from, fold), signing_key=signing_key, privacy=privacy,
         )
         _shared, local = split_site_state(plans, site, outcome.state_dict)
         # Local parameters last: the trainer recognises a finished round by the hash of its
@@ -169,19 +124,34 @@ def run_site_round(
         # writes both files again.
         save_local_state(state_dir, {k: outcome.state_dict[k] for k in local})
     return SiteRoundResult(
-        site=site,
-        round=round_index,
-        update_path=str(output),
-        n_iterations=outcome.n_iterations,
-        n_shared_tensors=len(meta.scopes),
-        n_local_tensors=len(local),
-        val_dice=outcome.val_dice,
-        mean_loss=outcome.mean_loss,
-        seconds=time.monotonic() - start,
-        fold=fold,
-        incoming_val_dice=outcome.incoming_val_dice,
-        n_val_cases=outcome.n_val_cases,
+        site=site, round=round_index, update_path=str(output), n_iterations=outcome.n_iterations,
+        n_shared_tensors=len(meta.scopes), n_local_tensors=len(local), val_dice=outcome.val_dice,
+        mean_loss=outcome.mean_loss, seconds=time.monotonic() - start, fold=fold,
+        incoming_val_dice=outcome.incoming_val_dice, n_val_cases=outcome.n_val_cases,
     )
+
+
+def _round_to_train(plans: Plans, weights_path: Path) -> int:
+    """The round a site trains from `weights_path`: the file's round + 1, within the plan's rounds."""
+    previous_round = incoming_round(plans, weights_path)
+    if previous_round + 1 > plans.training.rounds:
+        raise InputError(
+            f"is the model of round {previous_round}; the plan has {plans.training.rounds} rounds, so nothing is left to train",
+            weights_path,
+        )
+    return previous_round + 1
+
+
+def _update_extra(outcome, started_from: str, fold: int | str) -> dict:
+    """The numbers an update reports besides its tensors (no case names, no voxels)."""
+    return {
+        "val_dice": _finite_or_none(outcome.val_dice), "mean_loss": _finite_or_none(outcome.mean_loss),
+        # sha256 of the model file this update started from: links the round to the one before
+        STARTED_FROM: started_from,
+        "curve": training_curve(outcome.history),
+        "fold": fold, "incoming_val_dice": _finite_or_none(outcome.incoming_val_dice),
+        "n_val_cases": outcome.n_val_cases,
+    }
 
 
 def load_site_model(plans: Plans, site: str, weights_path: Path, state_dir: Path | None):
@@ -208,60 +178,3 @@ def training_curve(history: list[dict], max_points: int = CURVE_POINTS) -> dict[
 
 def _finite_or_none(value: float) -> float | None:
     return float(value) if value is not None and np.isfinite(value) else None
-
-
-# ---------------------------------------------------------------------------------------
-# snapshots of a site's state, so that a run can redo a round from where it started
-# ---------------------------------------------------------------------------------------
-def _state_files() -> tuple[str, ...]:
-    from fedseg.training.trainer import OPTIMIZER_FILE
-
-    # the files a round reads from the state folder and changes for the next one
-    return (LOCAL_STATE_FILE, OPTIMIZER_FILE)
-
-
-def snapshot_site_state(state_dir: Path, round_index: int) -> None:
-    """Keep the state files round `round_index` starts from (once: the first start counts).
-
-    Hard links where possible: every state file is replaced by rename, never changed in
-    place, so a link keeps the old content for free."""
-    import os
-    import shutil
-
-    target = Path(state_dir) / SNAPSHOT_DIR / f"{round_index:03d}"
-    if target.is_dir():
-        return
-    staging = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for name in _state_files():
-        source = Path(state_dir) / name
-        if source.is_file():
-            try:
-                os.link(source, staging / name)
-            except OSError:
-                shutil.copyfile(source, staging / name)
-    os.replace(staging, target)
-
-
-def restore_site_state(state_dir: Path, round_index: int) -> bool:
-    """Put back the state files round `round_index` started from, and forget later snapshots;
-    False when there is no snapshot of that round."""
-    import os
-    import shutil
-
-    root = Path(state_dir) / SNAPSHOT_DIR
-    source = root / f"{round_index:03d}"
-    if not source.is_dir():
-        return False
-    for name in _state_files():
-        saved, current = source / name, Path(state_dir) / name
-        if saved.is_file():
-            shutil.copyfile(saved, current.with_name(f".{name}.restore"))
-            os.replace(current.with_name(f".{name}.restore"), current)
-        elif current.exists():
-            current.unlink()
-    for later in root.iterdir():
-        if later.name.isdigit() and int(later.name) > round_index:
-            shutil.rmtree(later)
-    return True

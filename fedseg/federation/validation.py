@@ -41,7 +41,7 @@ from fedseg.federation.manifest import expected_parameters
 from fedseg.federation.privacy_params import parse_privacy
 from fedseg.federation.secure_aggregation import WIRE_DTYPE
 from fedseg.federation.signing import verify_signature
-from fedseg.federation.strategies.base import Strategy, resolved_scope
+from fedseg.federation.routes import route_table
 from fedseg.federation.weightfile import (
     ContentHasher,
     WeightFileReader,
@@ -90,14 +90,11 @@ class ValidatedUpdate:
         return digest
 
 
-def expected_update(strategy: Strategy, plans: Plans, site: str) -> dict[str, tuple[tuple[int, ...], str, str]]:
-    """{name: (shape, dtype, pool)} of what `site` must send: manifest ∩ non-None scope."""
-    out = {}
-    for name, (shape, dtype) in expected_parameters(plans, site).items():
-        pool = resolved_scope(strategy, plans, site, name, dtype)
-        if pool is not None:
-            out[name] = (shape, dtype, pool)
-    return out
+def expected_update(plans: Plans, site: str) -> dict[str, tuple[tuple[int, ...], str, str]]:
+    """{name: (shape, dtype, pool)} of what `site` must send: its tensors the route table sends."""
+    sent = route_table(plans).sent(site)
+    return {name: (shape, dtype, sent[name].pool)
+            for name, (shape, dtype) in expected_parameters(plans, site).items() if name in sent}
 
 
 def wire_dtype(plans: Plans, dtype: str) -> str:
@@ -106,7 +103,7 @@ def wire_dtype(plans: Plans, dtype: str) -> str:
 
 
 def _check_structure(
-    reader: WeightFileReader, strategy: Strategy, plans: Plans, expected_round: int | None, plan_id: str
+    reader: WeightFileReader, plans: Plans, expected_round: int | None, plan_id: str
 ) -> WeightMeta:
     path, meta, infos = reader.path, reader.meta, reader.infos
     if meta.kind != "update":
@@ -126,7 +123,7 @@ def _check_structure(
         raise InputError(f"is an update of round {meta.round}, expected round {expected_round}", path)
     if meta.n_cases < 1:
         raise InputError("has n_cases 0; an update must come from at least one training case", path)
-    expected = expected_update(strategy, plans, meta.site)
+    expected = expected_update(plans, meta.site)
     missing = set(expected) - set(infos)
     if missing:
         raise InputError(f"is missing {len(missing)} tensor(s) site {meta.site!r} must send: {describe(missing)}", path)
@@ -148,7 +145,7 @@ def _check_structure(
         wrong = sorted(n for n in set(want_scopes) | set(meta.scopes) if meta.scopes.get(n) != want_scopes.get(n))
         first = wrong[0]
         raise InputError(
-            f"scope of {first!r} is {meta.scopes.get(first)!r}, the strategy says {want_scopes.get(first)!r}"
+            f"scope of {first!r} is {meta.scopes.get(first)!r}, the plan routes it to {want_scopes.get(first)!r}"
             f" ({len(wrong)} scope(s) differ)",
             path,
         )
@@ -215,19 +212,15 @@ def validate_updates(
     plans: Plans,
     update_paths: Sequence[str | Path],
     expected_round: int | None = None,
-    strategy: Strategy | None = None,
     workers: int | None = None,
 ) -> list[ValidatedUpdate]:
     """Validate a round's updates; returns them in the order given. InputError on the first fault."""
-    from fedseg.federation.strategies import get_strategy
-
-    strategy = strategy or get_strategy(plans.strategy.name)
     paths = [Path(p) for p in update_paths]
     if not paths:
         raise InputError("no update files given")
     readers = [open_reader(p) for p in paths]
     plan_id = plans.plan_id   # a hash of the whole plan: computed once, not per file
-    metas = [_check_structure(r, strategy, plans, expected_round, plan_id) for r in readers]
+    metas = [_check_structure(r, plans, expected_round, plan_id) for r in readers]
 
     first_round = metas[0].round
     seen: dict[str, Path] = {}
@@ -246,12 +239,19 @@ def validate_updates(
     ]
 
     bound = plans.strategy.params.get("max_update_norm")
-    max_norm = float(bound) if bound is not None else None
+    return _scan_all(readers, metas, signed_sha256, float(bound) if bound is not None else None, workers)
+
+
+def _scan_all(
+    readers: list[WeightFileReader], metas: list[WeightMeta], signed_sha256: list[str | None], max_norm: float | None,
+    workers: int | None,
+) -> list[ValidatedUpdate]:
+    """The data pass of every file, in threads; the sha256 of its bytes queued behind it."""
     # Integrity first, in the pass: the content hash, except for a signed version-1 file, whose
     # (sha256) content hash would cost as much as the sha256 of its bytes that its signature
     # needs anyway: that one is checked in the pass instead.
     by_bytes = [signed is not None and m.format_version < 2 for m, signed in zip(metas, signed_sha256)]
-    n_workers = max(1, min(len(paths), workers or os.cpu_count() or 1))
+    n_workers = max(1, min(len(readers), workers or os.cpu_count() or 1))
     for reader in readers:
         reader.map()  # before the threads: the pass and the sha256 share one mapping
     pool = ThreadPoolExecutor(max_workers=n_workers)

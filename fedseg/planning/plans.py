@@ -18,7 +18,8 @@ from fedseg.errors import InputError
 from fedseg.names import check_site_name
 from fedseg.planning.plan_checks import check_plan_values
 
-PLANS_FORMAT_VERSION = 1
+# 2: plans.extra["routes"], the route table of every site's tensors (fedseg.federation.routes)
+PLANS_FORMAT_VERSION = 2
 
 
 @dataclass
@@ -177,6 +178,12 @@ def load_plans(path: str | Path) -> Plans:
         raise InputError("plans file not found", path)
     try:
         raw = json.loads(path.read_text())
+        version = raw.get("format_version") if isinstance(raw, dict) else None
+        if isinstance(version, int) and not isinstance(version, bool) and version < PLANS_FORMAT_VERSION:
+            raise InputError(
+                f"is a plan of format {version}, made by an older fedseg; re-plan with `fedseg plan` "
+                f"(format {PLANS_FORMAT_VERSION} records every tensor's route)", path,
+            )
         plans = Plans.from_dict(raw)
         computed = plans.plan_id   # ValueError for NaN or infinity, which canonical JSON cannot hold
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

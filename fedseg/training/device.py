@@ -31,7 +31,7 @@ def check_device_name(name: str) -> str:
 
 def resolve_device(name: str) -> str:
     """"auto" -> "cuda" when torch sees a GPU, else "cpu"; "cuda[:N]" checked against this torch and machine."""
-    import torch
+    import torch  # lazily: check_device_name and this module serve commands that never load torch
 
     name = check_device_name(name)
     if name == "auto":
@@ -59,7 +59,7 @@ def autocast(device: Any) -> contextlib.AbstractContextManager:
     """Mixed precision on CUDA (float16 matmuls and convolutions, float32 reductions); nothing elsewhere."""
     if not uses_cuda(device):
         return contextlib.nullcontext()
-    import torch
+    import torch  # lazily: only a CUDA device needs it here
 
     return torch.autocast("cuda", dtype=torch.float16)
 
@@ -68,7 +68,7 @@ def grad_scaler(device: Any) -> Any:
     """A GradScaler on CUDA (keeps float16 gradients from underflowing), None elsewhere."""
     if not uses_cuda(device):
         return None
-    import torch
+    import torch  # lazily: only a CUDA device needs it here
 
     if hasattr(torch.amp, "GradScaler"):   # torch >= 2.3
         return torch.amp.GradScaler("cuda")
@@ -78,6 +78,6 @@ def grad_scaler(device: Any) -> Any:
 def configure_backend(device: Any) -> None:
     """cuDNN's autotuner on CUDA (fixed patch size: the fastest kernels are found once per shape)."""
     if uses_cuda(device):
-        import torch
+        import torch  # lazily: only a CUDA device needs it here
 
         torch.backends.cudnn.benchmark = True

@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.table import Table
 
+from fedseg.atomic import write_text_atomic
 from fedseg.data.case_loading import label_map_as_int16
 from fedseg.data.image_header import DEFAULT_MAX_VOXELS, check_voxel_limit
 from fedseg.data.image_io import file_ending_of, geometries_agree, read_image
@@ -160,16 +162,12 @@ def to_jsonable(obj: Any) -> Any:
 
 def save_metrics(result: dict[str, Any], path: str | Path) -> None:
     """Write an evaluation result as JSON atomically, NaN as null (strict JSON)."""
-    from fedseg.atomic import write_text_atomic
-
     write_text_atomic(path, json.dumps(to_jsonable(result), indent=2, allow_nan=False) + "\n")
 
 
-def format_table(result: dict[str, Any], name: str | None = None):  # -> rich.table.Table (rich imported lazily)
+def format_table(result: dict[str, Any], name: str | None = None) -> Table:
     """A rich table of the per-label means and the foreground mean, for the CLI; `name` (the
     site or dataset evaluated) heads the title."""
-    from rich.table import Table
-
     cases = f"mean over {result.get('n_cases', len(result['per_case']))} case(s)"
     table = Table(title=f"{name}: {cases}" if name else cases[0].upper() + cases[1:])
     table.add_column("label")

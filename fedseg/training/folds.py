@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from fedseg.atomic import write_json_atomic
 from fedseg.errors import InputError
+from fedseg.training.site_state import SPLITS_FILE
 
-SPLITS_FILE = "splits_final.json"
 FOLD_ALL = "all"
 
 Fold = int | str   # 0..n_folds-1, or FOLD_ALL
@@ -75,8 +76,6 @@ def load_or_create_splits(
     state_dir: Path, case_ids: Sequence[str], n_folds: int, seed: int, site: str
 ) -> list[dict[str, list[str]]]:
     """The site's splits: `STATE/splits_final.json` if present (checked), else made and written."""
-    from fedseg.atomic import write_json_atomic
-
     path = Path(state_dir) / SPLITS_FILE
     if not path.is_file():
         splits = make_splits(case_ids, n_folds, seed, site)

@@ -30,7 +30,8 @@ from torch.nn import functional as F
 from fedseg.training.mixmfl_network import MixMFLNet, entropy_triplet_loss, grad_reverse
 from fedseg.training.prototype_memory import SHARED_KEY, kmeans, prototype_rows, push, tailored_key
 from fedseg.training.recipes.params import MixMFLParams
-from fedseg.training.trainer import SiteTrainer, derived_seed
+from fedseg.training.round_loop import derived_seed
+from fedseg.training.trainer import SiteTrainer
 from fedseg.typed_params import parse_params
 
 # Voxels per class (background, each label) fed to k-means per sequence: class-balanced so

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy.special import expit
 
 from fedseg.data.case_loading import CaseData
 from fedseg.data.cropping import OUTSIDE_NONZERO_LABEL, bbox_to_slices, crop_to_nonzero
@@ -191,9 +192,7 @@ def revert_logits(
     (regions: no region present)."""
     resampled = _resample_to_cropped_grid(logits, properties, config)
     if regions:
-        from scipy.special import expit   # the logistic function without overflow warnings
-
-        probs = expit(resampled)
+        probs = expit(resampled)   # the logistic function without overflow warnings
     else:   # a stable softmax: exp of the difference to the largest logit
         probs = np.exp(resampled - resampled.max(axis=0, keepdims=True))
         probs /= probs.sum(axis=0, keepdims=True)

@@ -4,6 +4,6 @@ Nothing here imports flwr at import time except `apps`, `simulation` and `deploy
 need the optional extra `fedseg[flower]`. The coordinator (`coordinator`) and the site
 (`site`) sides are plain fedseg code: what travels in a Flower Message is exactly the bytes of
 the weight files (and their `.sig`) that the file protocol exchanges, and the coordinator
-aggregates them with `fedseg.federation.engine.aggregate_round`, so there is one
+aggregates them with `fedseg.federation.aggregation.aggregate_round`, so there is one
 implementation of every strategy.
 """

@@ -3,7 +3,7 @@
 The coordinator keeps the run folder of `fedseg simulate` (ARCHITECTURE.md §6): plans.json,
 fingerprints/, round_000/, round_r/updates/<site>.safetensors, round_r/<site>.safetensors,
 round_r/models/, round_r/aggregate.json, report/. Updates that arrive in Flower messages are
-written to round_r/updates/ byte for byte and merged by `engine.aggregate_round`, the same call
+written to round_r/updates/ byte for byte and merged by `aggregation.aggregate_round`, the same call
 as `fedseg aggregate`: the strategy code and every check (hash, plan, round, signature,
 shapes, finite values) are shared. A round whose aggregate.json exists is complete, so a
 coordinator started again on the same folder skips it: Flower runs get fedseg's resume.
@@ -23,7 +23,7 @@ from fedseg.names import check_site_name, path_inside
 from fedseg.transport.payload import read_weight_bundle, write_weight_bundle
 
 if TYPE_CHECKING:  # pragma: no cover
-    from fedseg.federation.engine import AggregateReport
+    from fedseg.federation.aggregate_records import AggregateReport
     from fedseg.federation.simulation import SimulationResult
     from fedseg.planning.plans import Plans
 
@@ -122,7 +122,7 @@ class Coordinator:
         `failures` (site -> reason: failed or timed out) are recorded in round_r/site_failures.json
         first, so a round refused for lack of quorum still says why the sites are missing.
         """
-        from fedseg.federation.engine import aggregate_round
+        from fedseg.federation.aggregation import aggregate_round
         from fedseg.federation.weightfile import open_weight_file
 
         plans = self._require_plans()

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
+import re
 import shutil
 import zlib
 from dataclasses import dataclass, field
@@ -89,7 +91,7 @@ def keep_training_cases(site_dir: Path, n: int) -> None:
 def run_round(run: GoldenRun, sites_root: Path, run_dir: Path) -> None:
     """Fingerprint, plan, init, train every site once, aggregate: round_000 and round_001 in run_dir."""
     from fedseg.data.dataset import load_dataset
-    from fedseg.federation.engine import aggregate_round
+    from fedseg.federation.aggregation import aggregate_round
     from fedseg.federation.simulation import as_stored, init_run, plan_run
     from fedseg.federation.site_training import run_site_round
     from fedseg.planning.fingerprint import compute_fingerprint
@@ -164,8 +166,31 @@ def identities(digests: dict[str, dict]) -> dict[str, dict]:
                        for file, tensors in files.items()} for strategy, files in digests.items()}
 
 
-def load_golden() -> dict[str, dict]:
-    return json.loads(GOLDEN_FILE.read_text())
+def machine_signature() -> str:
+    """What decides the last bits of a trained tensor on one thread: the CPU's vector unit, as
+    torch uses it, and the processor model (e.g. "AVX512-Intel-R-Xeon-R-Processor")."""
+    import torch  # lazily: collecting the tests must not need torch
+
+    model = ""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        model = next((line.split(":", 1)[1] for line in cpuinfo.read_text().splitlines() if line.startswith("model name")), "")
+    model = model or platform.processor() or platform.machine()
+    return f"{torch.backends.cpu.get_cpu_capability()}-{re.sub(r'[^A-Za-z0-9]+', '-', model).strip('-')}"
+
+
+def machine_file(signature: str) -> Path:
+    """The record of the golden runs as made on machines of `signature` (beside the main record)."""
+    return GOLDEN_FILE.with_name(f"tensors-{signature}.json")
+
+
+def golden_files() -> list[Path]:
+    """The main record first, then one per other machine."""
+    return [GOLDEN_FILE, *sorted(GOLDEN_FILE.parent.glob("tensors-*.json"))]
+
+
+def load_golden(path: Path = GOLDEN_FILE) -> dict[str, dict]:
+    return json.loads(path.read_text())
 
 
 def save_golden(digests: dict[str, dict], path: Path = GOLDEN_FILE) -> None:

@@ -1,15 +1,18 @@
 """The same tiny round of every strategy writes the same tensors as recorded in tests/golden/tensors.json.
 
-A refactoring must not change a single bit of what a round writes, so the comparison is exact:
+A refactoring must not change a single bit of what a round writes, so the comparison is exact
+against the record made on the same kind of machine (tensors.json, or tensors-<machine>.json
+for another CPU, see golden_runs.machine_signature):
 the sha256 of every tensor's bytes, with its shape and dtype. That is possible because the runs
 are bit-identical from run to run on one torch thread (golden_runs.golden_digests pins it;
 checked when the record was made, under OMP_NUM_THREADS=1 and =2). With more threads about half
 the trained tensors change in their last bits, which is why the thread count is pinned rather
 than compared with a tolerance: a tolerance loose enough for that noise (~3e-4 of a tensor's
 norm on biases whose gradient is rounding noise) would also let a small real change through.
-The recorded statistics (sum, norm, projection) only explain a failure: a deviation of 1e-7 of
-the norm is float reordering (another CPU or BLAS: re-record there first, on the commit before
-the change), one of 1e-3 or more is a change in the numbers.
+The recorded statistics (sum, norm, projection) explain a failure: ~1e-7 of the norm is float
+reordering, up to ~2e-4 after training is another CPU (record that machine's file on the commit
+before the change: `scripts/record_golden.py --machine`), 1e-3 or more is a change in the
+numbers. On a machine without a record of its own the test accepts up to 1e-3.
 
 After an intended numeric change, re-record with `PYTHONPATH=$PWD python scripts/record_golden.py`
 and name the change, and why, in the commit.
@@ -24,7 +27,21 @@ import pytest
 
 pytest.importorskip("torch")
 
-from golden_runs import RUNS, golden_digests, load_golden  # noqa: E402
+from golden_runs import (  # noqa: E402
+    GOLDEN_FILE,
+    RUNS,
+    golden_digests,
+    golden_files,
+    load_golden,
+    machine_file,
+    machine_signature,
+)
+
+
+# Between machines of different CPUs the trained tensors differ in their last bits, and the
+# two iterations of a golden run carry that to ~2e-4 of a bias's norm (measured between two
+# Xeon types); a change in the numbers moves them by 1e-3 or more.
+OTHER_MACHINE_TOLERANCE = 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +57,8 @@ def deviation(recorded: dict, found: dict) -> float:
     return max(abs(a - b) for a, b in zip(recorded["stats"], found["stats"])) / scale
 
 
-@pytest.mark.parametrize("strategy", [run.strategy for run in RUNS])
-def test_round_writes_the_recorded_tensors(digests: dict[str, dict], strategy: str) -> None:
-    recorded, found = load_golden()[strategy], digests[strategy]
+def differences(recorded: dict[str, dict], found: dict[str, dict]) -> dict[str, float]:
+    """{file:tensor: deviation} of every tensor whose bytes differ from the record."""
     assert sorted(found) == sorted(recorded), "the run writes other weight files than recorded"
     changed = {}
     for file, tensors in recorded.items():
@@ -52,15 +68,36 @@ def test_round_writes_the_recorded_tensors(digests: dict[str, dict], strategy: s
             assert (now["shape"], now["dtype"]) == (digest["shape"], digest["dtype"]), f"{file}:{name}"
             if now["sha256"] != digest["sha256"]:
                 changed[f"{file}:{name}"] = deviation(digest, now)
+    return changed
+
+
+def describe(changed: dict[str, float]) -> str:
     worst = sorted(changed.items(), key=lambda item: -item[1])[:3]
-    assert not changed, (f"{len(changed)} tensor(s) differ from the record; largest relative changes: "
-                         + ", ".join(f"{name} {value:.1e}" for name, value in worst))
+    return (f"{len(changed)} tensor(s) differ from the record; largest relative changes: "
+            + ", ".join(f"{name} {value:.1e}" for name, value in worst))
+
+
+@pytest.mark.parametrize("strategy", [run.strategy for run in RUNS])
+def test_round_writes_the_recorded_tensors(digests: dict[str, dict], strategy: str) -> None:
+    """Bit for bit against the record of this kind of machine; on a machine no record was made
+    on, within OTHER_MACHINE_TOLERANCE of the main record (say so, and record it there)."""
+    found = digests[strategy]
+    own = machine_file(machine_signature())
+    records = [own] if own.is_file() else golden_files()
+    changes = {path: differences(load_golden(path)[strategy], found) for path in records}
+    if any(not changed for changed in changes.values()):
+        return   # the same bits as a record
+    if own.is_file():
+        pytest.fail(f"{own.name}: {describe(changes[own])}")
+    changed = changes[GOLDEN_FILE]
+    assert max(changed.values()) <= OTHER_MACHINE_TOLERANCE, f"{GOLDEN_FILE.name}: {describe(changed)}"
 
 
 def test_record_covers_every_strategy() -> None:
     from fedseg.federation.strategies import strategy_names
 
-    record = load_golden()
-    assert sorted(record) == sorted(strategy_names())
-    for strategy, files in record.items():
-        assert {Path(file).parts[0] for file in files} == {"round_000", "round_001"}, strategy
+    for path in golden_files():
+        record = load_golden(path)
+        assert sorted(record) == sorted(strategy_names()), path.name
+        for strategy, files in record.items():
+            assert {Path(file).parts[0] for file in files} == {"round_000", "round_001"}, (path.name, strategy)

@@ -12,7 +12,7 @@ from test_federation_engine import _rewrite as rewrite  # noqa: E402
 from test_federation_engine import make_plans, random_state, write_updates  # noqa: E402
 from test_federation_validation_cli import aggregate, assert_refused  # noqa: E402
 
-from fedseg.federation.engine import write_site_update  # noqa: E402
+from fedseg.federation.site_update import write_site_update  # noqa: E402
 from fedseg.planning.plans import Plans  # noqa: E402
 
 __all__ = ["assert_refused", "aggregate", "files_of", "make_plans", "random_state", "rewrite", "setup_plan", "write_updates", "write_site_update"]

@@ -153,7 +153,7 @@ def test_a_stowaway_tensor_costs_no_memory(tmp_path: Path) -> None:
         import sys
         from pathlib import Path
         from fedseg.errors import InputError
-        from fedseg.federation.engine import compose_site_state
+        from fedseg.federation.site_update import compose_site_state
         from fedseg.planning.plans import load_plans
         try:
             compose_site_state(load_plans(sys.argv[1]), "A", sys.argv[2], None)

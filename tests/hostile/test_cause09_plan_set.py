@@ -88,7 +88,8 @@ def test_good_settings_reach_the_plan(item: str, expected, tiny_fingerprints: li
 def test_init_train_and_aggregate_refuse_what_plan_refuses(params: dict, message: str, tiny_plans: Path, tmp_path: Path) -> None:
     """A plan written by hand (or by an older fedseg) with a bad parameter is refused at round 0,
     at aggregation and by a site before training, with plan's own message."""
-    from fedseg.federation.engine import aggregate_round, initial_round
+    from fedseg.federation.aggregation import aggregate_round
+    from fedseg.federation.round_zero import initial_round
     from fedseg.federation.site_training import run_site_round
     from fedseg.federation.strategies import get_strategy
 

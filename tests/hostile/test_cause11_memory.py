@@ -17,7 +17,8 @@ import pytest
 from weight_forgery import assert_refused, federation, listing, make_plans
 
 from fedseg.cli.main import run
-from fedseg.federation.engine import aggregate_round, write_site_update
+from fedseg.federation.aggregation import aggregate_round
+from fedseg.federation.site_update import write_site_update
 from fedseg.federation.weightfile import MAX_HEADER_BYTES, MAX_TENSORS, WeightMeta, write_weight_file
 
 _ENTRY = b'"t%07d":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}'

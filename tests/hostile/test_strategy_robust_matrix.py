@@ -47,7 +47,8 @@ def test_refused_at_plan_time(strategy: str, rule: str, tiny_fingerprints: list[
 
 def _round(strategy: str, params: dict, fingerprints: list[Path], run: Path):
     """Plan, round 0, and one round of updates (each site's round-0 weights plus its own noise)."""
-    from fedseg.federation.engine import initial_round, write_site_update
+    from fedseg.federation.round_zero import initial_round
+    from fedseg.federation.site_update import write_site_update
     from fedseg.federation.simulation import plan_run
     from fedseg.federation.weightfile import read_weight_file
     from fedseg.planning.fingerprint import load_fingerprint
@@ -80,7 +81,7 @@ def _sent(path: Path) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("strategy, rule", [c for c in COMBINATIONS if c[1] in ALLOWED[c[0]] and c[1] != "trimmed"])
 def test_allowed_combinations_aggregate_as_the_rule_says(strategy: str, rule: str, tiny_fingerprints: list[Path],
                                                          tmp_path: Path) -> None:
-    from fedseg.federation.engine import aggregate_round
+    from fedseg.federation.aggregation import aggregate_round
 
     params = RULES[rule]
     plans, paths = _round(strategy, params, tiny_fingerprints, tmp_path)

@@ -12,7 +12,8 @@ import numpy as np
 
 from cli_inputs import listing
 
-from fedseg.federation.engine import aggregate_round, write_site_update
+from fedseg.federation.aggregation import aggregate_round
+from fedseg.federation.site_update import write_site_update
 from fedseg.federation.weightfile import write_weight_file
 from fedseg.planning.plans import Plans
 

@@ -36,11 +36,13 @@ def test_updates_hold_only_mapped_tensors_and_local_ones_stay(run: Path):
     from safetensors.numpy import load_file
 
     from fedseg.federation.manifest import expected_parameters
+    from fedseg.federation.routes import route_table
     from fedseg.federation.weightfile import read_weight_file
     from fedseg.planning.plans import load_plans
 
     plans = load_plans(run / "plans.json")
-    shared = plans.extra["shared_parameters"]["sites"]
+    table = route_table(plans)
+    shared = {site: {n: {"pool": r.pool, "key": r.key} for n, r in table.sent(site).items()} for site in table.sites}
     sent_shapes: dict[tuple[str, str], set] = {}
     for site in sorted(plans.sites):
         mapped = set(shared[site])

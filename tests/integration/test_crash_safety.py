@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedseg.federation.engine import write_site_update
+from fedseg.federation.routes import attach_routes
+from fedseg.federation.site_update import write_site_update
 from fedseg.federation.weightfile import read_weight_file
 from fedseg.planning.plans import ConfigurationPlan, NetworkSpec, Plans, SiteInfo, StrategySpec
 
@@ -35,10 +36,10 @@ def big_plans() -> Plans:
     config = ConfigurationPlan(name="3d_fullres", spacing=[1.0] * 3, patch_size=[16] * 3, median_image_size_in_voxels=[16] * 3,
                                batch_size=2, normalization_schemes=["ZScoreNormalization"], use_mask_for_norm=[False],
                                network=network)
-    return Plans(dataset_name="crash", channel_names={"0": "T1"}, labels={"background": 0, "x": 1}, file_ending=".nii.gz",
+    return attach_routes(Plans(dataset_name="crash", channel_names={"0": "T1"}, labels={"background": 0, "x": 1}, file_ending=".nii.gz",
                  fingerprint={}, sites={s: SiteInfo("MRI", ["T1"], n) for s, n in (("A", 2), ("B", 3), ("C", 4))},
                  strategy=StrategySpec("fedavg", {}), configurations={"3d_fullres": config},
-                 default_configuration="3d_fullres", extra={"manifests": {"3d_fullres": BIG}})
+                 default_configuration="3d_fullres", extra={"manifests": {"3d_fullres": BIG}}))
 
 
 def fedseg(*args: str) -> list[str]:

@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("flwr")
 
 from fedseg.cli.main import run as cli  # noqa: E402
-from fedseg.federation.engine import write_site_update  # noqa: E402
+from fedseg.federation.site_update import write_site_update  # noqa: E402
 from fedseg.federation.simulation import SimulationConfig, plan_and_init, simulate  # noqa: E402
 from fedseg.federation.weightfile import read_weight_file  # noqa: E402
 from fedseg.planning.fingerprint import compute_fingerprint  # noqa: E402

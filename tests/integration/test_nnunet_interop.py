@@ -165,8 +165,8 @@ def test_export_help_has_an_example(capsys: pytest.CaptureFixture) -> None:
 def test_asymfedavg_exports_the_sites_network_with_its_local_tensors(
     federation: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from fedseg.federation.engine import split_site_state
-    from fedseg.federation.site_training import save_local_state
+    from fedseg.federation.site_update import split_site_state
+    from fedseg.training.site_state import save_local_state
     from fedseg.federation.weightfile import WeightMeta, write_weight_file
     from fedseg.planning.plans import load_plans
 

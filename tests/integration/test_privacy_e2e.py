@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedseg.federation.engine import aggregate_round
+from fedseg.federation.aggregation import aggregate_round
 from fedseg.federation.simulation import agreement_key, discover_sites, plan_and_init, round_dir
 from fedseg.federation.site_training import run_site_round
 from fedseg.federation.weightfile import read_weight_file

@@ -3,7 +3,7 @@ plan, round 0, site training, aggregation, prediction (docs/architecture.md, "Ho
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,7 @@ import pytest
 from fedseg.federation.strategies import (
     Contribution, Strategy, get_strategy, register_strategy, strategy_names, unregister_strategy,
 )
-from fedseg.federation.strategies.base import weighted_mean
+from fedseg.federation.strategies.base import Manifest, ProposedRoutes, every_tensor_to, weighted_mean
 from fedseg.planning.plans import Plans
 
 
@@ -22,11 +22,9 @@ class UniformMean(Strategy):
     name = "toy_uniform_mean"
     description = "one global model; unweighted mean of the sites' tensors"
 
-    def scope(self, plans: Plans, site: str, name: str) -> str | None:
-        return "global"
-
-    def model_pools(self, plans: Plans) -> list[str]:
-        return ["global"]
+    def route(self, plans: Plans, manifests: Mapping[str, Manifest]) -> ProposedRoutes:
+        # every tensor of every site to one pool, written as models/global.safetensors
+        return ProposedRoutes(every_tensor_to(manifests, lambda site: "global"), model_pools=frozenset({"global"}))
 
     def combine(self, plans: Plans, pool: str, key: str, contributions: Sequence[Contribution]) -> np.ndarray:
         return weighted_mean(contributions, [1.0 / len(contributions)] * len(contributions))

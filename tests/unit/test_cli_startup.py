@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedseg.federation.engine import write_site_update
+from fedseg.federation.routes import attach_routes
+from fedseg.federation.site_update import write_site_update
 from fedseg.planning.plans import ConfigurationPlan, NetworkSpec, Plans, SiteInfo, StrategySpec
 
 MANIFEST = {
@@ -46,9 +47,9 @@ def _plans() -> Plans:
     network = NetworkSpec(1, [4], [[3, 3, 3]], [[1, 1, 1]], [1], [])
     config = ConfigurationPlan("3d_fullres", [1.0, 1.0, 1.0], [16, 16, 16], [16.0, 16.0, 16.0], 2,
                                ["ZScoreNormalization"], [False], network)
-    return Plans("startup", {"0": "T1"}, {"background": 0, "fg": 1}, ".nii.gz", {},
+    return attach_routes(Plans("startup", {"0": "T1"}, {"background": 0, "fg": 1}, ".nii.gz", {},
                  {s: SiteInfo("MRI", ["T1"], n) for s, n in (("A", 3), ("B", 5))}, StrategySpec("fedavg"),
-                 {"3d_fullres": config}, "3d_fullres", extra={"manifests": {"3d_fullres": MANIFEST}})
+                 {"3d_fullres": config}, "3d_fullres", extra={"manifests": {"3d_fullres": MANIFEST}}))
 
 
 def test_help_imports_no_training_code() -> None:

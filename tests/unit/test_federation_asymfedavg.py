@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 
 from fedseg.errors import InputError
+from fedseg.federation.routes import route_table
 from fedseg.federation.strategies import get_strategy
 from fedseg.federation.strategies.asymfedavg import (
-    MAP_KEY,
     input_layers,
     is_norm_parameter,
     shared_parameter_map,
     structural_key,
-    summarise_map,
 )
 from fedseg.planning.plans import ConfigurationPlan, NetworkSpec
 
@@ -119,9 +118,16 @@ def test_subset_pools_and_local_norms(deep_and_shallow):
     for site in manifests:
         assert not any(is_norm_parameter(n) for n in fedbn["sites"][site])
         assert any(is_norm_parameter(n) for n in shared["sites"][site])
-    lines = summarise_map(shared, manifests)
-    assert lines["encoder.stages.3"] == "sites:deep+deep2 (8 tensors)"
-    assert lines["site shallow"].endswith("local")
+    stage3 = {e["pool"] for e in shared["keys"].values() if e["key"].startswith("encoder.stages.3.")}
+    assert stage3 == {"sites:deep+deep2"}
+
+
+def _shared(plans) -> dict:
+    """The plan's route table in the form of `shared_parameter_map`: sites -> {name: {pool, key}}, keys."""
+    table = route_table(plans)
+    return {"sites": {site: {name: {"pool": r.pool, "key": r.key} for name, r in table.sent(site).items()}
+                      for site in table.sites},
+            "keys": {f"{pool}/{key}": {"pool": pool, "key": key} for pool, key in table.members()}}
 
 
 def test_strided_layers_are_shared_only_where_the_strides_agree(deep_and_shallow):
@@ -181,7 +187,7 @@ def test_per_site_plans(preset_fingerprints):
     assert configs["site_c"].network.n_stages < configs["site_a"].network.n_stages
     # the merged fingerprint is still the plan's fingerprint (CT statistics come from it)
     assert plans.fingerprint["n_cases"] == sum(fp["n_cases"] for fp in preset_fingerprints)
-    shared = plans.extra[MAP_KEY]
+    shared = _shared(plans)
     assert any(e["pool"] == "global" for e in shared["keys"].values())
     # the same fingerprints with fedavg: one common configuration
     from fedseg.planning.planner import make_plans
@@ -194,13 +200,15 @@ def test_per_site_plans(preset_fingerprints):
 
 
 def test_aggregate_over_the_map(preset_fingerprints, tmp_path: Path):
-    from fedseg.federation.engine import aggregate_round, initial_round, write_site_update
+    from fedseg.federation.aggregation import aggregate_round
+    from fedseg.federation.round_zero import initial_round
+    from fedseg.federation.site_update import write_site_update
     from fedseg.federation.weightfile import read_weight_file
 
     plans = _plans(preset_fingerprints, **{"training.rounds": "2"})
     plans = dataclasses.replace(plans, sites={**plans.sites, "site_b": dataclasses.replace(plans.sites["site_b"], n_cases=24)})
     initial_round(plans, tmp_path / "round_000")
-    shared = plans.extra[MAP_KEY]["sites"]
+    shared = _shared(plans)["sites"]
     states, updates = {}, []
     for i, site in enumerate(sorted(plans.sites)):
         state, _ = read_weight_file(tmp_path / "round_000" / f"{site}.safetensors")
@@ -248,17 +256,18 @@ def test_inspect_shows_the_map(preset_fingerprints, tmp_path: Path):
     plans = _plans(preset_fingerprints)
     plans.save(tmp_path / "plans.json")
     summary = summarise(tmp_path / "plans.json")
-    lines = summary["shared parameters"]
-    assert lines["encoder.stages.1"].startswith("global")
+    lines = summary["route table"]
+    assert lines["pool global"].endswith("every member loads the merged tensor")
     assert set(k for k in lines if k.startswith("site ")) == {"site site_a", "site site_b", "site site_c"}
-    assert MAP_KEY not in summary      # the per-tensor map itself is not dumped
+    assert "global" in summary["routes by module"]["site_a"]["encoder.stages.1"]
+    assert "routes" not in summary      # the per-tensor table itself is not dumped
 
 
 @pytest.mark.parametrize("decoder_match", ["output", "bottleneck"])
 def test_every_site_of_the_preset_shares_decoder_tensors(preset_fingerprints, decoder_match):
     """On the fednnunet preset (site_c a stage shallower) matching from the output gives every
     site decoder tensors to pool; matching from the bottleneck leaves site_c without any."""
-    shared = _plans(preset_fingerprints, decoder_match=decoder_match).extra[MAP_KEY]["sites"]
+    shared = _shared(_plans(preset_fingerprints, decoder_match=decoder_match))["sites"]
     decoder = {site: [n for n in names if n.startswith("decoder.")] for site, names in shared.items()}
     if decoder_match == "output":
         assert all(len(names) >= 12 for names in decoder.values()), {s: len(n) for s, n in decoder.items()}

@@ -11,12 +11,9 @@ import numpy as np
 import pytest
 
 from fedseg.errors import InputError
-from fedseg.federation.engine import (
-    aggregate_round,
-    compose_site_state,
-    split_site_state,
-    write_site_update,
-)
+from fedseg.federation.aggregation import aggregate_round
+from fedseg.federation.routes import attach_routes
+from fedseg.federation.site_update import compose_site_state, split_site_state, write_site_update
 from fedseg.federation.strategies import get_strategy, strategy_names
 from fedseg.federation.weightfile import WeightMeta, open_weight_file, read_weight_file, write_weight_file
 from fedseg.planning.plans import (
@@ -48,12 +45,12 @@ def make_plans(
         name="3d_fullres", spacing=[1.0, 1.0, 1.0], patch_size=[16, 16, 16], median_image_size_in_voxels=[16, 16, 16],
         batch_size=2, normalization_schemes=["ZScoreNormalization"], use_mask_for_norm=[False], network=network,
     )
-    return Plans(
+    return attach_routes(Plans(
         dataset_name="unit", channel_names={"0": "T1"}, labels={"background": 0, "lesion": 1}, file_ending=".nii.gz",
         fingerprint={}, sites={s: SiteInfo("MRI", ["T1"], n) for s, n in (sites or N_CASES).items()},
         strategy=StrategySpec(strategy, dict(params or {})), configurations={"3d_fullres": config},
         default_configuration="3d_fullres", extra={"manifests": {"3d_fullres": manifest or MANIFEST}},
-    )
+    ))
 
 
 def random_state(seed: int) -> dict[str, np.ndarray]:
@@ -369,8 +366,8 @@ def test_plans_without_manifest_are_refused(tmp_path: Path) -> None:
 # -- with the real network (written in fedseg.training) --------------------------------------
 def test_attach_manifests_and_initial_round(tmp_path: Path) -> None:
     pytest.importorskip("fedseg.training.network")
-    from fedseg.federation.engine import initial_round
-    from fedseg.federation.manifest import attach_manifests
+    from fedseg.federation.round_zero import initial_round
+    from fedseg.federation.plan_building import attach_manifests
 
     plans = make_plans()
     plans.extra = {}

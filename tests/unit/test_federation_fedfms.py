@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from fedseg.errors import InputError
+from fedseg.federation.routes import route_table
 from fedseg.federation.strategies import get_strategy, strategy_names
+from fedseg.training.recipes.registry import get_recipe
 from fedseg.planning.plans import ConfigurationPlan, NetworkSpec, Plans, SiteInfo, StrategySpec
 
 
@@ -45,17 +47,16 @@ def test_bad_params_are_refused(params, message) -> None:
 
 
 def test_fedmsa_keeps_the_backbone_out_of_every_file() -> None:
-    from fedseg.federation.manifest import attach_manifests
+    from fedseg.federation.plan_building import attach_manifests
 
-    msa, sam = _plans("fedmsa"), _plans("fedsam")
-    strategy = get_strategy("fedmsa")
-    assert strategy.scope(msa, "a", "image_encoder.blocks.0.attn.qkv.weight") is None
-    assert strategy.scope(msa, "a", "image_encoder.blocks.0.Space_Adapter.D_fc1.weight") == "global"
-    assert strategy.scope(msa, "a", "mask_decoder.class_head.weight") == "global"
-    assert get_strategy("fedsam").scope(sam, "a", "image_encoder.blocks.0.attn.qkv.weight") == "global"
+    msa, sam = attach_manifests(_plans("fedmsa")), attach_manifests(_plans("fedsam"))
+    msa_routes, sam_routes = route_table(msa), route_table(sam)
+    assert msa_routes.pool_of("a", "image_encoder.blocks.0.Space_Adapter.D_fc1.weight") == "global"
+    assert msa_routes.pool_of("a", "mask_decoder.class_head.weight") == "global"
+    assert sam_routes.pool_of("a", "image_encoder.blocks.0.attn.qkv.weight") == "global"
 
-    msa_manifest = attach_manifests(msa).extra["manifests"]["2d"]
-    sam_manifest = attach_manifests(sam).extra["manifests"]["2d"]
+    msa_manifest = msa.extra["manifests"]["2d"]
+    sam_manifest = sam.extra["manifests"]["2d"]
     # the frozen backbone is rebuilt at each site (checkpoint or seed): not even in the manifest
     assert not any(n.startswith("image_encoder.") and "Adapter" not in n for n in msa_manifest)
     assert any("Space_Adapter" in n for n in msa_manifest) and not any("Adapter" in n for n in sam_manifest)
@@ -64,28 +65,30 @@ def test_fedmsa_keeps_the_backbone_out_of_every_file() -> None:
 
 
 def test_network_follows_the_plan_params(tmp_path: Path) -> None:
-    net = get_strategy("fedsam").network(_plans("fedsam", **{"sam.image_size": 96}), "a")
+    net = get_recipe("sam_full").network(_plans("fedsam", **{"sam.image_size": 96}), "a")
     assert net.config.image_size == 96 and net.n_classes == 3
     assert net(torch.randn(1, 1, 64, 64)).shape == (1, 3, 64, 64)
     with pytest.raises(InputError, match="not found"):
-        get_strategy("fedmsa").network(_plans("fedmsa", **{"sam.checkpoint": str(tmp_path / "none.pth")}), "a")
-    assert get_strategy("fedmsa").trainer_class(_plans("fedmsa")).__name__ == "SamTrainer"
+        get_recipe("sam_adapters").network(_plans("fedmsa", **{"sam.checkpoint": str(tmp_path / "none.pth")}), "a")
+    assert get_recipe("sam_adapters").trainer_class(_plans("fedmsa")).__name__ == "SamTrainer"
 
 
 def test_fedmsa_round_trip_through_the_engine(tmp_path: Path) -> None:
     """init -> a site's update (adapters + decoder only) -> aggregate -> the site composes its model."""
-    from fedseg.federation.engine import aggregate_round, compose_site_state, initial_round, write_site_update
-    from fedseg.federation.manifest import attach_manifests
+    from fedseg.federation.aggregation import aggregate_round
+    from fedseg.federation.site_update import compose_site_state, write_site_update
+    from fedseg.federation.round_zero import initial_round
+    from fedseg.federation.plan_building import attach_manifests
     from fedseg.federation.weightfile import read_weight_file
 
     plans = attach_manifests(_plans("fedmsa"))
     initial_round(plans, tmp_path / "r0")
     tensors, _ = read_weight_file(tmp_path / "r0" / "a.safetensors")
     assert not any(n.startswith("image_encoder.") and "Adapter" not in n for n in tensors)
-    strategy = get_strategy("fedmsa")
+    recipe = get_recipe("sam_adapters")
     updates = []
     for site, shift in (("a", 1.0), ("b", 3.0)):
-        net = strategy.network(plans, site)
+        net = recipe.network(plans, site)
         state = compose_site_state(plans, site, tmp_path / "r0" / f"{site}.safetensors", None)
         net.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.items()})
         with torch.no_grad():
@@ -107,10 +110,10 @@ def test_the_papers_recipe_as_plan_params() -> None:
     from fedseg.training.sam_trainer import SamTrainer
 
     paper = _plans("fedmsa", **{"sam.optimizer": "adam", "sam.lr_schedule": "constant", "sam.adapter_init": "default"})
-    net = get_strategy("fedmsa").network(paper, "a")
+    net = get_recipe("sam_adapters").network(paper, "a")
     fc2 = [p for n, p in net.named_parameters() if n.endswith("D_fc2.weight")]
     assert fc2 and all(p.abs().sum() > 0 for p in fc2)
-    default = get_strategy("fedmsa").network(_plans("fedmsa"), "a")
+    default = get_recipe("sam_adapters").network(_plans("fedmsa"), "a")
     assert all(p.abs().sum() == 0 for n, p in default.named_parameters() if n.endswith("D_fc2.weight"))
 
     trainer = object.__new__(SamTrainer)

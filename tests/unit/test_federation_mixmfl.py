@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fedseg.errors import InputError
+from fedseg.federation.routes import route_table
 from fedseg.federation.strategies import get_strategy
 from fedseg.federation.strategies.base import Contribution
 
@@ -58,25 +59,26 @@ def test_scopes_per_sequence_and_ablation_switches(mixmfl_fingerprints):
     _root, fps = mixmfl_fingerprints
     plans = _plans(fps)
     s = get_strategy("mixmfl")
+    table = route_table(plans)
     names = plans.extra["manifests"]["3d_fullres"]
     t1 = next(n for n in names if n.startswith("tailored.T1."))
     t2 = next(n for n in names if n.startswith("tailored.T2."))
-    assert s.scope(plans, "site1", t1) == "group:T1"
-    assert s.scope(plans, "site2", t1) == "group:T1"
-    assert s.scope(plans, "site6", t1) is None          # site6 has no T1: its copy stays local
-    assert s.scope(plans, "site1", t2) is None
-    assert s.scope(plans, "site6", t2) == "group:T2"
+    assert table.pool_of("site1", t1) == "group:T1"
+    assert table.pool_of("site2", t1) == "group:T1"
+    assert table.pool_of("site6", t1) is None          # site6 has no T1: its copy stays local
+    assert table.pool_of("site1", t2) is None
+    assert table.pool_of("site6", t2) == "group:T2"
     for prefix in ("shared.", "decoder.", "fuse.", "decoupler."):
         name = next(n for n in names if n.startswith(prefix))
-        assert {s.scope(plans, site, name) for site in plans.sites} == {"global"}
-    assert s.scope(plans, "site6", "memory.T1.0") == "memory:T1"   # everyone receives every memory
-    assert s.scope(plans, "site1", "memory.T1.2") == "memory:T1"   # of every stage
-    assert s.model_pools(plans) == ["global", "group:T1", "group:T1ce", "group:T2", "group:FLAIR"]
+        assert {table.pool_of(site, name) for site in plans.sites} == {"global"}
+    assert table.pool_of("site6", "memory.T1.0") == "memory:T1"   # everyone receives every memory
+    assert table.pool_of("site1", "memory.T1.2") == "memory:T1"   # of every stage
+    assert sorted(table.model_pools()) == sorted(["global", "group:T1", "group:T1ce", "group:T2", "group:FLAIR"])
 
     no_tailored = _plans(fps, tailored="false")
-    assert s.scope(no_tailored, "site6", t1) == "global"
+    assert route_table(no_tailored).pool_of("site6", t1) == "global"
     no_memory = _plans(fps, memory="false")
-    assert s.scope(no_memory, "site1", "memory.T1.0") is None
+    assert route_table(no_memory).pool_of("site1", "memory.T1.0") is None
     with pytest.raises(InputError):
         s.check_params({"memory": "maybe"})
     with pytest.raises(InputError, match="memory_query"):

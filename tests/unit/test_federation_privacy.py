@@ -14,7 +14,9 @@ from test_federation_engine import N_CASES, make_plans, random_state
 
 from fedseg.errors import InputError
 from fedseg.federation import dp, secure_aggregation as sa
-from fedseg.federation.engine import aggregate_round, write_site_update
+from fedseg.federation.aggregation import aggregate_round
+from fedseg.federation.routes import attach_routes
+from fedseg.federation.site_update import write_site_update
 from fedseg.federation.privacy import SitePrivacy, plan_privacy, reveal_seeds
 from fedseg.federation.signing import generate_key
 from fedseg.federation.strategies import get_strategy
@@ -37,6 +39,7 @@ def private_plans(keydir: Path | None, params: dict, manifest: dict | None = Non
     plans = make_plans(params=params)
     if manifest is not None:
         plans.extra["manifests"] = {"3d_fullres": manifest}
+        plans = attach_routes(plans)
     return plan_privacy(plans, get_strategy(plans.strategy.name), keydir)
 
 

@@ -12,8 +12,9 @@ from test_federation_validation_cli import assert_refused
 
 from fedseg.cli.main import run
 from fedseg.errors import InputError
-from fedseg.federation.engine import aggregate_round, compose_site_state, write_site_update
-from fedseg.federation.manifest import attach_manifests
+from fedseg.federation.aggregation import aggregate_round
+from fedseg.federation.site_update import compose_site_state, write_site_update
+from fedseg.federation.plan_building import attach_manifests
 from fedseg.federation.quorum import required_sites
 from fedseg.federation.strategies import get_strategy
 from fedseg.federation.weightfile import read_weight_file

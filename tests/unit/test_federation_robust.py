@@ -11,7 +11,8 @@ from test_federation_engine import FLOAT_NAMES, N_CASES, make_plans, random_stat
 
 from fedseg.errors import InputError
 from fedseg.federation import robust as robust_mod
-from fedseg.federation.engine import aggregate_round, write_site_update
+from fedseg.federation.aggregation import aggregate_round
+from fedseg.federation.site_update import write_site_update
 from fedseg.federation.robust import RobustSpec, parse_robust, robust_combine, trim_count
 from fedseg.federation.weightfile import WeightMeta, read_weight_file, write_weight_file
 

@@ -12,7 +12,8 @@ import pytest
 from test_federation_engine import make_plans, random_state, write_updates
 
 from fedseg.errors import InputError
-from fedseg.federation.engine import aggregate_round, compose_site_state, write_site_update
+from fedseg.federation.aggregation import aggregate_round
+from fedseg.federation.site_update import compose_site_state, write_site_update
 from fedseg.federation.signing import (
     COORDINATOR,
     generate_key,

@@ -19,7 +19,7 @@ from flwr.app import ConfigRecord, Message, RecordDict  # noqa: E402
 
 from fedseg.data.dataset import load_dataset  # noqa: E402
 from fedseg.errors import InputError  # noqa: E402
-from fedseg.federation.engine import compose_site_state, write_site_update  # noqa: E402
+from fedseg.federation.site_update import compose_site_state, write_site_update  # noqa: E402
 from fedseg.federation.run_status import run_status  # noqa: E402
 from fedseg.federation.signing import generate_key, load_signing_key  # noqa: E402
 from fedseg.planning.fingerprint import compute_fingerprint  # noqa: E402

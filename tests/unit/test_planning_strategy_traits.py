@@ -11,6 +11,7 @@ from fedseg.federation.strategies import get_strategy, strategy_names
 from fedseg.planning.overrides import final_strategy_params
 from fedseg.planning.planner import make_plans
 from fedseg.planning.strategy_traits import StrategyTraits
+from fedseg.training.recipes.traits import recipe_traits
 from test_planning_planner import fake_fingerprint, three_sites
 
 REGION_LABELS = {"background": 0, "whole": [1, 2], "core": 2}
@@ -62,14 +63,23 @@ def test_region_labels_refused_without_naming_other_strategies() -> None:
 
 
 @pytest.mark.parametrize("name", strategy_names())
-def test_strategy_traits_read_the_strategy(name) -> None:
+def test_strategy_traits_read_the_strategy_and_its_recipe(name) -> None:
     impl = get_strategy(name)
+    recipe = recipe_traits(impl.recipe)
     traits = strategy_traits(impl, {})
     assert traits.name == name
-    assert traits.plans_per_site == bool(getattr(impl, "plans_per_site", False))
-    assert traits.supports_regions == impl.supports_regions
-    assert traits.requires_same_channels == impl.requires_same_channels({})
-    assert dict(traits.training_defaults) == dict(getattr(impl, "training_defaults", None) or {})
+    assert traits.plans_per_site == impl.plans_per_site
+    assert traits.supports_regions == recipe.supports_regions
+    assert traits.requires_same_channels == (impl.requires_same_channels({}) and recipe.requires_same_channels)
+    assert dict(traits.training_defaults) == dict(recipe.training_defaults)
+
+
+def test_what_each_strategy_plans() -> None:
+    got = {name: strategy_traits(get_strategy(name), {}) for name in strategy_names()}
+    assert [n for n, t in got.items() if t.plans_per_site] == ["asymfedavg"]
+    assert sorted(n for n, t in got.items() if not t.supports_regions) == ["fedmsa", "fedsam", "flames", "mixmfl"]
+    assert [n for n, t in got.items() if not t.requires_same_channels] == ["mixmfl"]
+    assert {n: dict(t.training_defaults) for n, t in got.items() if t.training_defaults} == {"flames": {"loss": "dice_focal"}}
 
 
 def test_strategy_traits_follow_the_final_params() -> None:

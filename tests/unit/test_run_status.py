@@ -13,7 +13,8 @@ import pytest
 from test_federation_engine import make_plans, random_state
 
 from fedseg.cli.main import run
-from fedseg.federation.engine import aggregate_round, write_site_update
+from fedseg.federation.aggregation import aggregate_round
+from fedseg.federation.site_update import write_site_update
 from fedseg.federation.run_status import STATUS_SCHEMA, run_status
 from fedseg.federation.weightfile import WeightMeta, write_weight_file
 

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from fedseg.errors import InputError
+from fedseg.federation.routes import attach_routes
+from fedseg.federation.routes import PERSONAL, Route, route_table
 from fedseg.federation.strategies import get_strategy
 from fedseg.federation.strategies.base import Contribution
 from fedseg.federation.strategies.flames import group_members, personalised_weights, site_groups
@@ -19,7 +21,7 @@ from fedseg.planning.plans import ConfigurationPlan, NetworkSpec, Plans, SiteInf
 def make_plans(sites: dict[str, tuple[str, int]], params: dict | None = None, manifest: dict | None = None) -> Plans:
     network = NetworkSpec(2, [4, 8], [[3, 3], [3, 3]], [[1, 1], [2, 2]], [1, 1], [1])
     config = ConfigurationPlan("2d", [1.0, 1.0], [16, 16], [16.0, 16.0], 2, ["ZScoreNormalization"], [False], network)
-    return Plans(
+    return attach_routes(Plans(
         dataset_name="t",
         channel_names={"0": "MRI"},
         labels={"background": 0, "lesion": 1},
@@ -30,7 +32,7 @@ def make_plans(sites: dict[str, tuple[str, int]], params: dict | None = None, ma
         configurations={"2d": config},
         default_configuration="2d",
         extra={"manifests": {"2d": manifest or {"w": {"shape": [2], "dtype": "float32"}}}},
-    )
+    ))
 
 
 def contribution(site: str, n: int, values) -> Contribution:
@@ -44,9 +46,10 @@ SITES = {"a": ("MRI", 10), "b": ("MRI", 20), "c": ("MRI", 40), "u": ("US", 5), "
 def test_sites_are_grouped_by_modality_and_group_override_moves_a_site():
     plans = make_plans(SITES)
     assert group_members(plans) == {"CT": ["x"], "MRI": ["a", "b", "c"], "US": ["u", "v"]}
-    strategy = get_strategy("flames")
-    assert strategy.scope(plans, "u", "w") == "group:US"
-    assert strategy.model_pools(plans) == ["group:CT", "group:MRI", "group:US"]
+    table = route_table(plans)
+    assert table.sites["u"]["w"] == Route("group:US", "w")
+    assert table.model_pools() == ["group:CT", "group:MRI", "group:US"]
+    assert {pool: info.result for pool, info in table.pools.items()} == dict.fromkeys(table.model_pools(), PERSONAL)
 
     moved = make_plans(SITES, {"group.x": "US"})
     assert site_groups(moved)["x"] == "US"
@@ -143,7 +146,8 @@ def test_plan_defaults_to_dice_focal_for_flames_only(tmp_path: Path):
 
 # -- the engine: two groups, personalised site files, one server model per modality -------------
 def test_aggregate_round_writes_personalised_sites_and_modality_models(tmp_path: Path):
-    from fedseg.federation.engine import aggregate_round, compose_site_state
+    from fedseg.federation.aggregation import aggregate_round
+    from fedseg.federation.site_update import compose_site_state
     from fedseg.federation.weightfile import WeightMeta, read_weight_file, write_weight_file
 
     sites = {"a": ("MRI", 10), "b": ("MRI", 30), "u": ("US", 4), "x": ("CT", 7)}

@@ -37,6 +37,42 @@ def _plans(strategy: str, params: dict | None = None, seed: int = 7) -> Plans:
                  StrategySpec(strategy, dict(params or {})), {config.name: config}, config.name, seed=seed)
 
 
+def _reference_network(strategy: str, plans: Plans, site: str) -> torch.nn.Module:
+    """The network as the strategies built it before the recipes existed (their `network`)."""
+    from fedseg.data.channels import channel_keys, plan_channel_list, present_channels
+    from fedseg.training.mixmfl_network import build_mixmfl_network
+    from fedseg.training.network import build_network
+    from fedseg.training.sam import build_sam_segmenter, sam_config
+
+    params = plans.strategy.params
+    if strategy == "mixmfl":
+        sequences = plan_channel_list(plans.channel_names)
+        defaults = {"memory_size": 200, "memory": True, "memory_query": "both"}
+        p = {**defaults, **{k: v for k, v in params.items() if k in defaults}}
+        return build_mixmfl_network(
+            plans.configuration_for(site), channel_keys(sequences), plans.n_classes,
+            present=present_channels(sequences, plans.site(site).channels), memory_size=p["memory_size"],
+            use_memory=p["memory"], memory_query=p["memory_query"], seed=plans.seed,
+        )
+    if strategy in ("fedmsa", "fedsam"):
+        adapters = strategy == "fedmsa"
+        return build_sam_segmenter(
+            sam_config(params.get("sam.config", "tiny"), params.get("sam.image_size")), plans.n_channels, plans.n_classes,
+            adapters=adapters, freeze_backbone=adapters,
+            checkpoint=params.get("sam.checkpoint"), checkpoint_sha256=params.get("sam.checkpoint_sha256"),
+            seed=plans.seed, zero_adapters=params.get("sam.adapter_init", "zero") == "zero",
+        )
+    return build_network(plans.configuration_for(site), plans.n_channels, plans.n_classes, seed=plans.seed)
+
+
+def _reference_trainer(strategy: str) -> type:
+    from fedseg.training.mixmfl_trainer import MixMFLTrainer
+    from fedseg.training.sam_trainer import SamTrainer
+    from fedseg.training.trainer import SiteTrainer
+
+    return {"mixmfl": MixMFLTrainer, "fedmsa": SamTrainer, "fedsam": SamTrainer}.get(strategy, SiteTrainer)
+
+
 def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
     sa, sb = a.state_dict(), b.state_dict()
     assert list(sa) == list(sb)
@@ -54,12 +90,13 @@ def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
 @pytest.mark.parametrize("site", ["a", "b"])
 def test_the_recipe_builds_the_strategys_network_bit_for_bit(strategy, params, site) -> None:
     plans = _plans(strategy, params)
+    assert get_strategy(strategy).recipe == RECIPE_OF[strategy]
     recipe = get_recipe(RECIPE_OF[strategy])
-    theirs = get_strategy(strategy).network(plans, site)
+    theirs = _reference_network(strategy, plans, site)
     ours = recipe.network(plans, site)
     assert type(ours) is type(theirs)
     _same_state(ours, theirs)
-    assert recipe.trainer_class(plans) is get_strategy(strategy).trainer_class(plans)
+    assert recipe.trainer_class(plans) is _reference_trainer(strategy)
 
 
 def test_another_seed_builds_other_weights() -> None:
@@ -68,17 +105,24 @@ def test_another_seed_builds_other_weights() -> None:
     assert not all(torch.equal(x, y) for x, y in zip(one.state_dict().values(), other.state_dict().values()))
 
 
+# what the strategies said of their models before the recipes held it
+EXPECTED_TRAITS = {
+    "unet": (True, {}, True), "unet_dice_focal": (False, {"loss": "dice_focal"}, True),
+    "mixmfl": (False, {}, False), "sam_adapters": (False, {}, True), "sam_full": (False, {}, True),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(EXPECTED_TRAITS))
+def test_traits(recipe) -> None:
+    traits = recipe_traits(recipe)
+    assert (traits.supports_regions, dict(traits.training_defaults), traits.requires_same_channels) == EXPECTED_TRAITS[recipe]
+
+
 @pytest.mark.parametrize("strategy, recipe", sorted(RECIPE_OF.items()))
-def test_traits_match_the_strategy(strategy, recipe) -> None:
-    impl, traits = get_strategy(strategy), recipe_traits(recipe)
-    assert traits.supports_regions == impl.supports_regions
-    assert dict(traits.training_defaults) == dict(getattr(impl, "training_defaults", None) or {})
-    if traits.requires_same_channels:
-        assert impl.requires_same_channels({})
-    else:
-        assert not impl.requires_same_channels({})
+def test_the_strategies_know_the_recipes_keys(strategy, recipe) -> None:
+    traits = recipe_traits(recipe)
     if traits.params is not None:
-        assert param_keys(traits.params) <= impl.param_names()
+        assert param_keys(traits.params) <= get_strategy(strategy).param_names()
 
 
 def test_registry_and_traits_name_the_same_recipes() -> None:

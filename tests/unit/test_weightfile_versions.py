@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fedseg.errors import InputError
-from fedseg.federation.engine import aggregate_round
+from fedseg.federation.aggregation import aggregate_round
 from fedseg.federation.signing import sign_weight_file
 from fedseg.federation.weightfile import WEIGHT_FORMAT_VERSION, WeightMeta, _save_safetensors, read_weight_file, write_weight_file
 from tests.unit.test_federation_engine import flower_aggregate, make_plans, random_state
@@ -74,7 +74,7 @@ def test_version_1_files_stay_readable_and_checked(tmp_path: Path) -> None:
 def test_a_round_of_version_1_and_version_2_updates_is_aggregated_like_flower(
     keydir: Path, tmp_path: Path, signed: bool  # noqa: F811 - the fixture
 ) -> None:
-    from fedseg.federation.engine import write_site_update
+    from fedseg.federation.site_update import write_site_update
 
     plans = keyed_plans(keydir) if signed else make_plans()
     paths, results = [], []
@@ -102,7 +102,7 @@ def test_signed_update_with_other_bytes_but_the_signed_content_leaves_no_round(k
     """The sha256 of the bytes is checked after the merge, in the background, but before the
     commit: bytes that differ from the signed ones (here only the header's padding, so the
     content hash still matches) are refused and nothing is written."""
-    from fedseg.federation.engine import write_site_update
+    from fedseg.federation.site_update import write_site_update
 
     plans = keyed_plans(keydir)
     paths = []

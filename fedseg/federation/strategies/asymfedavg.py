@@ -50,13 +50,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedseg.errors import InputError
-from fedseg.federation.strategies.base import Contribution, Strategy, weighted_mean
-from fedseg.federation.strategies.fedavg import WEIGHTINGS, case_weight, case_weights
+from fedseg.federation.strategies.base import Manifest, ProposedRoutes, Strategy, case_weight, check_choice
 
 if TYPE_CHECKING:  # pragma: no cover
     from fedseg.planning.plans import Plans
 
-MAP_KEY = "shared_parameters"
 GLOBAL_POOL = "global"
 SUBSET_POOL_PREFIX = "sites:"
 # How decoder stages are paired across sites of different depth (`--set decoder_match=...`).
@@ -147,62 +145,76 @@ def shared_parameter_map(
     only), "keys": {pool/key id: {"key", "pool", "shape", "dtype", "sites"}}}.
     Deterministic: sites and names are visited in sorted order.
     """
+    layout = _Layout()
+    for site in sorted(manifests):
+        layout.add_site(site, manifests[site], (strides or {}).get(site, {}), local_norms, decoder_match)
     all_sites = sorted(manifests)
-    # block -> signature -> [site]; a signature is the block's ((key, shape, dtype), ...)
-    positions: dict[str, dict[tuple, list[str]]] = {}
-    names_of: dict[tuple[str, str], list[tuple[str, str]]] = {}   # (site, block) -> [(name, key)]
-    key_block_of: dict[tuple[str, str], str] = {}                  # (site, layer by name) -> block
-    layer_of: dict[tuple[str, str], str] = {}                      # (site, block) -> layer by name
-    for site in all_sites:
+    sites_map: dict[str, dict[str, dict[str, str]]] = {site: {} for site in all_sites}
+    keys: dict[str, dict[str, Any]] = {}
+    pool_of: dict[tuple[str, str], str] = {}      # (site, block) -> pool, for pooled layers
+    feeds = {site: input_layers(manifests[site]) for site in all_sites} if match_inputs else None
+    for block in sorted(layout.positions, key=_layer_order):
+        # member_sites are in sorted order: sites were visited sorted
+        for signature, member_sites in layout.groups(block, feeds, pool_of):
+            if len(member_sites) < 2:
+                continue
+            pool = GLOBAL_POOL if member_sites == all_sites else SUBSET_POOL_PREFIX + "+".join(member_sites)
+            for key, shape, dtype in signature[:-1]:     # the last entry is the stride
+                keys[f"{pool}/{key}"] = {"key": key, "pool": pool, "shape": list(shape), "dtype": dtype, "sites": list(member_sites)}
+            for site in member_sites:
+                pool_of[(site, block)] = pool
+                for name, key in layout.names_of[(site, block)]:
+                    sites_map[site][name] = {"pool": pool, "key": key}
+    rule = rule_text(decoder_match, strides is not None) + ("; inputs pooled alike" if match_inputs else "")
+    return {"rule": rule, "local_norms": bool(local_norms), "decoder_match": decoder_match, "sites": sites_map, "keys": keys}
+
+
+class _Layout:
+    """The sites' layers by structural position: which sites agree on a layer's tensors and stride."""
+
+    def __init__(self) -> None:
+        # block -> signature -> [site]; a signature is the block's ((key, shape, dtype), ..., ("stride", s))
+        self.positions: dict[str, dict[tuple, list[str]]] = {}
+        self.names_of: dict[tuple[str, str], list[tuple[str, str]]] = {}   # (site, block) -> [(name, key)]
+        self.key_block_of: dict[tuple[str, str], str] = {}                  # (site, layer by name) -> block
+        self.layer_of: dict[tuple[str, str], str] = {}                      # (site, block) -> layer by name
+
+    def add_site(self, site: str, manifest: Mapping[str, tuple[Sequence[int], str]], site_strides: Mapping[str, Sequence[int]],
+                 local_norms: bool, decoder_match: str) -> None:
         blocks: dict[str, list[tuple[str, tuple[int, ...], str, str]]] = {}
-        site_strides = (strides or {}).get(site, {})
         block_stride: dict[str, tuple[int, ...]] = {}
-        for name, key in sorted(structural_keys(manifests[site], decoder_match).items()):
-            shape, dtype = manifests[site][name]
+        for name, key in sorted(structural_keys(manifest, decoder_match).items()):
+            shape, dtype = manifest[name]
             if not np.issubdtype(np.dtype(dtype), np.floating):
                 continue  # integer buffers are never averaged
             if local_norms and is_norm_parameter(name):
                 continue
             blocks.setdefault(block_of(key), []).append((key, tuple(int(x) for x in shape), str(dtype), name))
             block_stride[block_of(key)] = tuple(site_strides.get(block_of(name), ()))
-            key_block_of[(site, block_of(name))] = block_of(key)
-            layer_of[(site, block_of(key))] = block_of(name)
+            self.key_block_of[(site, block_of(name))] = block_of(key)
+            self.layer_of[(site, block_of(key))] = block_of(name)
         for block, tensors in blocks.items():
             signature = tuple((key, shape, dtype) for key, shape, dtype, _ in tensors) + (("stride", block_stride[block]),)
-            positions.setdefault(block, {}).setdefault(signature, []).append(site)
-            names_of[(site, block)] = [(name, key) for key, _, _, name in tensors]
-    sites_map: dict[str, dict[str, dict[str, str]]] = {site: {} for site in all_sites}
-    keys: dict[str, dict[str, Any]] = {}
-    pool_of: dict[tuple[str, str], str] = {}      # (site, block) -> pool, for pooled layers
-    feeds = {site: input_layers(manifests[site]) for site in all_sites} if match_inputs else {}
-    for block in sorted(positions, key=_layer_order):
+            self.positions.setdefault(block, {}).setdefault(signature, []).append(site)
+            self.names_of[(site, block)] = [(name, key) for key, _, _, name in tensors]
+
+    def groups(self, block: str, feeds: Mapping[str, Mapping[str, tuple[str, ...]]] | None,
+               pool_of: Mapping[tuple[str, str], str]) -> list[tuple[tuple, list[str]]]:
+        """(signature, sites) of every group of sites that agree on `block`; with `feeds`
+        (match_inputs), split further by where their inputs come from (a local input: the site itself)."""
         groups: list[tuple[tuple, list[str]]] = []
-        for signature, member_sites in sorted(positions[block].items()):
-            if not match_inputs:
+        for signature, member_sites in sorted(self.positions[block].items()):
+            if feeds is None:
                 groups.append((signature, member_sites))
                 continue
-            # split the sites further by where their inputs come from (a local input: the site itself)
             by_inputs: dict[tuple, list[str]] = {}
             for site in member_sites:
-                layer = layer_of[(site, block)]
-                sources = tuple(pool_of.get((site, key_block_of.get((site, src), "")), "local:" + site)
+                layer = self.layer_of[(site, block)]
+                sources = tuple(pool_of.get((site, self.key_block_of.get((site, src), "")), "local:" + site)
                                 for src in feeds[site].get(layer, ()))
                 by_inputs.setdefault(sources, []).append(site)
             groups += [(signature, sites) for _, sites in sorted(by_inputs.items())]
-        # member_sites are in sorted order: sites were visited sorted
-        for signature, member_sites in groups:
-            if len(member_sites) < 2:
-                continue
-            pool = GLOBAL_POOL if member_sites == all_sites else SUBSET_POOL_PREFIX + "+".join(member_sites)
-            for site in member_sites:
-                pool_of[(site, block)] = pool
-            for key, shape, dtype in signature[:-1]:     # the last entry is the stride
-                keys[f"{pool}/{key}"] = {"key": key, "pool": pool, "shape": list(shape), "dtype": dtype, "sites": list(member_sites)}
-            for site in member_sites:
-                for name, key in names_of[(site, block)]:
-                    sites_map[site][name] = {"pool": pool, "key": key}
-    rule = rule_text(decoder_match, strides is not None) + ("; inputs pooled alike" if match_inputs else "")
-    return {"rule": rule, "local_norms": bool(local_norms), "decoder_match": decoder_match, "sites": sites_map, "keys": keys}
+        return groups
 
 
 def input_layers(names: Iterable[str]) -> dict[str, tuple[str, ...]]:
@@ -320,35 +332,6 @@ def block_of(key: str) -> str:
     return ".".join(parts)
 
 
-def summarise_map(shared: Mapping[str, Any], manifests_by_site: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, str]:
-    """Human-readable lines: per module (stage), which pools hold how many tensors; per site, shared / total."""
-    modules: dict[str, dict[str, int]] = {}
-    for entry in shared.get("keys", {}).values():
-        module = _module_of(entry["key"])
-        modules.setdefault(module, {})
-        modules[module][entry["pool"]] = modules[module].get(entry["pool"], 0) + 1
-    lines = {"rule": shared.get("rule", ""), "local_norms": str(shared.get("local_norms", False))}
-    for module in sorted(modules, key=_module_order):
-        lines[module] = ", ".join(f"{pool} ({n} tensors)" for pool, n in sorted(modules[module].items()))
-    for site, names in sorted(shared.get("sites", {}).items()):
-        total = len(manifests_by_site[site]) if manifests_by_site and site in manifests_by_site else None
-        lines[f"site {site}"] = f"{len(names)} shared" + (f" of {total} tensors, {total - len(names)} local" if total is not None else "")
-    return lines
-
-
-def _module_of(key: str) -> str:
-    parts = key.split(".")
-    return ".".join(parts[:3])
-
-
-def _module_order(module: str) -> tuple:
-    parts = module.split(".")
-    order = {"encoder": 0, "decoder": 1}.get(parts[0], 2)
-    level = parts[2].removeprefix("out") if len(parts) > 2 else ""
-    index = int(level) if level.isdigit() else 0
-    return (order, index, parts[1] if len(parts) > 1 else "")
-
-
 class AsymFedAvg(Strategy):
     name = "asymfedavg"
     description = "per-site plans (FednnU-Net); structurally matching, same-shape parameters averaged, the rest local"
@@ -358,62 +341,37 @@ class AsymFedAvg(Strategy):
 
     def check_params(self, params: Mapping[str, Any]) -> None:
         super().check_params(params)
-        weighting = params.get("weighting", "n_cases")
-        if weighting not in WEIGHTINGS:
-            raise InputError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
+        check_choice(params, "weighting", ("n_cases", "uniform"))
         for flag, default in FLAG_DEFAULTS.items():
             if not isinstance(params.get(flag, default), bool):
                 raise InputError(f"{flag} must be true or false, got {params.get(flag)!r}")
         if params.get("decoder_match", DEFAULT_DECODER_MATCH) not in DECODER_MATCHES:
             raise InputError(f"decoder_match must be one of {', '.join(DECODER_MATCHES)}, got {params.get('decoder_match')!r}")
 
-    def initial_states(self, plans: Plans, states: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    def initial_states(self, plans: Plans, states: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
         if not plans.strategy.params.get("aligned_init", FLAG_DEFAULTS["aligned_init"]):
             return states
         return aligned_initial_states(states, plans.strategy.params.get("decoder_match", DEFAULT_DECODER_MATCH))
 
-    # -- plan time -----------------------------------------------------------------------
-    def planned_extra(self, plans: Plans) -> dict[str, Any]:
-        from fedseg.federation.manifest import expected_parameters
-
+    # -- plan time ---------------------------------------------------------------------------
+    def shared_map(self, plans: Plans, manifests: Mapping[str, Manifest]) -> dict[str, Any]:
+        """The shared-parameter map of `shared_parameter_map` for these sites and parameters."""
         params = plans.strategy.params
         self.check_params(params)
-        manifests = {site: expected_parameters(plans, site) for site in sorted(plans.sites)}
         strides = None
         if params.get("match_strides", FLAG_DEFAULTS["match_strides"]):
             strides = {site: layer_strides(plans.configuration_for(site).network) for site in manifests}
-        return {MAP_KEY: shared_parameter_map(
+        return shared_parameter_map(
             manifests, local_norms=params.get("local_norms", FLAG_DEFAULTS["local_norms"]),
             decoder_match=params.get("decoder_match", DEFAULT_DECODER_MATCH), strides=strides,
-            match_inputs=params.get("match_inputs", FLAG_DEFAULTS["match_inputs"]))}
+            match_inputs=params.get("match_inputs", FLAG_DEFAULTS["match_inputs"]))
 
-    # -- routing ---------------------------------------------------------------------------
-    def _entry(self, plans: Plans, site: str, name: str) -> Mapping[str, str] | None:
-        shared = plans.extra.get(MAP_KEY)
-        if not isinstance(shared, dict) or "sites" not in shared:
-            raise InputError("the plan has no shared-parameter map for asymfedavg (re-run `fedseg plan`)")
-        return shared["sites"].get(site, {}).get(name)
-
-    def scope(self, plans: Plans, site: str, name: str) -> str | None:
-        entry = self._entry(plans, site, name)
-        return None if entry is None else entry["pool"]
-
-    def key(self, plans: Plans, site: str, name: str) -> str:
-        entry = self._entry(plans, site, name)
-        return name if entry is None else entry["key"]
-
-    def model_pools(self, plans: Plans) -> list[str]:
-        shared = plans.extra.get(MAP_KEY) or {}
-        has_global = any(e["pool"] == GLOBAL_POOL for e in shared.get("keys", {}).values())
-        return [GLOBAL_POOL] if has_global else []
+    def route(self, plans: Plans, manifests: Mapping[str, Manifest]) -> ProposedRoutes:
+        shared = self.shared_map(plans, manifests)
+        tensors = {site: {name: (entry["pool"], entry["key"]) for name, entry in shared["sites"][site].items()}
+                   for site in manifests}
+        return ProposedRoutes(tensors, model_pools=frozenset({GLOBAL_POOL}))
 
     # -- merging -----------------------------------------------------------------------------
-    def pool_weights(self, plans: Plans, pool: str, contributions: Sequence[Contribution]) -> dict[str, float]:
-        return case_weights(plans, contributions)
-
     def sum_weight(self, plans: Plans, pool: str, n_cases: int) -> float:
-        return case_weight(plans, n_cases)
-
-    def combine(self, plans: Plans, pool: str, key: str, contributions: Sequence[Contribution]) -> np.ndarray:
-        weights = self.pool_weights(plans, pool, contributions)
-        return weighted_mean(contributions, [weights[c.site] for c in contributions])
+        return case_weight(plans.strategy.params, n_cases)

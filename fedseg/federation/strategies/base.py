@@ -1,22 +1,22 @@
-"""The strategy interface: what a federated algorithm says; the engine does everything else.
+"""The strategy interface: an aggregation rule (numpy only) that names its model recipe.
 
-A strategy answers, without doing any I/O:
-1. `network(plans, site)`     the model a site trains (torch is imported lazily);
-2. `scope(plans, site, name)` the pool a parameter is averaged in ("global", "group:MRI", ...)
-                              or None (never leaves the site);
-   `key(plans, site, name)`   the name the parameter has inside its pool (identity by default;
-                              asymmetric networks map e.g. each site's decoder stages counted
-                              from the bottleneck to one shared key);
-3. `combine(plans, pool, key, contributions)` how a pool's contributions to one key are
-                              merged: one array for every site of the pool, or one array per
-                              site (personalised); `pool_model(...)` what the pool's own model
-                              file holds for that key (e.g. a plain group mean).
-`model_pools(plans)` names the pools written as `models/<pool file name>.safetensors`.
+A strategy answers, without doing any I/O and without torch:
+1. at plan time, `route(plans, manifests)`: for every site, which of its tensors are sent, to
+   which pool ("global", "group:MRI", ...) and under which key in it (asymmetric networks map
+   each site's stages to shared keys); which pools are written as model files; which pools are
+   personal (every member loads its own mix). fedseg.federation.routes records the answer in
+   plans.json; nothing asks the strategy again;
+2. at round 0, `initial_states`: a change to the seeded weights (e.g. aligned initialisation);
+3. at aggregation, `combine(plans, pool, key, contributions)`: how a pool's contributions to
+   one key are merged: one array for every site of the pool, or one array per site
+   (personal); `pool_model(...)` what the pool's model file holds for that key; `sum_weight`
+   the site's weight a_k when the pool is a weighted sum (what secure aggregation and DP need).
 
-The engine streams key by key over memory-mapped files, so `combine` sees one tensor per
-contributing site for ONE key at a time; it should accumulate in float64 and return float64
-(the engine casts back to the manifest dtype). Integer tensors (num_batches_tracked, ...) are
-never averaged: `resolved_scope` forces their scope to None whatever the strategy says.
+The network a site trains and how it trains it are the model recipe named by `recipe`
+(fedseg.training.recipes). The engine streams key by key over memory-mapped files, so
+`combine` sees one tensor per contributing site for ONE key at a time; it should accumulate in
+float64 and return float64 (the engine casts back to the manifest dtype). Integer tensors
+(num_batches_tracked, ...) are never routed, whatever the strategy says.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from fedseg.errors import InputError
 from fedseg.federation.privacy_params import PRIVACY_PARAMS, parse_privacy
 from fedseg.federation.quorum import QUORUM_PARAMS, parse_min_sites
 from fedseg.federation.robust import ROBUST_PARAMS, parse_robust
+from fedseg.planning.settings import PLAN_SETTINGS, unknown_key_message
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from fedseg.planning.plans import Plans
@@ -66,8 +67,10 @@ class Strategy:
     description: ClassVar[str] = ""
     # params this strategy understands besides its engine params (checked by `check_params`)
     known_params: ClassVar[frozenset[str]] = frozenset()
-    # whether its model recipe trains region-based labels (sigmoid per region, fedseg.data.labels)
-    supports_regions: ClassVar[bool] = True
+    # the model recipe its sites train (fedseg.training.recipes): network, trainer, their parameters
+    recipe: ClassVar[str] = "unet"
+    # whether every site trains a network planned from its own fingerprint (FednnU-Net)
+    plans_per_site: ClassVar[bool] = False
     # engine params (robust, clip_norm, max_update_norm) that mean something for this strategy
     engine_params: ClassVar[frozenset[str]] = ENGINE_PARAMS
     # Robust rules that keep the strategy's meaning: "median" and "trimmed" replace the weighted
@@ -121,8 +124,6 @@ class Strategy:
 
     def unknown_param_message(self, key: str) -> str:
         """The refusal of an unknown key, naming the closest known key or the strategy that knows it."""
-        from fedseg.planning.settings import PLAN_SETTINGS, unknown_key_message
-
         if key in ENGINE_PARAMS:
             return f"--set {key} has no effect under strategy {self.name!r}: {self.robust_refusal}"
         owners = [name for name in Strategy.param_owners(key) if name != self.name]
@@ -135,51 +136,41 @@ class Strategy:
         laid out in the plan's channel order with absent channels zero; fedseg.data.channels)."""
         return True
 
-    # -- 1. the network ------------------------------------------------------------------
-    def network(self, plans: Plans, site: str) -> Any:
-        """The torch module site `site` trains (default: the plain U-Net of its configuration).
+    # -- plan time: where each tensor goes -------------------------------------------------
+    def route(self, plans: Plans, manifests: Mapping[str, Manifest]) -> ProposedRoutes:
+        """The pool and pool key of every tensor each site sends ({site: {name: (pool, key)}}),
+        which pools are written as models, which are personal. Called once, by `fedseg plan`
+        (fedseg.federation.routes.plan_routes), with every site's manifest; everything later
+        reads the recorded table."""
+        raise NotImplementedError
 
-        Seeded with plans.seed, so every site of a configuration builds bit-identical initial weights.
-        """
-        from fedseg.training.network import build_network
-
-        return build_network(plans.configuration_for(site), plans.n_channels, plans.n_classes, seed=plans.seed)
-
-    def trainer_class(self, plans: Plans) -> Any:
-        """The SiteTrainer subclass a site trains with (torch imported lazily); default: SiteTrainer."""
-        from fedseg.training.trainer import SiteTrainer
-
-        return SiteTrainer
-
-    def initial_states(self, plans: Plans, states: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    def initial_states(self, plans: Plans, states: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
         """Round-0 weights per site ({site: {name: array}}, each built from its configuration
         with the plan's seed), before pooled tensors are made identical; default: as built."""
         return states
 
-    def planned_extra(self, plans: Plans) -> dict[str, Any]:
-        """Strategy data decided at plan time, merged into plans.extra by `attach_manifests`
-        once every configuration's manifest is known (e.g. asymfedavg's shared-parameter map)."""
-        return {}
+    # -- aggregation: how a pool is merged ----------------------------------------------------
+    def sum_weight(self, plans: Plans, pool: str, n_cases: int) -> float | None:
+        """The unnormalised weight a_k of a site with `n_cases` when the pool is merged as
+        Σ a_k w_k / Σ a_k; None when the pool needs the individual updates. Secure aggregation
+        and differential privacy work only on pools with a weight (fedseg.federation.privacy)."""
+        return None
 
-    # -- 2. where each parameter goes ------------------------------------------------------
-    def scope(self, plans: Plans, site: str, name: str) -> str | None:
-        raise NotImplementedError
+    def pool_weights(self, plans: Plans, pool: str, contributions: Sequence[Contribution]) -> dict[str, float] | None:
+        """Weight of each site in the pool, for the round report (None when not a simple weighting)."""
+        if self.sum_weight(plans, pool, 1) is None:
+            return None   # the pool is not a weighted sum
+        raw = [self.sum_weight(plans, pool, c.n_cases) for c in contributions]
+        total = float(sum(raw))
+        return {c.site: float(w) / total for c, w in zip(contributions, raw)}
 
-    def key(self, plans: Plans, site: str, name: str) -> str:
-        return name
-
-    def loads(self, plans: Plans, site: str, name: str) -> tuple[str, str] | None:
-        """(pool, key) from which `site` loads parameter `name` next round; default: where it sends it."""
-        pool = self.scope(plans, site, name)
-        return None if pool is None else (pool, self.key(plans, site, name))
-
-    def model_pools(self, plans: Plans) -> list[str]:
-        """Pools written as models/<pool_filename(pool)>.safetensors (the server-side models)."""
-        return []
-
-    # -- 3. how a pool is merged -----------------------------------------------------------
     def combine(self, plans: Plans, pool: str, key: str, contributions: Sequence[Contribution]) -> CombineResult:
-        raise NotImplementedError
+        """One array for every site of the pool, or {site: array} for a personal pool; default:
+        the weighted mean by `sum_weight`."""
+        weights = self.pool_weights(plans, pool, contributions)
+        if weights is None:
+            raise NotImplementedError(f"strategy {self.name!r} has no rule for pool {pool!r}")
+        return weighted_mean(contributions, [weights[c.site] for c in contributions])
 
     def pool_model(
         self, plans: Plans, pool: str, key: str, contributions: Sequence[Contribution], combined: CombineResult
@@ -187,28 +178,35 @@ class Strategy:
         """The pool model's tensor for `key`: the combined array when there is one for all sites."""
         return combined if isinstance(combined, np.ndarray) else None
 
-    def pool_weights(self, plans: Plans, pool: str, contributions: Sequence[Contribution]) -> dict[str, float] | None:
-        """Weight of each site in the pool, for the round report (None when not a simple weighting)."""
-        return None
 
-    def sum_weight(self, plans: Plans, pool: str, n_cases: int) -> float | None:
-        """The unnormalised weight a_k of a site with `n_cases` when `combine` for `pool` is
-        Σ a_k w_k / Σ a_k; None when the pool needs the individual updates. Secure aggregation
-        and differential privacy work only on pools with a weight (fedseg.federation.privacy)."""
-        return None
+Manifest = Mapping[str, tuple[tuple[int, ...], str]]   # {tensor name: (shape, dtype)}
 
 
-def resolved_scope(strategy: Strategy, plans: Plans, site: str, name: str, dtype: str) -> str | None:
-    """The strategy's scope, except that non-float tensors never leave the site (not averageable)."""
-    if not np.issubdtype(np.dtype(dtype), np.floating):
-        return None
-    return strategy.scope(plans, site, name)
+@dataclass(frozen=True)
+class ProposedRoutes:
+    """A strategy's answer at plan time (fedseg.federation.routes records it in the plan)."""
+
+    tensors: Mapping[str, Mapping[str, tuple[str, str]]]   # site -> {name: (pool, key)}; absent: stays local
+    model_pools: frozenset[str] = frozenset()               # pools written as models/<pool>.safetensors
+    personal: frozenset[str] = frozenset()                  # pools whose members each load their own mix
 
 
-def resolved_loads(strategy: Strategy, plans: Plans, site: str, name: str, dtype: str) -> tuple[str, str] | None:
-    if not np.issubdtype(np.dtype(dtype), np.floating):
-        return None
-    return strategy.loads(plans, site, name)
+def every_tensor_to(manifests: Mapping[str, Manifest], pool_of: Callable[[str], str]) -> dict[str, dict[str, tuple[str, str]]]:
+    """Route every tensor of every site to `pool_of(site)` under its own name."""
+    return {site: {name: (pool_of(site), name) for name in manifest} for site, manifest in manifests.items()}
+
+
+def check_choice(params: Mapping[str, Any], key: str, choices: Sequence[str]) -> str:
+    """params[key] (default: the first choice) when it is one of `choices`; InputError otherwise."""
+    value = params.get(key, choices[0])
+    if value not in choices:
+        raise InputError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def case_weight(params: Mapping[str, Any], n_cases: int) -> float:
+    """A site's unnormalised FedAvg weight: its case count, or 1 with `weighting=uniform`."""
+    return 1.0 if params.get("weighting", "n_cases") == "uniform" else float(n_cases)
 
 
 def pool_filename(pool: str) -> str:

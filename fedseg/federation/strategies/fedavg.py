@@ -9,13 +9,11 @@ site's input has all of the plan's channels, the absent ones zero-filled.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from fedseg.errors import InputError
-from fedseg.federation.strategies.base import Contribution, Strategy, weighted_mean
+from fedseg.federation.strategies.base import Manifest, ProposedRoutes, Strategy, case_weight, every_tensor_to
 
 if TYPE_CHECKING:  # pragma: no cover
     from fedseg.planning.plans import Plans
@@ -44,30 +42,8 @@ class FedAvg(Strategy):
         # plan's channels with the absent ones zero (the mix-modal FedAvg baseline).
         return params.get("missing") != "zero"
 
-    def scope(self, plans: Plans, site: str, name: str) -> str | None:
-        return GLOBAL_POOL
-
-    def model_pools(self, plans: Plans) -> list[str]:
-        return [GLOBAL_POOL]
-
-    def pool_weights(self, plans: Plans, pool: str, contributions: Sequence[Contribution]) -> dict[str, float]:
-        return case_weights(plans, contributions)
+    def route(self, plans: Plans, manifests: Mapping[str, Manifest]) -> ProposedRoutes:
+        return ProposedRoutes(every_tensor_to(manifests, lambda site: GLOBAL_POOL), model_pools=frozenset({GLOBAL_POOL}))
 
     def sum_weight(self, plans: Plans, pool: str, n_cases: int) -> float:
-        return case_weight(plans, n_cases)
-
-    def combine(self, plans: Plans, pool: str, key: str, contributions: Sequence[Contribution]) -> np.ndarray:
-        weights = self.pool_weights(plans, pool, contributions)
-        return weighted_mean(contributions, [weights[c.site] for c in contributions])
-
-
-def case_weight(plans: Plans, n_cases: int) -> float:
-    """A site's unnormalised FedAvg weight: its case count, or 1 with `weighting=uniform`."""
-    return 1.0 if plans.strategy.params.get("weighting", "n_cases") == "uniform" else float(n_cases)
-
-
-def case_weights(plans: Plans, contributions: Sequence[Contribution]) -> dict[str, float]:
-    """FedAvg's weights: each site's share of the cases, or equal shares with `weighting=uniform`."""
-    raw = [case_weight(plans, c.n_cases) for c in contributions]
-    total = sum(raw)
-    return {c.site: w / total for c, w in zip(contributions, raw)}
+        return case_weight(plans.strategy.params, n_cases)

@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from fedseg.errors import InputError
-from fedseg.federation.strategies.fedavg import GLOBAL_POOL, FedAvg
+from fedseg.federation.strategies.base import Manifest, ProposedRoutes, Strategy, case_weight, check_choice
 
 if TYPE_CHECKING:  # pragma: no cover
     from fedseg.planning.plans import Plans
@@ -57,13 +57,18 @@ def _frozen_backbone(name: str) -> bool:
     return (name.startswith("image_encoder.") and not adapter) or name.startswith("prompt_encoder.pe_layer.")
 
 
-class _FedFMS(FedAvg):
+GLOBAL_POOL = "global"
+
+
+class _FedFMS(Strategy):
     adapters: bool = False
-    known_params = FedAvg.known_params | SAM_PARAMS
-    supports_regions = False   # the SAM mask decoder's head is softmax over classes
+    known_params = frozenset({"weighting", "missing"}) | SAM_PARAMS
 
     def check_params(self, params: Mapping[str, Any]) -> None:
         super().check_params(params)
+        check_choice(params, "weighting", ("n_cases", "uniform"))
+        if params.get("missing") is not None:
+            check_choice(params, "missing", ("zero",))
         config = params.get("sam.config", DEFAULT_SAM_CONFIG)
         if config not in SAM_CONFIG_NAMES:
             raise InputError(f"sam.config must be one of {', '.join(SAM_CONFIG_NAMES)}, got {config!r}")
@@ -83,37 +88,29 @@ class _FedFMS(FedAvg):
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
             raise InputError(f"sam.image_size must be a positive integer, got {size!r}")
 
-    def network(self, plans: Plans, site: str) -> Any:
-        from fedseg.training.sam import build_sam_segmenter, sam_config
+    def requires_same_channels(self, params: Mapping[str, Any]) -> bool:
+        # `missing=zero`: sites hold subsets of the plan's channels, the absent ones zero
+        return params.get("missing") != "zero"
 
-        params = plans.strategy.params
-        self.check_params(params)
-        config = sam_config(params.get("sam.config", DEFAULT_SAM_CONFIG), params.get("sam.image_size"))
-        return build_sam_segmenter(
-            config, plans.n_channels, plans.n_classes,
-            adapters=self.adapters, freeze_backbone=self.adapters,
-            checkpoint=params.get("sam.checkpoint"), checkpoint_sha256=params.get("sam.checkpoint_sha256"),
-            seed=plans.seed, zero_adapters=params.get("sam.adapter_init", "zero") == "zero",
-        )
+    def route(self, plans: Plans, manifests: Mapping[str, Manifest]) -> ProposedRoutes:
+        # fedmsa: the frozen backbone is rebuilt by every site and never travels
+        tensors = {site: {name: (GLOBAL_POOL, name) for name in manifest if not (self.adapters and _frozen_backbone(name))}
+                   for site, manifest in manifests.items()}
+        return ProposedRoutes(tensors, model_pools=frozenset({GLOBAL_POOL}))
 
-    def trainer_class(self, plans: Plans) -> Any:
-        from fedseg.training.sam_trainer import SamTrainer
-
-        return SamTrainer
-
-    def scope(self, plans: Plans, site: str, name: str) -> str | None:
-        if self.adapters and _frozen_backbone(name):
-            return None
-        return GLOBAL_POOL
+    def sum_weight(self, plans: Plans, pool: str, n_cases: int) -> float:
+        return case_weight(plans.strategy.params, n_cases)
 
 
 class FedSAM(_FedFMS):
     name = "fedsam"
     description = "federated SAM: every parameter fine-tuned and averaged (FedAvg)"
+    recipe = "sam_full"
     adapters = False
 
 
 class FedMSA(_FedFMS):
     name = "fedmsa"
     description = "federated SAM with MSA adapters: frozen encoder, adapters + decoder averaged (FedAvg)"
+    recipe = "sam_adapters"
     adapters = True

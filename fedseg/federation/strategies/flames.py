@@ -28,7 +28,7 @@ Parameters (`fedseg plan --set KEY=VALUE`):
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,7 +36,10 @@ from fedseg.errors import InputError
 from fedseg.federation.strategies.base import (
     CombineResult,
     Contribution,
+    Manifest,
+    ProposedRoutes,
     Strategy,
+    every_tensor_to,
     plain_mean,
     weighted_mean,
 )
@@ -133,9 +136,8 @@ class Flames(Strategy):
     name = "flames"
     description = "one model per imaging modality; personalised weights within a modality (FLAMES)"
     known_params = frozenset({"alpha", "weighting"})
-    # What `fedseg plan` sets unless --set says otherwise: FLAMES' 0.3·Dice + 0.7·Focal loss.
-    training_defaults: ClassVar[dict[str, Any]] = {"loss": "dice_focal"}
-    supports_regions = False   # its Dice + Focal loss is defined on softmax classes
+    # the plain U-Net trained with FLAMES' 0.3·Dice + 0.7·Focal loss (regions: not supported)
+    recipe = "unet_dice_focal"
 
     # A coordinate median or trimmed mean of a group is one tensor for all its sites: every
     # site would load the same model, the opposite of FLAMES' personalised rule.
@@ -157,22 +159,12 @@ class Flames(Strategy):
             if key.startswith(GROUP_PREFIX):
                 _check_group_name(key[len(GROUP_PREFIX):], value)
 
-    def check_plans(self, plans: Plans) -> dict[str, str]:
-        """Check the params against the plan's sites; returns site -> group."""
-        self.check_params(plans.strategy.params)
-        return site_groups(plans)
-
-    def network(self, plans: Plans, site: str) -> Any:
-        # `fedseg plan` builds every network to record its manifest: a bad --set fails there.
-        self.check_plans(plans)
-        return super().network(plans, site)
-
-    # -- where parameters go -------------------------------------------------------------
-    def scope(self, plans: Plans, site: str, name: str) -> str | None:
-        return POOL_PREFIX + site_groups(plans)[site]
-
-    def model_pools(self, plans: Plans) -> list[str]:
-        return [POOL_PREFIX + group for group in sorted(group_members(plans))]
+    # -- where parameters go (plan time) --------------------------------------------------
+    def route(self, plans: Plans, manifests: Mapping[str, Manifest]) -> ProposedRoutes:
+        groups = site_groups(plans)
+        pools = frozenset(POOL_PREFIX + group for group in groups.values())
+        return ProposedRoutes(every_tensor_to(manifests, lambda site: POOL_PREFIX + groups[site]),
+                              model_pools=pools, personal=pools)
 
     # -- how a group is merged -----------------------------------------------------------
     def _group_size(self, plans: Plans, pool: str) -> int:

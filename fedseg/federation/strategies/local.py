@@ -6,12 +6,10 @@ model file per site, so the round folders look the same as for every other strat
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-import numpy as np
-
-from fedseg.federation.strategies.base import Contribution, Strategy
+from fedseg.federation.strategies.base import Manifest, ProposedRoutes, Strategy
 
 if TYPE_CHECKING:  # pragma: no cover
     from fedseg.planning.plans import Plans
@@ -24,8 +22,5 @@ class Local(Strategy):
     robust_rules = frozenset()
     robust_refusal = "every site trains alone and nothing is aggregated"
 
-    def scope(self, plans: Plans, site: str, name: str) -> str | None:
-        return None
-
-    def combine(self, plans: Plans, pool: str, key: str, contributions: Sequence[Contribution]) -> np.ndarray:
-        raise AssertionError("the local strategy has no pools to combine")
+    def route(self, plans: Plans, manifests: Mapping[str, Manifest]) -> ProposedRoutes:
+        return ProposedRoutes({site: {} for site in manifests})

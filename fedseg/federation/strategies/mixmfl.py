@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedseg.errors import InputError
-from fedseg.federation.strategies.base import Contribution, Strategy, weighted_mean
+from fedseg.data.channels import channel_keys, plan_channel_list, present_channels
+from fedseg.federation.strategies.base import Contribution, Manifest, ProposedRoutes, Strategy
 
 if TYPE_CHECKING:  # pragma: no cover
     from fedseg.planning.plans import Plans
@@ -64,20 +65,14 @@ def mixmfl_params(plans: Plans) -> dict[str, Any]:
 
 
 def sequences(plans: Plans) -> list[str]:
-    from fedseg.data.channels import plan_channel_list
-
     return plan_channel_list(plans.channel_names)
 
 
 def sequence_keys(plans: Plans) -> list[str]:
-    from fedseg.data.channels import channel_keys
-
     return channel_keys(sequences(plans))
 
 
 def present_indices(plans: Plans, site: str) -> list[int]:
-    from fedseg.data.channels import present_channels
-
     return present_channels(sequences(plans), plans.site(site).channels)
 
 
@@ -85,7 +80,7 @@ class MixMFL(Strategy):
     name = "mixmfl"
     description = "mix-modal: per-sequence tailored encoders (averaged over holders), shared encoder/decoder, prototype memory"
     known_params = frozenset(DEFAULTS)
-    supports_regions = False   # its decoder and losses are softmax over classes
+    recipe = "mixmfl"
 
     # The memory pools are merged by concatenation and FIFO truncation, not by a weighted mean:
     # a median of prototype banks, or a delta clipped toward last round's bank, means nothing.
@@ -116,24 +111,18 @@ class MixMFL(Strategy):
     def requires_same_channels(self, params: Mapping[str, Any]) -> bool:
         return False
 
-    # -- the network and its trainer ------------------------------------------------------
-    def network(self, plans: Plans, site: str) -> Any:
-        from fedseg.training.mixmfl_network import build_mixmfl_network
+    # -- where parameters go (plan time) --------------------------------------------------
+    def route(self, plans: Plans, manifests: Mapping[str, Manifest]) -> ProposedRoutes:
+        routes = {site: {} for site in manifests}
+        for site, manifest in manifests.items():
+            for name in manifest:
+                pool = self._pool(plans, site, name)
+                if pool is not None:
+                    routes[site][name] = (pool, name)
+        used = {pool for entries in routes.values() for pool, _key in entries.values()}
+        return ProposedRoutes(routes, model_pools=frozenset(p for p in used if not p.startswith(MEMORY_PREFIX)))
 
-        params = mixmfl_params(plans)
-        return build_mixmfl_network(
-            plans.configuration_for(site), sequence_keys(plans), plans.n_classes,
-            present=present_indices(plans, site), memory_size=params["memory_size"],
-            use_memory=params["memory"], memory_query=params["memory_query"], seed=plans.seed,
-        )
-
-    def trainer_class(self, plans: Plans) -> Any:
-        from fedseg.training.mixmfl_trainer import MixMFLTrainer
-
-        return MixMFLTrainer
-
-    # -- scopes ------------------------------------------------------------------------
-    def scope(self, plans: Plans, site: str, name: str) -> str | None:
+    def _pool(self, plans: Plans, site: str, name: str) -> str | None:
         head, _, rest = name.partition(".")
         if head == "tailored":
             key = rest.partition(".")[0]
@@ -151,22 +140,7 @@ class MixMFL(Strategy):
             return MEMORY_PREFIX + sequences(plans)[sequence_keys(plans).index(key)]
         return GLOBAL_POOL
 
-    def model_pools(self, plans: Plans) -> list[str]:
-        pools = [GLOBAL_POOL]
-        if mixmfl_params(plans)["tailored"]:
-            holders = {seq for site in plans.sites for seq in plans.sites[site].channels}
-            pools += [TAILORED_PREFIX + seq for seq in sequences(plans) if seq in holders]
-        return pools
-
     # -- merging -----------------------------------------------------------------------
-    def pool_weights(self, plans: Plans, pool: str, contributions: Sequence[Contribution]) -> dict[str, float] | None:
-        if pool.startswith(MEMORY_PREFIX):
-            return None   # not a weighting: concatenation + FIFO
-        if pool.startswith(TAILORED_PREFIX) and mixmfl_params(plans)["tailored_weighting"] == "uniform":
-            return {c.site: 1.0 / len(contributions) for c in contributions}
-        total = float(sum(c.n_cases for c in contributions))
-        return {c.site: c.n_cases / total for c in contributions}
-
     def sum_weight(self, plans: Plans, pool: str, n_cases: int) -> float | None:
         # the weight a site gives its masked contribution: the same rule as `pool_weights`
         if pool.startswith(MEMORY_PREFIX):
@@ -181,6 +155,4 @@ class MixMFL(Strategy):
 
             ordered = sorted(contributions, key=lambda c: c.site)
             return fifo_merge([c.array for c in ordered], capacity=ordered[0].array.shape[0])
-        weights = self.pool_weights(plans, pool, contributions)
-        assert weights is not None
-        return weighted_mean(contributions, [weights[c.site] for c in contributions])
+        return super().combine(plans, pool, key, contributions)
