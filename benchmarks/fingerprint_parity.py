@@ -243,7 +243,7 @@ def main() -> None:
         nn_plans = json.loads((pre / "Dataset001_Parity" / "nnUNetPlans.json").read_text())
         nn_cfg = nn_plans["configurations"]["3d_fullres"]
         arch = nn_cfg["architecture"]["arch_kwargs"]
-        ours = make_plans(fps, budget=8.0).configuration_for(None)
+        ours = make_plans(fps, "fedavg", budget=8.0).configuration_for(None)
         rows = [
             ("spacing", [round(s, 6) for s in nn_cfg["spacing"]], [round(s, 6) for s in ours.spacing]),
             ("patch_size", nn_cfg["patch_size"], ours.patch_size),

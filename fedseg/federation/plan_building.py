@@ -21,11 +21,29 @@ from fedseg.federation.routes import attach_routes
 from fedseg.federation.signing import check_plan_keys
 from fedseg.federation.strategies import get_strategy
 from fedseg.federation.strategies.base import Strategy
+from fedseg.planning.overrides import final_strategy_params
 from fedseg.planning.planner import make_plans
+from fedseg.planning.strategy_traits import StrategyTraits
 from fedseg.training.recipes.registry import get_recipe
+from fedseg.training.recipes.traits import recipe_traits
 
 if TYPE_CHECKING:  # pragma: no cover
     from fedseg.planning.plans import Plans
+
+
+def strategy_traits(strategy: Strategy, params: Mapping[str, Any]) -> StrategyTraits:
+    """What planning takes from `strategy` and its model recipe, given the plan's final
+    strategy `params`: per-site plans are the rule's; region labels and training defaults
+    the recipe's; sites may hold different channels when the rule (e.g. a `missing=zero`
+    mode) or the recipe (a mix-modal network) says so."""
+    recipe = recipe_traits(strategy.recipe)
+    return StrategyTraits(
+        name=strategy.name,
+        plans_per_site=bool(strategy.plans_per_site),
+        requires_same_channels=bool(strategy.requires_same_channels(params)) and recipe.requires_same_channels,
+        supports_regions=recipe.supports_regions,
+        training_defaults=dict(recipe.training_defaults),
+    )
 
 
 def build_plans(
@@ -48,8 +66,9 @@ def build_plans(
     reads them from --keys, `simulate` makes them in the run folder (`plan_privacy`).
     """
     impl = get_strategy(strategy)
+    traits = strategy_traits(impl, final_strategy_params(overrides))
     plans = make_plans(fingerprints, strategy=strategy, configuration=configuration, budget=budget,
-                       overrides=overrides, seed=seed, fingerprint_names=fingerprint_names)
+                       overrides=overrides, seed=seed, fingerprint_names=fingerprint_names, traits=traits)
     if adopt is not None:
         plans = adopt(plans)
     if keys is not None:

@@ -16,6 +16,7 @@ from typing import Any
 from fedseg.data.labels import LabelLayout, parse_labels
 from fedseg.errors import InputError
 from fedseg.names import check_site_name
+from fedseg.planning.plan_checks import check_plan_values
 
 # 2: plans.extra["routes"], the route table of every site's tensors (fedseg.federation.routes)
 PLANS_FORMAT_VERSION = 2
@@ -195,8 +196,6 @@ def load_plans(path: str | Path) -> Plans:
     # site names become file names at the coordinator and at every site
     for name in [*plans.sites, *plans.keys]:
         check_site_name(name, path)
-    from fedseg.planning.planner import check_plan_values   # imports this module: not at the top
-
     try:
         check_plan_values(plans)
     except InputError as exc:

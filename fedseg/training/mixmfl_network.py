@@ -50,15 +50,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedseg.planning.plans import ConfigurationPlan, NetworkSpec
-from fedseg.training.network import ConvNormNonlin, Decoder, Encoder, _check_spec, init_weights
+from fedseg.training.network import ConvNormNonlin, Decoder, Encoder, check_spec, init_weights
 from fedseg.training.prototype_memory import (
     KEY_SOURCE_COLUMN,
-    MEMORY_QUERIES,
     META_COLUMNS,
     SHARED_KEY,
     memory_width,
     tailored_key,
 )
+from fedseg.training.recipes.params import MEMORY_QUERIES
 
 # Each encoder branch has half the plan's features per stage: two encoders per present
 # sequence then cost about what one plain U-Net encoder costs on a two-sequence site.
@@ -182,7 +182,7 @@ class MixMFLNet(nn.Module):
         memory_query: str = "both",
     ) -> None:
         super().__init__()
-        _check_spec(spec, ndim)
+        check_spec(spec, ndim)
         self.spec = spec
         self.ndim = ndim
         self.sequence_keys = list(sequence_keys)

@@ -29,7 +29,10 @@ from torch.nn import functional as F
 
 from fedseg.training.mixmfl_network import MixMFLNet, entropy_triplet_loss, grad_reverse
 from fedseg.training.prototype_memory import SHARED_KEY, kmeans, prototype_rows, push, tailored_key
-from fedseg.training.trainer import SiteTrainer, _derived_seed
+from fedseg.training.recipes.params import MixMFLParams
+from fedseg.training.round_loop import derived_seed
+from fedseg.training.trainer import SiteTrainer
+from fedseg.typed_params import parse_params
 
 # Voxels per class (background, each label) fed to k-means per sequence: class-balanced so
 # that the rare lesion voxels get prototypes of their own instead of being swamped by tissue.
@@ -66,11 +69,9 @@ class MixMFLTrainer(SiteTrainer):
         super().__init__(plans, site, network, **kwargs)
         if not isinstance(network, MixMFLNet):
             raise TypeError("MixMFLTrainer trains a MixMFLNet")
-        from fedseg.federation.strategies.mixmfl import mixmfl_params
-
-        self.params = mixmfl_params(plans)
-        self.lambda_cls = float(self.params["lambda_cls"]) if self.params["classifier"] else 0.0
-        self.lambda_triplet = float(self.params["lambda_triplet"]) if self.params["triplet"] else 0.0
+        self.params = parse_params(MixMFLParams, plans.strategy.params)
+        self.lambda_cls = float(self.params.lambda_cls) if self.params.classifier else 0.0
+        self.lambda_triplet = float(self.params.lambda_triplet) if self.params.triplet else 0.0
         self.site_number = sorted(plans.sites).index(site) + 1
         self.last_terms: dict[str, float] = {}
         # Sums of each loss term over the round's steps: logged at the end of the round so a
@@ -81,7 +82,7 @@ class MixMFLTrainer(SiteTrainer):
     # -- losses --------------------------------------------------------------------------
     def decoupling_losses(self, aux: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return decoupling_losses(self.network, aux, self.lambda_cls > 0, self.lambda_triplet > 0,
-                                 float(self.params["triplet_margin"]))
+                                 float(self.params.triplet_margin))
 
     def train_step(self, batch: dict) -> float:
         data = batch["data"].to(self.device, non_blocking=True)
@@ -120,16 +121,16 @@ class MixMFLTrainer(SiteTrainer):
         line = self.loss_terms_line(round_index)
         if line is not None:
             self.log(line)
-        if not self.params["memory"] or not self.train_cases:
+        if not self.params.memory or not self.train_cases:
             return
         net: MixMFLNet = self.network
-        rng = np.random.default_rng(_derived_seed(self.plans.seed, self.site, round_index, "prototypes"))
+        rng = np.random.default_rng(derived_seed(self.plans.seed, self.site, round_index, "prototypes"))
         for stage, (shared, tailored, classes) in enumerate(self.stage_features()):
             for m in net.present:
                 # keys in the shared space, and in the tailored space of each other sequence
                 # held here (what a site holding that sequence but not m will query with)
                 key_spaces = [(SHARED_KEY, shared)] + [(tailored_key(q), tailored[q]) for q in net.present if q != m]
-                rows = prototype_batch(key_spaces, tailored[m], classes, int(self.params["prototypes"]), rng,
+                rows = prototype_batch(key_spaces, tailored[m], classes, int(self.params.prototypes), rng,
                                        round_index, self.site_number)
                 memory = net.memory_of(m, stage)
                 updated = push(memory.detach().cpu().numpy(), rows)

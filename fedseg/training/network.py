@@ -162,10 +162,6 @@ def check_spec(spec: NetworkSpec, ndim: int) -> None:
                 raise ValueError(f"network.{field} entry {entry} does not match the {ndim}D patch")
 
 
-# The former private name, still imported by mixmfl_network until it uses `check_spec`.
-_check_spec = check_spec
-
-
 def init_weights(module: nn.Module, generator: torch.Generator | None = None) -> None:
     """nnU-Net's InitWeights_He(1e-2): kaiming normal for (transposed) convs, zero bias; norms stay 1/0."""
     for m in module.modules():

@@ -28,14 +28,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fedseg.training.recipes.params import MEMORY_QUERIES  # re-exported: the choices of `memory_query`
+
 IDENTITY_COLUMNS = 3      # round, site number, slot: identify a prototype
 KEY_SOURCE_COLUMN = 3     # which representation the key is in
 META_COLUMNS = 4
 SHARED_KEY = 0            # key source of keys in the modality-shared space; 1 + q: tailored of sequence q
-# Which of a site's representations query a missing sequence's memory: "tailored" = those of
-# the sequences it holds, against prototypes keyed by them (the paper's "existing
-# modality-specific representations"); "shared" = the modality-shared one; "both".
-MEMORY_QUERIES = ("both", "tailored", "shared")
+# MEMORY_QUERIES (imported above): which of a site's representations query a missing
+# sequence's memory ("tailored", "shared" or "both"); a parameter's choices, so it lives
+# with the recipe's parameters.
 
 
 def memory_width(dim: int) -> int:

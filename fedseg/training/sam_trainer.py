@@ -15,7 +15,9 @@ from __future__ import annotations
 import torch
 
 from fedseg.planning.plans import Plans
+from fedseg.training.recipes.params import SamParams
 from fedseg.training.trainer import SiteTrainer
+from fedseg.typed_params import parse_params
 
 # Adam learning rates: MSA fine-tunes pretrained SAM at 1e-4; the tiny configuration is
 # trained from its seeded initialisation and needs a larger step to move within a few rounds.
@@ -29,10 +31,11 @@ PAPER_BETAS = (0.9, 0.999)
 
 
 def sam_learning_rate(plans: Plans) -> float:
-    params = plans.strategy.params
-    if "sam.lr" in params:
-        return float(params["sam.lr"])
-    return DEFAULT_LR.get(params.get("sam.config", "tiny"), DEFAULT_PRETRAINED_LR)
+    """`sam.lr`, else the default rate of the plan's SAM configuration."""
+    params = parse_params(SamParams, plans.strategy.params)
+    if params.lr is not None:
+        return float(params.lr)
+    return DEFAULT_LR.get(params.config, DEFAULT_PRETRAINED_LR)
 
 
 class SamTrainer(SiteTrainer):
@@ -41,10 +44,10 @@ class SamTrainer(SiteTrainer):
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         self.base_lr = sam_learning_rate(self.plans)
-        params = self.plans.strategy.params
-        self.constant_lr = params.get("sam.lr_schedule", "poly") == "constant"
+        params = parse_params(SamParams, self.plans.strategy.params)
+        self.constant_lr = params.lr_schedule == "constant"
         trainable = [p for p in self.network.parameters() if p.requires_grad]
-        if params.get("sam.optimizer", "adamw") == "adam":
+        if params.optimizer == "adam":
             return torch.optim.Adam(trainable, lr=self.base_lr, betas=PAPER_BETAS)
         return torch.optim.AdamW(trainable, lr=self.base_lr, weight_decay=self.plans.training.weight_decay)
 

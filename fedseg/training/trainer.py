@@ -48,8 +48,6 @@ __all__ = [
 GRAD_CLIP_NORM = 12.0
 # Write a resumable checkpoint this often (iterations); also always at the end of a round.
 CHECKPOINT_EVERY = 50
-# The former private name, still imported by mixmfl_trainer until it uses `derived_seed`.
-_derived_seed = derived_seed
 
 
 class SiteTrainer:

@@ -24,6 +24,10 @@ MANIFEST = {
 }
 # names of training code that `--help` and `aggregate` must leave unimported
 HEAVY = ("torch", "fedseg.training", "SimpleITK", "nibabel")
+# ...except the model recipes' torch-free traits and parameters (and the packages holding
+# them, which import nothing themselves): an aggregation rule reads them to check a plan
+TORCH_FREE = ("fedseg.training", "fedseg.training.recipes", "fedseg.training.recipes.params",
+              "fedseg.training.recipes.traits")
 
 
 def _fresh_interpreter(code: str) -> dict:
@@ -33,7 +37,8 @@ def _fresh_interpreter(code: str) -> dict:
 
 _REPORT = (
     "import json, sys\n"
-    f"heavy = sorted(m for m in sys.modules if any(m == h or m.startswith(h + '.') for h in {HEAVY!r}))\n"
+    f"heavy = sorted(m for m in sys.modules if any(m == h or m.startswith(h + '.') for h in {HEAVY!r})\n"
+    f"               and m not in {TORCH_FREE!r})\n"
     "print(json.dumps({'code': code, 'heavy': heavy}))\n"
 )
 
@@ -73,3 +78,8 @@ def test_aggregate_imports_no_training_code(tmp_path: Path) -> None:
     result = _fresh_interpreter(code)
     assert result == {"code": 0, "heavy": []}
     assert (tmp_path / "round_001" / "aggregate.json").is_file()
+
+
+def test_the_torch_free_recipe_modules_import_nothing_heavy() -> None:
+    code = "".join(f"import {name}\n" for name in TORCH_FREE) + "code = 0\n" + _REPORT
+    assert _fresh_interpreter(code) == {"code": 0, "heavy": []}

@@ -168,11 +168,9 @@ def preset_fingerprints(tmp_path_factory) -> list[dict]:
 
 
 def _plans(fingerprints, **overrides):
-    from fedseg.federation.plan_building import attach_manifests
-    from fedseg.planning.planner import make_plans
+    from fedseg.federation.plan_building import build_plans
 
-    plans = make_plans(fingerprints, strategy="asymfedavg", overrides=overrides)
-    return attach_manifests(plans)
+    return build_plans(fingerprints, strategy="asymfedavg", configuration="3d_fullres", overrides=overrides, seed=1234)
 
 
 def test_per_site_plans(preset_fingerprints):

@@ -26,11 +26,10 @@ def mixmfl_fingerprints(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
 
 
 def _plans(fps, strategy="mixmfl", **overrides):
-    from fedseg.federation.plan_building import attach_manifests
-    from fedseg.planning.planner import make_plans
+    from fedseg.federation.plan_building import build_plans
 
-    plans = make_plans(fps, strategy=strategy, overrides={k: str(v) for k, v in overrides.items()})
-    return attach_manifests(plans)
+    return build_plans(fps, strategy=strategy, configuration="3d_fullres",
+                       overrides={k: str(v) for k, v in overrides.items()}, seed=1234)
 
 
 def test_plan_records_global_sequences_and_site_subsets(mixmfl_fingerprints):
@@ -48,7 +47,7 @@ def test_fedavg_needs_missing_zero_for_sites_with_different_sequences(mixmfl_fin
 
     # plain fedavg pairs channels by index (site1's T1 with site6's T2): two mixed channels
     assert make_plans(fps, strategy="fedavg").n_channels == 2
-    plans = make_plans(fps, strategy="fedavg", overrides={"missing": "zero"})
+    plans = _plans(fps, strategy="fedavg", missing="zero")
     assert list(plans.channel_names.values()) == ["T1", "T1ce", "T2", "FLAIR"]
     with pytest.raises(InputError, match="channel"):
         make_plans(fps[:1] + [{**fps[1], "channel_names": {"0": "T1"}}], strategy="fedavg")

@@ -57,13 +57,13 @@ def test_plan_is_deterministic_and_order_independent():
     assert sum(s.n_cases for s in first.sites.values()) == first.fingerprint["n_cases"] == 12
     assert first.strategy.name == "fedavg" and first.default_configuration == "3d_fullres"
     # a different budget is a different plan
-    assert make_plans(fps, budget=8).plan_id != first.plan_id
+    assert make_plans(fps, "fedavg", budget=8).plan_id != first.plan_id
 
 
 def test_default_budget_fits_a_cpu():
-    small = make_plans(three_sites(shape=(32, 32, 32))).configuration_for(None)
+    small = make_plans(three_sites(shape=(32, 32, 32)), "fedavg").configuration_for(None)
     assert all(p <= 32 for p in small.patch_size)
-    large = make_plans(three_sites(shape=(96, 128, 128))).configuration_for(None)
+    large = make_plans(three_sites(shape=(96, 128, 128)), "fedavg").configuration_for(None)
     assert np.prod(large.patch_size) <= 64 ** 3
     assert large.batch_size >= 2
 
@@ -75,7 +75,7 @@ def test_default_budget_fits_a_cpu():
     ((37, 150, 121), (1.3, 0.9, 1.1), "2d"),
 ])
 def test_patch_divisible_by_pooling(shape, spacing, config):
-    cfg = make_plans(three_sites(shape, spacing), configuration=config, budget=2).configuration_for(None)
+    cfg = make_plans(three_sites(shape, spacing), "fedavg", configuration=config, budget=2).configuration_for(None)
     net = cfg.network
     assert len(cfg.patch_size) == len(cfg.spacing) == (3 if config == "3d_fullres" else 2)
     assert net.strides[0] == [1] * cfg.ndim and len(net.strides) == len(net.kernel_sizes) == net.n_stages
@@ -94,7 +94,7 @@ def test_anisotropic_spacing():
     assert target[0] == pytest.approx(np.percentile([s[0] for s in spacings], 10))
     assert list(target[1:]) == [0.8, 0.8]
     fps = [fake_fingerprint("s1", spacings[:5], shapes[:5]), fake_fingerprint("s2", spacings[5:], shapes[5:], seed=4)]
-    cfg = make_plans(fps).configuration_for(None)
+    cfg = make_plans(fps, "fedavg").configuration_for(None)
     assert cfg.spacing[0] == pytest.approx(target[0])
     net = cfg.network
     assert net.kernel_sizes[0] == [1, 3, 3]          # no convolution across thick slices at full resolution
@@ -117,12 +117,12 @@ def test_pool_and_conv_props_matches_nnunet():
 
 def test_normalisation_by_channel_name():
     fps = three_sites(channel_names={"0": "CT", "1": "T2"}, relative=0.5)
-    cfg = make_plans(fps).configuration_for(None)
+    cfg = make_plans(fps, "fedavg").configuration_for(None)
     assert cfg.normalization_schemes == ["CTNormalization", "ZScoreNormalization"]
     assert cfg.use_mask_for_norm == [False, True]    # cropped to < 75 %: z-score inside the mask
-    lower = make_plans(three_sites(channel_names={"0": "ct"}, relative=0.9)).configuration_for(None)
+    lower = make_plans(three_sites(channel_names={"0": "ct"}, relative=0.9), "fedavg").configuration_for(None)
     assert lower.normalization_schemes == ["CTNormalization"] and lower.use_mask_for_norm == [False]
-    fingerprint = make_plans(fps).fingerprint
+    fingerprint = make_plans(fps, "fedavg").fingerprint
     props = fingerprint["foreground_intensity_properties_per_channel"]["0"]
     assert set(props) == {"mean", "median", "std", "min", "max", "percentile_00_5", "percentile_99_5"}
     # CT normalisation reads nnU-Net's case-weighted values; the voxel-weighted ones are kept beside them
@@ -153,7 +153,7 @@ def test_overrides():
                 {"configuration.patch_size": "30,30,30"}, {"configuration.patch_size": "32,32"},
                 {"training.unknown": "1"}, {"configuration.batch_size": "0"}, {"seed": "x"}):
         with pytest.raises(InputError):
-            make_plans(fps, overrides=bad)
+            make_plans(fps, "fedavg", overrides=bad)
 
 
 def test_label_disagreement_refused_naming_the_file():
@@ -161,26 +161,26 @@ def test_label_disagreement_refused_naming_the_file():
     fps[1] = fake_fingerprint("hospital_a", [(1, 1, 1)] * 3, [(96, 128, 128)] * 3,
                               labels={"background": 0, "liver": 1})
     with pytest.raises(InputError, match="labels") as info:
-        make_plans(fps, fingerprint_names=["b.json", "a.json", "c.json"])
+        make_plans(fps, "fedavg", fingerprint_names=["b.json", "a.json", "c.json"])
     assert str(info.value.path) in ("a.json", "b.json")
 
 
 def test_2d_images_get_the_2d_configuration():
     fps = [fake_fingerprint(f"s{i}", [(999.0, 1.0, 1.0)] * 20, [(1, 200, 180)] * 20, seed=i, image_dim=2)
            for i in range(2)]
-    plans = make_plans(fps)                               # the 3d default falls back to 2d for 2D images
+    plans = make_plans(fps, "fedavg")                               # the 3d default falls back to 2d for 2D images
     cfg = plans.configuration_for(None)
     assert cfg.name == "2d" and len(cfg.spacing) == 2 and cfg.spacing == [1.0, 1.0]
     assert plans.file_ending == ".png"
     with pytest.raises(InputError, match="budget"):
-        make_plans(fps, budget=0)
+        make_plans(fps, "fedavg", budget=0)
 
 
 def test_single_slice_volumes_get_the_2d_configuration_and_say_so():
     """2D NIfTI (volumes of one slice): planned 2d by itself, as PNG sites are, with a note."""
     fps = [fake_fingerprint(f"s{i}", [(5.0, 0.8, 0.8)] * 10, [(1, 160, 160)] * 10, seed=i) for i in range(2)]
     for configuration in ("3d_fullres", None, "2d"):
-        plans = make_plans(fps, configuration=configuration)
+        plans = make_plans(fps, "fedavg", configuration=configuration)
         cfg = plans.configuration_for(None)
         assert cfg.name == "2d" and cfg.spacing == [0.8, 0.8] and len(cfg.patch_size) == 2
         notes = plans.extra["planning"].get("notes", [])

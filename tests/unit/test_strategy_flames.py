@@ -137,10 +137,11 @@ def test_alpha_and_weighting_options():
 
 
 def test_plan_defaults_to_dice_focal_for_flames_only(tmp_path: Path):
-    from fedseg.planning.planner import strategy_training_defaults
+    from fedseg.federation.plan_building import strategy_traits
+    from fedseg.planning.planner import training_defaults
 
-    assert strategy_training_defaults("flames") == {"loss": "dice_focal"}
-    assert strategy_training_defaults("fedavg") == {}
+    assert training_defaults(strategy_traits(get_strategy("flames"), {})) == {"loss": "dice_focal"}
+    assert training_defaults(strategy_traits(get_strategy("fedavg"), {})) == {}
 
 
 # -- the engine: two groups, personalised site files, one server model per modality -------------
