@@ -10,21 +10,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedseg.training.recipes.params import is_adapter, is_frozen_backbone
 from fedseg.training.sam_decoder import PromptFreeEncoder, PromptFreeMaskDecoder
 from fedseg.training.sam_encoder import ImageEncoderViT
 from fedseg.training.sam_variants import SamConfig
 
 # ViT's initialisation of a learned absolute position embedding (SAM's checkpoint replaces it).
 POS_EMBED_INIT_STD = 0.02
-
-
-def is_adapter(name: str) -> bool:
-    return ".Space_Adapter." in name or ".MLP_Adapter." in name
-
-
-def is_frozen_backbone(name: str) -> bool:
-    """FedMSA's frozen part: the image encoder except its adapters, and the positional encoding."""
-    return (name.startswith("image_encoder.") and not is_adapter(name)) or name.startswith("prompt_encoder.pe_layer.")
 
 
 class SamSegmenter(nn.Module):

@@ -25,9 +25,10 @@ MANIFEST = {
 # names of training code that `--help` and `aggregate` must leave unimported
 HEAVY = ("torch", "fedseg.training", "SimpleITK", "nibabel")
 # ...except the model recipes' torch-free traits and parameters (and the packages holding
-# them, which import nothing themselves): an aggregation rule reads them to check a plan
+# them, which import nothing themselves): an aggregation rule reads them to check a plan;
+# and the prototype memory's row layout (numpy), by which MixMFL's rule merges memories
 TORCH_FREE = ("fedseg.training", "fedseg.training.recipes", "fedseg.training.recipes.params",
-              "fedseg.training.recipes.traits")
+              "fedseg.training.recipes.traits", "fedseg.training.prototype_memory")
 
 
 def _fresh_interpreter(code: str) -> dict:

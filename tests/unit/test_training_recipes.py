@@ -189,15 +189,16 @@ def test_messages_in_the_strategies_words() -> None:
         "sam.config must be one of tiny, vit_b, vit_h, vit_l, got 'x'"
 
 
-def test_defaults_are_the_strategies() -> None:
-    from fedseg.federation.strategies.mixmfl import DEFAULTS
-
+def test_defaults_are_the_papers_and_the_strategies_read_them() -> None:
     mixmfl = parse_params(MixMFLParams, {})
-    assert {k: getattr(mixmfl, k) for k in vars(mixmfl)} == {k: v for k, v in DEFAULTS.items() if k in vars(mixmfl)}
-    assert param_keys(MixMFLParams) == set(DEFAULTS) - {"tailored", "tailored_weighting"}
-    from fedseg.federation.strategies.fedfms import SAM_PARAMS
-
-    assert param_keys(SamParams) == SAM_PARAMS
+    assert vars(mixmfl) == {"memory": True, "triplet": True, "classifier": True, "lambda_cls": 0.5,
+                            "lambda_triplet": 1e-4, "triplet_margin": 1.0, "memory_query": "both",
+                            "memory_size": 200, "prototypes": 16}
+    assert param_keys(SamParams) == {"sam.config", "sam.checkpoint", "sam.checkpoint_sha256", "sam.image_size",
+                                     "sam.lr", "sam.optimizer", "sam.lr_schedule", "sam.adapter_init"}
+    # a strategy reads its recipe's keys besides its rule's
+    assert get_strategy("mixmfl").param_names() >= param_keys(MixMFLParams) | {"tailored", "tailored_weighting"}
+    assert get_strategy("fedmsa").param_names() >= param_keys(SamParams) | {"weighting", "missing"}
 
 
 def test_traits_import_no_torch() -> None:

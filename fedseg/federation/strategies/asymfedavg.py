@@ -44,13 +44,14 @@ pool's sites); `weighting=uniform` gives the reference implementation's plain me
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedseg.errors import InputError
-from fedseg.federation.strategies.base import Manifest, ProposedRoutes, Strategy, case_weight, check_choice
+from fedseg.federation.strategies.base import CaseWeighting, Manifest, ProposedRoutes, Strategy, case_weight
+from fedseg.typed_params import param
 
 if TYPE_CHECKING:  # pragma: no cover
     from fedseg.planning.plans import Plans
@@ -70,8 +71,17 @@ def rule_text(decoder_match: str, match_strides: bool) -> str:
             f"a layer (conv with its norm) is shared by every group of >= 2 sites whose {agree} all agree, local otherwise")
 
 
-# true/false strategy params and their defaults
-FLAG_DEFAULTS = {"local_norms": False, "aligned_init": True, "match_strides": True, "match_inputs": False}
+
+
+@dataclass(frozen=True)
+class AsymFedAvgParams(CaseWeighting):
+    """The rule's keys (`fedseg plan --set KEY=VALUE`); see the module docstring."""
+
+    decoder_match: str = param(DEFAULT_DECODER_MATCH, choices=DECODER_MATCHES)
+    local_norms: bool = param(False)       # keep InstanceNorm affine parameters local (FedBN)
+    aligned_init: bool = param(True)       # round-0 tensors of one position derived from one reference
+    match_strides: bool = param(True)      # a layer is shared only where its stride agrees
+    match_inputs: bool = param(False)      # ... and only where its inputs are pooled alike
 
 # encoder.stages.{s}.<rest>: s counted from the input (0 = full resolution)
 _ENCODER = re.compile(r"^encoder\.stages\.(\d+)\.(.+)$")
@@ -335,36 +345,23 @@ def block_of(key: str) -> str:
 class AsymFedAvg(Strategy):
     name = "asymfedavg"
     description = "per-site plans (FednnU-Net); structurally matching, same-shape parameters averaged, the rest local"
-    known_params = frozenset({"weighting", "decoder_match", *FLAG_DEFAULTS})
+    Params = AsymFedAvgParams
     # make_plans plans one configuration per site from its own fingerprint
     plans_per_site = True
 
-    def check_params(self, params: Mapping[str, Any]) -> None:
-        super().check_params(params)
-        check_choice(params, "weighting", ("n_cases", "uniform"))
-        for flag, default in FLAG_DEFAULTS.items():
-            if not isinstance(params.get(flag, default), bool):
-                raise InputError(f"{flag} must be true or false, got {params.get(flag)!r}")
-        if params.get("decoder_match", DEFAULT_DECODER_MATCH) not in DECODER_MATCHES:
-            raise InputError(f"decoder_match must be one of {', '.join(DECODER_MATCHES)}, got {params.get('decoder_match')!r}")
-
     def initial_states(self, plans: Plans, states: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
-        if not plans.strategy.params.get("aligned_init", FLAG_DEFAULTS["aligned_init"]):
-            return states
-        return aligned_initial_states(states, plans.strategy.params.get("decoder_match", DEFAULT_DECODER_MATCH))
+        params = self.rule_params(plans)
+        return aligned_initial_states(states, params.decoder_match) if params.aligned_init else states
 
     # -- plan time ---------------------------------------------------------------------------
     def shared_map(self, plans: Plans, manifests: Mapping[str, Manifest]) -> dict[str, Any]:
         """The shared-parameter map of `shared_parameter_map` for these sites and parameters."""
-        params = plans.strategy.params
-        self.check_params(params)
+        params = self.rule_params(plans)
         strides = None
-        if params.get("match_strides", FLAG_DEFAULTS["match_strides"]):
+        if params.match_strides:
             strides = {site: layer_strides(plans.configuration_for(site).network) for site in manifests}
-        return shared_parameter_map(
-            manifests, local_norms=params.get("local_norms", FLAG_DEFAULTS["local_norms"]),
-            decoder_match=params.get("decoder_match", DEFAULT_DECODER_MATCH), strides=strides,
-            match_inputs=params.get("match_inputs", FLAG_DEFAULTS["match_inputs"]))
+        return shared_parameter_map(manifests, local_norms=params.local_norms, decoder_match=params.decoder_match,
+                                    strides=strides, match_inputs=params.match_inputs)
 
     def route(self, plans: Plans, manifests: Mapping[str, Manifest]) -> ProposedRoutes:
         shared = self.shared_map(plans, manifests)
@@ -374,4 +371,4 @@ class AsymFedAvg(Strategy):
 
     # -- merging -----------------------------------------------------------------------------
     def sum_weight(self, plans: Plans, pool: str, n_cases: int) -> float:
-        return case_weight(plans.strategy.params, n_cases)
+        return case_weight(self.rule_params(plans), n_cases)

@@ -33,9 +33,13 @@ from fedseg.federation.privacy_params import PRIVACY_PARAMS, parse_privacy
 from fedseg.federation.quorum import QUORUM_PARAMS, parse_min_sites
 from fedseg.federation.robust import ROBUST_PARAMS, parse_robust
 from fedseg.planning.settings import PLAN_SETTINGS, unknown_key_message
+from fedseg.training.recipes.traits import recipe_traits
+from fedseg.typed_params import param, param_keys, parse_params
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from fedseg.planning.plans import Plans
+
+GLOBAL_POOL = "global"
 
 # Engine-level parameters every strategy accepts in plans.strategy.params
 # (robust / clip_norm: fedseg.federation.robust; secure_aggregation / dp.*: fedseg.federation.privacy_params;
@@ -65,7 +69,9 @@ class Strategy:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
-    # params this strategy understands besides its engine params (checked by `check_params`)
+    # the aggregation rule's typed parameters (fedseg.typed_params), None: it reads none
+    Params: ClassVar[type | None] = None
+    # keys read besides Params', the engine's and the recipe's (checked by the subclass)
     known_params: ClassVar[frozenset[str]] = frozenset()
     # the model recipe its sites train (fedseg.training.recipes): network, trainer, their parameters
     recipe: ClassVar[str] = "unet"
@@ -85,8 +91,15 @@ class Strategy:
 
     # -- configuration -------------------------------------------------------------------
     def param_names(self) -> frozenset[str]:
-        """Every strategy parameter key this strategy reads from plans.strategy.params."""
-        return self.engine_params | self.known_params
+        """Every strategy parameter key this strategy reads from plans.strategy.params: the
+        engine's, its rule's and its model recipe's."""
+        recipe_params = recipe_traits(self.recipe).params
+        return (self.engine_params | self.known_params | (param_keys(self.Params) if self.Params else frozenset())
+                | (param_keys(recipe_params) if recipe_params else frozenset()))
+
+    def rule_params(self, plans: Plans) -> Any:
+        """The rule's typed parameters as the plan sets them (None without `Params`)."""
+        return parse_params(self.Params, plans.strategy.params) if self.Params else None
 
     def knows_param(self, key: str) -> bool:
         return key in self.param_names()
@@ -121,6 +134,11 @@ class Strategy:
             )
         parse_privacy(params)
         parse_min_sites(params)
+        if self.Params is not None:
+            parse_params(self.Params, params)
+        recipe_params = recipe_traits(self.recipe).params
+        if recipe_params is not None:
+            parse_params(recipe_params, params)
 
     def unknown_param_message(self, key: str) -> str:
         """The refusal of an unknown key, naming the closest known key or the strategy that knows it."""
@@ -133,8 +151,9 @@ class Strategy:
 
     def requires_same_channels(self, params: Mapping[str, Any]) -> bool:
         """Whether every site must hold the plan's channels (False: mix-modal sites hold subsets,
-        laid out in the plan's channel order with absent channels zero; fedseg.data.channels)."""
-        return True
+        laid out in the plan's channel order with absent channels zero; fedseg.data.channels);
+        default: as the model recipe says."""
+        return recipe_traits(self.recipe).requires_same_channels
 
     # -- plan time: where each tensor goes -------------------------------------------------
     def route(self, plans: Plans, manifests: Mapping[str, Manifest]) -> ProposedRoutes:
@@ -196,17 +215,24 @@ def every_tensor_to(manifests: Mapping[str, Manifest], pool_of: Callable[[str], 
     return {site: {name: (pool_of(site), name) for name in manifest} for site, manifest in manifests.items()}
 
 
-def check_choice(params: Mapping[str, Any], key: str, choices: Sequence[str]) -> str:
-    """params[key] (default: the first choice) when it is one of `choices`; InputError otherwise."""
-    value = params.get(key, choices[0])
-    if value not in choices:
-        raise InputError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
-    return value
+@dataclass(frozen=True)
+class CaseWeighting:
+    """How a weighted-mean pool weighs its sites: by case count (Flower's rule) or equally."""
+
+    weighting: str = param("n_cases", choices=("n_cases", "uniform"))
 
 
-def case_weight(params: Mapping[str, Any], n_cases: int) -> float:
+@dataclass(frozen=True)
+class MeanParams(CaseWeighting):
+    """One global weighted mean; `missing=zero` admits sites holding subsets of the plan's
+    channels (mix-modal MRI), the absent ones zero-filled."""
+
+    missing: str | None = param(None, choices=("zero",))
+
+
+def case_weight(weighting: CaseWeighting, n_cases: int) -> float:
     """A site's unnormalised FedAvg weight: its case count, or 1 with `weighting=uniform`."""
-    return 1.0 if params.get("weighting", "n_cases") == "uniform" else float(n_cases)
+    return 1.0 if weighting.weighting == "uniform" else float(n_cases)
 
 
 def pool_filename(pool: str) -> str:
@@ -250,3 +276,25 @@ def weighted_mean(contributions: Sequence[Contribution], weights: Sequence[float
 
 def plain_mean(contributions: Sequence[Contribution]) -> np.ndarray:
     return weighted_mean(contributions, [1.0] * len(contributions))
+
+
+class GlobalMean(Strategy):
+    """One global model, the weighted mean of every tensor the recipe lets travel (FedAvg's
+    rule; the base of FedAvg and of FedFMS, which pairs it with a SAM recipe)."""
+
+    Params = MeanParams
+
+    def requires_same_channels(self, params: Mapping[str, Any]) -> bool:
+        # `missing=zero`: sites may hold different subsets of channels; the network sees the
+        # plan's channels with the absent ones zero (the mix-modal FedAvg baseline).
+        return params.get("missing") != "zero" and recipe_traits(self.recipe).requires_same_channels
+
+    def route(self, plans: Plans, manifests: Mapping[str, Manifest]) -> ProposedRoutes:
+        # a recipe's frozen backbone (fedmsa) is rebuilt by every site and never travels
+        traits = recipe_traits(self.recipe)
+        tensors = {site: {name: (GLOBAL_POOL, name) for name in manifest if not traits.stays_local(name)}
+                   for site, manifest in manifests.items()}
+        return ProposedRoutes(tensors, model_pools=frozenset({GLOBAL_POOL}))
+
+    def sum_weight(self, plans: Plans, pool: str, n_cases: int) -> float:
+        return case_weight(self.rule_params(plans), n_cases)

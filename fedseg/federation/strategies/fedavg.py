@@ -9,41 +9,12 @@ site's input has all of the plan's channels, the absent ones zero-filled.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
-
-from fedseg.errors import InputError
-from fedseg.federation.strategies.base import Manifest, ProposedRoutes, Strategy, case_weight, every_tensor_to
-
-if TYPE_CHECKING:  # pragma: no cover
-    from fedseg.planning.plans import Plans
-
-GLOBAL_POOL = "global"
-WEIGHTINGS = ("n_cases", "uniform")
-MISSING_MODES = ("zero",)
+from fedseg.federation.strategies.base import GLOBAL_POOL, GlobalMean
 
 
-class FedAvg(Strategy):
+class FedAvg(GlobalMean):
     name = "fedavg"
     description = "one global model; weighted mean by n_cases (Flower's aggregate)"
-    known_params = frozenset({"weighting", "missing"})
 
-    def check_params(self, params: Mapping[str, Any]) -> None:
-        super().check_params(params)
-        weighting = params.get("weighting", "n_cases")
-        if weighting not in WEIGHTINGS:
-            raise InputError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
-        missing = params.get("missing")
-        if missing is not None and missing not in MISSING_MODES:
-            raise InputError(f"missing must be one of {', '.join(MISSING_MODES)}, got {missing!r}")
 
-    def requires_same_channels(self, params: Mapping[str, Any]) -> bool:
-        # `missing=zero`: sites may hold different subsets of channels; the network sees the
-        # plan's channels with the absent ones zero (the mix-modal FedAvg baseline).
-        return params.get("missing") != "zero"
-
-    def route(self, plans: Plans, manifests: Mapping[str, Manifest]) -> ProposedRoutes:
-        return ProposedRoutes(every_tensor_to(manifests, lambda site: GLOBAL_POOL), model_pools=frozenset({GLOBAL_POOL}))
-
-    def sum_weight(self, plans: Plans, pool: str, n_cases: int) -> float:
-        return case_weight(plans.strategy.params, n_cases)
+__all__ = ["GLOBAL_POOL", "FedAvg"]

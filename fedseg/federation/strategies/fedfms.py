@@ -31,86 +31,16 @@ mask decoder and the no-mask embedding travel (≈12 % of vit_b).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
-
-from fedseg.errors import InputError
-from fedseg.federation.strategies.base import Manifest, ProposedRoutes, Strategy, case_weight, check_choice
-
-if TYPE_CHECKING:  # pragma: no cover
-    from fedseg.planning.plans import Plans
-
-SAM_PARAMS = frozenset({"sam.config", "sam.checkpoint", "sam.checkpoint_sha256", "sam.image_size", "sam.lr",
-                        "sam.optimizer", "sam.lr_schedule", "sam.adapter_init"})
-# choice-valued params: (allowed values, the first is the default)
-SAM_CHOICES = {"sam.optimizer": ("adamw", "adam"), "sam.lr_schedule": ("poly", "constant"),
-               "sam.adapter_init": ("zero", "default")}
-DEFAULT_SAM_CONFIG = "tiny"
-# Names of SAM's variants (fedseg.training.sam.SAM_CONFIGS), repeated here so that checking a
-# plan does not import torch.
-SAM_CONFIG_NAMES = ("tiny", "vit_b", "vit_h", "vit_l")
+from fedseg.federation.strategies.base import GlobalMean
 
 
-def _frozen_backbone(name: str) -> bool:
-    # the same rule as fedseg.training.sam.is_frozen_backbone, without importing torch
-    adapter = ".Space_Adapter." in name or ".MLP_Adapter." in name
-    return (name.startswith("image_encoder.") and not adapter) or name.startswith("prompt_encoder.pe_layer.")
-
-
-GLOBAL_POOL = "global"
-
-
-class _FedFMS(Strategy):
-    adapters: bool = False
-    known_params = frozenset({"weighting", "missing"}) | SAM_PARAMS
-
-    def check_params(self, params: Mapping[str, Any]) -> None:
-        super().check_params(params)
-        check_choice(params, "weighting", ("n_cases", "uniform"))
-        if params.get("missing") is not None:
-            check_choice(params, "missing", ("zero",))
-        config = params.get("sam.config", DEFAULT_SAM_CONFIG)
-        if config not in SAM_CONFIG_NAMES:
-            raise InputError(f"sam.config must be one of {', '.join(SAM_CONFIG_NAMES)}, got {config!r}")
-        checkpoint = params.get("sam.checkpoint")
-        if checkpoint is not None and (not isinstance(checkpoint, str) or not checkpoint):
-            raise InputError(f"sam.checkpoint must be a file path, got {checkpoint!r}")
-        digest = params.get("sam.checkpoint_sha256")
-        if digest is not None and (not isinstance(digest, str) or len(digest) != 64):
-            raise InputError("sam.checkpoint_sha256 must be a 64-character hex digest")
-        lr = params.get("sam.lr")
-        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
-            raise InputError(f"sam.lr must be a positive number, got {lr!r}")
-        for key, allowed in SAM_CHOICES.items():
-            if params.get(key, allowed[0]) not in allowed:
-                raise InputError(f"{key} must be one of {', '.join(allowed)}, got {params[key]!r}")
-        size = params.get("sam.image_size")
-        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-            raise InputError(f"sam.image_size must be a positive integer, got {size!r}")
-
-    def requires_same_channels(self, params: Mapping[str, Any]) -> bool:
-        # `missing=zero`: sites hold subsets of the plan's channels, the absent ones zero
-        return params.get("missing") != "zero"
-
-    def route(self, plans: Plans, manifests: Mapping[str, Manifest]) -> ProposedRoutes:
-        # fedmsa: the frozen backbone is rebuilt by every site and never travels
-        tensors = {site: {name: (GLOBAL_POOL, name) for name in manifest if not (self.adapters and _frozen_backbone(name))}
-                   for site, manifest in manifests.items()}
-        return ProposedRoutes(tensors, model_pools=frozenset({GLOBAL_POOL}))
-
-    def sum_weight(self, plans: Plans, pool: str, n_cases: int) -> float:
-        return case_weight(plans.strategy.params, n_cases)
-
-
-class FedSAM(_FedFMS):
+class FedSAM(GlobalMean):
     name = "fedsam"
     description = "federated SAM: every parameter fine-tuned and averaged (FedAvg)"
     recipe = "sam_full"
-    adapters = False
 
 
-class FedMSA(_FedFMS):
+class FedMSA(GlobalMean):
     name = "fedmsa"
     description = "federated SAM with MSA adapters: frozen encoder, adapters + decoder averaged (FedAvg)"
     recipe = "sam_adapters"
-    adapters = True

@@ -28,11 +28,13 @@ Parameters (`fedseg plan --set KEY=VALUE`):
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fedseg.errors import InputError
+from fedseg.typed_params import param
 from fedseg.federation.strategies.base import (
     CombineResult,
     Contribution,
@@ -132,10 +134,18 @@ def personalised_weights(
     return {site: a, **{s: (1.0 - a) * raw[s] / total for s in others}}
 
 
+@dataclass(frozen=True)
+class FlamesParams:
+    """How the other sites' share (1 − α) is split among them."""
+
+    weighting: str = param("inverse_n_cases", choices=WEIGHTINGS)
+
+
 class Flames(Strategy):
     name = "flames"
     description = "one model per imaging modality; personalised weights within a modality (FLAMES)"
-    known_params = frozenset({"alpha", "weighting"})
+    Params = FlamesParams
+    known_params = frozenset({"alpha"})     # "auto" or a number: checked by `_alpha_value`
     # the plain U-Net trained with FLAMES' 0.3·Dice + 0.7·Focal loss (regions: not supported)
     recipe = "unet_dice_focal"
 
@@ -149,12 +159,8 @@ class Flames(Strategy):
         return key.startswith(GROUP_PREFIX) or super().knows_param(key)
 
     def check_params(self, params: Mapping[str, Any]) -> None:
-        plain = {k: v for k, v in params.items() if not k.startswith(GROUP_PREFIX)}
-        super().check_params(plain)
+        super().check_params({k: v for k, v in params.items() if not k.startswith(GROUP_PREFIX)})
         _alpha_value(params.get("alpha"))
-        weighting = params.get("weighting", "inverse_n_cases")
-        if weighting not in WEIGHTINGS:
-            raise InputError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
         for key, value in params.items():
             if key.startswith(GROUP_PREFIX):
                 _check_group_name(key[len(GROUP_PREFIX):], value)
@@ -174,7 +180,7 @@ class Flames(Strategy):
         """site -> {contributing site: weight} of each contributor's personalised model."""
         params = plans.strategy.params
         alpha = _alpha_value(params.get("alpha"))
-        weighting = params.get("weighting", "inverse_n_cases")
+        weighting = self.rule_params(plans).weighting
         n_cases = {c.site: float(c.n_cases) for c in contributions}
         size = self._group_size(plans, pool)
         return {c.site: personalised_weights(c.site, n_cases, size, alpha, weighting) for c in contributions}

@@ -27,13 +27,15 @@ key space, site and round: 16), tailored_weighting (uniform | n_cases).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedseg.errors import InputError
-from fedseg.data.channels import channel_keys, plan_channel_list, present_channels
 from fedseg.federation.strategies.base import Contribution, Manifest, ProposedRoutes, Strategy
+from fedseg.training.prototype_memory import fifo_merge
+from fedseg.training.recipes.params import MixMFLParams, present_indices, sequence_keys, sequences
+from fedseg.typed_params import param, parse_params
 
 if TYPE_CHECKING:  # pragma: no cover
     from fedseg.planning.plans import Plans
@@ -41,75 +43,28 @@ if TYPE_CHECKING:  # pragma: no cover
 GLOBAL_POOL = "global"
 TAILORED_PREFIX = "group:"
 MEMORY_PREFIX = "memory:"
-
-DEFAULTS: dict[str, Any] = {
-    "tailored": True,
-    "memory": True,
-    "triplet": True,
-    "classifier": True,
-    "lambda_cls": 0.5,          # the paper's λ1
-    "lambda_triplet": 1e-4,     # the paper's λ2
-    "triplet_margin": 1.0,
-    "memory_size": 200,         # the paper's memory size per modality
-    "prototypes": 16,
-    "memory_query": "both",     # key spaces a site queries: both, tailored, shared
-    "tailored_weighting": "uniform",   # the paper's Σ m_i w_i / Σ m_i; n_cases: by case count
-}
 TAILORED_WEIGHTINGS = ("uniform", "n_cases")
-_SWITCHES = ("tailored", "memory", "triplet", "classifier")
 
 
-def mixmfl_params(plans: Plans) -> dict[str, Any]:
-    """The plan's mixmfl params with defaults filled in."""
-    return {**DEFAULTS, **{k: v for k, v in plans.strategy.params.items() if k in DEFAULTS}}
+@dataclass(frozen=True)
+class MixMFLRuleParams:
+    """The aggregation rule's own keys (the network's and trainer's: MixMFLParams)."""
 
-
-def sequences(plans: Plans) -> list[str]:
-    return plan_channel_list(plans.channel_names)
-
-
-def sequence_keys(plans: Plans) -> list[str]:
-    return channel_keys(sequences(plans))
-
-
-def present_indices(plans: Plans, site: str) -> list[int]:
-    return present_channels(sequences(plans), plans.site(site).channels)
+    tailored: bool = param(True)     # tailored encoders averaged over their sequence's holders
+    # the paper's Σ m_i w_i / Σ m_i; n_cases: by case count
+    tailored_weighting: str = param("uniform", choices=TAILORED_WEIGHTINGS)
 
 
 class MixMFL(Strategy):
     name = "mixmfl"
     description = "mix-modal: per-sequence tailored encoders (averaged over holders), shared encoder/decoder, prototype memory"
-    known_params = frozenset(DEFAULTS)
+    Params = MixMFLRuleParams
     recipe = "mixmfl"
 
     # The memory pools are merged by concatenation and FIFO truncation, not by a weighted mean:
     # a median of prototype banks, or a delta clipped toward last round's bank, means nothing.
     robust_rules = frozenset()
     robust_refusal = "its prototype memories are merged by concatenation, which a median, trimmed mean or clipped delta would corrupt"
-
-    def check_params(self, params: Mapping[str, Any]) -> None:
-        super().check_params(params)
-        for key in _SWITCHES:
-            if key in params and not isinstance(params[key], bool):
-                raise InputError(f"{key} must be true or false, got {params[key]!r}")
-        for key in ("lambda_cls", "lambda_triplet", "triplet_margin"):
-            value = params.get(key, DEFAULTS[key])
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise InputError(f"{key} must be a number >= 0, got {value!r}")
-        from fedseg.training.prototype_memory import MEMORY_QUERIES
-
-        if params.get("memory_query", DEFAULTS["memory_query"]) not in MEMORY_QUERIES:
-            raise InputError(f"memory_query must be one of {', '.join(MEMORY_QUERIES)}, got {params['memory_query']!r}")
-        if params.get("tailored_weighting", DEFAULTS["tailored_weighting"]) not in TAILORED_WEIGHTINGS:
-            raise InputError(f"tailored_weighting must be one of {', '.join(TAILORED_WEIGHTINGS)}, "
-                             f"got {params['tailored_weighting']!r}")
-        for key in ("memory_size", "prototypes"):
-            value = params.get(key, DEFAULTS[key])
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"{key} must be a positive integer, got {value!r}")
-
-    def requires_same_channels(self, params: Mapping[str, Any]) -> bool:
-        return False
 
     # -- where parameters go (plan time) --------------------------------------------------
     def route(self, plans: Plans, manifests: Mapping[str, Manifest]) -> ProposedRoutes:
@@ -126,15 +81,14 @@ class MixMFL(Strategy):
         head, _, rest = name.partition(".")
         if head == "tailored":
             key = rest.partition(".")[0]
-            params = mixmfl_params(plans)
-            if not params["tailored"]:
+            if not self.rule_params(plans).tailored:
                 return GLOBAL_POOL
             index = sequence_keys(plans).index(key)
             if index not in present_indices(plans, site):
                 return None     # never trained here: its holders' average must not be diluted
             return TAILORED_PREFIX + sequences(plans)[index]
         if head == "memory":
-            if not mixmfl_params(plans)["memory"]:
+            if not parse_params(MixMFLParams, plans.strategy.params).memory:
                 return None
             key = rest.partition(".")[0]            # memory.<seq>.<stage>
             return MEMORY_PREFIX + sequences(plans)[sequence_keys(plans).index(key)]
@@ -145,14 +99,12 @@ class MixMFL(Strategy):
         # the weight a site gives its masked contribution: the same rule as `pool_weights`
         if pool.startswith(MEMORY_PREFIX):
             return None
-        if pool.startswith(TAILORED_PREFIX) and mixmfl_params(plans)["tailored_weighting"] == "uniform":
+        if pool.startswith(TAILORED_PREFIX) and self.rule_params(plans).tailored_weighting == "uniform":
             return 1.0
         return float(n_cases)
 
     def combine(self, plans: Plans, pool: str, key: str, contributions: Sequence[Contribution]) -> np.ndarray:
         if pool.startswith(MEMORY_PREFIX):
-            from fedseg.training.prototype_memory import fifo_merge
-
             ordered = sorted(contributions, key=lambda c: c.site)
             return fifo_merge([c.array for c in ordered], capacity=ordered[0].array.shape[0])
         return super().combine(plans, pool, key, contributions)
