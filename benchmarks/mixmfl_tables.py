@@ -6,15 +6,15 @@ different pair of T1/T1ce/T2/FLAIR) and prints:
 1. per-site test Dice (mean over tumour core and oedema) of FedAvg with zero-filled missing
    sequences vs MDM-MixMFL (as the paper's Table 1), averaged over three training seeds
    (`--seed` and `--extra-seeds`);
-2. the ablation (at `--seed`): the full model vs without tailored updating, memory, triplet loss,
-   classifier (as the paper's Table 3);
+2. the ablation: the full model vs without tailored updating, memory, triplet loss,
+   classifier (as the paper's Table 3), averaged over the same seeds, and per seed;
 3. oedema Dice of the site that lacks T2/FLAIR, with and without the memory.
 
     .venv/bin/python benchmarks/mixmfl_tables.py --out /tmp/mixmfl_bench [--rounds 12 --iterations 10]
 
 Variants can run as parallel processes (`--only fedavg MDM-MixMFL`, `--only wo_memory`,
-`--only seed1235`, ...); a final call without --only reuses the finished runs and prints the
-tables.
+`--only seed1235` for every variant of an extra seed, `--only seed1235/wo_memory`, ...); a
+final call without --only reuses the finished runs and prints the tables.
 
 Single-threaded torch (so timings do not depend on the core count), augmentation in-process.
 Results and per-run folders are kept under --out; a rerun reuses finished runs.
@@ -98,11 +98,12 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--seed", type=int, default=1234, help="training seed of every variant (Tables 1 and 3)")
     parser.add_argument("--extra-seeds", type=int, nargs="*", default=[1235, 1236],
-                        help="more training seeds for Table 1 (fedavg vs MDM-MixMFL), runs under --out/seed<N>/")
+                        help="more training seeds of every variant, runs under --out/seed<N>/")
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--patch", default="16,16,16", help="configuration.patch_size for every run (small: CPU time)")
     parser.add_argument("--only", nargs="*", default=None,
-                        help="run just these variants (slugs, e.g. fedavg MDM-MixMFL wo_memory; add seed<N> for an extra seed's pair), then stop")
+                        help="run just these variants (slugs, e.g. fedavg MDM-MixMFL wo_memory; seed<N> for every "
+                             "variant of an extra seed, seed<N>/<slug> for one), then stop")
     args = parser.parse_args()
 
     import torch
@@ -125,10 +126,12 @@ def main() -> None:
               f"({results[name]['seconds']:.0f}s)", flush=True)
     extra: dict[int, dict[str, dict]] = {}
     for seed in args.extra_seeds:
-        if wanted is not None and f"seed{seed}" not in wanted:
+        if wanted is not None and not any(w == f"seed{seed}" or w.startswith(f"seed{seed}/") for w in wanted):
             continue
         extra[seed] = {}
-        for name in TABLE1:
+        for name in VARIANTS:
+            if wanted is not None and f"seed{seed}" not in wanted and f"seed{seed}/{_slug(name)}" not in wanted:
+                continue
             strategy, params = VARIANTS[name]
             params = {**params, "configuration.patch_size": args.patch}
             extra[seed][name] = run_variant(sites, args.out / f"seed{seed}" / _slug(name), strategy, params,
@@ -145,13 +148,20 @@ def main() -> None:
     print("\nper seed (average over sites): " + "; ".join(
         f"{seed}: " + ", ".join(f"{name} {100 * _average(run[name], site_names):.2f}" for name in TABLE1)
         for seed, run in [(args.seed, results), *extra.items()]))
-    print(f"\nTable 3: ablation (%, mean of tumour core and oedema), seed {args.seed}\n")
-    print(table({k: v for k, v in results.items() if k != "fedavg (zero-fill)"}, site_names, reference="MDM-MixMFL"))
-    full = results["MDM-MixMFL"]["per_site"][SITE_WITHOUT_T2_FLAIR]["dice"]["oedema"]
-    without = results["w/o memory"]["per_site"][SITE_WITHOUT_T2_FLAIR]["dice"]["oedema"]
-    print(f"\n{SITE_WITHOUT_T2_FLAIR} (T1 + T1ce only) oedema Dice: with memory {100 * full:.2f}, without {100 * without:.2f}")
+    ablation = {name: seed_mean([results[name], *(extra[s][name] for s in args.extra_seeds)])
+                for name in VARIANTS if name != "fedavg (zero-fill)"}
+    print(f"\nTable 3: ablation (%, mean of tumour core and oedema), mean over seeds {', '.join(map(str, seeds))}\n")
+    print(table(ablation, site_names, reference="MDM-MixMFL"))
+    print("\nper seed (average over sites): " + "; ".join(
+        f"{seed}: " + ", ".join(f"{name} {100 * _average(run[name], site_names):.2f}" for name in ablation)
+        for seed, run in [(args.seed, results), *extra.items()]))
+    full = ablation["MDM-MixMFL"]["per_site"][SITE_WITHOUT_T2_FLAIR]["dice"]["oedema"]
+    without = ablation["w/o memory"]["per_site"][SITE_WITHOUT_T2_FLAIR]["dice"]["oedema"]
+    print(f"\n{SITE_WITHOUT_T2_FLAIR} (T1 + T1ce only) oedema Dice, seed mean: with memory {100 * full:.2f}, "
+          f"without {100 * without:.2f}")
     summary = {"rounds": args.rounds, "iterations": args.iterations, "seed": args.seed, "results": results,
-               "extra_seeds": {str(k): v for k, v in extra.items()}, "table1_seed_mean": table1}
+               "extra_seeds": {str(k): v for k, v in extra.items()}, "table1_seed_mean": table1,
+               "ablation_seed_mean": ablation}
     (args.out / "tables.json").write_text(json.dumps(summary, indent=2))
 
 
