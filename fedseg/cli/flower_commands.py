@@ -91,9 +91,11 @@ def simulate(
     require_flower(simulation=True)
     from fedseg.cli.console import Reporter, print_json
     from fedseg.cli.simulate_command import print_dice_table
-    from fedseg.federation.simulation import SimulationConfig, check_overrides, check_run_folder, result_to_dict
+    from fedseg.federation.run_folder import check_run_folder
+    from fedseg.federation.run_setup import check_overrides
+    from fedseg.federation.single_machine import result_to_dict, SimulationConfig
     from fedseg.training.device import resolve_device
-    from fedseg.transport.simulation import flower_simulate
+    from fedseg.transport.flower_simulation import flower_simulate
 
     require_output_dir(output, "run folder")
     check_run_folder(output, resume)
@@ -151,7 +153,8 @@ def serve(
     """
     require_flower()
     from fedseg.cli.console import Reporter
-    from fedseg.federation.simulation import check_overrides, check_run_folder
+    from fedseg.federation.run_folder import check_run_folder
+    from fedseg.federation.run_setup import check_overrides
     from fedseg.transport.coordinator import CoordinatorSettings
     from fedseg.transport.deploy import serve as run_serve
 

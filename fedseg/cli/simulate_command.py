@@ -47,9 +47,8 @@ def simulate(
     fedseg simulate sites --rounds 3 --folds 0,1,2,3,4 -o runs/3d_fullres
     """
     from fedseg.cli.console import Reporter, print_json
-    from fedseg.federation.simulation import (
-        SimulationConfig, check_run_folder, result_to_dict, simulate as run_simulation,
-    )
+    from fedseg.federation.run_folder import check_run_folder
+    from fedseg.federation.single_machine import result_to_dict, simulate as run_simulation, SimulationConfig
     from fedseg.training.device import resolve_device
 
     from fedseg.training.folds import fold_name, parse_fold
@@ -71,7 +70,7 @@ def simulate(
         mirror=mirror, budget=budget, max_voxels=max_voxels,
     )
     if fold_list:
-        from fedseg.federation.simulation import simulate_folds
+        from fedseg.federation.single_machine import simulate_folds
 
         results = simulate_folds(cfg, fold_list, log=reporter.log, progress_factory=reporter.progress)
         if as_json:

@@ -23,13 +23,14 @@ from typing import Any
 
 from fedseg.errors import InputError
 from fedseg.federation.site_validation import VALIDATION_FORMAT, candidate_names, configuration_runs
+from fedseg.planning.plans import load_plans
+from fedseg.training.folds import fold_name
+from fedseg.training.postprocessing import DiceSums, decide_postprocessing
 
 INFERENCE_PLAN_FORMAT = "fedseg-inference-plan/1"
 
 
 def load_validation_file(path: Path) -> dict[str, Any]:
-    from fedseg.training.postprocessing import DiceSums
-
     record = _read_json(Path(path), "validation file")
     if not isinstance(record, dict) or record.get("format") != VALIDATION_FORMAT:
         raise InputError(f"not a fedseg validation file (format {VALIDATION_FORMAT} expected)", path)
@@ -45,10 +46,6 @@ def find_best(
 ) -> dict[str, Any]:
     """Merge the sites' validation files and choose; returns the inference plan to be written
     into `plan_dir` (its model paths are relative to that folder)."""
-    from fedseg.planning.plans import load_plans
-    from fedseg.training.folds import fold_name
-    from fedseg.training.postprocessing import DiceSums, decide_postprocessing
-
     if not validation_files:
         raise InputError("give the sites' validation files (-m FILE, one per site)")
     records = [load_validation_file(p) for p in validation_files]

@@ -15,11 +15,18 @@ order), with that site's local parameters from its state folder if the strategy 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fedseg.atomic import write_json_atomic
+from fedseg.data.dataset import load_dataset
 from fedseg.errors import InputError
+from fedseg.federation.site_training import load_site_model
+from fedseg.federation.weightfile import open_weight_file
+from fedseg.training.evaluation import evaluate_folders, save_metrics
+from fedseg.training.inference import predict_folder
 
 SERVER_TEST_DIR = "_server_test"
 # dataset.json keys of a server test set that group its cases (case id -> group name).
@@ -54,13 +61,6 @@ def evaluate_server_models(
          "models": {<model>: {"pool", "sites", "all": {metric: mean}, "by_modality": {...}, "by_organ": {...}}}}
     Each entry of "all"/"by_*" holds the foreground means over its cases and "n_cases".
     """
-    from fedseg.atomic import write_json_atomic
-    from fedseg.data.dataset import load_dataset
-    from fedseg.federation.site_training import load_site_model
-    from fedseg.federation.weightfile import open_weight_file
-    from fedseg.training.evaluation import evaluate_folders, save_metrics
-    from fedseg.training.inference import predict_folder
-
     server_dir, out_dir = Path(server_dir), Path(out_dir)
     dataset = load_dataset(server_dir)
     if dataset.labels != plans.labels:
@@ -134,6 +134,4 @@ def _finite(value: Any) -> float | None:
 
 
 def _no_progress(description: str, total: int | None):
-    import contextlib
-
     return contextlib.nullcontext(lambda *args, **kwargs: None)

@@ -21,7 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedseg.data.case_loading import load_case
+from fedseg.data.dataset import load_dataset
 from fedseg.errors import InputError
+from fedseg.federation.checkpoints import site_model_file
+from fedseg.federation.site_training import load_site_model
+from fedseg.planning.plans import load_plans
+from fedseg.training.folds import FOLD_ALL, SPLITS_FILE, fold_cases, fold_name, load_or_create_splits
+from fedseg.training.inference import EnsembleMember, ensemble_probabilities, probabilities_to_labels
+from fedseg.training.postprocessing import DiceSums
 
 VALIDATION_FORMAT = "fedseg-validation/1"
 DEFAULT_STATE_TEMPLATE = "{run}/fold_{fold}/state/{site}"
@@ -47,9 +55,6 @@ def candidate_names(configurations: Sequence[str]) -> dict[str, list[str]]:
 
 def configuration_runs(roots: Sequence[Path], fold: int | str) -> list[ConfigurationRun]:
     """Name each run folder by the configuration its plan trains; two runs of one name are refused."""
-    from fedseg.planning.plans import load_plans
-    from fedseg.training.folds import fold_name
-
     runs: dict[str, ConfigurationRun] = {}
     for root in roots:
         plans_path = Path(root) / fold_name(fold) / "plans.json"
@@ -74,15 +79,6 @@ def validate_site(
     progress: Callable[..., None] | None = None,
 ) -> dict[str, Any]:
     """Score every candidate on the site's validation cases of `folds`; returns the file's content."""
-    from fedseg.data.case_loading import load_case
-    from fedseg.data.dataset import load_dataset
-    from fedseg.federation.checkpoints import site_model_file
-    from fedseg.federation.site_training import load_site_model
-    from fedseg.planning.plans import load_plans
-    from fedseg.training.folds import FOLD_ALL, SPLITS_FILE, fold_cases, fold_name, load_or_create_splits
-    from fedseg.training.inference import EnsembleMember, ensemble_probabilities, probabilities_to_labels
-    from fedseg.training.postprocessing import DiceSums
-
     if not folds:
         raise InputError("give at least one fold (--fold)")
     if FOLD_ALL in folds:

@@ -48,7 +48,7 @@ def test_refused_at_plan_time(strategy: str, rule: str, tiny_fingerprints: list[
 def _round(strategy: str, params: dict, fingerprints: list[Path], run: Path):
     """Plan, round 0, and one round of updates (each site's round-0 weights plus its own noise)."""
     from fedseg.federation.engine import initial_round, write_site_update
-    from fedseg.federation.simulation import plan_run
+    from fedseg.federation.run_setup import plan_run
     from fedseg.federation.weightfile import read_weight_file
     from fedseg.planning.fingerprint import load_fingerprint
 
