@@ -40,7 +40,7 @@ SITE_WITHOUT_T2_FLAIR = "site1"
 
 
 def run_variant(sites: Path, run_dir: Path, strategy: str, params: dict[str, str], rounds: int, iterations: int, seed: int) -> dict:
-    from fedseg.federation.single_machine import simulate, SimulationConfig
+    from fedseg.federation.single_machine import SimulationConfig, simulate
 
     done = run_dir / "result.json"
     if done.is_file():

@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from fedseg.cli.options import (
-    BUDGET, CONFIGURATION, DEVICE, ITERATIONS, JSON, QUIET, RESUME, ROUNDS, RUN_OUTPUT, SEED, SET, SITES_ROOT, STRATEGY_HELP,
+    BUDGET, CONFIGURATION, DEVICE, ITERATIONS, JSON, QUIET, RESUME, ROUNDS, RUN_OUTPUT, SEED, SET, SITES_ROOT, STRATEGY,
     WORKERS, parse_set_options, require_dir, require_output_dir,
 )
 from fedseg.errors import InputError
@@ -61,7 +61,7 @@ def _tls(insecure: bool, certfile: Path | None, keyfile: Path | None, ca_certfil
 @flower_app.command("simulate")
 def simulate(
     sites_root: Path = SITES_ROOT,
-    strategy: str = typer.Option("fedavg", "--strategy", help=STRATEGY_HELP),
+    strategy: str = STRATEGY,
     rounds: int = ROUNDS,
     output: Path = RUN_OUTPUT,
     config: str = CONFIGURATION,
@@ -121,7 +121,7 @@ def simulate(
 def serve(
     output: Path = RUN_OUTPUT,
     sites: int = typer.Option(..., "--sites", min=1, help="Number of sites to wait for before planning."),
-    strategy: str = typer.Option("fedavg", "--strategy", help=STRATEGY_HELP),
+    strategy: str = STRATEGY,
     rounds: int = ROUNDS,
     config: str = CONFIGURATION,
     iterations: int = ITERATIONS,

@@ -24,6 +24,7 @@ from fedseg.federation.run_setup import plan_and_init
 from fedseg.federation.run_status import SITE_FAILURES_FILE
 from fedseg.federation.run_summary import collect_traffic, collect_val_dice, write_report
 from fedseg.federation.signing import load_public_keys, load_signing_key
+from fedseg.federation.strategies import DEFAULT_STRATEGY
 from fedseg.federation.single_machine import SimulationResult
 from fedseg.federation.weightfile import open_weight_file
 from fedseg.names import check_site_name, path_inside
@@ -41,7 +42,7 @@ class CoordinatorSettings:
     """What `fedseg simulate` takes, minus the sites (they answer over the network)."""
 
     run_dir: Path
-    strategy: str = "fedavg"
+    strategy: str = DEFAULT_STRATEGY
     rounds: int = 3
     configuration: str = "3d_fullres"
     iterations: int | None = None          # per site per round (default: the plan's)

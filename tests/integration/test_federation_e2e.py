@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fedseg.federation.single_machine import simulate, SimulationConfig
+from fedseg.federation.single_machine import SimulationConfig, simulate
 from fedseg.federation.site_training import load_site_model
 from fedseg.planning.plans import load_plans
 from fedseg.training.evaluation import evaluate_folders

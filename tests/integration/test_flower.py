@@ -20,7 +20,7 @@ pytest.importorskip("flwr")
 from fedseg.cli.main import run as cli  # noqa: E402
 from fedseg.federation.engine import write_site_update  # noqa: E402
 from fedseg.federation.run_setup import plan_and_init  # noqa: E402
-from fedseg.federation.single_machine import simulate, SimulationConfig  # noqa: E402
+from fedseg.federation.single_machine import SimulationConfig, simulate  # noqa: E402
 from fedseg.federation.weightfile import read_weight_file  # noqa: E402
 from fedseg.planning.fingerprint import compute_fingerprint  # noqa: E402
 from fedseg.data.dataset import load_dataset  # noqa: E402
