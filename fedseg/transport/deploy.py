@@ -103,7 +103,6 @@ def write_app_folder(folder: Path, settings: CoordinatorSettings, n_sites: int, 
         "[tool.flwr.app.components]", f'serverapp = "{APP_MODULE}:server_app"', f'clientapp = "{APP_MODULE}:client_app"',
         "", "[tool.flwr.app.config]", *(f"{key} = {_toml_value(value)}" for key, value in config.items()),
     ]
-
     write_text_atomic(folder / "pyproject.toml", "\n".join(lines) + "\n")
     # Flower imports the components from the app folder; fedseg itself comes from the environment.
     # (Flower checks the names by reading this file, so they are assigned here, not just imported.)

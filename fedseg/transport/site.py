@@ -82,7 +82,6 @@ def _accept_plans(settings: SiteSettings, plans_json: str):
 def _signing_key(settings: SiteSettings):
     if settings.key is None:
         return None
-
     return load_signing_key(settings.key)
 
 
