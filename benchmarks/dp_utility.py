@@ -32,7 +32,7 @@ def sigma_for(target: float, rounds: int, delta: float) -> float:
 
 
 def run_arm(name: str, overrides: dict, args, sites: Path) -> dict:
-    from fedseg.federation.simulation import SimulationConfig, simulate
+    from fedseg.federation.single_machine import SimulationConfig, simulate
 
     run_dir = args.work / name
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from fedseg.synth import generate
-from fedseg.federation.simulation import SimulationConfig, simulate
+from fedseg.federation.single_machine import SimulationConfig, simulate
 
 # FedFMS' own training recipe: BCE, Adam (0.9, 0.999) at a constant rate, batch 6, MSA's
 # default-initialised adapters (fedseg's defaults: Dice + CE, AdamW with poly decay, the

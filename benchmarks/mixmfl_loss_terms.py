@@ -79,7 +79,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     from fedseg.synth import generate
-    from fedseg.federation.simulation import SimulationConfig, simulate
+    from fedseg.federation.single_machine import SimulationConfig, simulate
     from fedseg.training.mixmfl_trainer import MixMFLTrainer
 
     sites = args.out / "sites"

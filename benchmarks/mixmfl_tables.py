@@ -1,6 +1,6 @@
 """MDM-MixMFL on the `mixmfl` synthetic preset: the two tables of docs/strategies/mixmfl.md.
 
-Runs whole federations with `fedseg.federation.simulation.simulate` (6 sites, each holding a
+Runs whole federations with `fedseg.federation.single_machine.simulate` (6 sites, each holding a
 different pair of T1/T1ce/T2/FLAIR) and prints:
 
 1. per-site test Dice (mean over tumour core and oedema) of FedAvg with zero-filled missing
@@ -40,7 +40,7 @@ SITE_WITHOUT_T2_FLAIR = "site1"
 
 
 def run_variant(sites: Path, run_dir: Path, strategy: str, params: dict[str, str], rounds: int, iterations: int, seed: int) -> dict:
-    from fedseg.federation.simulation import SimulationConfig, simulate
+    from fedseg.federation.single_machine import SimulationConfig, simulate
 
     done = run_dir / "result.json"
     if done.is_file():

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from fedseg.cli.options import (
-    BUDGET, JSON, MAX_VOXELS, QUIET, STRATEGY_HELP, parse_set_options, require_dir, require_file, require_output_dir,
+    BUDGET, JSON, MAX_VOXELS, QUIET, STRATEGY, parse_set_options, require_dir, require_file, require_output_dir,
     require_output_file,
 )
 
@@ -79,7 +79,7 @@ def fingerprint(
 
 def plan(
     fingerprints: list[Path] = typer.Argument(..., help="Fingerprint files, one per site."),
-    strategy: str = typer.Option("fedavg", "--strategy", help=STRATEGY_HELP),
+    strategy: str = STRATEGY,
     output: Path = typer.Option(..., "-o", "--output", help="plans.json to write."),
     config: str = typer.Option("3d_fullres", "--config", help="Configuration: 3d_fullres or 2d."),
     budget: float = BUDGET,
@@ -103,7 +103,8 @@ def plan(
 
     Example: fedseg plan fp/*.json --strategy fedavg -o plans.json --set training.rounds=3
     """
-    from fedseg.cli.console import Reporter, print_json
+    from fedseg.cli.console import Reporter
+    from fedseg.errors import InputError
     from fedseg.federation.plan_building import build_plans
     from fedseg.federation.privacy import plan_privacy
     from fedseg.federation.signing import load_public_keys
@@ -115,8 +116,6 @@ def plan(
         require_dir(keys, "keys folder")
     reporter = Reporter(quiet=quiet)
     if config not in ("3d_fullres", "2d"):
-        from fedseg.errors import InputError
-
         raise InputError(f"--config must be 3d_fullres or 2d, not {config!r}")
     strategy_impl = get_strategy(strategy)   # an unknown strategy is refused before any file is read
     fps = [load_fingerprint(require_file(p, "fingerprint")) for p in fingerprints]
@@ -132,6 +131,13 @@ def plan(
     )
     plans = plan_privacy(plans, strategy_impl, keys)   # the sites' key-agreement keys from --keys
     plans.save(output)
+    _report_plan(reporter, plans, output, strategy, as_json)
+
+
+def _report_plan(reporter, plans, output: Path, strategy: str, as_json: bool) -> None:
+    """The planner's notes and what was planned, or the JSON summary with --json."""
+    from fedseg.cli.console import print_json
+
     cfg = plans.configuration_for(None)
     for note in plans.extra.get("planning", {}).get("notes", []):
         reporter.log(f"plan: {note}")

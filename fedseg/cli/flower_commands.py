@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from fedseg.cli.options import (
-    BUDGET, CONFIGURATION, DEVICE, ITERATIONS, JSON, QUIET, RESUME, ROUNDS, RUN_OUTPUT, SEED, SET, SITES_ROOT, STRATEGY_HELP,
+    BUDGET, CONFIGURATION, DEVICE, ITERATIONS, JSON, QUIET, RESUME, ROUNDS, RUN_OUTPUT, SEED, SET, SITES_ROOT, STRATEGY,
     WORKERS, parse_set_options, require_dir, require_output_dir,
 )
 from fedseg.errors import InputError
@@ -61,7 +61,7 @@ def _tls(insecure: bool, certfile: Path | None, keyfile: Path | None, ca_certfil
 @flower_app.command("simulate")
 def simulate(
     sites_root: Path = SITES_ROOT,
-    strategy: str = typer.Option("fedavg", "--strategy", help=STRATEGY_HELP),
+    strategy: str = STRATEGY,
     rounds: int = ROUNDS,
     output: Path = RUN_OUTPUT,
     config: str = CONFIGURATION,
@@ -91,9 +91,11 @@ def simulate(
     require_flower(simulation=True)
     from fedseg.cli.console import Reporter, print_json
     from fedseg.cli.simulate_command import print_dice_table
-    from fedseg.federation.simulation import SimulationConfig, check_overrides, check_run_folder, result_to_dict
+    from fedseg.federation.run_folder import check_run_folder
+    from fedseg.federation.run_setup import check_overrides
+    from fedseg.federation.single_machine import result_to_dict, SimulationConfig
     from fedseg.training.device import resolve_device
-    from fedseg.transport.simulation import flower_simulate
+    from fedseg.transport.flower_simulation import flower_simulate
 
     require_output_dir(output, "run folder")
     check_run_folder(output, resume)
@@ -119,7 +121,7 @@ def simulate(
 def serve(
     output: Path = RUN_OUTPUT,
     sites: int = typer.Option(..., "--sites", min=1, help="Number of sites to wait for before planning."),
-    strategy: str = typer.Option("fedavg", "--strategy", help=STRATEGY_HELP),
+    strategy: str = STRATEGY,
     rounds: int = ROUNDS,
     config: str = CONFIGURATION,
     iterations: int = ITERATIONS,
@@ -151,7 +153,8 @@ def serve(
     """
     require_flower()
     from fedseg.cli.console import Reporter
-    from fedseg.federation.simulation import check_overrides, check_run_folder
+    from fedseg.federation.run_folder import check_run_folder
+    from fedseg.federation.run_setup import check_overrides
     from fedseg.transport.coordinator import CoordinatorSettings
     from fedseg.transport.deploy import serve as run_serve
 

@@ -41,8 +41,6 @@ def train(
     from dataclasses import asdict
 
     from fedseg.cli.console import Reporter, print_json
-    from fedseg.errors import InputError
-    from fedseg.federation.privacy import wants_secure_aggregation
     from fedseg.federation.site_training import run_site_round
     from fedseg.planning.plans import load_plans
     from fedseg.training.device import resolve_device
@@ -54,22 +52,8 @@ def train(
     device = resolve_device(device)
     reporter = Reporter(quiet=quiet)
     plans = load_plans(require_file(plans_path, "plans file"))
-    signing_key = None
-    if key is not None:
-        from fedseg.federation.signing import load_signing_key
-
-        signing_key = load_signing_key(require_file(key, "private key"))
-    agreement_key = None
-    if key is not None and wants_secure_aggregation(None, plans.strategy.params):
-        from fedseg.federation.secure_aggregation import load_agreement_key
-
-        agreement_key = load_agreement_key(key)
-    if iterations is not None and epochs is not None:
-        raise InputError("give --iterations or --epochs, not both")
-    if epochs is not None:
-        iterations = epochs * plans.training.iterations_per_round
-        if iterations > MAX_ITERATIONS_PER_ROUND:
-            raise InputError(f"--epochs {epochs} makes {iterations} iterations, more than {MAX_ITERATIONS_PER_ROUND}")
+    signing_key, agreement_key = _site_keys(key, plans)
+    iterations = _round_iterations(iterations, epochs, plans)
     total = iterations or plans.training.iterations_per_round
     with reporter.progress(f"train {site}", total) as advance:
         result = run_site_round(
@@ -84,6 +68,33 @@ def train(
     )
     if as_json:
         print_json(asdict(result))
+
+
+def _site_keys(key: Path | None, plans):
+    """(signing key, key-agreement key) from --key: the agreement key only when the plan uses
+    secure aggregation; (None, None) without --key."""
+    from fedseg.federation.privacy import wants_secure_aggregation
+    from fedseg.federation.secure_aggregation import load_agreement_key
+    from fedseg.federation.signing import load_signing_key
+
+    if key is None:
+        return None, None
+    signing_key = load_signing_key(require_file(key, "private key"))
+    agreement_key = load_agreement_key(key) if wants_secure_aggregation(None, plans.strategy.params) else None
+    return signing_key, agreement_key
+
+
+def _round_iterations(iterations: int | None, epochs: int | None, plans) -> int | None:
+    """--iterations, or --epochs times the plan's iterations per round (None: the plan's)."""
+    from fedseg.errors import InputError
+
+    if iterations is not None and epochs is not None:
+        raise InputError("give --iterations or --epochs, not both")
+    if epochs is not None:
+        iterations = epochs * plans.training.iterations_per_round
+        if iterations > MAX_ITERATIONS_PER_ROUND:
+            raise InputError(f"--epochs {epochs} makes {iterations} iterations, more than {MAX_ITERATIONS_PER_ROUND}")
+    return iterations
 
 
 def predict(

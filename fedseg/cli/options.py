@@ -8,6 +8,7 @@ import typer
 
 from fedseg.data.voxel_limit import DEFAULT_MAX_VOXELS
 from fedseg.errors import InputError
+from fedseg.federation.strategies import DEFAULT_STRATEGY, strategy_names
 from fedseg.planning.settings import MAX_ITERATIONS_PER_ROUND, MAX_ROUNDS
 
 QUIET = typer.Option(False, "--quiet", "-q", help="Print nothing but errors.")
@@ -19,10 +20,10 @@ MAX_VOXELS = typer.Option(
          "(the default, 2^30, admits a 1024^3 volume; docs/security.md).",
 )
 
-# Kept in sync with fedseg.federation.strategies (a unit test checks); spelled out here so
-# that `--help` does not import the strategies and torch with them.
-STRATEGY_NAMES = ("fedavg", "local", "asymfedavg", "flames", "mixmfl", "fedmsa", "fedsam")
+# from the registry: the strategies import numpy only, so `--help` stays free of torch
+STRATEGY_NAMES = tuple(strategy_names())
 STRATEGY_HELP = f"Federation strategy: {', '.join(STRATEGY_NAMES)} (docs/strategies/)."
+STRATEGY = typer.Option(DEFAULT_STRATEGY, "--strategy", help=STRATEGY_HELP)
 
 # The options `fedseg simulate` and `fedseg flower simulate` share: one federation, two engines.
 SITES_ROOT = typer.Argument(..., help="Folder holding one nnU-Net raw folder per site.")

@@ -7,14 +7,14 @@ from pathlib import Path
 import typer
 
 from fedseg.cli.options import (
-    BUDGET, CONFIGURATION, DEVICE, ITERATIONS, JSON, MAX_VOXELS, QUIET, RESUME, ROUNDS, RUN_OUTPUT, SEED, SET, SITES_ROOT, STRATEGY_HELP,
+    BUDGET, CONFIGURATION, DEVICE, ITERATIONS, JSON, MAX_VOXELS, QUIET, RESUME, ROUNDS, RUN_OUTPUT, SEED, SET, SITES_ROOT, STRATEGY,
     WORKERS, parse_set_options, require_dir, require_output_dir, split_list_option,
 )
 
 
 def simulate(
     sites_root: Path = SITES_ROOT,
-    strategy: str = typer.Option("fedavg", "--strategy", help=STRATEGY_HELP),
+    strategy: str = STRATEGY,
     rounds: int = ROUNDS,
     output: Path = RUN_OUTPUT,
     config: str = CONFIGURATION,
@@ -46,22 +46,18 @@ def simulate(
     Five-fold cross-validation (model selection, see docs/model-selection.md):
     fedseg simulate sites --rounds 3 --folds 0,1,2,3,4 -o runs/3d_fullres
     """
-    from fedseg.cli.console import Reporter, print_json
-    from fedseg.federation.simulation import (
-        SimulationConfig, check_run_folder, result_to_dict, simulate as run_simulation,
-    )
+    from fedseg.cli.console import Reporter
+    from fedseg.federation.run_folder import check_run_folder
+    from fedseg.federation.single_machine import SimulationConfig, result_to_dict, simulate_folds
+    from fedseg.federation.single_machine import simulate as run_simulation
     from fedseg.training.device import resolve_device
-
     from fedseg.training.folds import fold_name, parse_fold
 
     require_output_dir(output, "run folder")
     fold_list = [parse_fold(f) for f in split_list_option(folds)]
-    if fold_list and resume:
-        # a cross-validation folder holds one run per fold; each must be a run to resume
-        for fold in fold_list:
-            check_run_folder(output / fold_name(fold), resume)
-    else:
-        check_run_folder(output, resume)
+    # a cross-validation folder holds one run per fold; each must be a run to resume
+    for run_dir in [output / fold_name(fold) for fold in fold_list] if fold_list and resume else [output]:
+        check_run_folder(run_dir, resume)
     require_dir(sites_root, "sites folder")
     overrides = parse_set_options(set_)
     reporter = Reporter(quiet=quiet)
@@ -71,20 +67,22 @@ def simulate(
         mirror=mirror, budget=budget, max_voxels=max_voxels,
     )
     if fold_list:
-        from fedseg.federation.simulation import simulate_folds
-
         results = simulate_folds(cfg, fold_list, log=reporter.log, progress_factory=reporter.progress)
-        if as_json:
-            print_json({name: result_to_dict(r) for name, r in results.items()})
-        elif not quiet:
-            for result in results.values():
-                print_dice_table(result)
+        _show(list(results.values()), {name: result_to_dict(r) for name, r in results.items()}, as_json, quiet)
         return
     result = run_simulation(cfg, log=reporter.log, progress_factory=reporter.progress)
+    _show([result], result_to_dict(result), as_json, quiet)
+
+
+def _show(results: list, summary: dict, as_json: bool, quiet: bool) -> None:
+    """The JSON summary with --json, else each result's Dice table (nothing with --quiet)."""
+    from fedseg.cli.console import print_json
+
     if as_json:
-        print_json(result_to_dict(result))
+        print_json(summary)
     elif not quiet:
-        print_dice_table(result)
+        for result in results:
+            print_dice_table(result)
 
 
 def print_dice_table(result) -> None:

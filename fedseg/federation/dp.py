@@ -65,9 +65,10 @@ def gaussian(shape: tuple[int, ...], std: float, rng: np.random.Generator) -> np
 
 def _accountant(name: str):
     try:
+        # lazily: dp-accounting is an optional extra (fedseg[privacy])
         import dp_accounting
-        from dp_accounting.pld import pld_privacy_accountant
-        from dp_accounting.rdp import rdp_privacy_accountant
+        from dp_accounting.pld import pld_privacy_accountant  # optional extra, as above
+        from dp_accounting.rdp import rdp_privacy_accountant  # optional extra, as above
     except ImportError:
         raise InputError(
             "differential privacy needs the dp-accounting package: pip install 'fedseg[privacy]'"

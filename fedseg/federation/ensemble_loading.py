@@ -8,6 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedseg.errors import InputError
+from fedseg.federation.checkpoints import site_model_file
+from fedseg.federation.model_selection import load_inference_plan
+from fedseg.federation.site_training import load_site_model
+from fedseg.planning.plans import load_plans
+from fedseg.training.inference import EnsembleMember, check_ensemble
+from fedseg.training.postprocessing import PostprocessingDecision
 
 
 @dataclass
@@ -28,11 +34,6 @@ def load_members(source: ModelSource, site: str | None, state: Path | None):
     `state`: the site's state folder for parameters that never left it; with run folders
     the simulate layout `RUN/state/<site>` is used when it exists.
     """
-    from fedseg.federation.checkpoints import site_model_file
-    from fedseg.federation.model_selection import load_inference_plan
-    from fedseg.planning.plans import load_plans
-    from fedseg.training.postprocessing import PostprocessingDecision
-
     given = sum(bool(x) for x in (source.weights, source.runs, source.inference_plan))
     if given != 1:
         raise InputError("give the models one way: --weights (with --plans), --run, or --inference-plan")
@@ -60,10 +61,6 @@ def load_members(source: ModelSource, site: str | None, state: Path | None):
 
 
 def _build(entries: Sequence[tuple[Path, Path, Path | None]], site: str | None):
-    from fedseg.federation.site_training import load_site_model
-    from fedseg.planning.plans import load_plans
-    from fedseg.training.inference import EnsembleMember, check_ensemble
-
     members = []
     for plans_path, weights, state in entries:
         plans = load_plans(plans_path)

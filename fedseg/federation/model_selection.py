@@ -23,13 +23,14 @@ from typing import Any
 
 from fedseg.errors import InputError
 from fedseg.federation.site_validation import VALIDATION_FORMAT, candidate_names, configuration_runs
+from fedseg.planning.plans import load_plans
+from fedseg.training.folds import fold_name
+from fedseg.training.postprocessing import DiceSums, decide_postprocessing
 
 INFERENCE_PLAN_FORMAT = "fedseg-inference-plan/1"
 
 
 def load_validation_file(path: Path) -> dict[str, Any]:
-    from fedseg.training.postprocessing import DiceSums
-
     record = _read_json(Path(path), "validation file")
     if not isinstance(record, dict) or record.get("format") != VALIDATION_FORMAT:
         raise InputError(f"not a fedseg validation file (format {VALIDATION_FORMAT} expected)", path)
@@ -45,29 +46,14 @@ def find_best(
 ) -> dict[str, Any]:
     """Merge the sites' validation files and choose; returns the inference plan to be written
     into `plan_dir` (its model paths are relative to that folder)."""
-    from fedseg.planning.plans import load_plans
-    from fedseg.training.folds import fold_name
-    from fedseg.training.postprocessing import DiceSums, decide_postprocessing
-
     if not validation_files:
         raise InputError("give the sites' validation files (-m FILE, one per site)")
     records = [load_validation_file(p) for p in validation_files]
-    first, first_path = records[0], Path(validation_files[0])
+    first = records[0]
     folds = first["folds"]
     runs = configuration_runs(run_roots, folds[0])
     plan_ids = {r.name: load_plans(r.root / fold_name(folds[0]) / "plans.json").plan_id for r in runs}
-    sites: set[str] = set()
-    for record, path in zip(records, validation_files):
-        if record["site"] in sites:
-            raise InputError(f"a second validation file of site {record['site']!r}", path)
-        sites.add(record["site"])
-        if record["configurations"] != plan_ids:
-            raise InputError(
-                f"scores configurations {record['configurations']} but the runs given are {plan_ids} "
-                "(validate with the same runs)", path,
-            )
-        if (record["folds"], record["checkpoint"], record["labels"]) != (folds, first["checkpoint"], first["labels"]):
-            raise InputError(f"was made with other folds, checkpoint or labels than {first_path}", path)
+    sites = _check_records(records, validation_files, plan_ids)
     candidates = candidate_names(plan_ids)
     if not allow_ensembles:
         candidates = {name: parts for name, parts in candidates.items() if len(parts) == 1}
@@ -104,6 +90,25 @@ def find_best(
         "checkpoint": first["checkpoint"],
         "labels": labels,
     }
+
+
+def _check_records(records: list[dict[str, Any]], paths: Sequence[Path], plan_ids: dict[str, str]) -> set[str]:
+    """The sites of the validation files, refusing a site twice or a file made from other runs,
+    folds, checkpoint or labels than the first."""
+    first, first_path = records[0], Path(paths[0])
+    sites: set[str] = set()
+    for record, path in zip(records, paths):
+        if record["site"] in sites:
+            raise InputError(f"a second validation file of site {record['site']!r}", path)
+        sites.add(record["site"])
+        if record["configurations"] != plan_ids:
+            raise InputError(
+                f"scores configurations {record['configurations']} but the runs given are {plan_ids} "
+                "(validate with the same runs)", path,
+            )
+        if (record["folds"], record["checkpoint"], record["labels"]) != (first["folds"], first["checkpoint"], first["labels"]):
+            raise InputError(f"was made with other folds, checkpoint or labels than {first_path}", path)
+    return sites
 
 
 def predict_command(plan_path: Path) -> str:

@@ -12,6 +12,7 @@ constructors are allowed as well: they rebuild numbers from bytes and call nothi
 from __future__ import annotations
 
 import pickle
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from fedseg.atomic import atomic_path
 from fedseg.errors import InputError
 from fedseg.federation.nnunet_names import from_nnunet_state, to_nnunet_state
 
@@ -52,7 +54,7 @@ def _numpy_safe_globals() -> list[Any]:
 
 def load_checkpoint_dict(path: str | Path) -> dict[str, Any]:
     """torch.load(weights_only=True) with the numpy allowance; anything else is an InputError."""
-    import torch
+    import torch  # lazily: start-up time of the commands that never touch a checkpoint
 
     path = Path(path)
     if not path.is_file():
@@ -76,7 +78,7 @@ def load_checkpoint_dict(path: str | Path) -> dict[str, Any]:
 
 def read_checkpoint(path: str | Path) -> NnunetCheckpoint:
     """An nnU-Net checkpoint's network weights (fedseg names, float arrays) and inference settings."""
-    import torch
+    import torch  # lazily: start-up time of the commands that never touch a checkpoint
 
     path = Path(path)
     obj = load_checkpoint_dict(path)
@@ -116,11 +118,7 @@ def write_checkpoint(
     each site, so the file is for prediction and for nnU-Net's `-pretrained_weights`
     fine-tuning, not for `--c` (continue training).
     """
-    from collections import OrderedDict
-
-    import torch
-
-    from fedseg.atomic import atomic_path
+    import torch  # lazily: start-up time of the commands that never touch a checkpoint
 
     # One tensor per fedseg parameter; its nnU-Net aliases share it, as in nnU-Net's own files.
     tensors = {name: torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)) for name, array in state.items()}

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from fedseg.errors import InputError
+from fedseg.federation.manifest import expected_parameters
 from fedseg.federation.nnunet_checkpoint import CHECKPOINT_NAME, NnunetCheckpoint, read_checkpoint
 from fedseg.federation.nnunet_names import nnunet_names
 from fedseg.federation.nnunet_plans import configuration_from_nnunet
@@ -135,8 +136,6 @@ def check_architecture(expected: dict[str, tuple[int, ...]], checkpoint: NnunetC
 
 def nnunet_initial_state(plans: Plans, folder: TrainerFolder, fold: str = "all") -> dict[str, np.ndarray]:
     """The nnU-Net checkpoint's weights under fedseg's names, checked against the plan's network."""
-    from fedseg.federation.manifest import expected_parameters
-
     path = checkpoint_path(folder, fold)
     checkpoint = read_checkpoint(path)
     site = sorted(plans.sites)[0]

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fedseg.atomic import write_text_atomic
+from fedseg.federation.plotting import MaxNLocator, plt
 from fedseg.federation.run_status import RunStatus, run_status
 
 REPORT_FILE = "report.html"
@@ -23,8 +25,6 @@ REPORT_FILE = "report.html"
 
 def write_run_report(run_dir: str | Path, out_dir: str | Path) -> Path:
     """Write OUT_DIR/report.html for the run in `run_dir`; returns its path."""
-    from fedseg.atomic import write_text_atomic
-
     status = run_status(run_dir)
     path = Path(out_dir) / REPORT_FILE
     Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -66,12 +66,6 @@ def _curves(status: RunStatus, key: str) -> dict[str, tuple[list[float], list[fl
 # -- plots --------------------------------------------------------------------------------
 def _figure_png(draw: Callable[[Any], None], ylabel: str, log_y: bool = False, integer_rounds: bool = True) -> str:
     """A small matplotlib figure as a base64 PNG data URI."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
     fig, ax = plt.subplots(figsize=(5.5, 3.2), dpi=100)
     draw(ax)
     ax.set_xlabel("round")

@@ -44,16 +44,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fedseg.atomic import write_json_atomic
 from fedseg.errors import InputError
+from fedseg.federation.signing import AGREEMENT_PRIVATE_FIELD, AGREEMENT_PUBLIC_FIELD, PUBLIC_SUFFIX, load_signing_key
 
 PLAN_KEY = "secure_aggregation"          # plans.extra[PLAN_KEY] = {"public_keys": {site: hex}, ...}
 MODULUS_BITS = 64
 SCALE_BITS = 32
 WIRE_DTYPE = "uint64"
-AGREEMENT_PRIVATE_FIELD = "agreement_private_key"
-AGREEMENT_PUBLIC_FIELD = "agreement_public_key"
 RECOVERY_FORMAT = "fedseg-secagg-recovery-v1"
 DROPOUT_RECORD = "secure_aggregation.json"
 _SEED_DOMAIN = "fedseg-secagg-mask-v1"
@@ -74,20 +77,7 @@ class AgreementKey:
 
     @property
     def public_hex(self) -> str:
-        from cryptography.hazmat.primitives import serialization
-
         return self.private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
-
-
-def new_agreement_pair() -> tuple[str, str]:
-    """(private hex, public hex) of a fresh X25519 key pair."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-
-    key = X25519PrivateKey.generate()
-    private = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
-    public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return private.hex(), public.hex()
 
 
 def _key_field(path: Path, field: str) -> tuple[str, bytes]:
@@ -105,10 +95,6 @@ def _key_field(path: Path, field: str) -> tuple[str, bytes]:
 
 def load_agreement_key(path: str | Path) -> AgreementKey:
     """The X25519 private key in a site's `.key` file (checked for permissions by load_signing_key)."""
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-
-    from fedseg.federation.signing import load_signing_key
-
     path = Path(path)
     load_signing_key(path)   # the same file: format and mode 0600 checks
     site, raw = _key_field(path, AGREEMENT_PRIVATE_FIELD)
@@ -117,8 +103,6 @@ def load_agreement_key(path: str | Path) -> AgreementKey:
 
 def load_agreement_public_keys(folder: str | Path, sites: Sequence[str]) -> dict[str, str]:
     """{site: X25519 public hex} from `<site>.pub` in `folder` for every site of the plan."""
-    from fedseg.federation.signing import PUBLIC_SUFFIX
-
     keys = {}
     for site in sorted(sites):
         path = Path(folder) / f"{site}{PUBLIC_SUFFIX}"
@@ -153,10 +137,6 @@ def require_agreement_key(plans: Any, key: AgreementKey | None, site: str) -> Ag
 # ---------------------------------------------------------------------------------------
 def pair_seed(key: AgreementKey, peer: str, peer_public_hex: str, plan_id: str, round_index: int, pool: str) -> bytes:
     """The seed `key.site` and `peer` share for (plan, round, pool): both compute the same bytes."""
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
     shared = key.private.exchange(X25519PublicKey.from_public_bytes(bytes.fromhex(peer_public_hex)))
     info = json.dumps(
         {"domain": _SEED_DOMAIN, "plan_id": plan_id, "round": int(round_index), "pool": pool, "pair": sorted([key.site, peer])},
@@ -167,8 +147,6 @@ def pair_seed(key: AgreementKey, peer: str, peer_public_hex: str, plan_id: str, 
 
 def mask(seed: bytes, pool_key: str, size: int) -> np.ndarray:
     """`size` uniform uint64 words: ChaCha20 keystream under `seed`, one stream per pool key."""
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
-
     # 16-byte ChaCha20 nonce: an all-zero block counter, then 8 bytes naming the pool key
     nonce = bytes(8) + hashlib.sha256(pool_key.encode("utf-8")).digest()[:8]
     stream = Cipher(algorithms.ChaCha20(seed, nonce), mode=None).encryptor().update(bytes(8 * size))

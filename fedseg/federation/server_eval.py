@@ -19,7 +19,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fedseg.atomic import write_json_atomic
+from fedseg.data.dataset import load_dataset
 from fedseg.errors import InputError
+from fedseg.federation.site_evaluation import no_progress
+from fedseg.federation.site_training import load_site_model
+from fedseg.federation.weightfile import open_weight_file
+from fedseg.training.evaluation import evaluate_folders, save_metrics
+from fedseg.training.inference import predict_folder
 
 SERVER_TEST_DIR = "_server_test"
 # dataset.json keys of a server test set that group its cases (case id -> group name).
@@ -54,28 +61,11 @@ def evaluate_server_models(
          "models": {<model>: {"pool", "sites", "all": {metric: mean}, "by_modality": {...}, "by_organ": {...}}}}
     Each entry of "all"/"by_*" holds the foreground means over its cases and "n_cases".
     """
-    from fedseg.atomic import write_json_atomic
-    from fedseg.data.dataset import load_dataset
-    from fedseg.federation.site_training import load_site_model
-    from fedseg.federation.weightfile import open_weight_file
-    from fedseg.training.evaluation import evaluate_folders, save_metrics
-    from fedseg.training.inference import predict_folder
-
     server_dir, out_dir = Path(server_dir), Path(out_dir)
-    dataset = load_dataset(server_dir)
-    if dataset.labels != plans.labels:
-        raise InputError(f"labels {dataset.labels} differ from the plan's {plans.labels}", server_dir / "dataset.json")
-    if dataset.file_ending != plans.file_ending:
-        raise InputError(f"file_ending {dataset.file_ending!r} differs from the plan's {plans.file_ending!r}",
-                         server_dir / "dataset.json")
-    groupings = {
-        name: {str(k): str(v) for k, v in dataset.raw[key].items()}
-        for name, key in CASE_GROUP_KEYS.items()
-        if isinstance(dataset.raw.get(key), dict)
-    }
+    groupings = case_groupings(server_dir, plans)
     labels_dir = server_dir / "labelsTs"
     n_cases = len([p for p in labels_dir.iterdir() if p.name.endswith(plans.file_ending)])
-    progress_factory = progress_factory or _no_progress
+    progress_factory = progress_factory or no_progress
     summary: dict[str, Any] = {"server_test": str(server_dir), "round": None, "n_cases": n_cases, "models": {}}
     for path in pool_model_files(round_dir):
         with open_weight_file(path) as reader:   # metadata only; load_site_model checks the file
@@ -94,15 +84,36 @@ def evaluate_server_models(
                            device=device, mirror=mirror, progress=advance)
         result = evaluate_folders(pred_dir, labels_dir, plans.labels, plans.file_ending)
         save_metrics(result, out_dir / f"server_metrics_{name}.json")
-        entry: dict[str, Any] = {"pool": meta.site, "sites": sites, "all": subset_means(result, None)}
-        for grouping, mapping in groupings.items():
-            entry[f"by_{grouping}"] = {
-                group: subset_means(result, {c for c, g in mapping.items() if g == group})
-                for group in sorted(set(mapping.values()))
-            }
-        summary["models"][name] = entry
+        summary["models"][name] = {"pool": meta.site, "sites": sites, **grouped_means(result, groupings)}
     write_json_atomic(out_dir / "server_metrics.json", summary)
     return summary
+
+
+def case_groupings(server_dir: Path, plans: Any) -> dict[str, dict[str, str]]:
+    """The server test set's case groupings (grouping -> case id -> group) from its dataset.json,
+    refusing a test set whose labels or file ending are not the plan's."""
+    dataset = load_dataset(server_dir)
+    if dataset.labels != plans.labels:
+        raise InputError(f"labels {dataset.labels} differ from the plan's {plans.labels}", server_dir / "dataset.json")
+    if dataset.file_ending != plans.file_ending:
+        raise InputError(f"file_ending {dataset.file_ending!r} differs from the plan's {plans.file_ending!r}",
+                         server_dir / "dataset.json")
+    return {
+        name: {str(k): str(v) for k, v in dataset.raw[key].items()}
+        for name, key in CASE_GROUP_KEYS.items()
+        if isinstance(dataset.raw.get(key), dict)
+    }
+
+
+def grouped_means(result: dict[str, Any], groupings: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """{"all": means, "by_<grouping>": {group: means}} of one model's evaluate_folders result."""
+    entry: dict[str, Any] = {"all": subset_means(result, None)}
+    for grouping, mapping in groupings.items():
+        entry[f"by_{grouping}"] = {
+            group: subset_means(result, {c for c, g in mapping.items() if g == group})
+            for group in sorted(set(mapping.values()))
+        }
+    return entry
 
 
 def subset_means(result: dict[str, Any], cases: set[str] | None) -> dict[str, Any]:
@@ -132,8 +143,3 @@ def _finite(value: Any) -> float | None:
     value = float(value)
     return value if value == value and value not in (float("inf"), float("-inf")) else None
 
-
-def _no_progress(description: str, total: int | None):
-    import contextlib
-
-    return contextlib.nullcontext(lambda *args, **kwargs: None)

@@ -32,8 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from fedseg.atomic import atomic_path, write_text_atomic
 from fedseg.errors import InputError
+from fedseg.federation.weightfile import open_weight_file
 from fedseg.names import check_site_name, path_inside
 
 SIGNATURE_FORMAT = "fedseg-signature-v1"
@@ -43,6 +49,9 @@ SIG_SUFFIX = ".sig"
 PRIVATE_SUFFIX = ".key"
 PUBLIC_SUFFIX = ".pub"
 COORDINATOR = "coordinator"     # the signer name of everything `init` and `aggregate` write
+# a key file also holds the site's X25519 key-agreement pair (secure aggregation's masks)
+AGREEMENT_PRIVATE_FIELD = "agreement_private_key"
+AGREEMENT_PUBLIC_FIELD = "agreement_public_key"
 _DOMAIN = b"fedseg-signature-v1\x00"
 # A signature file is a few hundred bytes; anything far larger is not one (and is not read).
 _MAX_SIG_BYTES = 64_000
@@ -58,8 +67,6 @@ class SigningKey:
 
     @property
     def public_hex(self) -> str:
-        from cryptography.hazmat.primitives import serialization
-
         raw = self.private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         return raw.hex()
 
@@ -88,11 +95,6 @@ def generate_key(signer: str, out_dir: str | Path) -> tuple[Path, Path]:
 
     Refuses to overwrite an existing private key: losing a key locks a site out of the plan.
     """
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    from fedseg.federation.secure_aggregation import AGREEMENT_PRIVATE_FIELD, AGREEMENT_PUBLIC_FIELD, new_agreement_pair
-
     _check_signer_name(signer)
     out_dir = Path(out_dir)
     private_path = path_inside(out_dir, f"{signer}{PRIVATE_SUFFIX}")
@@ -121,6 +123,14 @@ def generate_key(signer: str, out_dir: str | Path) -> tuple[Path, Path]:
     return private_path, public_path
 
 
+def new_agreement_pair() -> tuple[str, str]:
+    """(private hex, public hex) of a fresh X25519 key pair."""
+    key = X25519PrivateKey.generate()
+    private = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return private.hex(), public.hex()
+
+
 def _read_key_json(path: Path, fmt: str, field: str) -> tuple[str, bytes]:
     if not path.is_file():
         raise InputError("key file not found", path)
@@ -142,8 +152,6 @@ def _read_key_json(path: Path, fmt: str, field: str) -> tuple[str, bytes]:
 
 def load_signing_key(path: str | Path) -> SigningKey:
     """Load a private key; refused when group or others may read it (as ssh refuses)."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
     path = Path(path)
     if path.is_file() and os.name == "posix":
         mode = stat.S_IMODE(path.stat().st_mode)
@@ -234,8 +242,6 @@ def write_signature(path: str | Path, key: SigningKey, content_hash: str, sha256
 
 def sign_weight_file(path: str | Path, key: SigningKey) -> Path:
     """Sign an existing weight file (reads it once to verify its content hash and sha256)."""
-    from fedseg.federation.weightfile import open_weight_file
-
     with open_weight_file(path) as reader:
         reader.verify_hash()
         return write_signature(path, key, reader.meta.content_hash, reader.file_sha256())
@@ -276,9 +282,6 @@ def verify_signature(
     `content_hash` must be the file's own (checked against its data by the caller, or to be);
     `sha256` of the file bytes is compared when the caller has it.
     """
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
     path = Path(path)
     sig = read_signature(path)
     public = keys.get(sig.signer)

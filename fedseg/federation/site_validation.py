@@ -21,7 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedseg.data.case_loading import load_case
+from fedseg.data.dataset import load_dataset
 from fedseg.errors import InputError
+from fedseg.federation.checkpoints import site_model_file
+from fedseg.federation.site_training import load_site_model
+from fedseg.planning.plans import load_plans
+from fedseg.training.folds import FOLD_ALL, SPLITS_FILE, fold_cases, fold_name, load_or_create_splits
+from fedseg.training.inference import EnsembleMember, ensemble_probabilities, probabilities_to_labels
+from fedseg.training.postprocessing import DiceSums
 
 VALIDATION_FORMAT = "fedseg-validation/1"
 DEFAULT_STATE_TEMPLATE = "{run}/fold_{fold}/state/{site}"
@@ -47,9 +55,6 @@ def candidate_names(configurations: Sequence[str]) -> dict[str, list[str]]:
 
 def configuration_runs(roots: Sequence[Path], fold: int | str) -> list[ConfigurationRun]:
     """Name each run folder by the configuration its plan trains; two runs of one name are refused."""
-    from fedseg.planning.plans import load_plans
-    from fedseg.training.folds import fold_name
-
     runs: dict[str, ConfigurationRun] = {}
     for root in roots:
         plans_path = Path(root) / fold_name(fold) / "plans.json"
@@ -74,15 +79,6 @@ def validate_site(
     progress: Callable[..., None] | None = None,
 ) -> dict[str, Any]:
     """Score every candidate on the site's validation cases of `folds`; returns the file's content."""
-    from fedseg.data.case_loading import load_case
-    from fedseg.data.dataset import load_dataset
-    from fedseg.federation.checkpoints import site_model_file
-    from fedseg.federation.site_training import load_site_model
-    from fedseg.planning.plans import load_plans
-    from fedseg.training.folds import FOLD_ALL, SPLITS_FILE, fold_cases, fold_name, load_or_create_splits
-    from fedseg.training.inference import EnsembleMember, ensemble_probabilities, probabilities_to_labels
-    from fedseg.training.postprocessing import DiceSums
-
     if not folds:
         raise InputError("give at least one fold (--fold)")
     if FOLD_ALL in folds:
@@ -95,29 +91,8 @@ def validate_site(
     plan_ids: dict[str, str] = {}
     labels: dict[str, int] | None = None
     for fold in folds:
-        members: dict[str, EnsembleMember] = {}
-        splits_seen: dict[str, Any] = {}
-        for run in runs:
-            run_dir = run.root / fold_name(fold)
-            plans = load_plans(run_dir / "plans.json")
-            if plans.default_configuration != run.name:
-                raise InputError(f"trains {plans.default_configuration!r}, fold {folds[0]} of this run trains {run.name!r}", run_dir)
-            if run.name in plan_ids and plan_ids[run.name] != plans.plan_id:
-                raise InputError("holds another plan than the run's other folds", run_dir / "plans.json")
-            plan_ids[run.name] = plans.plan_id
-            labels = labels or dict(plans.labels)
-            state_dir = Path(state_template.format(run=run.root, fold=fold, site=site))
-            if not (state_dir / SPLITS_FILE).is_file():
-                raise InputError(f"no {SPLITS_FILE}: the site's state folder of this fold is elsewhere (--state-template)", state_dir)
-            splits_seen[run.name] = load_or_create_splits(state_dir, list(cases), plans.training.n_folds, plans.seed, site)
-            network = load_site_model(plans, site, site_model_file(run_dir, checkpoint, site), state_dir if state_dir.is_dir() else None)
-            members[run.name] = EnsembleMember(network, plans, plans.configuration_for(site), site)
-        if len({repr(s) for s in splits_seen.values()}) > 1:
-            raise InputError(
-                f"the configuration runs split the site's cases differently ({SPLITS_FILE} of fold {fold} differs); "
-                "their validation predictions cannot be ensembled"
-            )
-        _train, val_ids = fold_cases(next(iter(splits_seen.values())), fold, list(cases))
+        members, split, labels = _fold_members(runs, fold, folds[0], site, cases, checkpoint, state_template, plan_ids, labels)
+        _train, val_ids = fold_cases(split, fold, list(cases))
         for case_id in val_ids:
             case_data = load_case(cases[case_id], sorted(labels.values()))
             probs = {name: ensemble_probabilities([m], case_data, device=device, mirror=mirror) for name, m in members.items()}
@@ -137,3 +112,35 @@ def validate_site(
             name: {"members": parts, **scores[name].to_dict()} for name, parts in candidates.items()
         },
     }
+
+
+def _fold_members(
+    runs: Sequence[ConfigurationRun], fold: int | str, first_fold: int | str, site: str, cases: dict[str, Any],
+    checkpoint: str, state_template: str, plan_ids: dict[str, str], labels: dict[str, int] | None,
+) -> tuple[dict[str, EnsembleMember], Any, dict[str, int] | None]:
+    """Fold `fold`'s model of every configuration run at the site, the split they all used and the
+    labels (those of the first plan read); `plan_ids` collects each run's plan, which every fold
+    of a run must share."""
+    members: dict[str, EnsembleMember] = {}
+    splits_seen: dict[str, Any] = {}
+    for run in runs:
+        run_dir = run.root / fold_name(fold)
+        plans = load_plans(run_dir / "plans.json")
+        if plans.default_configuration != run.name:
+            raise InputError(f"trains {plans.default_configuration!r}, fold {first_fold} of this run trains {run.name!r}", run_dir)
+        if run.name in plan_ids and plan_ids[run.name] != plans.plan_id:
+            raise InputError("holds another plan than the run's other folds", run_dir / "plans.json")
+        plan_ids[run.name] = plans.plan_id
+        labels = labels or dict(plans.labels)
+        state_dir = Path(state_template.format(run=run.root, fold=fold, site=site))
+        if not (state_dir / SPLITS_FILE).is_file():
+            raise InputError(f"no {SPLITS_FILE}: the site's state folder of this fold is elsewhere (--state-template)", state_dir)
+        splits_seen[run.name] = load_or_create_splits(state_dir, list(cases), plans.training.n_folds, plans.seed, site)
+        network = load_site_model(plans, site, site_model_file(run_dir, checkpoint, site), state_dir if state_dir.is_dir() else None)
+        members[run.name] = EnsembleMember(network, plans, plans.configuration_for(site), site)
+    if len({repr(s) for s in splits_seen.values()}) > 1:
+        raise InputError(
+            f"the configuration runs split the site's cases differently ({SPLITS_FILE} of fold {fold} differs); "
+            "their validation predictions cannot be ensembled"
+        )
+    return members, next(iter(splits_seen.values())), labels

@@ -25,12 +25,15 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.logger import log as flower_log
 
 from fedseg.errors import InputError
 from fedseg.federation.quorum import check_quorum
@@ -62,8 +65,6 @@ def record_bundle(record: ArrayRecord, sender: str) -> dict[str, bytes]:
 
 def max_payload_chunk() -> int:
     """Largest piece of an Array Flower puts in one transport request (bytes)."""
-    from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
-
     return int(FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE)
 
 
@@ -281,11 +282,7 @@ def settings_from_run_config(config: Mapping[str, Any]) -> tuple[CoordinatorSett
 
 
 def _flower_log(message: str) -> None:
-    from logging import INFO
-
-    from flwr.supercore.logger import log
-
-    log(INFO, "fedseg: %s", message)
+    flower_log(INFO, "fedseg: %s", message)
 
 
 client_app = make_client_app(site_from_node_config)

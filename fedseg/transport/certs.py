@@ -21,6 +21,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedseg.atomic import atomic_path
 from fedseg.errors import InputError
 
 CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY = "ca.pem", "ca.key", "server.pem", "server.key"
@@ -39,8 +45,6 @@ class CertificateFiles:
 
 
 def _subject_names(hosts: Sequence[str]):
-    from cryptography import x509
-
     names = []
     for host in hosts:
         host = host.strip()
@@ -55,8 +59,6 @@ def _subject_names(hosts: Sequence[str]):
 
 def _write(path: Path, data: bytes, mode: int) -> None:
     """Atomically; the temporary file is created 0600, so a private key is never readable by others."""
-    from fedseg.atomic import atomic_path
-
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
         os.chmod(tmp, mode)
@@ -64,11 +66,6 @@ def _write(path: Path, data: bytes, mode: int) -> None:
 
 def make_certificates(out_dir: str | Path, hosts: Sequence[str] = DEFAULT_HOSTS, days: int = DEFAULT_DAYS) -> CertificateFiles:
     """Write a CA and a SuperLink certificate for `hosts` (DNS names or IP addresses) into `out_dir`."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
     out_dir = Path(out_dir)
     hosts = list(dict.fromkeys(hosts or DEFAULT_HOSTS))
     if days < 1:

@@ -16,15 +16,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedseg.atomic import write_json_atomic
 from fedseg.errors import InputError
+from fedseg.federation.aggregation import aggregate_round
+from fedseg.federation.run_folder import round_dir
+from fedseg.federation.run_setup import plan_and_init
 from fedseg.federation.run_status import SITE_FAILURES_FILE
-from fedseg.federation.simulation import round_dir
+from fedseg.federation.run_summary import collect_traffic, collect_val_dice, write_report
+from fedseg.federation.signing import load_public_keys, load_signing_key
+from fedseg.federation.strategies import DEFAULT_STRATEGY
+from fedseg.federation.single_machine import SimulationResult
+from fedseg.federation.weightfile import open_weight_file
 from fedseg.names import check_site_name, path_inside
+from fedseg.planning.fingerprint import load_fingerprint, save_fingerprint
+from fedseg.training.evaluation import save_metrics
 from fedseg.transport.payload import read_weight_bundle, write_weight_bundle
 
 if TYPE_CHECKING:  # pragma: no cover
     from fedseg.federation.aggregate_records import AggregateReport
-    from fedseg.federation.simulation import SimulationResult
     from fedseg.planning.plans import Plans
 
 
@@ -33,7 +42,7 @@ class CoordinatorSettings:
     """What `fedseg simulate` takes, minus the sites (they answer over the network)."""
 
     run_dir: Path
-    strategy: str = "fedavg"
+    strategy: str = DEFAULT_STRATEGY
     rounds: int = 3
     configuration: str = "3d_fullres"
     iterations: int | None = None          # per site per round (default: the plan's)
@@ -55,16 +64,11 @@ class Coordinator:
         self.plans: Plans | None = None
         self._signing_key = None
         if settings.key is not None:
-            from fedseg.federation.signing import load_signing_key
-
             self._signing_key = load_signing_key(settings.key)
 
     # -- planning --------------------------------------------------------------------------
     def plan(self, fingerprints: Mapping[str, dict[str, Any]]) -> Plans:
         """Store each site's fingerprint, plan (or check the stored plan on resume), write round_000."""
-        from fedseg.federation.simulation import plan_and_init
-        from fedseg.planning.fingerprint import load_fingerprint, save_fingerprint
-
         loaded = []
         for site in sorted(fingerprints):
             # the name comes from a remote node: it must be a site name before it names a file
@@ -77,8 +81,6 @@ class Coordinator:
             loaded.append(fingerprint)
         keys = None
         if self.settings.keys is not None:
-            from fedseg.federation.signing import load_public_keys
-
             keys = load_public_keys(self.settings.keys)
         s = self.settings
         self.plans = plan_and_init(
@@ -122,9 +124,6 @@ class Coordinator:
         `failures` (site -> reason: failed or timed out) are recorded in round_r/site_failures.json
         first, so a round refused for lack of quorum still says why the sites are missing.
         """
-        from fedseg.federation.aggregation import aggregate_round
-        from fedseg.federation.weightfile import open_weight_file
-
         plans = self._require_plans()
         rdir = round_dir(self.run_dir, round_index)
         self.record_failures(round_index, failures or {})
@@ -139,17 +138,12 @@ class Coordinator:
 
     def record_failures(self, round_index: int, failures: Mapping[str, str]) -> None:
         """round_r/site_failures.json: why sites are missing from a round (nothing when none is)."""
-        from fedseg.atomic import write_json_atomic
-
         if failures:
             write_json_atomic(round_dir(self.run_dir, round_index) / SITE_FAILURES_FILE, dict(sorted(failures.items())))
 
     # -- report ------------------------------------------------------------------------------
     def finish(self, sites: list[str], test_metrics: Mapping[str, dict]) -> SimulationResult:
         """report/: per-site test metrics (computed at the sites), validation Dice per round, traffic."""
-        from fedseg.federation.simulation import SimulationResult, collect_traffic, collect_val_dice, write_report
-        from fedseg.training.evaluation import save_metrics
-
         plans = self._require_plans()
         rounds = plans.training.rounds
         for site, result in sorted(test_metrics.items()):

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedseg.atomic import write_text_atomic
 from fedseg.errors import InputError
 from fedseg.transport.coordinator import CoordinatorSettings
 from fedseg.transport.site import SiteSettings
@@ -102,8 +103,6 @@ def write_app_folder(folder: Path, settings: CoordinatorSettings, n_sites: int, 
         "[tool.flwr.app.components]", f'serverapp = "{APP_MODULE}:server_app"', f'clientapp = "{APP_MODULE}:client_app"',
         "", "[tool.flwr.app.config]", *(f"{key} = {_toml_value(value)}" for key, value in config.items()),
     ]
-    from fedseg.atomic import write_text_atomic
-
     write_text_atomic(folder / "pyproject.toml", "\n".join(lines) + "\n")
     # Flower imports the components from the app folder; fedseg itself comes from the environment.
     # (Flower checks the names by reading this file, so they are assigned here, not just imported.)
@@ -144,8 +143,6 @@ def supernode_command(superlink: str, site: SiteSettings, port: int, tls: Tls) -
 
 def write_cli_config(flwr_home: Path, address: str, tls: Tls) -> Path:
     """FLWR_HOME/config.toml naming the SuperLink connection `flwr run` submits to."""
-    from fedseg.atomic import write_text_atomic
-
     security = "insecure = true" if tls.insecure else f"root-certificates = {_toml_value(str(Path(tls.ca_certfile).resolve()))}"
     text = f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{address}"\n{security}\n'
     write_text_atomic(flwr_home / "config.toml", text)

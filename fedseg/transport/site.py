@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from fedseg.atomic import write_text_atomic
+from fedseg.data.dataset import load_dataset
 from fedseg.errors import InputError
+from fedseg.federation.signing import load_signing_key
+from fedseg.federation.site_evaluation import evaluate_site
+from fedseg.federation.site_training import run_site_round
+from fedseg.planning.fingerprint import compute_fingerprint, load_fingerprint, save_fingerprint
+from fedseg.planning.plans import load_plans
+from fedseg.training.evaluation import to_jsonable
 from fedseg.transport.payload import read_weight_bundle, write_weight_bundle
 
 FLOWER_DIR = "flower"
@@ -52,9 +59,6 @@ class TrainReply:
 
 def site_hello(settings: SiteSettings) -> dict[str, Any]:
     """The site's name and fingerprint (summaries only, no voxel values), computed once."""
-    from fedseg.data.dataset import load_dataset
-    from fedseg.planning.fingerprint import compute_fingerprint, load_fingerprint, save_fingerprint
-
     path = Path(settings.state) / "fingerprint.json"
     if not path.is_file():
         save_fingerprint(compute_fingerprint(load_dataset(settings.data), settings.site), path)
@@ -63,8 +67,6 @@ def site_hello(settings: SiteSettings) -> dict[str, Any]:
 
 def _accept_plans(settings: SiteSettings, plans_json: str):
     """Store and load the run's plan (load_plans checks that plan_id matches the content)."""
-    from fedseg.planning.plans import load_plans
-
     path = Path(settings.state) / FLOWER_DIR / "plans.json"
     if not path.is_file() or path.read_text() != plans_json:
         write_text_atomic(path, plans_json)
@@ -80,8 +82,6 @@ def _accept_plans(settings: SiteSettings, plans_json: str):
 def _signing_key(settings: SiteSettings):
     if settings.key is None:
         return None
-    from fedseg.federation.signing import load_signing_key
-
     return load_signing_key(settings.key)
 
 
@@ -89,8 +89,6 @@ def site_train(
     settings: SiteSettings, plans_json: str, model: dict[str, bytes], round_index: int, iterations: int | None
 ) -> TrainReply:
     """Train round `round_index` from the model the coordinator sent; return the update bundle."""
-    from fedseg.federation.site_training import run_site_round
-
     plans = _accept_plans(settings, plans_json)
     folder = Path(settings.state) / FLOWER_DIR
     model_path = write_weight_bundle(model, folder / f"round_{round_index - 1:03d}.safetensors", "the coordinator")
@@ -108,9 +106,6 @@ def site_train(
 
 def site_evaluate(settings: SiteSettings, plans_json: str, model: dict[str, bytes], round_index: int) -> dict | None:
     """Predict the site's test split with the final model; the metrics (no images) or None."""
-    from fedseg.federation.simulation import evaluate_site
-    from fedseg.training.evaluation import to_jsonable
-
     plans = _accept_plans(settings, plans_json)
     folder = Path(settings.state) / FLOWER_DIR
     model_path = write_weight_bundle(model, folder / f"final_round_{round_index:03d}.safetensors", "the coordinator")

@@ -92,7 +92,7 @@ def run_round(run: GoldenRun, sites_root: Path, run_dir: Path) -> None:
     """Fingerprint, plan, init, train every site once, aggregate: round_000 and round_001 in run_dir."""
     from fedseg.data.dataset import load_dataset
     from fedseg.federation.aggregation import aggregate_round
-    from fedseg.federation.simulation import as_stored, init_run, plan_run
+    from fedseg.federation.run_setup import as_stored, init_run, plan_run
     from fedseg.federation.site_training import run_site_round
     from fedseg.planning.fingerprint import compute_fingerprint
 

@@ -15,7 +15,7 @@ from hostile_rounds import make_plans, random_state, write_site_update
 from fedseg.atomic import write_bytes_atomic
 from fedseg.federation.aggregation import aggregate_round
 from fedseg.federation.round_commit import INIT_RECORD, staged_round
-from fedseg.federation.simulation import discard_rounds_from, first_round_to_redo, round_dir
+from fedseg.federation.run_folder import discard_rounds_from, first_round_to_redo, round_dir
 from fedseg.federation.site_training import STARTED_FROM
 from fedseg.training.site_state import LOCAL_STATE_FILE, snapshot_site_state
 from fedseg.federation.weightfile import WeightMeta, sha256_file, write_weight_file

@@ -123,7 +123,7 @@ def test_simulate_writes_nothing_before_its_settings_are_checked(
 def test_simulate_refusal_that_needs_the_sites_leaves_no_file(tiny_sites: Path, tmp_path: Path, capsys) -> None:
     """A patch that only the planned network shows to be too large is refused after the
     fingerprints are computed but before any is written: the corrected rerun starts afresh."""
-    from fedseg.federation.simulation import check_run_folder
+    from fedseg.federation.run_folder import check_run_folder
 
     run_dir = tmp_path / "run"
     refused(["simulate", str(tiny_sites), "-o", str(run_dir), "-q", "--set", "configuration.patch_size=1024,1024,1024"],
@@ -143,7 +143,7 @@ def test_a_plan_from_fresh_fingerprints_equals_the_resumed_one(tiny_sites: Path,
     """simulate plans before it writes the fingerprints; a --resume reads them back: both must
     give the same plan_id, or the resumed run would be refused as a different plan."""
     from fedseg.data.dataset import load_dataset
-    from fedseg.federation.simulation import as_stored, plan_run
+    from fedseg.federation.run_setup import as_stored, plan_run
     from fedseg.planning.fingerprint import compute_fingerprint, load_fingerprint, save_fingerprint
 
     fresh, stored = [], []

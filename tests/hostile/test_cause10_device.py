@@ -169,7 +169,7 @@ def test_auto_is_the_default_of_every_command_that_computes() -> None:
 
 def test_budget_reaches_the_plan_of_simulate(tiny_fingerprints: list[Path]) -> None:
     """`simulate --budget` plans as `plan --budget` does (a larger budget, a larger patch)."""
-    from fedseg.federation.simulation import plan_run
+    from fedseg.federation.run_setup import plan_run
     from fedseg.planning.fingerprint import load_fingerprint
 
     fps = [load_fingerprint(p) for p in tiny_fingerprints]

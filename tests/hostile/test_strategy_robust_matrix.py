@@ -49,7 +49,7 @@ def _round(strategy: str, params: dict, fingerprints: list[Path], run: Path):
     """Plan, round 0, and one round of updates (each site's round-0 weights plus its own noise)."""
     from fedseg.federation.round_zero import initial_round
     from fedseg.federation.site_update import write_site_update
-    from fedseg.federation.simulation import plan_run
+    from fedseg.federation.run_setup import plan_run
     from fedseg.federation.weightfile import read_weight_file
     from fedseg.planning.fingerprint import load_fingerprint
 

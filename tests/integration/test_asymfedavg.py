@@ -12,7 +12,7 @@ import pytest
 def run(tmp_path_factory) -> Path:
     pytest.importorskip("torch")
     from fedseg.synth import generate
-    from fedseg.federation.simulation import SimulationConfig, simulate
+    from fedseg.federation.single_machine import SimulationConfig, simulate
 
     root = tmp_path_factory.mktemp("asymfedavg")
     generate(root / "sites", preset="fednnunet", seed=0)

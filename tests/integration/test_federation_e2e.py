@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fedseg.federation.simulation import SimulationConfig, simulate
+from fedseg.federation.single_machine import SimulationConfig, simulate
 from fedseg.federation.site_training import load_site_model
 from fedseg.planning.plans import load_plans
 from fedseg.training.evaluation import evaluate_folders
@@ -147,7 +147,7 @@ def test_init_and_predict_print_json(fedavg_run, tiny_sites: Path, tmp_path: Pat
 
 def test_resume_redoes_a_round_whose_record_is_gone(fedavg_run, tiny_sites: Path) -> None:
     """Last in this module: it rewrites round 2 of the shared run (with the same content)."""
-    from fedseg.federation.simulation import first_round_to_redo
+    from fedseg.federation.run_folder import first_round_to_redo
 
     run_dir, result = fedavg_run
     (run_dir / "round_002" / "aggregate.json").unlink()

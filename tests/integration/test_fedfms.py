@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedseg.federation.simulation import SimulationConfig, simulate
+from fedseg.federation.single_machine import SimulationConfig, simulate
 
 ROUNDS, ITERATIONS = 3, 40
 

@@ -19,7 +19,8 @@ pytest.importorskip("flwr")
 
 from fedseg.cli.main import run as cli  # noqa: E402
 from fedseg.federation.site_update import write_site_update  # noqa: E402
-from fedseg.federation.simulation import SimulationConfig, plan_and_init, simulate  # noqa: E402
+from fedseg.federation.run_setup import plan_and_init  # noqa: E402
+from fedseg.federation.single_machine import SimulationConfig, simulate  # noqa: E402
 from fedseg.federation.weightfile import read_weight_file  # noqa: E402
 from fedseg.planning.fingerprint import compute_fingerprint  # noqa: E402
 from fedseg.data.dataset import load_dataset  # noqa: E402

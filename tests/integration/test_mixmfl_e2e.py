@@ -11,7 +11,7 @@ import numpy as np
 
 def test_mixmfl_two_rounds_with_memory(tmp_path: Path):
     from fedseg.synth import generate
-    from fedseg.federation.simulation import SimulationConfig, simulate
+    from fedseg.federation.single_machine import SimulationConfig, simulate
     from fedseg.federation.weightfile import read_weight_file
     from fedseg.planning.plans import load_plans
     from fedseg.training.prototype_memory import SHARED_KEY, filled_rows, tailored_key

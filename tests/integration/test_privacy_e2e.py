@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from fedseg.federation.aggregation import aggregate_round
-from fedseg.federation.simulation import agreement_key, discover_sites, plan_and_init, round_dir
+from fedseg.federation.run_folder import discover_sites, round_dir
+from fedseg.federation.run_setup import agreement_key, plan_and_init
 from fedseg.federation.site_training import run_site_round
 from fedseg.federation.weightfile import read_weight_file
 from fedseg.planning.fingerprint import compute_fingerprint

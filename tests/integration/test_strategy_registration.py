@@ -38,7 +38,7 @@ def registered():
 
 
 def test_registered_strategy_runs_a_round(registered: str, tiny_sites: Path, tmp_path: Path) -> None:
-    from fedseg.federation.simulation import SimulationConfig, simulate
+    from fedseg.federation.single_machine import SimulationConfig, simulate
     from fedseg.federation.weightfile import read_weight_file
 
     assert registered in strategy_names() and isinstance(get_strategy(registered), UniformMean)

@@ -24,8 +24,10 @@ def test_quiet_prints_nothing(capsys: pytest.CaptureFixture) -> None:
     assert capsys.readouterr().err == ""
 
 
-def test_strategy_help_names_every_registered_strategy() -> None:
-    from fedseg.cli.options import STRATEGY_NAMES
-    from fedseg.federation.strategies import strategy_names
+def test_strategy_help_and_default_come_from_the_registry() -> None:
+    from fedseg.cli.options import STRATEGY, STRATEGY_HELP, STRATEGY_NAMES
+    from fedseg.federation.strategies import DEFAULT_STRATEGY, strategy_names
 
-    assert sorted(STRATEGY_NAMES) == strategy_names()
+    assert list(STRATEGY_NAMES) == strategy_names()
+    assert all(name in STRATEGY_HELP for name in strategy_names())
+    assert STRATEGY.default == DEFAULT_STRATEGY in strategy_names()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedseg.cli.main import run
-from fedseg.federation.simulation import plan_run
+from fedseg.federation.run_setup import plan_run
 from fedseg.planning.plans import load_plans
 
 

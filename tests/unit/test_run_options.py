@@ -11,7 +11,8 @@ import pytest
 from fedseg.cli.simulate_command import print_dice_table
 from fedseg.data.dataset import load_dataset
 from fedseg.errors import InputError
-from fedseg.federation.simulation import discover_sites, plan_and_init, plan_differences
+from fedseg.federation.run_folder import discover_sites
+from fedseg.federation.run_setup import plan_and_init, plan_differences
 from fedseg.planning.fingerprint import compute_fingerprint
 
 
@@ -75,7 +76,7 @@ def test_the_evaluation_table_names_what_was_evaluated() -> None:
 def test_the_dice_plot_has_whole_round_ticks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from matplotlib.figure import Figure
 
-    from fedseg.federation.simulation import plot_val_dice
+    from fedseg.federation.run_summary import plot_val_dice
 
     ticks: list[float] = []
     savefig = Figure.savefig

@@ -15,6 +15,7 @@ from fedseg.federation.strategies.mixmfl import MixMFL
 # through arguments, so one instance could be shared, but nothing forces callers to know that).
 _BUILT_IN: tuple[type[Strategy], ...] = (FedAvg, Flames, Local, FedMSA, FedSAM, AsymFedAvg, MixMFL)
 _REGISTRY: dict[str, type[Strategy]] = {cls.name: cls for cls in _BUILT_IN}
+DEFAULT_STRATEGY = FedAvg.name
 
 
 def strategy_names() -> list[str]:
@@ -60,4 +61,4 @@ def get_strategy(name: str) -> Strategy:
         raise InputError(f"unknown strategy {name!r} (known: {', '.join(strategy_names())})") from None
 
 
-__all__ = ["Contribution", "Strategy", "get_strategy", "register_strategy", "strategy_names", "unregister_strategy"]
+__all__ = ["DEFAULT_STRATEGY", "Contribution", "Strategy", "get_strategy", "register_strategy", "strategy_names", "unregister_strategy"]

@@ -15,8 +15,11 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from fedseg.federation.run_folder import discover_sites, round_dir
 from fedseg.federation.server_eval import SERVER_TEST_DIR, evaluate_server_models, is_server_test_set
-from fedseg.federation.simulation import SimulationConfig, SimulationResult, discover_sites, round_dir
+from fedseg.federation.single_machine import SimulationConfig, SimulationResult
+from fedseg.planning.plans import load_plans
+from fedseg.transport.apps import make_client_app, make_server_app
 from fedseg.transport.coordinator import CoordinatorSettings
 from fedseg.transport.site import SiteSettings
 
@@ -37,9 +40,7 @@ def flower_simulate(
     lines (per-message INFO, the notice that this Python entry point is deprecated, Ray's tips,
     actors' lines with colour codes) are shown only with `verbose`: fedseg logs its progress.
     """
-    from flwr.simulation import run_simulation
-
-    from fedseg.transport.apps import make_client_app, make_server_app
+    from flwr.simulation import run_simulation  # lazily: it starts Ray, needed only once a simulation runs
 
     run_dir = Path(config.run_dir)
     sites = [
@@ -71,8 +72,6 @@ def flower_simulate(
     # coordinator can read that folder)
     server_dir = Path(config.sites_root) / SERVER_TEST_DIR
     if is_server_test_set(server_dir):
-        from fedseg.planning.plans import load_plans
-
         result.server_metrics = evaluate_server_models(
             load_plans(run_dir / "plans.json"), round_dir(run_dir, config.rounds), server_dir, Path(result.report_dir),
             state_root=run_dir / "state", device=config.device, mirror=config.mirror,
