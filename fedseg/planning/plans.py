@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedseg.data.labels import LabelLayout, parse_labels
+from fedseg.atomic import write_text_atomic
 from fedseg.errors import InputError
 from fedseg.names import check_site_name
 from fedseg.planning.plan_checks import check_plan_values
@@ -147,8 +148,6 @@ class Plans:
         return json.dumps(body, indent=2) + "\n"
 
     def save(self, path: str | Path) -> None:
-        from fedseg.atomic import write_text_atomic
-
         write_text_atomic(path, self.to_json())
 
     @classmethod

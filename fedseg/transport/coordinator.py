@@ -28,7 +28,7 @@ from fedseg.federation.strategies import DEFAULT_STRATEGY
 from fedseg.federation.single_machine import SimulationResult
 from fedseg.federation.weightfile import open_weight_file
 from fedseg.names import check_site_name, path_inside
-from fedseg.planning.fingerprint import load_fingerprint, save_fingerprint
+from fedseg.planning.fingerprint_file import load_fingerprint, save_fingerprint
 from fedseg.training.evaluation import save_metrics
 from fedseg.transport.payload import read_weight_bundle, write_weight_bundle
 
