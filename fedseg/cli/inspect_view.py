@@ -148,7 +148,8 @@ def _plans(path: Path) -> dict[str, Any]:
         if key == ROUTES_KEY:
             table = route_table(plans)
             out["route table"] = summarise_routes(table)
-            out["routes by module"] = routes_by_module(table)
+            for site, modules in routes_by_module(table).items():
+                out[f"routes of {site} (by module)"] = modules
         elif key != "manifests":
             out[key] = value
     if "manifests" in plans.extra:

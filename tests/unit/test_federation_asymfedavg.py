@@ -259,7 +259,7 @@ def test_inspect_shows_the_map(preset_fingerprints, tmp_path: Path):
     lines = summary["route table"]
     assert lines["pool global"].endswith("every member loads the merged tensor")
     assert set(k for k in lines if k.startswith("site ")) == {"site site_a", "site site_b", "site site_c"}
-    assert "global" in summary["routes by module"]["site_a"]["encoder.stages.1"]
+    assert "global" in summary["routes of site_a (by module)"]["encoder.stages.1"]
     assert "routes" not in summary      # the per-tensor table itself is not dumped
 
 
