@@ -1,6 +1,9 @@
-"""Weight exchange between sites: the file format, validation, the aggregation engine, strategies.
+"""Weight exchange between sites: the file format, the plan's route table, validation,
+aggregation, the strategies' aggregation rules, privacy, signing, run folders.
 
-Nothing in this package imports torch at module level: `fedseg aggregate` runs with numpy and
-safetensors only. Functions that need a network (`initial_round`, `attach_manifests`,
-`Strategy.network`) import torch inside the function.
+`fedseg aggregate` runs with numpy and safetensors only: the aggregation path
+(`aggregation`, `validation`, `routes`, `strategies`, ...) imports no torch. The modules that
+build networks import it at their top and are never on that path: `plan_building` (the
+manifests at plan time), `round_zero` (round 0), `site_training` (a site's round) and the
+nnU-Net interchange modules.
 """
