@@ -11,6 +11,7 @@ minutes per seed on 2 CPU cores.
 
     .venv/bin/python benchmarks/asymfedavg_table.py                      # defaults below
     .venv/bin/python benchmarks/asymfedavg_table.py --seeds 0 1 2 --keep /tmp/afa   # 3 seeds + mean
+    .venv/bin/python benchmarks/asymfedavg_table.py --train-cases 3 --rounds 8 --iterations 15 ...  # data-limited
 
 Seeds are independent: `--seeds 0 --keep DIR` and `--seeds 1 --keep DIR` can run as parallel
 processes; a last call with all seeds and the same --keep reuses their runs and prints the mean.
@@ -53,6 +54,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, dict[str, dict]]:
     if not sites.is_dir():
         subprocess.run([*fedseg_command(), "synth", str(sites), "--preset", "fednnunet", "--seed", str(args.seed), "--quiet"],
                        check=True, env=env)
+        if args.train_cases is not None:
+            keep_training_cases(sites, args.train_cases)
     results: dict[str, dict[str, dict]] = {}
     for run_name, strategy, _label, extra in selected(args):
         run_dir = work / f"run_{run_name}"
@@ -72,6 +75,19 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, dict[str, dict]]:
     return results
 
 
+def keep_training_cases(sites: Path, n: int) -> None:
+    """The data-limited variant: keep each site's first `n` training cases (test cases unchanged)."""
+    for site in sorted(p for p in sites.iterdir() if (p / "dataset.json").is_file()):
+        cases = sorted({f.name.split("_0000")[0] for f in (site / "imagesTr").iterdir()})
+        for case in cases[n:]:
+            for folder in ("imagesTr", "labelsTr"):
+                for f in (site / folder).glob(f"{case}[_.]*"):
+                    f.unlink()
+        body = json.loads((site / "dataset.json").read_text())
+        body["numTraining"] = min(n, len(cases))
+        (site / "dataset.json").write_text(json.dumps(body, indent=2))
+
+
 def selected(args: argparse.Namespace) -> list[tuple]:
     return [row for row in STRATEGIES if not args.runs or row[0] in args.runs]
 
@@ -81,8 +97,11 @@ def shared_summary(work: Path) -> str:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from fedseg.planning.plans import load_plans
 
+    from fedseg.federation.routes import route_table
+
     plans = load_plans(work / "run_asymfedavg" / "plans.json")
-    shared = plans.extra["shared_parameters"]["sites"]
+    routes = route_table(plans)
+    shared = {site: routes.sent(site) for site in routes.sites}
     lines = ["| site | spacing (mm) | patch | stages | shared / total tensors |", "|---|---|---|---|---|"]
     for site in sorted(plans.sites):
         cfg = plans.configuration_for(site)
@@ -136,6 +155,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="seeds of the synthetic data and of training; several print a mean table as well")
     parser.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: a temporary one)")
+    parser.add_argument("--train-cases", type=int, default=None,
+                        help="data-limited variant: keep only this many training cases per site (test cases unchanged)")
     parser.add_argument("--runs", nargs="+", choices=[row[0] for row in STRATEGIES], default=None,
                         help="only these rows (default: all); local_own is needed for the mean table")
     args = parser.parse_args()
