@@ -26,6 +26,7 @@ import numpy as np
 
 def make(out: Path, n_sites: int = 3, seed: int = 0) -> None:
     from fedseg.federation.aggregation import aggregate_round
+    from fedseg.federation.routes import attach_routes
     from fedseg.federation.site_update import write_site_update
     from fedseg.planning.plans import ConfigurationPlan, NetworkSpec, Plans, SiteInfo, StrategySpec
 
@@ -37,9 +38,9 @@ def make(out: Path, n_sites: int = 3, seed: int = 0) -> None:
                                ["ZScoreNormalization"], [False], network)
     rng = np.random.default_rng(seed)
     sites = {f"site{i}": int(rng.integers(2, 40)) for i in range(n_sites)}
-    plans = Plans("parity", {"0": "T1"}, {"background": 0, "fg": 1}, ".nii.gz", {},
-                  {s: SiteInfo("MRI", ["T1"], n) for s, n in sites.items()}, StrategySpec("fedavg"),
-                  {"3d_fullres": config}, "3d_fullres", extra={"manifests": {"3d_fullres": manifest}})
+    plans = attach_routes(Plans("parity", {"0": "T1"}, {"background": 0, "fg": 1}, ".nii.gz", {},
+                                {s: SiteInfo("MRI", ["T1"], n) for s, n in sites.items()}, StrategySpec("fedavg"),
+                                {"3d_fullres": config}, "3d_fullres", extra={"manifests": {"3d_fullres": manifest}}))
     updates = []
     for site in sites:
         state = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}

@@ -28,6 +28,7 @@ TINY_PRESET_PARAMETERS = 1_356_804   # float parameters of the `tiny` preset's 3
 
 
 def make_plans(sites: list[str], n_parameters: int, params: dict):
+    from fedseg.federation.routes import attach_routes
     from fedseg.planning.plans import ConfigurationPlan, NetworkSpec, Plans, SiteInfo, StrategySpec
 
     # a few tensors of a U-Net's typical sizes, adding up to n_parameters
@@ -39,10 +40,10 @@ def make_plans(sites: list[str], n_parameters: int, params: dict):
     config = ConfigurationPlan(name="2d", spacing=[1.0, 1.0], patch_size=[32, 32], median_image_size_in_voxels=[32, 32],
                                batch_size=2, normalization_schemes=["ZScoreNormalization"], use_mask_for_norm=[False],
                                network=network)
-    return Plans(dataset_name="bench", channel_names={"0": "T1"}, labels={"background": 0, "lesion": 1}, file_ending=".nii.gz",
+    return attach_routes(Plans(dataset_name="bench", channel_names={"0": "T1"}, labels={"background": 0, "lesion": 1}, file_ending=".nii.gz",
                  fingerprint={}, sites={s: SiteInfo("MRI", ["T1"], 10 + i) for i, s in enumerate(sites)},
                  strategy=StrategySpec("fedavg", params), configurations={"2d": config}, default_configuration="2d",
-                 extra={"manifests": {"2d": manifest}})
+                 extra={"manifests": {"2d": manifest}}))
 
 
 def timed(fn, repeat: int) -> tuple[float, float, object]:

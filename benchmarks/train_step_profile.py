@@ -47,13 +47,14 @@ def nnunet_network_and_loss():
 
 def fedseg_network_and_loss():
     from fedseg.federation.strategies import get_strategy
+    from fedseg.training.recipes.registry import get_recipe
     from fedseg.planning.plans import load_plans
     from fedseg.training.losses import deep_supervision_scales, make_loss
 
     plans = load_plans(WORK / "fedseg" / "plans.json")
     site = sorted(plans.sites)[0]
     config = plans.configuration_for(site)
-    net = get_strategy(plans.strategy.name).network(plans, site)
+    net = get_recipe(get_strategy(plans.strategy.name).recipe).network(plans, site)
     return net, make_loss(plans.training.loss, deep_supervision_scales(config.network.strides)), config.patch_size
 
 
