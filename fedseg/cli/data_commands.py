@@ -155,7 +155,11 @@ def inspect(
 ) -> None:
     """Show what a fedseg file holds (a run folder: where it stands, as `fedseg status`).
 
+    A plans.json shows its configurations and its route table: per pool, its members and model
+    file; per site and module, where its tensors go (a pool, or kept at the site).
+
     Example: fedseg inspect run/round_001/models/global.safetensors
+    Example: fedseg inspect run/plans.json
     """
     from fedseg.cli.inspect_view import inspect_file
 
