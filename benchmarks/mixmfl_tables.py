@@ -14,7 +14,8 @@ different pair of T1/T1ce/T2/FLAIR) and prints:
 
 Variants can run as parallel processes (`--only fedavg MDM-MixMFL`, `--only wo_memory`,
 `--only seed1235` for every variant of an extra seed, `--only seed1235/wo_memory`, ...); a
-final call without --only reuses the finished runs and prints the tables.
+final call without --only reuses the finished runs and prints the tables (`--report`: runs
+nothing, tables from the finished runs, each a mean over the seeds that have all its rows).
 
 Single-threaded torch (so timings do not depend on the core count), augmentation in-process.
 Results and per-run folders are kept under --out; a rerun reuses finished runs.
@@ -39,12 +40,15 @@ FOREGROUND = ("tumour_core", "oedema")
 SITE_WITHOUT_T2_FLAIR = "site1"
 
 
-def run_variant(sites: Path, run_dir: Path, strategy: str, params: dict[str, str], rounds: int, iterations: int, seed: int) -> dict:
+def run_variant(sites: Path, run_dir: Path, strategy: str, params: dict[str, str], rounds: int, iterations: int, seed: int,
+                finished_only: bool = False) -> dict | None:
     from fedseg.federation.single_machine import SimulationConfig, simulate
 
     done = run_dir / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
+    if finished_only:
+        return None
     start = time.monotonic()
     result = simulate(SimulationConfig(sites, strategy, rounds, run_dir, iterations=iterations, overrides=dict(params),
                                        seed=seed, workers=0))
@@ -104,6 +108,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None,
                         help="run just these variants (slugs, e.g. fedavg MDM-MixMFL wo_memory; seed<N> for every "
                              "variant of an extra seed, seed<N>/<slug> for one), then stop")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: print the tables from the finished runs (a mean over the seeds that have them)")
     args = parser.parse_args()
 
     import torch
@@ -114,54 +120,64 @@ def main() -> None:
     sites = args.out / "sites"
     if not (sites / "site6" / "dataset.json").is_file():
         generate(sites, preset="mixmfl", seed=args.data_seed)
-    wanted = None if args.only is None else set(args.only)
-    results = {}
-    for name, (strategy, params) in VARIANTS.items():
-        slug = _slug(name)
-        if wanted is not None and slug not in wanted:
-            continue
-        params = {**params, "configuration.patch_size": args.patch}
-        results[name] = run_variant(sites, args.out / slug, strategy, params, args.rounds, args.iterations, args.seed)
-        print(f"{name}: {100 * _average(results[name], sorted(results[name]['per_site'])):.2f} "
-              f"({results[name]['seconds']:.0f}s)", flush=True)
-    extra: dict[int, dict[str, dict]] = {}
-    for seed in args.extra_seeds:
-        if wanted is not None and not any(w == f"seed{seed}" or w.startswith(f"seed{seed}/") for w in wanted):
-            continue
-        extra[seed] = {}
-        for name in VARIANTS:
-            if wanted is not None and f"seed{seed}" not in wanted and f"seed{seed}/{_slug(name)}" not in wanted:
-                continue
-            strategy, params = VARIANTS[name]
-            params = {**params, "configuration.patch_size": args.patch}
-            extra[seed][name] = run_variant(sites, args.out / f"seed{seed}" / _slug(name), strategy, params,
-                                            args.rounds, args.iterations, seed)
-            print(f"{name}, seed {seed}: {100 * _average(extra[seed][name], sorted(extra[seed][name]['per_site'])):.2f}", flush=True)
-    if args.only is not None:
-        return
-    site_names = sorted(results["MDM-MixMFL"]["per_site"])
-    seeds = [args.seed, *args.extra_seeds]
+    runs = collect_runs(args, sites)
+    if args.only is None:
+        print_tables(args, runs)
 
-    print(f"\nTable 1: per-site test Dice (%, mean of tumour core and oedema), mean over seeds {', '.join(map(str, seeds))}\n")
-    table1 = {name: seed_mean([results[name], *(extra[s][name] for s in args.extra_seeds)]) for name in TABLE1}
+
+def _wanted(only: list[str] | None, seed: int, base_seed: int, slug: str) -> bool:
+    if only is None:
+        return True
+    if seed == base_seed:
+        return slug in only
+    return f"seed{seed}" in only or f"seed{seed}/{slug}" in only
+
+
+def collect_runs(args: argparse.Namespace, sites: Path) -> dict[int, dict[str, dict]]:
+    """{seed: {variant: result}}: the runs `--only` asks for (all without it), run unless finished
+    (with --report, only the finished ones)."""
+    runs: dict[int, dict[str, dict]] = {}
+    for seed in [args.seed, *args.extra_seeds]:
+        runs[seed] = {}
+        for name, (strategy, params) in VARIANTS.items():
+            slug = _slug(name)
+            if not _wanted(args.only, seed, args.seed, slug):
+                continue
+            run_dir = args.out / slug if seed == args.seed else args.out / f"seed{seed}" / slug
+            result = run_variant(sites, run_dir, strategy, {**params, "configuration.patch_size": args.patch},
+                                 args.rounds, args.iterations, seed, finished_only=args.report)
+            if result is None:
+                continue
+            runs[seed][name] = result
+            print(f"{name}, seed {seed}: {100 * _average(result, sorted(result['per_site'])):.2f} ({result['seconds']:.0f}s)",
+                  flush=True)
+    return runs
+
+
+def print_tables(args: argparse.Namespace, runs: dict[int, dict[str, dict]]) -> None:
+    """Table 1 and the ablation, each a mean over the seeds that have all of its rows."""
+    site_names = sorted(runs[args.seed]["MDM-MixMFL"]["per_site"])
+
+    def over_seeds(names: list[str]) -> tuple[list[int], dict[str, dict]]:
+        seeds = [seed for seed, by_name in runs.items() if all(n in by_name for n in names)]
+        return seeds, {n: seed_mean([runs[seed][n] for seed in seeds]) for n in names}
+
+    seeds1, table1 = over_seeds(list(TABLE1))
+    print(f"\nTable 1: per-site test Dice (%, mean of tumour core and oedema), mean over seeds {', '.join(map(str, seeds1))}\n")
     print(table(table1, site_names))
-    print("\nper seed (average over sites): " + "; ".join(
-        f"{seed}: " + ", ".join(f"{name} {100 * _average(run[name], site_names):.2f}" for name in TABLE1)
-        for seed, run in [(args.seed, results), *extra.items()]))
-    ablation = {name: seed_mean([results[name], *(extra[s][name] for s in args.extra_seeds)])
-                for name in VARIANTS if name != "fedavg (zero-fill)"}
-    print(f"\nTable 3: ablation (%, mean of tumour core and oedema), mean over seeds {', '.join(map(str, seeds))}\n")
+    ablation_names = [n for n in VARIANTS if n != "fedavg (zero-fill)"]
+    seeds3, ablation = over_seeds(ablation_names)
+    print(f"\nTable 3: ablation (%, mean of tumour core and oedema), mean over seeds {', '.join(map(str, seeds3))}\n")
     print(table(ablation, site_names, reference="MDM-MixMFL"))
     print("\nper seed (average over sites): " + "; ".join(
-        f"{seed}: " + ", ".join(f"{name} {100 * _average(run[name], site_names):.2f}" for name in ablation)
-        for seed, run in [(args.seed, results), *extra.items()]))
+        f"{seed}: " + ", ".join(f"{name} {100 * _average(result, site_names):.2f}" for name, result in by_name.items())
+        for seed, by_name in runs.items() if by_name))
     full = ablation["MDM-MixMFL"]["per_site"][SITE_WITHOUT_T2_FLAIR]["dice"]["oedema"]
     without = ablation["w/o memory"]["per_site"][SITE_WITHOUT_T2_FLAIR]["dice"]["oedema"]
-    print(f"\n{SITE_WITHOUT_T2_FLAIR} (T1 + T1ce only) oedema Dice, seed mean: with memory {100 * full:.2f}, "
-          f"without {100 * without:.2f}")
-    summary = {"rounds": args.rounds, "iterations": args.iterations, "seed": args.seed, "results": results,
-               "extra_seeds": {str(k): v for k, v in extra.items()}, "table1_seed_mean": table1,
-               "ablation_seed_mean": ablation}
+    print(f"\n{SITE_WITHOUT_T2_FLAIR} (T1 + T1ce only) oedema Dice, seeds {', '.join(map(str, seeds3))}: "
+          f"with memory {100 * full:.2f}, without {100 * without:.2f}")
+    summary = {"rounds": args.rounds, "iterations": args.iterations, "runs": {str(k): v for k, v in runs.items()},
+               "table1_seeds": seeds1, "table1_seed_mean": table1, "ablation_seeds": seeds3, "ablation_seed_mean": ablation}
     (args.out / "tables.json").write_text(json.dumps(summary, indent=2))
 
 
