@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedseg.errors import InputError
-from fedseg.federation.aggregate_records import REPORT_FILE, AggregateReport
+from fedseg.federation.aggregate_records import REPORT_FILE, AggregateReport, is_recorded_input
 from fedseg.federation.best_round import validation_summary
 from fedseg.federation.manifest import expected_parameters
 from fedseg.federation.privacy import PrivateRound, prepare_private_round
@@ -201,11 +201,16 @@ def _existing_round(request: _Request, updates: Sequence[ValidatedUpdate], round
 
 
 def _same_inputs(record: dict[str, Any], plans: Plans, updates: Sequence[ValidatedUpdate]) -> bool:
+    """Whether `record` was aggregated from exactly `updates` (one input per site, each named by
+    its content hash, or by the sha256 of its bytes in a record written before)."""
     try:
-        return record["plan_id"] == plans.plan_id and (
-            sorted((i["site"], i["sha256"]) for i in record["inputs"]) == sorted((u.site, u.sha256) for u in updates)
+        recorded = {item["site"]: item for item in record["inputs"]}
+        return (
+            record["plan_id"] == plans.plan_id
+            and len(recorded) == len(record["inputs"]) and set(recorded) == {u.site for u in updates}
+            and all(is_recorded_input(recorded[u.site], u.content_hash, u.bytes_sha256) for u in updates)
         )
-    except (KeyError, TypeError):
+    except (KeyError, TypeError, AttributeError):
         return False
 
 
