@@ -23,9 +23,10 @@ order given is reported.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ from fedseg.federation.manifest import expected_parameters
 from fedseg.federation.privacy_params import parse_privacy
 from fedseg.federation.secure_aggregation import WIRE_DTYPE
 from fedseg.federation.signing import Signature, verify_signature
-from fedseg.federation.routes import route_table
+from fedseg.federation.routes import RouteTable, route_table
 from fedseg.federation.weightfile import (
     ContentHasher,
     WeightFileReader,
@@ -102,9 +103,12 @@ class ValidatedUpdate:
         return self.sha256 or self.reader.file_sha256()
 
 
-def expected_update(plans: Plans, site: str) -> dict[str, tuple[tuple[int, ...], str, str]]:
-    """{name: (shape, dtype, pool)} of what `site` must send: its tensors the route table sends."""
-    sent = route_table(plans).sent(site)
+def expected_update(
+    plans: Plans, site: str, table: RouteTable | None = None
+) -> dict[str, tuple[tuple[int, ...], str, str]]:
+    """{name: (shape, dtype, pool)} of what `site` must send: its tensors the route table sends
+    (`table`: the plan's, when the caller has read it already)."""
+    sent = (table or route_table(plans)).sent(site)
     return {name: (shape, dtype, sent[name].pool)
             for name, (shape, dtype) in expected_parameters(plans, site).items() if name in sent}
 
@@ -115,7 +119,8 @@ def wire_dtype(plans: Plans, dtype: str) -> str:
 
 
 def _check_structure(
-    reader: WeightFileReader, plans: Plans, expected_round: int | None, plan_id: str
+    reader: WeightFileReader, plans: Plans, expected_round: int | None, plan_id: str,
+    table: Callable[[], RouteTable],
 ) -> WeightMeta:
     path, meta, infos = reader.path, reader.meta, reader.infos
     if meta.kind != "update":
@@ -135,7 +140,7 @@ def _check_structure(
         raise InputError(f"is an update of round {meta.round}, expected round {expected_round}", path)
     if meta.n_cases < 1:
         raise InputError("has n_cases 0; an update must come from at least one training case", path)
-    expected = expected_update(plans, meta.site)
+    expected = expected_update(plans, meta.site, table())
     missing = set(expected) - set(infos)
     if missing:
         raise InputError(f"is missing {len(missing)} tensor(s) site {meta.site!r} must send: {describe(missing)}", path)
@@ -225,14 +230,19 @@ def validate_updates(
     update_paths: Sequence[str | Path],
     expected_round: int | None = None,
     workers: int | None = None,
+    plan_id: str | None = None,
 ) -> list[ValidatedUpdate]:
-    """Validate a round's updates; returns them in the order given. InputError on the first fault."""
+    """Validate a round's updates; returns them in the order given. InputError on the first fault.
+
+    `plan_id`: `plans.plan_id` when the caller has it (a hash of the whole plan)."""
     paths = [Path(p) for p in update_paths]
     if not paths:
         raise InputError("no update files given")
     readers = [open_reader(p) for p in paths]
-    plan_id = plans.plan_id   # a hash of the whole plan: computed once, not per file
-    metas = [_check_structure(r, plans, expected_round, plan_id) for r in readers]
+    plan_id = plan_id or plans.plan_id   # a hash of the whole plan: computed once, not per file
+    # the route table: read once, not per file, and only once a file was made under this plan
+    table = functools.cache(lambda: route_table(plans))
+    metas = [_check_structure(r, plans, expected_round, plan_id, table) for r in readers]
 
     first_round = metas[0].round
     seen: dict[str, Path] = {}

@@ -121,7 +121,9 @@ def test_disk_full_at_every_write_leaves_the_old_round(rounds, monkeypatch: pyte
         err = assert_refused(capsys, rc, out, "No space left on device")
         assert round_commit.STAGING_DIR not in err   # names the output, not a temporary file
         assert files_of(out) == old, f"disk full at write {at}"
-    assert at > 4   # the global model, three site links, the record, the journal
+    # the global model, the record, the journal (the site files are hard links to the global
+    # model: no data of their own to sync; their names are synced with the staging folder)
+    assert at > 3
     assert outputs(out) == reference
 
 
