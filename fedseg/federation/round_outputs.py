@@ -26,7 +26,7 @@ from fedseg.federation.quorum import quorum_note
 from fedseg.federation.robust import RobustSpec
 from fedseg.federation.round_commit import RoundStage, staged_round
 from fedseg.federation.routes import RouteTable, route_table
-from fedseg.federation.signing import COORDINATOR, SigningKey, write_signature
+from fedseg.federation.signing import COORDINATOR, SigningKey, signature_path, write_signature
 from fedseg.federation.strategies.base import CombineResult
 from fedseg.federation.update_clipping import Clip
 from fedseg.federation.validation import ValidatedUpdate
@@ -80,14 +80,12 @@ class _Writer:
     stage: RoundStage
     merged: MergedRound
     signing_key: SigningKey | None
-    hashes: dict[str, str] = field(default_factory=dict)     # output path -> content hash (to sign linked copies)
 
     def write(self, rel: str, kind: str, name: str, tensors: dict[str, np.ndarray], meta: WeightMeta) -> OutputRecord:
         path = path_inside(self.stage.root, *rel.split("/"))
         written, digest = write_weight_file_digest(path, tensors, meta)
         if self.signing_key is not None:
             write_signature(path, self.signing_key, written.content_hash, digest)
-        self.hashes[rel] = written.content_hash
         return OutputRecord(path=rel, kind=kind, name=name, n_tensors=len(tensors), bytes=path.stat().st_size, sha256=digest)
 
     def pool_models(self, table: RouteTable) -> dict[str, tuple[dict[str, np.ndarray], OutputRecord]]:
@@ -114,8 +112,8 @@ class _Writer:
             # The site loads exactly a pool model (fedavg: every site loads the global model):
             # link to that file instead of writing the same bytes once per site.
             _link_or_copy(self.stage.path(same_as.path), self.stage.path(rel))
-            if self.signing_key is not None:
-                write_signature(self.stage.path(rel), self.signing_key, self.hashes[same_as.path], same_as.sha256)
+            if self.signing_key is not None:   # the same signed content hash and bytes: the same signature
+                _link_or_copy(signature_path(self.stage.path(same_as.path)), signature_path(self.stage.path(rel)))
             return dataclasses.replace(same_as, path=rel, kind="site", name=site, same_as=same_as.path)
         update = self.merged.by_site.get(site)
         meta = WeightMeta(
