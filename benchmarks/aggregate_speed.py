@@ -2,8 +2,8 @@
 
 Same update files for all three, in one run:
 
-- **fedseg**: the CLI, `fedseg aggregate --plans ... -o ...` (validation, content hashes, file
-  sha256, finite/norm pass, FedAvg in float64, writing the model, the report), start-up
+- **fedseg**: the CLI, `fedseg aggregate --plans ... -o ...` (validation: BLAKE3 content hash
+  and finite/norm pass, FedAvg in float64, writing the model, the report), start-up
   included; once for an unsigned plan and once for a plan with Ed25519 keys (signatures of
   the 10 updates checked, the outputs signed).
 - **Flower**: what a Flower server does with the same files: load every update with
@@ -19,7 +19,9 @@ features, ~31M parameters, 124 MB of float32 per update). Update files are made 
 WORK (about 7.5 GB for 50 unsigned + 10 signed sites, about 2 minutes) and reused. Each method runs REPEAT
 times as a subprocess; the best time is reported, with peak resident memory of the process
 (RSS, includes memory-mapped file pages) and peak anonymous memory (what it allocated).
-A breakdown in one process shows what validation's hashing and the signature checks cost.
+A breakdown in one process shows what validation's hashing and the signature checks cost
+(`file_sha256_1thread_s`: the sha256 of the input bytes, which fedseg no longer computes for
+format-version-2 updates; measured for reference).
 Memory growth is measured from SITES to MANY sites (one run each).
 
     nice .venv/bin/python benchmarks/aggregate_speed.py --flwr-python /path/to/flwr_venv/bin/python

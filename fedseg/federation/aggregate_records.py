@@ -2,13 +2,19 @@
 
 Written last, as the commit record of the round folder (fedseg.federation.round_commit): it lists
 every output's sha256, so a round folder is complete when this file exists.
+
+An input is named by its content hash (`InputRecord.content_hash`), which validation verified
+against its data: a version-2 file is read and hashed once, by that pass. `sha256` (of the
+file bytes) is recorded for version-1 inputs only, whose validation computes it; records
+written before content hashes named inputs have `sha256` alone, and are still read
+(`is_recorded_input`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,7 +28,7 @@ REPORT_FILE = AGGREGATE_RECORD
 class InputRecord:
     site: str
     path: str
-    sha256: str
+    sha256: str | None              # of the file bytes: version-1 inputs only (None for version 2)
     bytes: int
     n_cases: int
     n_iterations: int
@@ -30,6 +36,8 @@ class InputRecord:
     extra: dict[str, Any] = field(default_factory=dict)   # the site's own metrics (val_dice, ...)
     delta_norm: float | None = None   # L2 norm of (update - model it started from), with clip_norm
     clip_factor: float | None = None  # scale applied to that delta (1.0: within clip_norm)
+    # the verified content hash: what names the input (None only in records written before)
+    content_hash: str | None = None
 
 
 @dataclass
@@ -97,6 +105,7 @@ def input_record(update: ValidatedUpdate, delta_norm: float | None = None, facto
         site=update.site,
         path=str(update.path),
         sha256=update.sha256,
+        content_hash=update.content_hash,
         bytes=update.n_bytes,
         n_cases=update.meta.n_cases,
         n_iterations=update.meta.n_iterations,
@@ -105,3 +114,13 @@ def input_record(update: ValidatedUpdate, delta_norm: float | None = None, facto
     )
 
 
+
+
+def is_recorded_input(item: Mapping[str, Any], content_hash: str, file_sha256: Callable[[], str]) -> bool:
+    """Whether a file whose verified content hash is `content_hash` is the input `item` of a
+    round record: by content hash, or, in a record written before content hashes named
+    inputs, by the sha256 of its bytes (`file_sha256` is called only then)."""
+    recorded = item.get("content_hash")
+    if recorded is not None:
+        return recorded == content_hash
+    return item.get("sha256") is not None and item.get("sha256") == file_sha256()

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedseg.errors import InputError
-from fedseg.federation.aggregate_records import REPORT_FILE, AggregateReport
+from fedseg.federation.aggregate_records import REPORT_FILE, AggregateReport, is_recorded_input
 from fedseg.federation.best_round import validation_summary
 from fedseg.federation.manifest import expected_parameters
 from fedseg.federation.privacy import PrivateRound, prepare_private_round
@@ -93,7 +93,8 @@ def _aggregate_locked(
     strategy.check_params(plans.strategy.params)
     robust = parse_robust(plans.strategy.params)
     signing_key = require_signing_key(plans.keys, signing_key, COORDINATOR)
-    updates = validate_updates(plans, update_paths, expected_round=expected_round)
+    plan_id = plans.plan_id   # a hash of the whole plan: computed once for the round
+    updates = validate_updates(plans, update_paths, expected_round=expected_round, plan_id=plan_id)
     round_index = updates[0].meta.round
     by_site = {u.site: u for u in updates}
     validation = validation_summary(round_index, {u.site: u.meta.extra for u in updates}, [u.path for u in updates])
@@ -107,7 +108,7 @@ def _aggregate_locked(
     if existing is not None:
         return existing
     clips = clip_factors(plans, robust, updates, out_dir, request.previous_dir, round_index, request.log)
-    merged = _merge(plans, strategy, route_table(plans), by_site, clips, robust, private)
+    merged = _merge(plans, plan_id, strategy, route_table(plans), by_site, clips, robust, private)
     return write_round(
         plans, out_dir, merged, updates, clips, missing_sites, validation, robust, private, signing_key, request.log,
     )
@@ -115,6 +116,7 @@ def _aggregate_locked(
 
 def _merge(
     plans: Plans,
+    plan_id: str,
     strategy: Strategy,
     table: RouteTable,
     by_site: dict[str, ValidatedUpdate],
@@ -124,7 +126,7 @@ def _merge(
 ) -> MergedRound:
     """Every (pool, key) merged from the sites that sent an update, one key at a time from the
     validated mappings: one tensor per site in memory."""
-    merged = MergedRound(round_index=next(iter(by_site.values())).meta.round, by_site=by_site)
+    merged = MergedRound(round_index=next(iter(by_site.values())).meta.round, by_site=by_site, plan_id=plan_id)
     manifests = {site: expected_parameters(plans, site) for site in by_site}
     for (pool, key), senders in sorted(table.members().items()):
         present = [(site, name) for site, name in senders if site in by_site]
@@ -201,11 +203,16 @@ def _existing_round(request: _Request, updates: Sequence[ValidatedUpdate], round
 
 
 def _same_inputs(record: dict[str, Any], plans: Plans, updates: Sequence[ValidatedUpdate]) -> bool:
+    """Whether `record` was aggregated from exactly `updates` (one input per site, each named by
+    its content hash, or by the sha256 of its bytes in a record written before)."""
     try:
-        return record["plan_id"] == plans.plan_id and (
-            sorted((i["site"], i["sha256"]) for i in record["inputs"]) == sorted((u.site, u.sha256) for u in updates)
+        recorded = {item["site"]: item for item in record["inputs"]}
+        return (
+            record["plan_id"] == plans.plan_id
+            and len(recorded) == len(record["inputs"]) and set(recorded) == {u.site for u in updates}
+            and all(is_recorded_input(recorded[u.site], u.content_hash, u.bytes_sha256) for u in updates)
         )
-    except (KeyError, TypeError):
+    except (KeyError, TypeError, AttributeError):
         return False
 
 

@@ -10,10 +10,11 @@ Which hash: the file's `format_version` says. Version 2 (written since) uses BLA
 used sha256 and is still read and verified as such, so old files and their signatures stay
 valid. Measured on the development machine (x86-64 with SHA-NI, 128 MB of float32, one
 thread): sha256 ~1.4 GB/s, BLAKE3 (the `blake3` package, AVX2) ~7.8 GB/s. The content hash is
-what every reader checks on every byte, so its speed is the speed of validation; the sha256
-of the file bytes (what `sha256sum` prints, recorded in round reports and signatures) is
-computed beside it, off the critical path. Both release the GIL on large buffers, so files
-are checked in threads.
+what every reader checks on every byte, so its speed is the speed of validation, and it is
+what a round report names a version-2 input by, so the coordinator hashes its bytes once. The
+sha256 of the file bytes (what `sha256sum` prints) is computed by writers while writing (round
+outputs, signatures) and by validation for version-1 inputs only. Both release the GIL on
+large buffers, so files are checked in threads.
 """
 
 from __future__ import annotations

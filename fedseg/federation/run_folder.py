@@ -4,7 +4,8 @@ Run folder: plans.json, fingerprints/, round_000/, round_r/updates/, round_r/<si
 round_r/models/, round_r/aggregate.json, state/<site>/, report/. A round is complete when its
 commit record (round_000/init.json, round_r/aggregate.json) lists its outputs with their
 sha256. Started again on the same folder, a run checks the chain of rounds (each round's
-updates started from the previous round's outputs, by sha256; each record's files are intact)
+updates are the ones its record names, by their verified content hash, and started from the
+previous round's outputs, by sha256; each record's files are intact)
 and redoes everything from the first round that is not complete or not linked, discarding the
 rounds after it and putting each site's state back to where that round started
 (state/<site>/before_round/<r>/).
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedseg.errors import InputError
+from fedseg.federation.aggregate_records import is_recorded_input
 from fedseg.federation.round_commit import (
     AGGREGATE_RECORD,
     damaged_files,
@@ -27,7 +29,7 @@ from fedseg.federation.round_commit import (
 )
 from fedseg.federation.site_training import STARTED_FROM
 from fedseg.training.site_state import restore_site_state
-from fedseg.federation.weightfile import open_weight_file, sha256_file
+from fedseg.federation.weightfile import WeightMeta, open_weight_file
 from fedseg.folder_lock import folder_lock
 from fedseg.names import check_site_name, path_inside
 
@@ -105,13 +107,26 @@ def round_chain_problem(run_dir: Path, r: int, previous: dict | None) -> str | N
     for item in record.get("inputs", []):
         site = item.get("site")
         update = path_inside(rdir / "updates", f"{site}.safetensors")
-        if not update.is_file() or sha256_file(update) != item.get("sha256"):
+        meta = _recorded_update(update, item)
+        if meta is None:
             return f"the update of site {site} is not the one aggregate.json records"
-        with open_weight_file(update) as reader:
-            started_from = reader.meta.extra.get(STARTED_FROM)
+        started_from = meta.extra.get(STARTED_FROM)
         if started_from is None or started_from != previous_files.get(f"{site}.safetensors"):
             return f"site {site}'s update did not start from round {r - 1}'s {site}.safetensors"
     return None
+
+
+def _recorded_update(update: Path, item: dict) -> WeightMeta | None:
+    """The metadata of an update file when it is the input `item` of a round record names (its
+    content hash verified); None when it is not (missing, unreadable, altered, another file)."""
+    if not update.is_file():
+        return None
+    try:
+        with open_weight_file(update) as reader:
+            reader.verify_hash()
+            return reader.meta if is_recorded_input(item, reader.meta.content_hash, reader.file_sha256) else None
+    except InputError:
+        return None
 
 
 def discard_rounds_from(run_dir: Path, first: int, sites: list[str], log: Callable[[str], None] = lambda message: None) -> None:

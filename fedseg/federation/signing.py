@@ -16,8 +16,10 @@ of {"content_hash", "sha256", "signer"}. Why the content hash: it already commit
 metadata field (plan_id, round, site, n_cases, scopes) and every tensor byte, and every reader
 verifies it anyway (`read_weight_file`, the validation pass), so checking a signature costs
 one Ed25519 verification and no second pass over the data. The file sha256 is signed too so
-that `sha256sum` users can cross-check; the writer computes it while writing, and the
-coordinator's validation computes it in the same threaded pass it already runs.
+that `sha256sum` users can cross-check; the writer computes it while writing. The
+coordinator's validation compares it for format-version-1 files only (their sha256 content
+hash would cost as much as the sha256 of their bytes); a version-2 file is checked by its
+verified BLAKE3 content hash alone, so its bytes are hashed once.
 
 Signing says who made a file, not that its content is good: validation and robust
 combiners deal with that (see docs/security.md).

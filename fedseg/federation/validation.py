@@ -7,18 +7,15 @@ every value is finite and the update's L2 norm, a cache-sized chunk at a time (e
 hashed and summed while it is in the CPU cache, so the data is read from memory once). Files
 are checked in threads: the hashes and numpy release the GIL on large buffers.
 
-The sha256 of the file bytes (what the round report records, and what a signature signs
-beside the content hash) is computed in background threads while the caller goes on
-(`ValidatedUpdate.sha256` waits for it): for a file whose content hash the pass verified it is
-no integrity check any more, only the file's name in the report, so the engine overlaps it
-with the merge and asks for it just before the round is committed. A mismatch with the
-signed sha256 is still an InputError before anything is committed.
-
 Which check proves integrity depends on the format version (fedseg.federation.weightfile):
-a version-2 file's content hash is BLAKE3 (~5x faster than sha256) and is always verified. A
+a version-2 file's content hash is BLAKE3 (~5x faster than sha256) and is always verified in
+the pass; it is also what a signature signs and what the round record names the file by
+(`InputRecord.content_hash`), so every byte of a version-2 file is read and hashed once. A
 version-1 file's content hash is sha256; a signed version-1 file is hashed once, by the sha256
 of its bytes compared with the signed one in the pass (its signature covers the content hash
-too), an unsigned one by its content hash.
+too), an unsigned one by its content hash, and the sha256 of its bytes, which the round
+record still names it by, is computed in a background thread while the caller merges
+(`ValidatedUpdate.sha256` waits for it).
 
 Every failure is an InputError naming the file and the fault; the first bad file in the
 order given is reported.
@@ -26,9 +23,10 @@ order given is reported.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +38,8 @@ from fedseg.errors import InputError
 from fedseg.federation.manifest import expected_parameters
 from fedseg.federation.privacy_params import parse_privacy
 from fedseg.federation.secure_aggregation import WIRE_DTYPE
-from fedseg.federation.signing import verify_signature
-from fedseg.federation.routes import route_table
+from fedseg.federation.signing import Signature, verify_signature
+from fedseg.federation.routes import RouteTable, route_table
 from fedseg.federation.weightfile import (
     ContentHasher,
     WeightFileReader,
@@ -72,8 +70,9 @@ class ValidatedUpdate:
     # The open mapping that was validated: the engine reads tensors from it, so a file
     # replaced after validation cannot slip unchecked bytes into the average.
     reader: WeightFileReader = field(repr=False, compare=False)
-    # sha256 of the file bytes, computed in the background (see `sha256`)
-    pending_sha256: Future[str] = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
+    # sha256 of the bytes of a version-1 file, computed in the background (see `sha256`);
+    # None for version 2, whose verified content hash identifies it
+    pending_sha256: Future[str] | None = field(repr=False, compare=False, default=None)
     signed_sha256: str | None = field(repr=False, compare=False, default=None)
 
     @property
@@ -81,18 +80,35 @@ class ValidatedUpdate:
         return self.meta.site
 
     @property
-    def sha256(self) -> str:
-        """sha256 of the file bytes; waits for the background hash. InputError when the file is
-        signed and its bytes are not the signed ones."""
+    def content_hash(self) -> str:
+        """The file's content hash, verified against its data (or, for a signed version-1 file,
+        signed for bytes that were checked to be the signed ones)."""
+        return self.meta.content_hash
+
+    @property
+    def sha256(self) -> str | None:
+        """sha256 of the bytes of a version-1 file (waits for the background hash); None for a
+        version-2 file, which is not hashed twice. InputError when the file is signed and its
+        bytes are not the signed ones."""
+        if self.pending_sha256 is None:
+            return None
         digest = self.pending_sha256.result()
         if self.signed_sha256 is not None and digest != self.signed_sha256:
             raise InputError("bad signature: the file bytes differ from the signed ones (sha256 mismatch)", self.path)
         return digest
 
+    def bytes_sha256(self) -> str:
+        """sha256 of the file bytes whatever its version: hashed now for a version-2 file, only
+        to compare it with a round record written before inputs were named by content hash."""
+        return self.sha256 or self.reader.file_sha256()
 
-def expected_update(plans: Plans, site: str) -> dict[str, tuple[tuple[int, ...], str, str]]:
-    """{name: (shape, dtype, pool)} of what `site` must send: its tensors the route table sends."""
-    sent = route_table(plans).sent(site)
+
+def expected_update(
+    plans: Plans, site: str, table: RouteTable | None = None
+) -> dict[str, tuple[tuple[int, ...], str, str]]:
+    """{name: (shape, dtype, pool)} of what `site` must send: its tensors the route table sends
+    (`table`: the plan's, when the caller has read it already)."""
+    sent = (table or route_table(plans)).sent(site)
     return {name: (shape, dtype, sent[name].pool)
             for name, (shape, dtype) in expected_parameters(plans, site).items() if name in sent}
 
@@ -103,7 +119,8 @@ def wire_dtype(plans: Plans, dtype: str) -> str:
 
 
 def _check_structure(
-    reader: WeightFileReader, plans: Plans, expected_round: int | None, plan_id: str
+    reader: WeightFileReader, plans: Plans, expected_round: int | None, plan_id: str,
+    table: Callable[[], RouteTable],
 ) -> WeightMeta:
     path, meta, infos = reader.path, reader.meta, reader.infos
     if meta.kind != "update":
@@ -123,7 +140,7 @@ def _check_structure(
         raise InputError(f"is an update of round {meta.round}, expected round {expected_round}", path)
     if meta.n_cases < 1:
         raise InputError("has n_cases 0; an update must come from at least one training case", path)
-    expected = expected_update(plans, meta.site)
+    expected = expected_update(plans, meta.site, table())
     missing = set(expected) - set(infos)
     if missing:
         raise InputError(f"is missing {len(missing)} tensor(s) site {meta.site!r} must send: {describe(missing)}", path)
@@ -213,14 +230,19 @@ def validate_updates(
     update_paths: Sequence[str | Path],
     expected_round: int | None = None,
     workers: int | None = None,
+    plan_id: str | None = None,
 ) -> list[ValidatedUpdate]:
-    """Validate a round's updates; returns them in the order given. InputError on the first fault."""
+    """Validate a round's updates; returns them in the order given. InputError on the first fault.
+
+    `plan_id`: `plans.plan_id` when the caller has it (a hash of the whole plan)."""
     paths = [Path(p) for p in update_paths]
     if not paths:
         raise InputError("no update files given")
     readers = [open_reader(p) for p in paths]
-    plan_id = plans.plan_id   # a hash of the whole plan: computed once, not per file
-    metas = [_check_structure(r, plans, expected_round, plan_id) for r in readers]
+    plan_id = plan_id or plans.plan_id   # a hash of the whole plan: computed once, not per file
+    # the route table: read once, not per file, and only once a file was made under this plan
+    table = functools.cache(lambda: route_table(plans))
+    metas = [_check_structure(r, plans, expected_round, plan_id, table) for r in readers]
 
     first_round = metas[0].round
     seen: dict[str, Path] = {}
@@ -233,41 +255,43 @@ def validate_updates(
 
     # Signatures (when the plan lists keys) before reading any data: an unsigned or foreign
     # file is refused in microseconds. They sign the content hash, which the pass below checks.
-    signed_sha256 = [
-        verify_signature(plans.keys, r.path, m.content_hash, m.site).sha256 if plans.keys else None
+    signatures = [
+        verify_signature(plans.keys, r.path, m.content_hash, m.site) if plans.keys else None
         for r, m in zip(readers, metas)
     ]
 
     bound = plans.strategy.params.get("max_update_norm")
-    return _scan_all(readers, metas, signed_sha256, float(bound) if bound is not None else None, workers)
+    return _scan_all(readers, metas, signatures, float(bound) if bound is not None else None, workers)
 
 
 def _scan_all(
-    readers: list[WeightFileReader], metas: list[WeightMeta], signed_sha256: list[str | None], max_norm: float | None,
+    readers: list[WeightFileReader], metas: list[WeightMeta], signatures: list[Signature | None], max_norm: float | None,
     workers: int | None,
 ) -> list[ValidatedUpdate]:
-    """The data pass of every file, in threads; the sha256 of its bytes queued behind it."""
+    """The data pass of every file, in threads; for version-1 files the sha256 of their bytes
+    queued behind it."""
     # Integrity first, in the pass: the content hash, except for a signed version-1 file, whose
     # (sha256) content hash would cost as much as the sha256 of its bytes that its signature
     # needs anyway: that one is checked in the pass instead.
-    by_bytes = [signed is not None and m.format_version < 2 for m, signed in zip(metas, signed_sha256)]
+    old = [m.format_version < 2 for m in metas]
+    by_bytes = [sig is not None and v1 for sig, v1 in zip(signatures, old)]
     n_workers = max(1, min(len(readers), workers or os.cpu_count() or 1))
     for reader in readers:
         reader.map()  # before the threads: the pass and the sha256 share one mapping
     pool = ThreadPoolExecutor(max_workers=n_workers)
     try:
         scans = [
-            pool.submit(_scan_data, r, max_norm, not bytes_only, signed is not None)
-            for r, signed, bytes_only in zip(readers, signed_sha256, by_bytes)
+            pool.submit(_scan_data, r, max_norm, not bytes_only, sig is not None)
+            for r, sig, bytes_only in zip(readers, signatures, by_bytes)
         ]
         # queued behind the scans: they run while the caller merges
-        digests = [pool.submit(r.file_sha256) for r in readers]
+        digests = [pool.submit(r.file_sha256) if v1 else None for r, v1 in zip(readers, old)]
         updates = []
         # report the first bad file in the order given, whatever finished first
-        for r, m, scan, digest, signed, bytes_only in zip(readers, metas, scans, digests, signed_sha256, by_bytes):
+        for r, m, scan, digest, sig, bytes_only in zip(readers, metas, scans, digests, signatures, by_bytes):
             update = ValidatedUpdate(
                 path=r.path, meta=m, n_bytes=int(r.map().size), update_norm=0.0, reader=r,
-                pending_sha256=digest, signed_sha256=signed,
+                pending_sha256=digest, signed_sha256=sig.sha256 if sig is not None and digest is not None else None,
             )
             if bytes_only:
                 update.sha256  # noqa: B018 - the integrity check of this file: before its data counts

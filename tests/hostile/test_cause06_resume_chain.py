@@ -1,5 +1,7 @@
-"""Cause 6: `simulate --resume` verifies the chain of rounds (each round's updates started
-from the previous round's outputs, by sha256; every record's files intact) and redoes from
+"""Cause 6: `simulate --resume` verifies the chain of rounds (each round's updates are the
+ones its record names, by their verified content hash, or by sha256 in records written
+before; each started from the previous round's outputs, by sha256; every record's files
+intact) and redoes from
 the first broken round, discarding what follows and putting each site's state back to where
 that round started, saying so."""
 
@@ -101,6 +103,37 @@ def test_an_update_swapped_after_aggregation(run_dir) -> None:
     update = round_dir(run, 2) / "updates" / "B.safetensors"
     write_site_update(plans, "B", random_state(7), update, round_index=2, n_iterations=1,
                       extra={STARTED_FROM: sha256_file(round_dir(run, 1) / "B.safetensors")})
+    first, said = redo_point(run)
+    assert first == 2 and "update of site B is not the one aggregate.json records" in said[0]
+
+
+def test_an_update_byte_flipped_after_aggregation(run_dir) -> None:
+    """The header (and the content hash it states) unchanged, one tensor byte not: the content
+    hash is verified against the data, not only compared with the record."""
+    run, _plans = run_dir
+    update = round_dir(run, 2) / "updates" / "B.safetensors"
+    data = bytearray(update.read_bytes())
+    data[-3] ^= 0x01
+    update.write_bytes(bytes(data))
+    first, said = redo_point(run)
+    assert first == 2 and "update of site B is not the one aggregate.json records" in said[0]
+
+
+def _as_older_record(run: Path, r: int, sha256_of_b: str | None = None) -> None:
+    """Round r's aggregate.json as written before inputs were named by content hash."""
+    path = round_dir(run, r) / "aggregate.json"
+    record = json.loads(path.read_text())
+    for item in record["inputs"]:
+        item.pop("content_hash", None)
+        item["sha256"] = sha256_file(item["path"]) if sha256_of_b is None or item["site"] != "B" else sha256_of_b
+    path.write_text(json.dumps(record))
+
+
+def test_records_written_before_content_hashes_named_inputs_still_chain(run_dir) -> None:
+    run, _plans = run_dir
+    _as_older_record(run, 2)
+    assert redo_point(run) == (ROUNDS + 1, [])
+    _as_older_record(run, 2, sha256_of_b="0" * 64)
     first, said = redo_point(run)
     assert first == 2 and "update of site B is not the one aggregate.json records" in said[0]
 

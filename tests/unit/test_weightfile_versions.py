@@ -92,30 +92,69 @@ def test_a_round_of_version_1_and_version_2_updates_is_aggregated_like_flower(
         paths.append(path)
         results.append(([tensors[n] for n in sorted(tensors)], meta.n_cases))
     report = aggregate_round(plans, paths, tmp_path / "round_001", signing_key=key(keydir, "coordinator") if signed else None)
-    assert [i.sha256 for i in report.inputs] == [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+    # every input is named by its content hash; only version-1 inputs also by the sha256 of their bytes
+    assert [i.content_hash for i in report.inputs] == [read_weight_file(p)[1].content_hash for p in paths]
+    assert [i.sha256 for i in report.inputs] == [
+        hashlib.sha256(p.read_bytes()).hexdigest() if k % 2 == 0 else None for k, p in enumerate(paths)]
     model, _ = read_weight_file(tmp_path / "round_001" / "models" / "global.safetensors")
     for name, expected in zip(sorted(model), flower_aggregate(results)):
         np.testing.assert_allclose(model[name], expected, rtol=1e-6, atol=1e-7)
 
 
-def test_signed_update_with_other_bytes_but_the_signed_content_leaves_no_round(keydir: Path, tmp_path: Path) -> None:  # noqa: F811
-    """The sha256 of the bytes is checked after the merge, in the background, but before the
-    commit: bytes that differ from the signed ones (here only the header's padding, so the
-    content hash still matches) are refused and nothing is written."""
+def _pad_header(path: Path) -> None:
+    """Eight more spaces of header padding: other file bytes, the same content."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    path.write_bytes((n + 8).to_bytes(8, "little") + data[8:8 + n] + b" " * 8 + data[8 + n:])
+
+
+def _signed_round(keydir: Path, tmp_path: Path, version_1: bool) -> tuple[object, list[Path]]:  # noqa: F811
     from fedseg.federation.site_update import write_site_update
 
     plans = keyed_plans(keydir)
     paths = []
     for i, site in enumerate(sorted(plans.sites)):
         path = tmp_path / "updates" / f"{site}.safetensors"
-        write_site_update(plans, site, random_state(i + 1), path, round_index=1, n_iterations=10, signing_key=key(keydir, site))
+        meta = write_site_update(plans, site, random_state(i + 1), path, round_index=1, n_iterations=10,
+                                 signing_key=key(keydir, site))
+        if version_1:
+            write_version_1(path, read_weight_file(path)[0], meta)
+            sign_weight_file(path, key(keydir, site))
         paths.append(path)
-    data = paths[1].read_bytes()
-    n = int.from_bytes(data[:8], "little")
-    paths[1].write_bytes((n + 8).to_bytes(8, "little") + data[8:8 + n] + b" " * 8 + data[8 + n:])
+    return plans, paths
+
+
+def test_signed_version_1_update_with_other_bytes_but_the_signed_content_leaves_no_round(
+    keydir: Path, tmp_path: Path  # noqa: F811 - the fixture
+) -> None:
+    """A signed version-1 file is checked by the sha256 of its bytes against the signed one:
+    bytes that differ from the signed ones (here only the header's padding, so the content
+    hash still matches) are refused and nothing is written."""
+    plans, paths = _signed_round(keydir, tmp_path, version_1=True)
+    _pad_header(paths[1])
     read_weight_file(paths[1])           # still a valid file with the signed content
     out = tmp_path / "round_001"
     with pytest.raises(InputError, match="differ from the signed ones \\(sha256 mismatch\\)") as caught:
         aggregate_round(plans, paths, out, signing_key=key(keydir, "coordinator"))
     assert caught.value.path == paths[1]
     assert not (out / "aggregate.json").exists() and not list(out.glob("*.safetensors"))
+
+
+def test_signed_version_2_update_is_named_by_its_signed_content_hash(
+    keydir: Path, tmp_path: Path  # noqa: F811 - the fixture
+) -> None:
+    """A version-2 signature signs the content hash, which the pass verifies: that is the file's
+    identity in aggregate.json, so other header padding (the same content) is the same input,
+    and a changed tensor byte is refused as bytes that differ from the signed ones."""
+    plans, paths = _signed_round(keydir, tmp_path, version_1=False)
+    signed = [read_weight_file(p)[1].content_hash for p in paths]
+    _pad_header(paths[1])
+    report = aggregate_round(plans, paths, tmp_path / "round_001", signing_key=key(keydir, "coordinator"))
+    assert [i.content_hash for i in report.inputs] == signed and [i.sha256 for i in report.inputs] == [None] * len(paths)
+    data = bytearray(paths[1].read_bytes())
+    data[-5] ^= 0x10
+    paths[1].write_bytes(bytes(data))
+    out = tmp_path / "round_001b"
+    with pytest.raises(InputError, match="differ from the signed ones \\(content hash mismatch\\)") as caught:
+        aggregate_round(plans, paths, out, signing_key=key(keydir, "coordinator"))
+    assert caught.value.path == paths[1] and not out.exists()
