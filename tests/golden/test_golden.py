@@ -10,9 +10,10 @@ the trained tensors change in their last bits, which is why the thread count is 
 than compared with a tolerance: a tolerance loose enough for that noise (~3e-4 of a tensor's
 norm on biases whose gradient is rounding noise) would also let a small real change through.
 The recorded statistics (sum, norm, projection) explain a failure: ~1e-7 of the norm is float
-reordering, up to ~2e-4 after training is another CPU (record that machine's file on the commit
-before the change: `scripts/record_golden.py --machine`), 1e-3 or more is a change in the
-numbers. On a machine without a record of its own the test accepts up to 1e-3.
+reordering, 1e-4 to 3e-3 after training is another CPU (record that machine's file on the
+commit before the change: `scripts/record_golden.py --machine`); a change in the numbers moves
+trained tensors by far more. On a machine without a record of its own the test accepts up to
+1e-2 of its nearest record (the two records differ by up to 2.6e-3).
 
 After an intended numeric change, re-record with `PYTHONPATH=$PWD python scripts/record_golden.py`
 and name the change, and why, in the commit.
@@ -39,9 +40,10 @@ from golden_runs import (  # noqa: E402
 
 
 # Between machines of different CPUs the trained tensors differ in their last bits, and the
-# two iterations of a golden run carry that to ~2e-4 of a bias's norm (measured between two
-# Xeon types); a change in the numbers moves them by 1e-3 or more.
-OTHER_MACHINE_TOLERANCE = 1e-3
+# two iterations of a golden run carry that up to 2.6e-3 of a tensor's norm (asymfedavg;
+# 1e-4 to 7e-4 for the others; measured between the two Xeon types of the records). On a
+# machine without a record of its own a run is accepted within this of its nearest record.
+OTHER_MACHINE_TOLERANCE = 1e-2
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +82,7 @@ def describe(changed: dict[str, float]) -> str:
 @pytest.mark.parametrize("strategy", [run.strategy for run in RUNS])
 def test_round_writes_the_recorded_tensors(digests: dict[str, dict], strategy: str) -> None:
     """Bit for bit against the record of this kind of machine; on a machine no record was made
-    on, within OTHER_MACHINE_TOLERANCE of the main record (say so, and record it there)."""
+    on, within OTHER_MACHINE_TOLERANCE of its nearest record (then record that machine too)."""
     found = digests[strategy]
     own = machine_file(machine_signature())
     records = [own] if own.is_file() else golden_files()
@@ -89,8 +91,8 @@ def test_round_writes_the_recorded_tensors(digests: dict[str, dict], strategy: s
         return   # the same bits as a record
     if own.is_file():
         pytest.fail(f"{own.name}: {describe(changes[own])}")
-    changed = changes[GOLDEN_FILE]
-    assert max(changed.values()) <= OTHER_MACHINE_TOLERANCE, f"{GOLDEN_FILE.name}: {describe(changed)}"
+    nearest = min(changes, key=lambda path: max(changes[path].values()))
+    assert max(changes[nearest].values()) <= OTHER_MACHINE_TOLERANCE, f"{nearest.name}: {describe(changes[nearest])}"
 
 
 def test_record_covers_every_strategy() -> None:
