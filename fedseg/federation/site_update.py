@@ -34,7 +34,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def split_site_state(plans: Plans, site: str, state: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(shared, local): shared = what the site sends (routed to a pool), local = what stays."""
-    sent = route_table(plans).sent(site)
+    return _split(route_table(plans).sent(site), state)
+
+
+def _split(sent: Mapping[str, Any], state: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     shared: dict[str, np.ndarray] = {}
     local: dict[str, np.ndarray] = {}
     for name, value in state.items():
@@ -103,7 +106,7 @@ def write_site_update(
     With `signing_key` (the site's own), `<path>.sig` is written too. With `privacy` (plans
     with secure_aggregation / dp.*), the tensors are clipped, noised and masked first."""
     sent = route_table(plans).sent(site)
-    shared, _local = split_site_state(plans, site, state)
+    shared, _local = _split(sent, state)
     n_cases = plans.sites[site].n_cases if n_cases is None else int(n_cases)
     if privacy is not None:
         shared = privacy.protect(plans, site, shared, int(round_index), n_cases)

@@ -50,13 +50,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedseg.federation.strategies.base import CaseWeighting, Manifest, ProposedRoutes, Strategy, case_weight
+from fedseg.federation.strategies.base import (
+    GLOBAL_POOL,
+    CaseWeighting,
+    Manifest,
+    ProposedRoutes,
+    Strategy,
+    case_weight,
+)
 from fedseg.typed_params import param
 
 if TYPE_CHECKING:  # pragma: no cover
     from fedseg.planning.plans import Plans
 
-GLOBAL_POOL = "global"
 SUBSET_POOL_PREFIX = "sites:"
 # How decoder stages are paired across sites of different depth (`--set decoder_match=...`).
 DECODER_MATCHES = ("output", "bottleneck")

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedseg.federation.strategies.base import Contribution, Manifest, ProposedRoutes, Strategy
+from fedseg.federation.strategies.base import GLOBAL_POOL, Contribution, Manifest, ProposedRoutes, Strategy
 from fedseg.training.prototype_memory import fifo_merge
 from fedseg.training.recipes.params import MixMFLParams, present_indices, sequence_keys, sequences
 from fedseg.typed_params import param, parse_params
@@ -40,7 +40,6 @@ from fedseg.typed_params import param, parse_params
 if TYPE_CHECKING:  # pragma: no cover
     from fedseg.planning.plans import Plans
 
-GLOBAL_POOL = "global"
 TAILORED_PREFIX = "group:"
 MEMORY_PREFIX = "memory:"
 TAILORED_WEIGHTINGS = ("uniform", "n_cases")
