@@ -11,7 +11,11 @@ parameter must be matched). Both run the same network over the same sliding-wind
 reading, preprocessing (crop, normalisation, resampling), resampling back and writing the
 label map; the two label maps are compared voxel by voxel.
 
-    nice .venv/bin/python benchmarks/predict_speed.py --nnunet-venv /path/to/nnunet_venv
+    nice .venv/bin/python benchmarks/predict_speed.py --nnunet-venv /path/to/nnunet_venv [--precision fp32 bf16]
+
+`--precision` runs `fedseg predict` once per precision (fedseg's `--precision`; bf16 is
+bfloat16 autocast, fast on CPUs with AMX) and compares each one's labels with nnU-Net's and
+with the first precision's; nnU-Net predicts in float32 on the CPU.
 
 Each command runs REPEAT times as a subprocess (start-up included); the best is reported.
 Runs by hand, about 4 minutes on 2 loaded cores once set up (the set-up takes about 1.5
@@ -98,39 +102,52 @@ def main() -> None:
     parser.add_argument("--nnunet-venv", type=Path, required=True)
     parser.add_argument("--work", type=Path, default=Path("/tmp/fedseg_peer"))
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="a fedseg model file of the peer plan (default: its round-0 model; a trained one, e.g. "
+                             "`fedseg aggregate` of train_speed.py's update, makes the label comparison meaningful)")
     args = parser.parse_args()
 
     peer = Peer(args.work, args.nnunet_venv)
     peer.prepare(n_cases=10, size=64, test_size=96)
     config = peer.check_same_configuration()
-    weights = peer.fedseg / "round_000" / "models" / "global.safetensors"
+    weights = args.weights or peer.fedseg / "round_000" / "models" / "global.safetensors"
     n_params = nnunet_model_folder(peer, weights)
     images = peer.raw / "imagesTs"
     print(f"{describe(config)}; {n_params / 1e6:.1f}M parameters; test volume {images}; load {load_average()}")
 
-    out_nn, out_fs = args.work / "pred_nnunet", args.work / "pred_fedseg"
-    nn_cmd = [str(peer.venv / "bin" / "nnUNetv2_predict"), "-i", str(images), "-o", str(out_nn), "-d", "2", "-c",
-              "3d_fullres", "-f", "0", "-chk", "checkpoint_final.pth", "-device", "cpu", "--disable_tta",
-              "--disable_progress_bar"]
-    fs_cmd = [peer.fedseg_cli, "predict", "--plans", str(peer.plans_path), "--weights",
-              str(weights), "-i", str(images), "-o", str(out_fs),
-              "--no-mirror", "--device", "cpu", "--quiet"]
-    runs: dict[str, list[Measured]] = {"nnunet": [], "fedseg": []}
+    out_nn = args.work / "pred_nnunet"
+    commands = {"nnUNetv2_predict --disable_tta": ([
+        str(peer.venv / "bin" / "nnUNetv2_predict"), "-i", str(images), "-o", str(out_nn), "-d", "2", "-c",
+        "3d_fullres", "-f", "0", "-chk", "checkpoint_final.pth", "-device", "cpu", "--disable_tta",
+        "--disable_progress_bar"], out_nn)}
+    for precision in args.precision:
+        out = args.work / f"pred_fedseg_{precision}"
+        commands[f"fedseg predict --precision {precision}"] = ([
+            peer.fedseg_cli, "predict", "--plans", str(peer.plans_path), "--weights", str(weights), "-i", str(images),
+            "-o", str(out), "--no-mirror", "--device", "cpu", "--precision", precision, "--quiet"], out)
+    runs: dict[str, list[Measured]] = {name: [] for name in commands}
     env = {**peer.env}
     env.pop("OMP_NUM_THREADS")   # both use torch's default of one thread per core (2 here)
     env.pop("MKL_NUM_THREADS")
     for _ in range(args.repeat):   # interleaved, so a change in the machine's load hits both
-        for name, cmd, out in (("nnunet", nn_cmd, out_nn), ("fedseg", fs_cmd, out_fs)):
+        for name, (cmd, out) in commands.items():
             shutil.rmtree(out, ignore_errors=True)
             runs[name].append(run_measured(cmd, env=env))
-    nn, fs = best(runs["nnunet"]), best(runs["fedseg"])
     print(f"{'':<34} {'wall s':>7} {'CPU s':>7} {'peak RSS MB':>12}   all wall s")
-    for label, key, m in (("nnUNetv2_predict --disable_tta", "nnunet", nn), ("fedseg predict --no-mirror", "fedseg", fs)):
-        print(f"{label:<34} {m.seconds:>7.2f} {m.cpu_seconds:>7.2f} {m.peak_rss_mb:>12.0f}   "
-              + " ".join(f"{r.seconds:.2f}" for r in runs[key]))
+    for name, measured in runs.items():
+        m = best(measured)
+        print(f"{name:<34} {m.seconds:>7.2f} {m.cpu_seconds:>7.2f} {m.peak_rss_mb:>12.0f}   "
+              + " ".join(f"{r.seconds:.2f}" for r in measured))
     print(f"load after: {load_average()}")
-    print(compare_labels(out_nn, out_fs))
-    print(f"ratio: fedseg predict is {nn.seconds / fs.seconds:.2f}x as fast as nnUNetv2_predict (target >= 2.0)")
+    names = list(commands)
+    for name in names[1:]:
+        print(f"{name} vs nnU-Net: {compare_labels(out_nn, commands[name][1])}")
+        if name != names[1]:
+            print(f"{name} vs {names[1]}: {compare_labels(commands[names[1]][1], commands[name][1])}")
+    nn = best(runs[names[0]])
+    for name in names[1:]:
+        print(f"ratio: {name} is {nn.seconds / best(runs[name]).seconds:.2f}x as fast as nnUNetv2_predict (target >= 2.0)")
 
 
 def compare_labels(out_nn: Path, out_fs: Path) -> str:

@@ -19,7 +19,12 @@ Both on 2 torch threads; the first WARMUP iterations are left out. iterations/s 
 (batch wait + step time). Runs by hand, about 7.5 minutes on 2 loaded cores once set up; the
 ratio is printed last. On a shared machine run it twice, once with --fedseg-first.
 
-    nice .venv/bin/python benchmarks/train_speed.py --nnunet-venv /path/to/nnunet_venv
+    nice .venv/bin/python benchmarks/train_speed.py --nnunet-venv /path/to/nnunet_venv [--precision fp32 bf16]
+
+`--precision` trains fedseg once per precision (fedseg's `--precision`: bf16 is bfloat16
+autocast, fast on CPUs with AMX), each from the same round-0 model; nnU-Net trains in float32
+on the CPU (its autocast is for CUDA only). Each run's update is kept as
+WORK/fedseg_update_<precision>.safetensors.
 """
 
 from __future__ import annotations
@@ -85,6 +90,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/fedseg_peer"))
     parser.add_argument("--iterations", type=int, default=14)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--fedseg-first", action="store_true",
                         help="run fedseg before nnU-Net (on a shared machine, compare both orders)")
     args = parser.parse_args()
@@ -103,32 +109,42 @@ def main() -> None:
 
     if not args.fedseg_first:
         nn = run_nnunet()
-    state, update = args.work / "fedseg_state", args.work / "fedseg_update.safetensors"
+    fedseg = {precision: train_fedseg(peer, args, env, precision) for precision in args.precision}
+    if args.fedseg_first:
+        nn = run_nnunet()
+    nn_rows = json.loads(nn.stdout.split("RESULT ", 1)[1])
+
+    a = summarise(nn_rows, args.warmup)
+    print(f"{'':<46} {'it/s':>6} {'step s/it':>10} {'wait s/it':>10} {'wait %':>7} {'peak RSS MB':>12}")
+    rows = [("nnU-Net nnUNetTrainer (loader + train_step)", a, nn)]
+    rows += [(f"fedseg train --workers 2 --precision {p}", summarise(r, args.warmup), m) for p, (r, m, _) in fedseg.items()]
+    for label, s, m in rows:
+        print(f"{label:<46} {s['it_per_s']:>6.3f} {s['step_per_it']:>10.3f} {s['wait_per_it']:>10.3f} "
+              f"{100 * s['wait_s'] / (s['wait_s'] + s['step_s']):>6.1f}% {m.peak_rss_mb:>12.0f}")
+    print(f"whole commands: nnU-Net set-up + loop {nn.seconds:.1f} s; "
+          + "; ".join(f"fedseg train --precision {p} {m.seconds:.1f} s (first run, preprocessing + 1 iteration, {first:.1f} s)"
+                      for p, (_r, m, first) in fedseg.items()) + " (fedseg's include validation on its validation cases)")
+    print(f"load after: {load_average()}")
+    for label, s, _m in rows[1:]:
+        print(f"ratio: {label} trains at {s['it_per_s'] / a['it_per_s']:.2f}x nnU-Net's iterations/s (target >= 1.3); "
+              f"batch wait {s['wait_per_it']:.3f} s/it = {100 * s['wait_s'] / (s['wait_s'] + s['step_s']):.1f}% of its loop")
+
+
+def train_fedseg(peer: Peer, args: argparse.Namespace, env: dict, precision: str) -> tuple[list[dict], object, float]:
+    """`fedseg train --precision P` from round 0, after an untimed run that fills its cache:
+    (per-iteration history, measured command, seconds of the first run)."""
+    state, update = args.work / f"fedseg_state_{precision}", args.work / f"fedseg_update_{precision}.safetensors"
     train = [peer.fedseg_cli, "train", "--site", SITE, "--data", str(peer.raw), "--plans", str(peer.plans_path),
              "--weights", str(peer.fedseg / "round_000" / f"{SITE}.safetensors"), "--state", str(state),
-             "-o", str(update), "--workers", "2", "--quiet"]
+             "-o", str(update), "--workers", "2", "--precision", precision, "--quiet"]
     shutil.rmtree(state, ignore_errors=True)
     start = time.perf_counter()
     subprocess.run([*train, "--iterations", "1"], env=env, check=True)   # fills the preprocessing cache
     first = time.perf_counter() - start
     for name in ("checkpoint.safetensors", "optimizer.safetensors"):
         (state / name).unlink(missing_ok=True)
-    fs = run_measured([*train, "--iterations", str(args.iterations)], env=env)
-    fs_rows = fedseg_history(state)
-    if args.fedseg_first:
-        nn = run_nnunet()
-    nn_rows = json.loads(nn.stdout.split("RESULT ", 1)[1])
-
-    a, b = summarise(nn_rows, args.warmup), summarise(fs_rows, args.warmup)
-    print(f"{'':<46} {'it/s':>6} {'step s/it':>10} {'wait s/it':>10} {'wait %':>7} {'peak RSS MB':>12}")
-    for label, s, m in (("nnU-Net nnUNetTrainer (loader + train_step)", a, nn), ("fedseg train --workers 2", b, fs)):
-        print(f"{label:<46} {s['it_per_s']:>6.3f} {s['step_per_it']:>10.3f} {s['wait_per_it']:>10.3f} "
-              f"{100 * s['wait_s'] / (s['wait_s'] + s['step_s']):>6.1f}% {m.peak_rss_mb:>12.0f}")
-    print(f"whole commands: nnU-Net set-up + loop {nn.seconds:.1f} s; fedseg train {fs.seconds:.1f} s "
-          f"(includes validation on its validation cases); first fedseg run (preprocessing + 1 iteration) {first:.1f} s")
-    print(f"load after: {load_average()}")
-    print(f"ratio: fedseg trains at {b['it_per_s'] / a['it_per_s']:.2f}x nnU-Net's iterations/s (target >= 1.0); "
-          f"batch wait {b['wait_per_it']:.3f} s/it = {100 * b['wait_s'] / (b['wait_s'] + b['step_s']):.1f}% of fedseg's loop")
+    measured = run_measured([*train, "--iterations", str(args.iterations)], env=env)
+    return fedseg_history(state), measured, first
 
 
 if __name__ == "__main__":

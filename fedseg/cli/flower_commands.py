@@ -11,8 +11,8 @@ from pathlib import Path
 import typer
 
 from fedseg.cli.options import (
-    BUDGET, CONFIGURATION, DEVICE, ITERATIONS, JSON, QUIET, RESUME, ROUNDS, RUN_OUTPUT, SEED, SET, SITES_ROOT, STRATEGY,
-    WORKERS, parse_set_options, require_dir, require_output_dir,
+    BUDGET, CONFIGURATION, DEVICE, ITERATIONS, JSON, PRECISION, QUIET, RESUME, ROUNDS, RUN_OUTPUT, SEED, SET, SITES_ROOT,
+    STRATEGY, WORKERS, parse_set_options, require_dir, require_output_dir,
 )
 from fedseg.errors import InputError
 
@@ -70,6 +70,7 @@ def simulate(
     seed: int = SEED,
     workers: int = WORKERS,
     device: str = DEVICE,
+    precision: str = PRECISION,
     budget: float = BUDGET,
     mirror: bool = typer.Option(False, "--mirror/--no-mirror", help="Mirroring at test time (server test set)."),
     parallel: int = typer.Option(1, "--parallel", min=1, help="Sites training at the same time (Ray actors)."),
@@ -94,7 +95,7 @@ def simulate(
     from fedseg.federation.run_folder import check_run_folder
     from fedseg.federation.run_setup import check_overrides
     from fedseg.federation.single_machine import result_to_dict, SimulationConfig
-    from fedseg.training.device import resolve_device
+    from fedseg.training.device import check_precision, resolve_device
     from fedseg.transport.flower_simulation import flower_simulate
 
     require_output_dir(output, "run folder")
@@ -107,7 +108,7 @@ def simulate(
     cfg = SimulationConfig(
         sites_root=sites_root, strategy=strategy, rounds=rounds, run_dir=output, configuration=config,
         iterations=iterations, overrides=overrides, seed=seed, workers=workers, device=resolve_device(device),
-        mirror=mirror, budget=budget,
+        precision=check_precision(precision), mirror=mirror, budget=budget,
     )
     result = flower_simulate(cfg, parallel=parallel, cpus_per_site=cpus_per_site, log=reporter.log,
                              round_timeout=round_timeout, verbose=verbose)
@@ -188,6 +189,7 @@ def join(
     key: Path = typer.Option(None, "--key", help="This site's private key, when the plan requires signed files."),
     plan_id: str = typer.Option(None, "--plan-id", help="Only train under this plan (plan_id from plans.json)."),
     device: str = DEVICE,
+    precision: str = PRECISION,
     workers: int = typer.Option(2, "--workers", min=0, help="Background augmentation workers."),
     port: int = typer.Option(9094, "--port", help="Local port of the SuperNode's runtime API (one per SuperNode on a machine)."),
     insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP without TLS (loopback and tests only)."),
@@ -202,7 +204,7 @@ def join(
     Example: fedseg flower join --site site_a --data sites/site_a --superlink coordinator.example.org:9092 --root-certificates ca.pem
     """
     require_flower()
-    from fedseg.training.device import check_device_name
+    from fedseg.training.device import check_device_name, check_precision
     from fedseg.transport.deploy import join as run_join
     from fedseg.transport.site import SiteSettings
 
@@ -211,9 +213,10 @@ def join(
         require_output_dir(state, "state folder")
     # "auto" is resolved where the site trains (a SuperNode's GPU is its own); the name is checked now
     check_device_name(device)
+    check_precision(precision)
     settings = SiteSettings(
         site=site, data=data, state=state if state is not None else Path("fedseg_state") / site, key=key,
-        device=device, workers=workers, plan_id=plan_id,
+        device=device, precision=precision, workers=workers, plan_id=plan_id,
     )
     code = run_join(settings, superlink, tls=_tls(insecure, None, None, root_certificates), port=port, flwr_home=flwr_home)
     if code:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from fedseg.cli.options import CHECKPOINT, DEVICE, JSON, MAX_VOXELS, QUIET, require_dir, require_file, require_output_dir, require_output_file
+from fedseg.cli.options import CHECKPOINT, DEVICE, JSON, MAX_VOXELS, PRECISION, QUIET, require_dir, require_file, require_output_dir, require_output_file
 from fedseg.planning.settings import MAX_ITERATIONS_PER_ROUND, MAX_ROUNDS
 
 
@@ -20,6 +20,7 @@ def train(
     iterations: int = typer.Option(None, "--iterations", min=1, max=MAX_ITERATIONS_PER_ROUND, help="Iterations this round (default: from the plan)."),
     epochs: int = typer.Option(None, "--epochs", min=1, max=MAX_ROUNDS, help="Epochs of the plan's iterations per round (iterations = epochs x plan's iterations_per_round)."),
     device: str = DEVICE,
+    precision: str = PRECISION,
     workers: int = typer.Option(2, "--workers", min=0, help="Background augmentation workers (0: in-process)."),
     key: Path = typer.Option(None, "--key", help="This site's private key (fedseg keygen); required when the plan lists keys."),
     max_voxels: int = MAX_VOXELS,
@@ -43,13 +44,14 @@ def train(
     from fedseg.cli.console import Reporter, print_json
     from fedseg.federation.site_training import run_site_round
     from fedseg.planning.plans import load_plans
-    from fedseg.training.device import resolve_device
+    from fedseg.training.device import check_precision, resolve_device
     from fedseg.training.folds import parse_fold
 
     # every output checked before any work: a wrong -o or --state must not cost a round of training
     require_output_file(output, "update file")
     require_output_dir(state, "state folder")
     device = resolve_device(device)
+    check_precision(precision)
     reporter = Reporter(quiet=quiet)
     plans = load_plans(require_file(plans_path, "plans file"))
     signing_key, agreement_key = _site_keys(key, plans)
@@ -60,7 +62,7 @@ def train(
             plans, site, require_dir(data, "dataset folder"), require_file(weights, "weights file"), state, output,
             iterations=iterations, device=device, num_workers=workers, progress=advance, log=reporter.log,
             signing_key=signing_key, agreement_key=agreement_key, max_voxels=max_voxels,
-            fold=parse_fold(fold, plans.training.n_folds),
+            fold=parse_fold(fold, plans.training.n_folds), precision=precision,
         )
     reporter.log(
         f"round {result.round} {site}: {result.n_iterations} iterations, val Dice {result.val_dice:.3f}, "
@@ -110,6 +112,7 @@ def predict(
     save_probabilities: bool = typer.Option(False, "--save-probabilities", help="Also write {CASE}.npz with the softmax 'probabilities' (as nnU-Net)."),
     mirror: bool = typer.Option(False, "--mirror/--no-mirror", help="Average predictions over mirrored inputs."),
     device: str = DEVICE,
+    precision: str = PRECISION,
     max_voxels: int = MAX_VOXELS,
     quiet: bool = QUIET,
     as_json: bool = JSON,
@@ -126,16 +129,17 @@ def predict(
     --checkpoint best -i images -o pred
 
     As find-best chose: fedseg predict --inference-plan selection/inference_plan.json -i images -o pred
+    (on a CPU with AMX, --precision bf16 is faster; labels may differ at a few boundary voxels)
     """
     from fedseg.cli.console import Reporter
     from fedseg.federation.ensemble_loading import ModelSource, load_members
-    from fedseg.training.device import resolve_device
+    from fedseg.training.device import check_precision, resolve_device
     from fedseg.training.inference import predict_folder_ensemble
 
     require_output_dir(output, "output folder")
     if state is not None:
         require_output_dir(state, "state folder")   # may be absent when the site keeps nothing local
-    device = resolve_device(device)
+    device, precision = resolve_device(device), check_precision(precision)
     reporter = Reporter(quiet=quiet)
     source = ModelSource(
         weights=[require_file(w, "weights file") for w in weights or []],
@@ -144,13 +148,12 @@ def predict(
         inference_plan=require_file(inference_plan, "inference plan") if inference_plan is not None else None,
     )
     members, postprocessing = load_members(source, site, state)
-    require_dir(images, "image folder")
     ending = members[0].plans.file_ending
-    n_cases = len({p.name.rsplit("_", 1)[0] for p in images.iterdir() if p.name.endswith(ending)})
+    n_cases = len({p.name.rsplit("_", 1)[0] for p in require_dir(images, "image folder").iterdir() if p.name.endswith(ending)})
     with reporter.progress("predict", n_cases) as advance:
         written = predict_folder_ensemble(members, images, output, device=device, mirror=mirror, progress=advance,
                                           save_probabilities=save_probabilities, postprocessing=postprocessing,
-                                          max_voxels=max_voxels)
+                                          max_voxels=max_voxels, precision=precision)
     reporter.log(f"wrote {len(written)} segmentations to {output} ({len(members)} model(s))")
     if as_json:
         from fedseg.cli.console import print_json

@@ -38,6 +38,11 @@ DEVICE = typer.Option(
     "auto", "--device",
     help="auto (a CUDA GPU when torch has one, else the CPU), cpu, cuda or cuda:N. On CUDA training uses mixed precision.",
 )
+PRECISION = typer.Option(
+    "auto", "--precision",
+    help="The network's arithmetic: auto (float16 mixed precision on CUDA, float32 on the CPU), fp32, or bf16 "
+         "(bfloat16 mixed precision; several times faster on CPUs with AMX, docs/cli.md).",
+)
 BUDGET = typer.Option(
     None, "--budget",
     help="Compute budget for the patch size (nnU-Net GPU-memory gigabytes; default 0.8 suits a CPU, 8 is nnU-Net's GPU plan).",

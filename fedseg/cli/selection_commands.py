@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from fedseg.cli.options import CHECKPOINT, DEVICE, JSON, QUIET, require_dir, require_file, split_list_option
+from fedseg.cli.options import CHECKPOINT, DEVICE, JSON, PRECISION, QUIET, require_dir, require_file, split_list_option
 
 # Kept equal to fedseg.federation.site_validation.DEFAULT_STATE_TEMPLATE (spelled out so
 # --help does not import the library).
@@ -22,6 +22,7 @@ def validate(
     checkpoint: str = CHECKPOINT,
     state_template: str = typer.Option(STATE_TEMPLATE, "--state-template", help="Where the site's state folder (splits_final.json, local parameters) of a run's fold is."),
     device: str = DEVICE,
+    precision: str = PRECISION,
     mirror: bool = typer.Option(False, "--mirror/--no-mirror", help="Average predictions over mirrored inputs."),
     quiet: bool = QUIET,
     as_json: bool = JSON,
@@ -38,14 +39,17 @@ def validate(
     from fedseg.atomic import write_json_atomic
     from fedseg.cli.console import Reporter, print_json
     from fedseg.federation.site_validation import validate_site
+    from fedseg.training.device import check_precision
     from fedseg.training.folds import parse_fold
 
+    check_precision(precision)
     reporter = Reporter(quiet=quiet)
     roots = [require_dir(r, "run folder") for r in run]
     with reporter.progress(f"validate {site}", None) as advance:
         record = validate_site(
             site, require_dir(data, "dataset folder"), roots, [parse_fold(f) for f in split_list_option(fold)], checkpoint=checkpoint,
             state_template=state_template, device=device, mirror=mirror, progress=advance,
+            precision=precision,
         )
     write_json_atomic(output, record)
     reporter.log(f"wrote {output}: {len(record['candidates'])} candidate(s) over folds {', '.join(record['folds'])}")

@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 
 from fedseg.cli.options import (
-    BUDGET, CONFIGURATION, DEVICE, ITERATIONS, JSON, MAX_VOXELS, QUIET, RESUME, ROUNDS, RUN_OUTPUT, SEED, SET, SITES_ROOT, STRATEGY,
-    WORKERS, parse_set_options, require_dir, require_output_dir, split_list_option,
+    BUDGET, CONFIGURATION, DEVICE, ITERATIONS, JSON, MAX_VOXELS, PRECISION, QUIET, RESUME, ROUNDS, RUN_OUTPUT, SEED, SET,
+    SITES_ROOT, STRATEGY, WORKERS, parse_set_options, require_dir, require_output_dir, split_list_option,
 )
 
 
@@ -23,6 +23,7 @@ def simulate(
     seed: int = SEED,
     workers: int = WORKERS,
     device: str = DEVICE,
+    precision: str = PRECISION,
     budget: float = BUDGET,
     mirror: bool = typer.Option(False, "--mirror/--no-mirror", help="Mirroring at test time."),
     resume: bool = RESUME,
@@ -42,7 +43,6 @@ def simulate(
     Ends with the per-site test Dice table.
 
     Example: fedseg simulate sites --strategy fedavg --rounds 3 -o run --device auto --budget 8
-
     Five-fold cross-validation (model selection, see docs/model-selection.md):
     fedseg simulate sites --rounds 3 --folds 0,1,2,3,4 -o runs/3d_fullres
     """
@@ -50,7 +50,7 @@ def simulate(
     from fedseg.federation.run_folder import check_run_folder
     from fedseg.federation.single_machine import SimulationConfig, result_to_dict, simulate_folds
     from fedseg.federation.single_machine import simulate as run_simulation
-    from fedseg.training.device import resolve_device
+    from fedseg.training.device import check_precision, resolve_device
     from fedseg.training.folds import fold_name, parse_fold
 
     require_output_dir(output, "run folder")
@@ -64,7 +64,7 @@ def simulate(
     cfg = SimulationConfig(
         sites_root=sites_root, strategy=strategy, rounds=rounds, run_dir=output, configuration=config,
         iterations=iterations, overrides=overrides, seed=seed, workers=workers, device=resolve_device(device),
-        mirror=mirror, budget=budget, max_voxels=max_voxels,
+        precision=check_precision(precision), mirror=mirror, budget=budget, max_voxels=max_voxels,
     )
     if fold_list:
         results = simulate_folds(cfg, fold_list, log=reporter.log, progress_factory=reporter.progress)

@@ -44,6 +44,7 @@ class SimulationConfig:
     workers: int = 2                       # augmentation workers per site
     fingerprint_workers: int = 1
     device: str = "auto"                   # "auto" (CUDA when present), "cpu", "cuda" or "cuda:N"
+    precision: str = "auto"                # the network's arithmetic: auto, fp32 or bf16 (fedseg.training.device)
     mirror: bool = False
     max_voxels: int = DEFAULT_MAX_VOXELS   # images declaring more voxels are refused unread
     budget: float | None = None            # planning budget (nnU-Net GB-equivalents; default the planner's)
@@ -161,7 +162,7 @@ def _train_site(
             plans, name, path, round_dir(run_dir, r - 1) / f"{name}.safetensors", run_dir / "state" / name,
             update, iterations=config.iterations, device=config.device, num_workers=config.workers,
             progress=advance, agreement_key=agreement_key(run_dir, plans, name),
-            max_voxels=config.max_voxels, fold=config.fold,
+            max_voxels=config.max_voxels, fold=config.fold, precision=config.precision,
         )
     log(f"round {r} {name}: val Dice {result.val_dice:.3f} ({result.seconds:.1f}s)")
     return update

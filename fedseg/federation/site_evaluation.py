@@ -29,7 +29,7 @@ def evaluate_sites(plans, run_dir: Path, site_dirs: dict[str, Path], config: Sim
         result = evaluate_site(
             plans, name, path, final / f"{name}.safetensors", run_dir / "state" / name,
             run_dir / "report" / "predictions" / name, device=config.device, mirror=config.mirror,
-            progress_factory=progress_factory, max_voxels=config.max_voxels,
+            progress_factory=progress_factory, max_voxels=config.max_voxels, precision=config.precision,
         )
         if result is not None:
             save_metrics(result, run_dir / "report" / f"metrics_{name}.json")
@@ -46,6 +46,7 @@ def check_site_image_sizes(dataset, max_voxels: int) -> None:
 def evaluate_site(
     plans, site: str, dataset_root: Path, weights_path: Path, state_dir: Path, predictions_dir: Path,
     device: str = "cpu", mirror: bool = False, progress_factory=None, max_voxels: int = DEFAULT_MAX_VOXELS,
+    precision: str = "auto",
 ) -> dict | None:
     """Predict a site's test split (imagesTs) with the model it would use and score it against
     labelsTs; None when the site has no test split."""
@@ -56,5 +57,5 @@ def evaluate_site(
     n = len(list(labels.iterdir()))
     with (progress_factory or no_progress)(f"predict {site}", n) as advance:
         predict_folder(network, images, predictions_dir, plans, plans.configuration_for(site), device=device,
-                       mirror=mirror, progress=advance, site=site, max_voxels=max_voxels)
+                       mirror=mirror, progress=advance, site=site, max_voxels=max_voxels, precision=precision)
     return evaluate_folders(predictions_dir, labels, plans.labels, plans.file_ending, max_voxels=max_voxels)

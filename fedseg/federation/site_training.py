@@ -86,6 +86,7 @@ def run_site_round(
     agreement_key: AgreementKey | None = None,
     max_voxels: int = DEFAULT_MAX_VOXELS,
     fold: int | str = 0,
+    precision: str = "auto",
 ) -> SiteRoundResult:
     """Train `site` for one round starting from `weights_path`; write the update to `output`.
 
@@ -95,7 +96,7 @@ def run_site_round(
     `agreement_key`: the site's key-agreement key; required when the plan uses secure aggregation.
     `fold`: the cross-validation fold of the site's splits (fedseg.training.folds). The update
     reports the fold's validation Dice of the incoming model and how many cases it rests on
-    (numbers only), from which the coordinator picks the best round.
+    (numbers only), from which the coordinator picks the best round. `precision`: auto, fp32, bf16.
     """
     start = time.monotonic()
     plans.site(site)
@@ -112,7 +113,7 @@ def run_site_round(
             plans, site, Path(dataset_root), Path(state_dir), network, state, round_index,
             iterations=iterations, device=device, num_workers=num_workers, progress=progress, log=log,
             trainer_class=get_recipe(strategy.recipe).trainer_class(plans), max_voxels=max_voxels, fold=fold,
-        )
+            precision=precision)
         meta = write_site_update(
             plans, site, outcome.state_dict, output, round_index=round_index, n_iterations=outcome.n_iterations,
             extra=_update_extra(outcome, started_from, fold), signing_key=signing_key, privacy=privacy,

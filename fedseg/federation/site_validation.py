@@ -77,8 +77,10 @@ def validate_site(
     device: str = "cpu",
     mirror: bool = False,
     progress: Callable[..., None] | None = None,
+    precision: str = "auto",
 ) -> dict[str, Any]:
-    """Score every candidate on the site's validation cases of `folds`; returns the file's content."""
+    """Score every candidate on the site's validation cases of `folds`; returns the file's content
+    (`precision`: the networks' arithmetic, auto, fp32 or bf16)."""
     if not folds:
         raise InputError("give at least one fold (--fold)")
     if FOLD_ALL in folds:
@@ -95,7 +97,8 @@ def validate_site(
         _train, val_ids = fold_cases(split, fold, list(cases))
         for case_id in val_ids:
             case_data = load_case(cases[case_id], sorted(labels.values()))
-            probs = {name: ensemble_probabilities([m], case_data, device=device, mirror=mirror) for name, m in members.items()}
+            probs = {name: ensemble_probabilities([m], case_data, device=device, mirror=mirror, precision=precision)
+                     for name, m in members.items()}
             for candidate, parts in candidates.items():
                 mean = sum(probs[p] for p in parts) / len(parts)
                 scores[candidate].add_case(probabilities_to_labels(mean, members[parts[0]].plans), case_data.seg, labels)

@@ -78,6 +78,7 @@ def predict_case_probabilities(
     mirror: bool = False,
     step_size: float = DEFAULT_STEP_SIZE,
     site: str | None = None,
+    precision: str = "auto",
 ) -> np.ndarray:
     """Probabilities (K, z, y, x) float32 of one case in its original geometry: softmax over
     classes (per-region sigmoids for region-based labels).
@@ -90,7 +91,8 @@ def predict_case_probabilities(
     channels, laid out in the plan's order with the absent ones zero before preprocessing).
     The network is moved to `device`; its train/eval mode and deep-supervision flag are
     restored afterwards. `mirror` averages the predictions of all axis flips (2^ndim
-    forward passes per tile: more robust, 2^ndim times slower).
+    forward passes per tile: more robust, 2^ndim times slower). `precision`: the network's
+    arithmetic, auto, fp32 or bf16 (fedseg.training.device).
     """
     layout = site_channel_layout(plans, site)
     if layout is not None and case_data.data.shape[0] == len(layout):
@@ -112,6 +114,7 @@ def predict_case_probabilities(
         step_size=step_size,
         mirror=mirror,
         device=device,
+        precision=precision,
     )
     reverted = revert_logits(logits, preprocessed.properties, config, regions=layout.has_regions)
     if reverted.shape[1:] != tuple(case_data.geometry.shape):
@@ -123,14 +126,14 @@ def predict_case_probabilities(
 
 def ensemble_probabilities(
     members: Sequence[EnsembleMember], case_data: CaseData, device: str = "cpu", mirror: bool = False,
-    step_size: float = DEFAULT_STEP_SIZE,
+    step_size: float = DEFAULT_STEP_SIZE, precision: str = "auto",
 ) -> np.ndarray:
     """The mean of the members' softmax probabilities for one case (original geometry)."""
     total = None
     for member in members:
         probs = predict_case_probabilities(
             member.network, case_data, member.plans, member.config, device=device, mirror=mirror,
-            step_size=step_size, site=member.site,
+            step_size=step_size, site=member.site, precision=precision,
         )
         total = probs if total is None else total + probs
     return total / len(members)
@@ -154,10 +157,11 @@ def predict_case(
     mirror: bool = False,
     step_size: float = DEFAULT_STEP_SIZE,
     site: str | None = None,
+    precision: str = "auto",
 ) -> np.ndarray:
     """Segment one case: (z, y, x) int16 array of label values in the case's original geometry
     (arguments as `predict_case_probabilities`)."""
-    probs = predict_case_probabilities(network, case_data, plans, config, device, mirror, step_size, site)
+    probs = predict_case_probabilities(network, case_data, plans, config, device, mirror, step_size, site, precision)
     return probabilities_to_labels(probs, plans)
 
 
@@ -186,6 +190,7 @@ def predict_folder_ensemble(
     save_probabilities: bool = False,
     postprocessing: PostprocessingDecision | None = None,
     max_voxels: int = DEFAULT_MAX_VOXELS,
+    precision: str = "auto",
 ) -> list[Path]:
     """Segment every `{CASE}_{XXXX}{ending}` case in `images_dir` into `out_dir/{CASE}{ending}`
     with the mean softmax of `members` (one member: a plain prediction).
@@ -210,7 +215,8 @@ def predict_folder_ensemble(
     written = []
     for case in cases:
         case_data = load_case(case, max_voxels=max_voxels)
-        probs = ensemble_probabilities(members, case_data, device=device, mirror=mirror, step_size=step_size)
+        probs = ensemble_probabilities(members, case_data, device=device, mirror=mirror, step_size=step_size,
+                                       precision=precision)
         seg = probabilities_to_labels(probs, plans)
         if postprocessing is not None:
             seg = postprocessing.apply(seg, foreground)
@@ -237,6 +243,7 @@ def predict_folder(
     step_size: float = DEFAULT_STEP_SIZE,
     site: str | None = None,
     max_voxels: int = DEFAULT_MAX_VOXELS,
+    precision: str = "auto",
 ) -> list[Path]:
     """Segment every `{CASE}_{XXXX}{ending}` case in `images_dir` into `out_dir/{CASE}{ending}`
     with one network (see `predict_folder_ensemble`). `site`: the images hold that site's
@@ -245,4 +252,4 @@ def predict_folder(
     """
     member = EnsembleMember(network, plans, config, site)
     return predict_folder_ensemble([member], images_dir, out_dir, device=device, mirror=mirror, progress=progress,
-                                   step_size=step_size, max_voxels=max_voxels)
+                                   step_size=step_size, max_voxels=max_voxels, precision=precision)

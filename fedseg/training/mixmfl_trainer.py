@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from fedseg.training.device import autocast, float32_outputs
 from fedseg.training.mixmfl_network import MixMFLNet, entropy_triplet_loss, grad_reverse
 from fedseg.training.prototype_memory import SHARED_KEY, kmeans, prototype_rows, push, tailored_key
 from fedseg.training.recipes.params import MixMFLParams
@@ -89,7 +90,11 @@ class MixMFLTrainer(SiteTrainer):
         target = batch["target"]
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) else target.to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        outputs, aux = self.network(data, return_aux=True)
+        # bfloat16 (--precision bf16) for the network only: every loss term in float32. The
+        # default keeps this recipe in float32 on every device, as it always trained.
+        with autocast(self.device, "bf16" if self.precision == "bf16" else "fp32"):
+            outputs, aux = self.network(data, return_aux=True)
+        outputs, aux = float32_outputs((outputs, aux))
         seg_loss = self.compute_loss(outputs, target)
         cls_loss, triplet_loss = self.decoupling_losses(aux)
         loss = seg_loss + self.lambda_cls * cls_loss + self.lambda_triplet * triplet_loss

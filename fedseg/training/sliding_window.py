@@ -99,6 +99,7 @@ def sliding_window_probabilities(
     device: str | torch.device = "cpu",
     tiles_per_batch: int = TILES_PER_BATCH,
     regions: bool = False,
+    precision: str = "auto",
 ) -> np.ndarray:
     """Class probabilities (K, z, y, x) float32 for a preprocessed (C, z, y, x) array.
 
@@ -108,10 +109,12 @@ def sliding_window_probabilities(
     A 3-entry `patch_size` tiles the volume; a 2-entry one predicts each z slice in 2D.
     The network runs in eval mode without deep supervision (`inference_mode`, restored
     afterwards); a list output is tolerated and its first, full-resolution entry used.
+    `precision` (auto, fp32, bf16) is the network's arithmetic (fedseg.training.device); tiles
+    are combined in float32 whatever it is.
     """
     with inference_mode(network):
         return _sliding_window(network, data, patch_size, n_classes, step_size, mirror, device, tiles_per_batch,
-                               "sigmoid" if regions else "softmax")
+                               "sigmoid" if regions else "softmax", precision)
 
 
 def sliding_window_logits(
@@ -123,6 +126,7 @@ def sliding_window_logits(
     mirror: bool = False,
     device: str | torch.device = "cpu",
     tiles_per_batch: int = TILES_PER_BATCH,
+    precision: str = "auto",
 ) -> np.ndarray:
     """Network outputs (K, z, y, x) float32 before softmax, combined over tiles and flips.
 
@@ -133,7 +137,7 @@ def sliding_window_logits(
     """
     with inference_mode(network):
         return _sliding_window(network, data, patch_size, n_classes, step_size, mirror, device, tiles_per_batch,
-                               nonlinearity=None)
+                               nonlinearity=None, precision=precision)
 
 
 def _apply_nonlinearity(out: torch.Tensor, nonlinearity: str | None) -> torch.Tensor:
@@ -154,6 +158,7 @@ def _sliding_window(
     device: str | torch.device,
     tiles_per_batch: int,
     nonlinearity: str | None = "softmax",
+    precision: str = "auto",
 ) -> np.ndarray:
     if data.ndim != 4:
         raise ValueError(f"expected (C, z, y, x) data, got shape {data.shape}")
@@ -189,7 +194,7 @@ def _sliding_window(
     for first in range(0, len(tiles), tiles_per_batch):
         batch_tiles = tiles[first : first + tiles_per_batch]
         batch = torch.stack([source[(slice(None), *t)] for t in batch_tiles])
-        with autocast(device):   # float16 on CUDA (as nnU-Net predicts); outputs combined in float32 below
+        with autocast(device, precision):   # auto: float16 on CUDA (as nnU-Net predicts); combined in float32 below
             tile_probs = _predict_tiles(network, batch, n_classes, mirror, nonlinearity)
         for tile, tile_prob in zip(batch_tiles, tile_probs):
             probs[(slice(None), *tile)] += tile_prob * gaussian

@@ -43,7 +43,7 @@ def region_decoder(paint: Sequence[int]) -> Callable[[torch.Tensor], torch.Tenso
 @torch.no_grad()
 def predict_indices(
     network: nn.Module, data: np.ndarray, patch_size: Sequence[int], device: str,
-    decode: Callable[[torch.Tensor], torch.Tensor] = argmax_decoder,
+    decode: Callable[[torch.Tensor], torch.Tensor] = argmax_decoder, precision: str = "auto",
 ) -> np.ndarray:
     """Class-index map (z, y, x) of a preprocessed case: the volume is padded to at least the
     patch and covered by patch-sized tiles (last tile aligned to the border), one forward pass
@@ -64,7 +64,7 @@ def predict_indices(
         for corner in np.ndindex(*[len(s) for s in starts]):
             lo = [starts[d][corner[d]] for d in range(len(patch_size))]
             window = tuple(slice(a, a + p) for a, p in zip(lo, patch_size))
-            labels = _tile_indices(network, volume[(slice(None), *window)], device, decode)
+            labels = _tile_indices(network, volume[(slice(None), *window)], device, decode, precision)
             if is_2d:
                 result[(z, *window)] = labels
             else:
@@ -75,10 +75,11 @@ def predict_indices(
 
 def _tile_indices(
     network: nn.Module, tile: np.ndarray, device: str, decode: Callable[[torch.Tensor], torch.Tensor],
+    precision: str,
 ) -> np.ndarray:
     """Class indices (int16) of one (C, *patch) tile: one forward pass, the highest-resolution output."""
     x = torch.from_numpy(np.ascontiguousarray(tile))[None].to(device)
-    with autocast(device):
+    with autocast(device, precision):
         logits = network(x)
     if isinstance(logits, (list, tuple)):
         logits = logits[0]

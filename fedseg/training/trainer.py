@@ -29,7 +29,7 @@ from fedseg.planning.plans import ConfigurationPlan, Plans
 from fedseg.training import round_loop
 from fedseg.training.case_cache import CachedCase, cache_dir, load_training_cases, site_layout
 from fedseg.training.dataloading import BatchStream
-from fedseg.training.device import autocast, configure_backend, grad_scaler, resolve_device
+from fedseg.training.device import autocast, check_precision, configure_backend, float32_outputs, grad_scaler, resolve_device
 from fedseg.training.folds import Fold, fold_cases, load_or_create_splits
 from fedseg.training.losses import deep_supervision_scales, make_loss
 from fedseg.training.round_checkpoint import CHECKPOINT_FILE, OPTIMIZER_FILE, state_sha256
@@ -73,15 +73,18 @@ class SiteTrainer:
         num_workers: int = 2,
         progress: Callable[..., None] | None = None,
         log: Callable[[str], None] | None = None,
+        precision: str = "auto",
     ) -> None:
-        """`progress(n=1, info="")` is called after each iteration (n = iterations advanced)."""
+        """`progress(n=1, info="")` is called after each iteration (n = iterations advanced);
+        `precision`: auto, fp32 or bf16 (fedseg.training.device)."""
         self.plans = plans
         self.site = site
         self.config: ConfigurationPlan = plans.configuration_for(site)
         self.device = resolve_device(device)
         configure_backend(self.device)
-        # mixed precision on CUDA as nnU-Net trains (None on the CPU: plain float32 steps)
-        self.grad_scaler = grad_scaler(self.device)
+        self.precision = check_precision(precision)
+        # float16 on CUDA as nnU-Net trains needs a scaler; float32 and bfloat16 steps do not (None)
+        self.grad_scaler = grad_scaler(self.device, self.precision)
         self.network = network.to(self.device)
         self.num_workers = num_workers
         self.progress = progress
@@ -145,8 +148,11 @@ class SiteTrainer:
         target = batch["target"]
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) else target.to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device):
-            loss = self.compute_loss(self.network(data), target)
+        with autocast(self.device, self.precision):
+            outputs = self.network(data)
+            if self.precision == "bf16":   # losses in float32: softmax and sums follow their input's dtype
+                outputs = float32_outputs(outputs)
+            loss = self.compute_loss(outputs, target)
         self.backward_and_step(loss)
         return float(loss.detach().cpu())
 
@@ -176,7 +182,7 @@ class SiteTrainer:
             self.network.deep_supervision = False
         try:
             decode = argmax_decoder if self.region_class_indices is None else region_decoder(self.region_paint)
-            preds = [predict_indices(self.network, c.data, self.config.patch_size, self.device, decode) for c in cases]
+            preds = [predict_indices(self.network, c.data, self.config.patch_size, self.device, decode, self.precision) for c in cases]
         finally:
             if deep_supervision is not None:
                 self.network.deep_supervision = deep_supervision
@@ -239,6 +245,7 @@ def train_local(
     trainer_class: type[SiteTrainer] = SiteTrainer,
     max_voxels: int = DEFAULT_MAX_VOXELS,
     fold: Fold = 0,
+    precision: str = "auto",
 ) -> TrainOutcome:
     """Train `site` for round `round_index` (1-based) starting from `initial_state`.
 
@@ -246,12 +253,14 @@ def train_local(
     `iterations`, else the plan's), t = (round_index - 1) x iterations + local iteration.
     Calling again with the same round and initial state resumes a killed run from its
     checkpoint, or returns a finished round's outcome without training. `fold`: the
-    cross-validation fold (0..n_folds-1 or "all") of the site's `splits_final.json`.
+    cross-validation fold (0..n_folds-1 or "all") of the site's `splits_final.json`;
+    `precision`: auto, fp32 or bf16 (fedseg.training.device).
     """
     plans.site(site)
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
-    trainer = trainer_class(plans, site, network, device=device, num_workers=num_workers, progress=progress, log=log)
+    trainer = trainer_class(plans, site, network, device=device, num_workers=num_workers, progress=progress, log=log,
+                            precision=precision)
     trainer.max_voxels = max_voxels
     trainer.fold = fold
     return trainer.run_round(state_dir, initial_state, round_index, iterations, dataset_root=Path(dataset_root))

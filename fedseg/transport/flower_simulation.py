@@ -45,7 +45,7 @@ def flower_simulate(
     run_dir = Path(config.run_dir)
     sites = [
         SiteSettings(site=path.name, data=path.resolve(), state=(run_dir / "state" / path.name).resolve(),
-                     device=config.device, workers=config.workers)
+                     device=config.device, precision=config.precision, workers=config.workers)
         for path in discover_sites(Path(config.sites_root), log)
     ]
     settings = CoordinatorSettings(

@@ -45,6 +45,7 @@ class SiteSettings:
     state: Path                     # the site's state folder (fedseg train --state)
     key: Path | None = None         # the site's private key, when the plan requires signatures
     device: str = "cpu"
+    precision: str = "auto"         # the network's arithmetic: auto, fp32 or bf16 (fedseg.training.device)
     workers: int = 2                # background augmentation workers
     plan_id: str | None = None      # when set, refuse to train under any other plan
 
@@ -96,7 +97,7 @@ def site_train(
     result = run_site_round(
         plans, settings.site, Path(settings.data), model_path, Path(settings.state), output,
         iterations=iterations, device=settings.device, num_workers=settings.workers,
-        signing_key=_signing_key(settings),
+        signing_key=_signing_key(settings), precision=settings.precision,
     )
     if result.round != round_index:
         raise InputError(f"the coordinator asked for round {round_index} but sent the model of round {result.round - 1}", model_path)
@@ -111,7 +112,7 @@ def site_evaluate(settings: SiteSettings, plans_json: str, model: dict[str, byte
     model_path = write_weight_bundle(model, folder / f"final_round_{round_index:03d}.safetensors", "the coordinator")
     result = evaluate_site(
         plans, settings.site, Path(settings.data), model_path, Path(settings.state), folder / "predictions",
-        device=settings.device,
+        device=settings.device, precision=settings.precision,
     )
     # through JSON, as it travels: NaN (an empty label) becomes null
     return None if result is None else json.loads(json.dumps(to_jsonable(result), allow_nan=False))

@@ -167,6 +167,29 @@ def test_auto_is_the_default_of_every_command_that_computes() -> None:
         assert inspect.signature(command).parameters["device"].default.default == "auto", command.__name__
 
 
+def test_an_unknown_precision_exits_2_before_any_work(tiny_sites: Path, tiny_plans: Path, tmp_path: Path, capsys) -> None:
+    refused(["train", "--site", "site_a", "--data", str(tiny_sites / "site_a"), "--plans", str(tiny_plans),
+             "--weights", str(tmp_path / "w.safetensors"), "--state", str(tmp_path / "state"),
+             "-o", str(tmp_path / "update.safetensors"), "--precision", "fp16"], capsys, "--precision", "fp16")
+    refused(["predict", "--plans", str(tiny_plans), "--weights", str(tmp_path / "w.safetensors"),
+             "-i", str(tiny_sites / "site_a" / "imagesTs"), "-o", str(tmp_path / "pred"), "--precision", "half"],
+            capsys, "--precision", "half")
+    refused(["simulate", str(tiny_sites), "-o", str(tmp_path / "run"), "--precision", "bfloat16"], capsys, "bfloat16")
+    refused(["validate", "--site", "site_a", "--data", str(tiny_sites / "site_a"), "--run", str(tmp_path),
+             "--fold", "0", "-o", str(tmp_path / "v.json"), "--precision", "int8"], capsys, "int8")
+    assert listing(tmp_path) == set()
+
+
+def test_auto_precision_is_the_default_of_every_command_that_computes() -> None:
+    import inspect
+
+    from fedseg.cli import flower_commands, model_commands, selection_commands, simulate_command
+
+    for command in (model_commands.train, model_commands.predict, simulate_command.simulate, selection_commands.validate,
+                    flower_commands.simulate, flower_commands.join):
+        assert inspect.signature(command).parameters["precision"].default.default == "auto", command.__name__
+
+
 def test_budget_reaches_the_plan_of_simulate(tiny_fingerprints: list[Path]) -> None:
     """`simulate --budget` plans as `plan --budget` does (a larger budget, a larger patch)."""
     from fedseg.federation.run_setup import plan_run
