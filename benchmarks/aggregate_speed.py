@@ -161,7 +161,8 @@ def breakdown(folder: Path, n: int) -> None:
 
     from fedseg.federation.aggregation import aggregate_round
     from fedseg.federation.signing import COORDINATOR, load_signing_key, verify_signature, write_signature
-    from fedseg.federation.validation import _sum_of_squares, validate_updates
+    from fedseg.federation.data_pass import sum_of_squares
+    from fedseg.federation.validation import validate_updates
     from fedseg.federation.weightfile import ContentHasher, open_reader
     from fedseg.planning.plans import load_plans
 
@@ -188,7 +189,7 @@ def breakdown(folder: Path, n: int) -> None:
     timed("content_hash_1thread_s", content_hashes)
     timed("file_sha256_1thread_s", lambda: [hashlib.sha256(r.map()).hexdigest() for r in readers])
     timed("finite_norm_1thread_s", lambda: [
-        _sum_of_squares(name, a, r.path) for r in readers for name, a in r.iter_tensors()])
+        sum_of_squares(name, a, r.path) for r in readers for name, a in r.iter_tensors()])
     if plans.keys:
         timed("signature_verify_s", lambda: [
             verify_signature(plans.keys, r.path, r.meta.content_hash, r.meta.site) for r in readers])
