@@ -17,8 +17,10 @@ Same update files for all three, in one run:
 The network is nnU-Net's 3d_fullres PlainConvUNet for a 128³ patch (6 stages, 32..320
 features, ~31M parameters, 124 MB of float32 per update). Update files are made once under
 WORK (about 7.5 GB for 50 unsigned + 10 signed sites, about 2 minutes) and reused. Each method runs REPEAT
-times as a subprocess; the best time is reported, with peak resident memory of the process
-(RSS, includes memory-mapped file pages) and peak anonymous memory (what it allocated).
+times as a subprocess, the methods taking turns (a run of each, REPEAT times), with bytecode
+cached under WORK as an installed package has it; the best time is reported, with peak
+resident memory of the process (RSS, includes memory-mapped file pages) and peak anonymous
+memory (what it allocated).
 A breakdown in one process shows what validation's hashing and the signature checks cost
 (`file_sha256_1thread_s`: the sha256 of the input bytes, which fedseg no longer computes for
 format-version-2 updates; measured for reference).
@@ -161,7 +163,8 @@ def breakdown(folder: Path, n: int) -> None:
 
     from fedseg.federation.aggregation import aggregate_round
     from fedseg.federation.signing import COORDINATOR, load_signing_key, verify_signature, write_signature
-    from fedseg.federation.validation import _sum_of_squares, validate_updates
+    from fedseg.federation.data_pass import sum_of_squares
+    from fedseg.federation.validation import validate_updates
     from fedseg.federation.weightfile import ContentHasher, open_reader
     from fedseg.planning.plans import load_plans
 
@@ -188,7 +191,7 @@ def breakdown(folder: Path, n: int) -> None:
     timed("content_hash_1thread_s", content_hashes)
     timed("file_sha256_1thread_s", lambda: [hashlib.sha256(r.map()).hexdigest() for r in readers])
     timed("finite_norm_1thread_s", lambda: [
-        _sum_of_squares(name, a, r.path) for r in readers for name, a in r.iter_tensors()])
+        sum_of_squares(name, a, r.path) for r in readers for name, a in r.iter_tensors()])
     if plans.keys:
         timed("signature_verify_s", lambda: [
             verify_signature(plans.keys, r.path, r.meta.content_hash, r.meta.site) for r in readers])
@@ -213,15 +216,22 @@ def best(runs: list[Measured]) -> Measured:
     return min(runs, key=lambda m: m.seconds)
 
 
-def repeat(times: int, cmd: list[str], cleanup: Path | None = None) -> Measured:
-    runs = []
-    for _ in range(times):
-        if cleanup is not None:
-            shutil.rmtree(cleanup, ignore_errors=True)
-        runs.append(run_measured(cmd))
-    if cleanup is not None:
-        shutil.rmtree(cleanup, ignore_errors=True)
-    return best(runs)
+def round_robin(runs: dict[str, tuple[list[str], int, Path | None]], env: dict[str, str]) -> dict[str, Measured]:
+    """{method: (command, times, folder to clear before each run)} -> each method's best run.
+    The methods take turns, one run each per turn: on a shared machine the other jobs come
+    and go, and every method then meets the same mix of them."""
+    measured: dict[str, list[Measured]] = {key: [] for key in runs}
+    for turn in range(max(times for _cmd, times, _clear in runs.values())):
+        for key, (cmd, times, clear) in runs.items():
+            if turn >= times:
+                continue
+            if clear is not None:
+                shutil.rmtree(clear, ignore_errors=True)
+            measured[key].append(run_measured(cmd, env=env))
+    for _cmd, _times, clear in runs.values():
+        if clear is not None:
+            shutil.rmtree(clear, ignore_errors=True)
+    return {key: best(found) for key, found in measured.items()}
 
 
 def main() -> None:
@@ -246,28 +256,32 @@ def main() -> None:
     size_mb = os.path.getsize(plain_updates[0]) / 1e6
     print(f"inputs ready in {made:.1f} s: updates of {size_mb:.1f} MB under {args.work}; load {load_average()}")
 
+    # Every method runs with its bytecode cached (under WORK), as an installed package runs (pip
+    # compiles it): a shell with PYTHONDONTWRITEBYTECODE would have fedseg compile its ~60
+    # modules from source at every start (~0.08 s), which no deployment does.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = str(args.work / "pycache")
+
     # warm the page cache for every method alike
     for p in plain_updates + signed_updates:
         subprocess.run(["cat", p], stdout=subprocess.DEVNULL, check=True)
 
-    def cli(folder: Path, updates: list[str], key: bool) -> Measured:
-        out = args.work / "out"
-        cmd = [fedseg_cli, "aggregate", "--plans", str(folder / "plans.json"), *updates, "-o", str(out), "--quiet"]
-        if key:
-            cmd += ["--key", str(folder / "keys" / "coordinator.key")]
-        return repeat(args.repeat, cmd, cleanup=out)
+    out = args.work / "out"
 
-    results = {
-        "fedseg": cli(plain, plain_updates[:n], key=False),
-        "fedseg_signed": cli(signed, signed_updates, key=True),
-        "fedseg_2x_sites": repeat(1, [fedseg_cli, "aggregate", "--plans", str(plain / "plans.json"), *plain_updates,
-                                      "-o", str(args.work / "out"), "--quiet"], cleanup=args.work / "out"),
-        "flower": repeat(args.repeat, [str(args.flwr_python), *me[1:], "flower", *plain_updates[:n]]),
-        "floor": repeat(args.repeat, [*me, "floor", *plain_updates[:n]]),
-    }
+    def cli(folder: Path, updates: list[str], key: bool) -> list[str]:
+        cmd = [fedseg_cli, "aggregate", "--plans", str(folder / "plans.json"), *updates, "-o", str(out), "--quiet"]
+        return cmd + (["--key", str(folder / "keys" / "coordinator.key")] if key else [])
+
+    results = round_robin({
+        "fedseg": (cli(plain, plain_updates[:n], key=False), args.repeat, out),
+        "fedseg_signed": (cli(signed, signed_updates, key=True), args.repeat, out),
+        "fedseg_2x_sites": (cli(plain, plain_updates, key=False), 1, out),
+        "flower": ([str(args.flwr_python), *me[1:], "flower", *plain_updates[:n]], args.repeat, None),
+        "floor": ([*me, "floor", *plain_updates[:n]], args.repeat, None),
+    }, env)
     inner = {k: json.loads(results[k].stdout) for k in ("flower", "floor")}
-    parts_plain = json.loads(run_measured([*me, "breakdown", str(plain), str(n)]).stdout)
-    parts_signed = json.loads(run_measured([*me, "breakdown", str(signed), str(n)]).stdout)
+    parts_plain = json.loads(run_measured([*me, "breakdown", str(plain), str(n)], env=env).stdout)
+    parts_signed = json.loads(run_measured([*me, "breakdown", str(signed), str(n)], env=env).stdout)
 
     print(f"{n} updates of {size_mb:.1f} MB ({inner['floor']['n_values'] / 1e6:.1f}M float32 parameters); "
           f"best of {args.repeat}; load after: {load_average()}")

@@ -3,7 +3,8 @@
 The plan's route table says where each tensor goes; the strategy's rule says how a pool is
 merged; this module does the rest, the same way for every strategy:
 
-- validate every input first (`fedseg.federation.validation`); on any fault nothing is written;
+- validate every input (`fedseg.federation.validation`): the cheap checks first, then the data
+  pass of every file in a thread while this one merges; on any fault nothing is written;
 - stream key by key over the memory-mapped updates: each (pool, key) is merged from one
   tensor per contributing site in float64 and cast back to the manifest dtype once, so memory
   is O(model), not O(sites x model) (a personal pool holds one result per member, which is
@@ -16,6 +17,7 @@ merged; this module does the rest, the same way for every strategy:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ from fedseg.federation.aggregate_records import REPORT_FILE, AggregateReport, is
 from fedseg.federation.best_round import validation_summary
 from fedseg.federation.manifest import expected_parameters
 from fedseg.federation.privacy import PrivateRound, prepare_private_round
+from fedseg.federation.privacy_params import parse_privacy
 from fedseg.federation.quorum import check_quorum
 from fedseg.federation.robust import RobustSpec, parse_robust, robust_combine
 from fedseg.federation.round_commit import check_output_folder, check_round_number, damaged_files, finish_commit, read_record
@@ -35,7 +38,7 @@ from fedseg.federation.signing import COORDINATOR, SigningKey, require_signing_k
 from fedseg.federation.strategies import get_strategy
 from fedseg.federation.strategies.base import CombineResult, Contribution, Strategy
 from fedseg.federation.update_clipping import Clip, clip_factors, contribution_array, previous_round_dir
-from fedseg.federation.validation import ValidatedUpdate, validate_updates
+from fedseg.federation.validation import PendingValidation, ValidatedUpdate, start_validation
 from fedseg.folder_lock import folder_lock
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -88,18 +91,62 @@ class _Request:
 def _aggregate_locked(
     request: _Request, update_paths: Sequence[str | Path], expected_round: int | None, signing_key: SigningKey | None,
 ) -> AggregateReport:
-    plans, out_dir = request.plans, request.out_dir
+    plans = request.plans
     strategy = get_strategy(plans.strategy.name)
     strategy.check_params(plans.strategy.params)
-    robust = parse_robust(plans.strategy.params)
     signing_key = require_signing_key(plans.keys, signing_key, COORDINATOR)
     plan_id = plans.plan_id   # a hash of the whole plan: computed once for the round
-    updates = validate_updates(plans, update_paths, expected_round=expected_round, plan_id=plan_id)
+    # The data pass (content hash, finite values, norm) of the files runs in one thread while
+    # this one merges them, both key by key: the two use two cores where there are two. Nothing
+    # leaves before the pass has passed every file (the outputs are staged and committed at
+    # the end), and a failure meanwhile reports the first bad file, if any, instead.
+    pending = start_validation(plans, update_paths, expected_round=expected_round, plan_id=plan_id, workers=1)
+    # numpy's warnings meanwhile (inf − inf from a file about to be refused) are shown only
+    # once every file passed: a refused round prints its one-line error alone
+    with warnings.catch_warnings(record=True) as held:
+        try:
+            outcome = _merge_round(request, pending, strategy, plan_id)
+        except Exception:
+            pending.wait()   # InputError for the first bad file, if any: the fault to report
+            raise
+        updates = pending.wait()
+    for caught in held:
+        warnings.warn_explicit(caught.message, caught.category, caught.filename, caught.lineno)
+    request.say(f"round {updates[0].meta.round}: {len(updates)} update(s) valid ({', '.join(sorted(u.site for u in updates))})")
+    if isinstance(outcome, AggregateReport):   # the folder already holds this round
+        return outcome
+    return write_round(
+        plans, request.out_dir, outcome.merged, updates, outcome.clips, outcome.missing_sites, outcome.validation,
+        outcome.robust, outcome.private, signing_key, request.log,
+    )
+
+
+@dataclass
+class _MergedInputs:
+    """A merged round with what its record states about the inputs."""
+
+    merged: MergedRound
+    clips: dict[str, Clip]
+    missing_sites: list[str]
+    validation: dict[str, Any] | None
+    robust: RobustSpec
+    private: PrivateRound | None
+
+
+def _merge_round(
+    request: _Request, pending: PendingValidation, strategy: Strategy, plan_id: str,
+) -> _MergedInputs | AggregateReport:
+    """The round merged from the updates (their data possibly still being checked), or the
+    record of the same round already in the folder."""
+    plans, out_dir = request.plans, request.out_dir
+    robust = parse_robust(plans.strategy.params)
+    updates = pending.updates
     round_index = updates[0].meta.round
     by_site = {u.site: u for u in updates}
     validation = validation_summary(round_index, {u.site: u.meta.extra for u in updates}, [u.path for u in updates])
-    request.say(f"round {round_index}: {len(updates)} update(s) valid ({', '.join(sorted(by_site))})")
     missing_sites = check_quorum(plans, by_site, round_index)   # too few: refused before anything is written
+    if parse_privacy(plans.strategy.params).active:
+        pending.wait()   # a private round records its dropouts before the merge: from checked files only
     # secure aggregation next: a late file from a site whose masks were recovered is refused
     # as such, even over the complete round it was left out of
     previous = Path(request.previous_dir or previous_round_dir(out_dir, round_index))
@@ -109,9 +156,7 @@ def _aggregate_locked(
         return existing
     clips = clip_factors(plans, robust, updates, out_dir, request.previous_dir, round_index, request.log)
     merged = _merge(plans, plan_id, strategy, route_table(plans), by_site, clips, robust, private)
-    return write_round(
-        plans, out_dir, merged, updates, clips, missing_sites, validation, robust, private, signing_key, request.log,
-    )
+    return _MergedInputs(merged, clips, missing_sites, validation, robust, private)
 
 
 def _merge(

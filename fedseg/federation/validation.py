@@ -1,11 +1,12 @@
-"""Check a round's update files before any arithmetic (ARCHITECTURE.md §6).
+"""Check a round's update files before anything of them is written (ARCHITECTURE.md §6).
 
 Cheap checks first (header, metadata, names/shapes/dtypes/scopes against the plan, rounds,
 duplicates, signatures when the plan lists keys), so a wrong file is refused in milliseconds;
 then one streaming pass per file over the tensor data that verifies the content hash, that
-every value is finite and the update's L2 norm, a cache-sized chunk at a time (each chunk is
-hashed and summed while it is in the CPU cache, so the data is read from memory once). Files
-are checked in threads: the hashes and numpy release the GIL on large buffers.
+every value is finite and the update's L2 norm (fedseg.federation.data_pass). Files are
+checked in threads (the hashes and numpy release the GIL on large buffers), or, for the
+engine, in one thread through all files in the order it merges them, while it merges
+(`start_validation`).
 
 Which check proves integrity depends on the format version (fedseg.federation.weightfile):
 a version-2 file's content hash is BLAKE3 (~5x faster than sha256) and is always verified in
@@ -26,39 +27,25 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from fedseg.errors import InputError
 from fedseg.federation.manifest import expected_parameters
 from fedseg.federation.privacy_params import parse_privacy
 from fedseg.federation.secure_aggregation import WIRE_DTYPE
-from fedseg.federation.signing import Signature, verify_signature
+from fedseg.federation.data_pass import scan_file, scan_steps, scan_together
 from fedseg.federation.routes import RouteTable, route_table
-from fedseg.federation.weightfile import (
-    ContentHasher,
-    WeightFileReader,
-    WeightMeta,
-    check_hash,
-    describe,
-    open_reader,
-)
+from fedseg.federation.signing import Signature, verify_signature
+from fedseg.federation.weightfile import WeightFileReader, WeightMeta, describe, open_reader
 from fedseg.names import check_site_name
 
 if TYPE_CHECKING:  # pragma: no cover
     from fedseg.planning.plans import Plans
-
-# Bytes per chunk of the validation pass: hashed, then summed while still in L2/L3 cache.
-_SCAN_CHUNK = 1 << 20
-# Elements per block in the finite/norm pass: 64 Ki float32 (256 KiB) stays in L2 and keeps
-# float32 dot-product rounding small (measured relative error ~1e-8 against float64); the
-# sum over blocks is float64.
-_BLOCK = 1 << 16
 
 
 @dataclass
@@ -66,7 +53,7 @@ class ValidatedUpdate:
     path: Path
     meta: WeightMeta
     n_bytes: int
-    update_norm: float     # L2 norm over all tensors in the file, in float64
+    update_norm: float     # L2 norm over all tensors in the file, in float64 (NaN until the data pass ends)
     # The open mapping that was validated: the engine reads tensors from it, so a file
     # replaced after validation cannot slip unchecked bytes into the average.
     reader: WeightFileReader = field(repr=False, compare=False)
@@ -169,62 +156,6 @@ def _check_structure(
     return meta
 
 
-def _sum_of_squares(name: str, array: np.ndarray, path: Path) -> float:
-    """Σ x² of a float tensor in float64 over float32 dot products of cache-sized blocks.
-
-    NaN or inf make a block's dot product non-finite, so the same pass is the finite check.
-    A float32 dot can also overflow for huge finite values: such a block is looked at again
-    (non-finite values -> InputError, otherwise summed in float64).
-    """
-    flat = array.reshape(-1)
-    total = 0.0
-    for start in range(0, flat.size, _BLOCK):
-        block = flat[start:start + _BLOCK]
-        if block.dtype.itemsize < 4:  # float16: square and sum in float32 (f16 would overflow)
-            block = block.astype(np.float32)
-        part = float(np.dot(block, block))
-        if not math.isfinite(part):
-            bad = int(np.count_nonzero(~np.isfinite(block)))
-            if bad:
-                raise InputError(f"tensor {name!r} holds {bad} non-finite value(s) (NaN or inf)", path)
-            wide = block.astype(np.float64)
-            part = float(np.dot(wide, wide))
-        total += part
-    return total
-
-
-def _scan_data(reader: WeightFileReader, max_norm: float | None, content_hash: bool = True, signed: bool = False) -> float:
-    """Content hash (unless `content_hash` is False) + finite check + L2 norm in one pass over
-    the tensors, a cache-sized chunk at a time; returns the norm."""
-    path = reader.path
-    hasher = ContentHasher(reader.meta) if content_hash else None
-    sumsq = 0.0
-    for name, array in reader.iter_tensors():
-        is_float = np.issubdtype(array.dtype, np.floating)
-        if hasher is None:
-            if is_float:
-                sumsq += _sum_of_squares(name, array, path)
-            continue
-        flat = array.reshape(-1)
-        itemsize = array.dtype.itemsize
-        parts: list[float] = []
-
-        def summed(begin: int, end: int, flat: np.ndarray = flat, name: str = name) -> None:
-            # byte range -> element range; chunks are multiples of every itemsize
-            parts.append(_sum_of_squares(name, flat[begin // itemsize:end // itemsize], path))
-
-        hasher.add(name, array, summed if is_float else None, chunk=_SCAN_CHUNK)
-        sumsq += math.fsum(parts)
-    if hasher is not None:
-        if signed and hasher.hexdigest() != reader.meta.content_hash:
-            raise InputError("bad signature: the file bytes differ from the signed ones (content hash mismatch)", path)
-        check_hash(path, reader.meta, hasher.hexdigest())
-    norm = math.sqrt(sumsq)
-    if max_norm is not None and not norm <= max_norm:
-        raise InputError(f"update L2 norm {norm:.6g} exceeds the plan's bound max_update_norm={max_norm:g}", path)
-    return norm
-
-
 def validate_updates(
     plans: Plans,
     update_paths: Sequence[str | Path],
@@ -235,6 +166,21 @@ def validate_updates(
     """Validate a round's updates; returns them in the order given. InputError on the first fault.
 
     `plan_id`: `plans.plan_id` when the caller has it (a hash of the whole plan)."""
+    return start_validation(plans, update_paths, expected_round, workers, plan_id).wait()
+
+
+def start_validation(
+    plans: Plans,
+    update_paths: Sequence[str | Path],
+    expected_round: int | None = None,
+    workers: int | None = None,
+    plan_id: str | None = None,
+) -> PendingValidation:
+    """The cheap checks of every file now (InputError on the first fault), the data pass
+    started in `workers` threads (default: one per core, a file each; 1: one thread through
+    every file, tensor by tensor in name order, as the engine merges them): `.wait()` for its
+    verdict. Until then the updates' data is unchecked: a caller may compute from it but must
+    not let anything of it out."""
     paths = [Path(p) for p in update_paths]
     if not paths:
         raise InputError("no update files given")
@@ -261,13 +207,48 @@ def validate_updates(
     ]
 
     bound = plans.strategy.params.get("max_update_norm")
-    return _scan_all(readers, metas, signatures, float(bound) if bound is not None else None, workers)
+    return _start_scans(readers, metas, signatures, float(bound) if bound is not None else None, workers)
 
 
-def _scan_all(
+@dataclass
+class PendingValidation:
+    """Updates whose header, metadata, structure and signatures passed, with the data pass of
+    every file (integrity, finite values, norm) running in threads."""
+
+    updates: list[ValidatedUpdate]
+    scans: list[Future[float]] = field(repr=False)
+    by_bytes: list[bool] = field(repr=False)      # integrity by the sha256 of the bytes (signed version 1)
+    pool: ThreadPoolExecutor = field(repr=False)
+    stop: threading.Event = field(repr=False, default_factory=threading.Event)
+    verdict: BaseException | None = field(repr=False, default=None)
+    checked: bool = False
+
+    def wait(self) -> list[ValidatedUpdate]:
+        """The updates once every file passed (norms filled in); InputError for the first bad
+        file in the order given, whatever finished first (the same on every call)."""
+        if self.verdict is not None:
+            raise self.verdict
+        if self.checked:
+            return self.updates
+        try:
+            for update, scan, bytes_only in zip(self.updates, self.scans, self.by_bytes):
+                if bytes_only:
+                    update.sha256  # noqa: B018 - the integrity check of this file: before its data counts
+                update.update_norm = scan.result()
+        except BaseException as exc:
+            self.verdict = exc
+            self.stop.set()
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        self.pool.shutdown(wait=False)   # the sha256 tasks finish on their own; `.sha256` waits for one
+        self.checked = True
+        return self.updates
+
+
+def _start_scans(
     readers: list[WeightFileReader], metas: list[WeightMeta], signatures: list[Signature | None], max_norm: float | None,
     workers: int | None,
-) -> list[ValidatedUpdate]:
+) -> PendingValidation:
     """The data pass of every file, in threads; for version-1 files the sha256 of their bytes
     queued behind it."""
     # Integrity first, in the pass: the content hash, except for a signed version-1 file, whose
@@ -279,26 +260,21 @@ def _scan_all(
     for reader in readers:
         reader.map()  # before the threads: the pass and the sha256 share one mapping
     pool = ThreadPoolExecutor(max_workers=n_workers)
-    try:
-        scans = [
-            pool.submit(_scan_data, r, max_norm, not bytes_only, sig is not None)
-            for r, sig, bytes_only in zip(readers, signatures, by_bytes)
-        ]
-        # queued behind the scans: they run while the caller merges
-        digests = [pool.submit(r.file_sha256) if v1 else None for r, v1 in zip(readers, old)]
-        updates = []
-        # report the first bad file in the order given, whatever finished first
-        for r, m, scan, digest, sig, bytes_only in zip(readers, metas, scans, digests, signatures, by_bytes):
-            update = ValidatedUpdate(
-                path=r.path, meta=m, n_bytes=int(r.map().size), update_norm=0.0, reader=r,
-                pending_sha256=digest, signed_sha256=sig.sha256 if sig is not None and digest is not None else None,
-            )
-            if bytes_only:
-                update.sha256  # noqa: B018 - the integrity check of this file: before its data counts
-            update.update_norm = scan.result()
-            updates.append(update)
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown(wait=False)   # the sha256 tasks finish on their own; `.sha256` waits for one
-    return updates
+    steps = [scan_steps(r, max_norm, not bytes_only, sig is not None)
+             for r, sig, bytes_only in zip(readers, signatures, by_bytes)]
+    stop = threading.Event()
+    if n_workers == 1:   # one thread through every file, in the order the engine merges them
+        scans: list[Future[float]] = [Future() for _ in steps]
+        pool.submit(scan_together, steps, scans, stop)
+    else:
+        scans = [pool.submit(scan_file, s) for s in steps]
+    # queued behind the scans: they run while the caller merges
+    digests = [pool.submit(r.file_sha256) if v1 else None for r, v1 in zip(readers, old)]
+    updates = [
+        ValidatedUpdate(
+            path=r.path, meta=m, n_bytes=int(r.map().size), update_norm=math.nan, reader=r,
+            pending_sha256=digest, signed_sha256=sig.sha256 if sig is not None and digest is not None else None,
+        )
+        for r, m, digest, sig in zip(readers, metas, digests, signatures)
+    ]
+    return PendingValidation(updates, scans, by_bytes, pool, stop)

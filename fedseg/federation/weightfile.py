@@ -18,6 +18,7 @@ import hashlib
 import json
 import mmap
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -82,12 +83,17 @@ def write_weight_file_digest(path: str | Path, tensors: Mapping[str, Any], meta:
         raise ValueError(f"kind must be one of {KINDS}, got {meta.kind!r}")
     meta = replace(meta, content_hash="", format_version=WEIGHT_FORMAT_VERSION)
     meta = replace(meta, content_hash=compute_content_hash(arrays, meta))
-    with atomic_path(path) as tmp:
-        digest = _save_safetensors(tmp, arrays, meta.to_metadata())
-    return meta, digest
+    # the sha256 of the bytes, in a thread (hashlib and file writes release the GIL), while
+    # this one writes them and waits for the disk (fsync)
+    with ThreadPoolExecutor(max_workers=1) as hashing:
+        with atomic_path(path) as tmp:
+            digest = _save_safetensors(tmp, arrays, meta.to_metadata(), hashing)
+        return meta, digest.result()
 
 
-def _save_safetensors(path: Path, arrays: Mapping[str, np.ndarray], metadata: dict[str, str]) -> str:
+def _save_safetensors(
+    path: Path, arrays: Mapping[str, np.ndarray], metadata: dict[str, str], hashing: ThreadPoolExecutor | None = None,
+) -> Future[str]:
     """Write the safetensors format byte-for-byte deterministically, streaming tensor by tensor.
 
     `safetensors.numpy.save_file` serialises `__metadata__` from a Rust HashMap, so the same
@@ -95,6 +101,8 @@ def _save_safetensors(path: Path, arrays: Mapping[str, np.ndarray], metadata: di
     memory first. The format is small enough to write directly: u64 header length, JSON
     header (keys sorted, space-padded to 8 bytes), then the tensors back to back, largest
     itemsize first (as safetensors orders them) so every tensor is aligned to its itemsize.
+    The sha256 of the file bytes is hashed from the same buffers (not read back), by `hashing`
+    when given (the future is done once the file is written otherwise).
     """
     order = sorted(arrays, key=lambda name: (-arrays[name].dtype.itemsize, name))
     header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
@@ -109,16 +117,23 @@ def _save_safetensors(path: Path, arrays: Mapping[str, np.ndarray], metadata: di
         offset += array.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("ascii")
     raw += b" " * (-len(raw) % 8)
-    file_hash = hashlib.sha256()
+    blocks = [len(raw).to_bytes(8, "little"), raw]
+    blocks += [arrays[name].reshape(-1).view(np.uint8).data for name in order if arrays[name].size]
+    if hashing is not None:
+        digest = hashing.submit(_sha256_of, blocks)
     with open(path, "wb") as handle:
-        for block in (len(raw).to_bytes(8, "little"), raw):
+        for block in blocks:
             handle.write(block)
-            file_hash.update(block)
-        for name in order:
-            if arrays[name].size:
-                block = arrays[name].reshape(-1).view(np.uint8).data
-                handle.write(block)
-                file_hash.update(block)
+    if hashing is None:
+        digest = Future()
+        digest.set_result(_sha256_of(blocks))
+    return digest
+
+
+def _sha256_of(blocks: list[Any]) -> str:
+    file_hash = hashlib.sha256()
+    for block in blocks:
+        file_hash.update(block)
     return file_hash.hexdigest()
 
 

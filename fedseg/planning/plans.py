@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +111,9 @@ class Plans:
 
     @property
     def plan_id(self) -> str:
-        return hashlib.sha256(canonical_json(self.content_dict()).encode("utf-8")).hexdigest()
+        # The canonical JSON of `content_dict()`, written straight from the dataclasses: a plan
+        # records every tensor's route, and copying it all first (`asdict`) took most of the time.
+        return hashlib.sha256(canonical_json(self, default=_content_fields).encode("utf-8")).hexdigest()
 
     # -- lookups --------------------------------------------------------------------------
     def configuration_for(self, site: str | None = None) -> ConfigurationPlan:
@@ -202,6 +205,18 @@ def load_plans(path: str | Path) -> Plans:
     return plans
 
 
-def canonical_json(obj: Any) -> str:
-    """Key-sorted, whitespace-free JSON: the same content always hashes the same."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+def canonical_json(obj: Any, default: Callable[[Any], Any] | None = None) -> str:
+    """Key-sorted, whitespace-free JSON: the same content always hashes the same. `default`:
+    what an object JSON does not know is written as (json.dumps)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False, default=default)
+
+
+def _content_fields(obj: Any) -> dict[str, Any]:
+    """A dataclass of the plan as its fields, as `asdict` and `content_dict` write it (without
+    copying): for canonical_json."""
+    if not is_dataclass(obj) or isinstance(obj, type):
+        raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+    body = {f.name: getattr(obj, f.name) for f in fields(obj)}
+    if isinstance(obj, Plans) and body["regions_class_order"] is None:
+        del body["regions_class_order"]   # as content_dict: plain labels hash as before regions
+    return body

@@ -15,8 +15,9 @@ A strategy answers, without doing any I/O and without torch:
 The network a site trains and how it trains it are the model recipe named by `recipe`
 (fedseg.training.recipes). The engine streams key by key over memory-mapped files, so
 `combine` sees one tensor per contributing site for ONE key at a time; it should accumulate in
-float64 and return float64 (the engine casts back to the manifest dtype). Integer tensors
-(num_batches_tracked, ...) are never routed, whatever the strategy says.
+float64 and return float64 (the engine casts back to the manifest dtype), or that float64
+result already cast to the contributions' dtype (the default weighted mean, block by block).
+Integer tensors (num_batches_tracked, ...) are never routed, whatever the strategy says.
 """
 
 from __future__ import annotations
@@ -189,7 +190,8 @@ class Strategy:
         weights = self.pool_weights(plans, pool, contributions)
         if weights is None:
             raise NotImplementedError(f"strategy {self.name!r} has no rule for pool {pool!r}")
-        return weighted_mean(contributions, [weights[c.site] for c in contributions])
+        # cast to the stored dtype block by block (the result the engine would cast to it)
+        return weighted_mean(contributions, [weights[c.site] for c in contributions], result_dtype(contributions))
 
     def pool_model(
         self, plans: Plans, pool: str, key: str, contributions: Sequence[Contribution], combined: CombineResult
@@ -248,8 +250,15 @@ def pool_filename(pool: str) -> str:
 _BLOCK = 1 << 16
 
 
-def weighted_mean(contributions: Sequence[Contribution], weights: Sequence[float]) -> np.ndarray:
-    """Σ w_k x_k / Σ w_k in float64 (Flower's `aggregate` with w_k = n_k, without float32 rounding)."""
+def weighted_mean(
+    contributions: Sequence[Contribution], weights: Sequence[float], dtype: np.dtype | type = np.float64,
+) -> np.ndarray:
+    """Σ w_k x_k / Σ w_k in float64 (Flower's `aggregate` with w_k = n_k, without float32 rounding).
+
+    `dtype`: the result's dtype. The sum is float64 either way; each block is cast to `dtype`
+    once complete, so a float32 result is the float64 mean cast once, as the engine casts it,
+    without the float64 copy of the whole key (twice the memory traffic of the float32 one).
+    """
     if not contributions:
         raise ValueError("nothing to average")
     total = float(sum(weights))
@@ -261,17 +270,31 @@ def weighted_mean(contributions: Sequence[Contribution], weights: Sequence[float
             raise ValueError(f"contributions to one key differ in shape: {shape} vs {contribution.array.shape}")
     flats = [c.array.reshape(-1) for c in contributions]
     scales = [float(w) / total for w in weights]
-    out = np.empty(flats[0].size, dtype=np.float64)
-    scratch = np.empty(min(out.size, _BLOCK), dtype=np.float64)
-    for start in range(0, out.size, _BLOCK):
-        acc = out[start:start + _BLOCK]
+    size = flats[0].size
+    out = np.empty(size, dtype=dtype)
+    wide = out if out.dtype == np.float64 else np.empty(min(size, _BLOCK), dtype=np.float64)
+    scratch = np.empty(min(size, _BLOCK), dtype=np.float64)
+    for start in range(0, size, _BLOCK):
+        acc = wide[start:start + _BLOCK] if wide is out else wide[: min(_BLOCK, size - start)]
         tmp = scratch[: acc.size]
         # multiply straight into float64 buffers: no float32 temporaries, no precision lost
         np.multiply(flats[0][start:start + _BLOCK], scales[0], out=acc, dtype=np.float64)
         for flat, scale in zip(flats[1:], scales[1:]):
             np.multiply(flat[start:start + _BLOCK], scale, out=tmp, dtype=np.float64)
             acc += tmp
+        if wide is not out:
+            out[start:start + acc.size] = acc   # the one rounding to `dtype`, while in cache
     return out.reshape(shape)
+
+
+def result_dtype(contributions: Sequence[Contribution]) -> np.dtype:
+    """The dtype a pool's merged key is stored in: the contributions' own when they share one
+    float dtype (an update's tensors have the plan's dtypes: validation), float64 otherwise
+    (the engine casts it to the plan's)."""
+    dtypes = {np.dtype(c.array.dtype) for c in contributions}
+    if len(dtypes) == 1 and np.issubdtype(next(iter(dtypes)), np.floating):
+        return dtypes.pop()
+    return np.dtype(np.float64)
 
 
 def plain_mean(contributions: Sequence[Contribution]) -> np.ndarray:
