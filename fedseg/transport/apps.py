@@ -38,6 +38,7 @@ from flwr.supercore.logger import log as flower_log
 from fedseg.errors import InputError
 from fedseg.federation.quorum import check_quorum
 from fedseg.transport.coordinator import Coordinator, CoordinatorSettings
+from fedseg.transport.payload import WEIGHTS
 from fedseg.transport.site import SiteSettings, site_evaluate, site_hello, site_train
 
 FILES = "fedseg.files"
@@ -142,38 +143,79 @@ def site_from_node_config(context: Context) -> SiteSettings:
 # ---------------------------------------------------------------------------------------
 def _exchange(grid: Grid, nodes: Mapping[str, int], message_type: str,
               build: Callable[[str], tuple[dict[str, Any], Mapping[str, bytes] | None]],
-              timeout_s: float | None = None, failures: dict[str, str] | None = None) -> dict[str, Message]:
-    """Send one message per site and collect the replies.
+              timeout_s: float | None = None, failures: dict[str, str] | None = None,
+              receive: Callable[[str, Message], Any] = lambda site, reply: reply,
+              window: int | None = None, poll_s: float = 0.1) -> dict[str, Any]:
+    """Send one message per site; `receive(site, reply)` for each reply as it arrives.
+
+    Returns site -> what `receive` returned. Replies are pulled as they come (Flower's
+    push_messages / pull_messages, not send_and_receive, which holds every reply until the
+    last): a `receive` that writes the reply's payload to disk keeps the coordinator's memory
+    independent of the number of sites. So do the outgoing models: with `window`, at most that
+    many messages wait for a reply (the next site's is built when one comes back; on one
+    machine only `parallel` sites train at once anyway), and sites sent the same bytes in a row
+    (fedavg's one global model) share one copy of them.
 
     Without `failures`, a failed or missing reply stops the run. With it (a dict), a site that
-    fails, or does not answer within `timeout_s`, is recorded there (site -> reason) and the
-    other sites' replies are returned: the caller decides whether the quorum holds.
+    fails, or does not answer within `timeout_s` (counted from the first message), is recorded
+    there (site -> reason) and the other sites' replies are returned: the caller decides
+    whether the quorum holds.
     """
-    messages = []
-    for site, node in sorted(nodes.items()):
-        config, bundle = build(site)
-        content = RecordDict({CONFIG: ConfigRecord(config)})
-        if bundle is not None:
-            content[FILES] = bundle_record(bundle)
-        messages.append(Message(content=content, dst_node_id=node, message_type=message_type))
-    by_node = {node: site for site, node in nodes.items()}
-    replies: dict[str, Message] = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout_s):
-        site = by_node.get(reply.metadata.src_node_id, f"node {reply.metadata.src_node_id}")
-        try:
-            _check_reply(reply, site)
-        except (InputError, RuntimeError) as exc:
-            if failures is None:
-                raise
-            failures[site] = str(exc)
-            continue
-        replies[site] = reply
-    missing = sorted(set(nodes) - set(replies) - set(failures or {}))
+    order = sorted(nodes.items())
+    by_node = {node: site for site, node in order}
+    shared: dict[bytes, bytes] = {}
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    waiting: set[str] = set()
+    received: dict[str, Any] = {}
+    sent = 0
+    while True:
+        room = len(order) - sent if window is None else min(window - len(waiting), len(order) - sent)
+        if room > 0:
+            batch = [_message(site, node, message_type, build(site), shared) for site, node in order[sent:sent + room]]
+            sent += room
+            waiting.update(grid.push_messages(batch))
+            del batch   # Flower's state holds each message until its reply is pulled
+        for reply in grid.pull_messages(waiting) if waiting else []:
+            waiting.discard(reply.metadata.reply_to_message_id)
+            site = by_node.get(reply.metadata.src_node_id, f"node {reply.metadata.src_node_id}")
+            try:
+                _check_reply(reply, site)
+            except (InputError, RuntimeError) as exc:
+                if failures is None:
+                    raise
+                failures[site] = str(exc)
+                continue
+            received[site] = receive(site, reply)
+        if not waiting and sent == len(order):
+            break
+        if deadline is not None and time.monotonic() >= deadline:
+            break
+        if waiting and (window is None or len(waiting) >= window or sent == len(order)):
+            time.sleep(poll_s)
+    missing = sorted(set(nodes) - set(received) - set(failures or {}))
     if missing and failures is None:
         raise InputError(f"no {message_type} reply from site(s) {', '.join(missing)}")
     for site in missing:
         failures[site] = f"site {site}: no reply within {timeout_s:g}s" if timeout_s else f"site {site}: no reply"
-    return replies
+    return received
+
+
+def _message(site: str, node: int, message_type: str, built: tuple[dict[str, Any], Mapping[str, bytes] | None],
+             shared: dict[bytes, bytes]) -> Message:
+    """The message for `site`; a payload equal to the previous one reuses its bytes (`shared`
+    keeps only the latest payload, so it never holds more than one extra copy)."""
+    config, bundle = built
+    content = RecordDict({CONFIG: ConfigRecord(config)})
+    if bundle is not None:
+        files = {}
+        for name, data in bundle.items():
+            if data not in shared:
+                if name == WEIGHTS:
+                    shared.clear()
+                shared[data] = data
+            files[name] = shared[data]
+        content[FILES] = bundle_record(files)
+    return Message(content=content, dst_node_id=node, message_type=message_type)
 
 
 def _check_reply(reply: Message, site: str) -> None:
@@ -197,8 +239,11 @@ def wait_for_nodes(grid: Grid, n_sites: int, timeout_s: float, poll_s: float = 0
 
 
 def run_federation(grid: Grid, settings: CoordinatorSettings, n_sites: int, wait_s: float = 600.0,
-                   log: Callable[[str], None] = lambda message: None):
-    """The whole federation from the coordinator's seat: hello, plan, rounds, evaluation, report."""
+                   log: Callable[[str], None] = lambda message: None, window: int | None = None):
+    """The whole federation from the coordinator's seat: hello, plan, rounds, evaluation, report.
+
+    `window`: most models out at once awaiting a site's reply (None: every site's at once, as
+    sites on their own machines all train together; `fedseg flower simulate` bounds it)."""
     coordinator = Coordinator(settings, log)
     node_ids = wait_for_nodes(grid, n_sites, wait_s)
     hello = _exchange(grid, {f"node {n}": n for n in node_ids}, "query", lambda _key: ({"action": "hello"}, None))
@@ -216,17 +261,12 @@ def run_federation(grid: Grid, settings: CoordinatorSettings, n_sites: int, wait
     iterations = settings.iterations or 0
     for r in coordinator.pending_rounds():
         failures: dict[str, str] = {}
-        replies = _exchange(grid, nodes, "train", lambda site: (
+        updates = _exchange(grid, nodes, "train", lambda site: (
             {"plans": plans_json, "round": r, "iterations": iterations}, coordinator.model_for(site, r)),
-            timeout_s=settings.round_timeout, failures=failures)
+            timeout_s=settings.round_timeout, failures=failures, window=window,
+            receive=lambda site, reply: _receive_update(coordinator, r, site, reply, log))
         for site, reason in sorted(failures.items()):
             log(f"round {r} {site}: left out of this round ({reason})")
-        updates = {}
-        for site, reply in replies.items():
-            info = reply.content[CONFIG]
-            dice = info.get("val_dice")
-            log(f"round {r} {site}: val Dice {'-' if dice is None else f'{dice:.3f}'} ({float(info['seconds']):.1f}s)")
-            updates[site] = record_bundle(reply.content[FILES], f"site {site!r}")
         try:
             check_quorum(plans, updates, r)
         except InputError as exc:   # below the plan's min_sites: stop, naming the sites and why
@@ -237,7 +277,7 @@ def run_federation(grid: Grid, settings: CoordinatorSettings, n_sites: int, wait
     failures = {}
     replies = _exchange(grid, nodes, "evaluate", lambda site: (
         {"plans": plans_json, "round": final}, coordinator.final_model_for(site)),
-        timeout_s=settings.round_timeout, failures=failures)
+        timeout_s=settings.round_timeout, failures=failures, window=window)
     for site, reason in sorted(failures.items()):
         log(f"evaluation {site}: no test metrics ({reason})")
     metrics = {}
@@ -248,15 +288,23 @@ def run_federation(grid: Grid, settings: CoordinatorSettings, n_sites: int, wait
     return coordinator.finish(sorted(nodes), metrics)
 
 
+def _receive_update(coordinator: Coordinator, r: int, site: str, reply: Message, log: Callable[[str], None]) -> Path:
+    """Log a site's round reply and write its update to the run folder at once (its file)."""
+    info = reply.content[CONFIG]
+    dice = info.get("val_dice")
+    log(f"round {r} {site}: val Dice {'-' if dice is None else f'{dice:.3f}'} ({float(info['seconds']):.1f}s)")
+    return coordinator.receive_update(r, site, record_bundle(reply.content[FILES], f"site {site!r}"))
+
+
 def make_server_app(settings: CoordinatorSettings, n_sites: int, wait_s: float = 600.0,
                     log: Callable[[str], None] = lambda message: None,
-                    results: list | None = None) -> ServerApp:
+                    results: list | None = None, window: int | None = None) -> ServerApp:
     """A ServerApp running `run_federation`; the SimulationResult is appended to `results`."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        result = run_federation(grid, settings, n_sites, wait_s, log)
+        result = run_federation(grid, settings, n_sites, wait_s, log, window=window)
         if results is not None:
             results.append(result)
 

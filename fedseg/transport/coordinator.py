@@ -3,8 +3,8 @@
 The coordinator keeps the run folder of `fedseg simulate` (ARCHITECTURE.md §6): plans.json,
 fingerprints/, round_000/, round_r/updates/<site>.safetensors, round_r/<site>.safetensors,
 round_r/models/, round_r/aggregate.json, report/. Updates that arrive in Flower messages are
-written to round_r/updates/ byte for byte and merged by `aggregation.aggregate_round`, the same call
-as `fedseg aggregate`: the strategy code and every check (hash, plan, round, signature,
+written to round_r/updates/ byte for byte as each arrives (the coordinator holds one at a time)
+and merged by `aggregation.aggregate_round`, the same call as `fedseg aggregate`: the strategy code and every check (hash, plan, round, signature,
 shapes, finite values) are shared. A round whose aggregate.json exists is complete, so a
 coordinator started again on the same folder skips it: Flower runs get fedseg's resume.
 """
@@ -117,9 +117,25 @@ class Coordinator:
     def final_model_for(self, site: str) -> dict[str, bytes]:
         return self.model_for(site, self._require_plans().training.rounds + 1)
 
-    def aggregate(self, round_index: int, updates: Mapping[str, dict[str, bytes]],
+    def receive_update(self, round_index: int, site: str, bundle: Mapping[str, bytes]) -> Path:
+        """Write `site`'s update as it arrives, to round_r/updates/<site>.safetensors (+ .sig).
+
+        Written at once, so the coordinator holds one update in memory at a time, not the
+        round's N: its memory does not grow with the number of sites (the round is aggregated
+        from the files, as `fedseg aggregate` does). Until aggregate.json exists the round is
+        pending: `fedseg status` lists the updates already in, a resumed run replaces them.
+        """
+        self._require_plans()
+        path = write_weight_bundle(bundle, round_dir(self.run_dir, round_index) / "updates" / f"{site}.safetensors",
+                                   f"site {site!r}")
+        with open_weight_file(path) as reader:
+            if reader.meta.site != site:
+                raise InputError(f"the node of site {site!r} sent an update of site {reader.meta.site!r}", path)
+        return path
+
+    def aggregate(self, round_index: int, updates: Mapping[str, Path],
                   failures: Mapping[str, str] | None = None) -> AggregateReport:
-        """Write the received updates to round_r/updates/ and aggregate them as `fedseg aggregate` does.
+        """Aggregate the received updates (site -> file from `receive_update`) as `fedseg aggregate` does.
 
         `failures` (site -> reason: failed or timed out) are recorded in round_r/site_failures.json
         first, so a round refused for lack of quorum still says why the sites are missing.
@@ -127,13 +143,7 @@ class Coordinator:
         plans = self._require_plans()
         rdir = round_dir(self.run_dir, round_index)
         self.record_failures(round_index, failures or {})
-        paths = []
-        for site in sorted(updates):
-            path = write_weight_bundle(updates[site], rdir / "updates" / f"{site}.safetensors", f"site {site!r}")
-            with open_weight_file(path) as reader:
-                if reader.meta.site != site:
-                    raise InputError(f"the node of site {site!r} sent an update of site {reader.meta.site!r}", path)
-            paths.append(path)
+        paths = [updates[site] for site in sorted(updates)]
         return aggregate_round(plans, paths, rdir, expected_round=round_index, log=self.log, signing_key=self._signing_key)
 
     def record_failures(self, round_index: int, failures: Mapping[str, str]) -> None:

@@ -54,17 +54,14 @@ def flower_simulate(
         budget=config.budget,
     )
     results: list[SimulationResult] = []
-    server_app = make_server_app(settings, n_sites=len(sites), wait_s=60.0, log=log, results=results)
+    # at most two models per training actor out at once (one training, one queued behind it),
+    # so the coordinator's memory does not grow with the number of sites
+    server_app = make_server_app(settings, n_sites=len(sites), wait_s=60.0, log=log, results=results,
+                                 window=2 * parallel)
     client_app = make_client_app(lambda context: sites[int(context.node_config["partition-id"])])
-    gpus = 1.0 / parallel if config.device.startswith("cuda") else 0.0
-    backend_config = {
-        # log_to_driver: the actors' own log lines (with terminal colour codes) reach this
-        # process only when asked for; a failing site still comes back as a failed reply
-        "init_args": {"num_cpus": parallel * cpus_per_site, "num_gpus": 1 if gpus else 0, "log_to_driver": verbose},
-        "client_resources": {"num_cpus": cpus_per_site, "num_gpus": gpus},
-    }
     with flower_logs(verbose):
-        run_simulation(server_app, client_app, num_supernodes=len(sites), backend_config=backend_config)
+        run_simulation(server_app, client_app, num_supernodes=len(sites),
+                       backend_config=ray_backend_config(parallel, cpus_per_site, config.device, verbose))
     if not results:
         raise RuntimeError("the Flower simulation ended without a result (see the log above)")
     result = results[0]
@@ -77,6 +74,32 @@ def flower_simulate(
             state_root=run_dir / "state", device=config.device, mirror=config.mirror,
         )
     return result
+
+
+# Ray's shared-memory object store carries every message between the coordinator and the
+# actors. Ray sizes it at 30% of the machine's memory, and the pages a message passed through
+# stay mapped in the actor, so without a cap its resident memory grows by ~7 MB per tiny site
+# until that 30%. Capped, the store reuses its pages (a larger object spills to disk, slower but
+# still correct): 512 MiB holds the few models in flight per training actor (`window`), even
+# for a 3D network of ~120 MB.
+OBJECT_STORE_BYTES_PER_ACTOR = 512 * 2**20
+
+
+def ray_backend_config(parallel: int, cpus_per_site: int, device: str, verbose: bool) -> dict:
+    """Flower's backend config for `parallel` Ray actors of `cpus_per_site` CPUs each.
+
+    Ray gets exactly parallel x cpus_per_site CPUs (it sets each actor's OMP_NUM_THREADS to its
+    share, so the machine is not oversubscribed), a GPU share per actor on CUDA, and an object
+    store of OBJECT_STORE_BYTES_PER_ACTOR per actor.
+    """
+    gpus = 1.0 / parallel if device.startswith("cuda") else 0.0
+    return {
+        # log_to_driver: the actors' own log lines (with terminal colour codes) reach this
+        # process only when asked for; a failing site still comes back as a failed reply
+        "init_args": {"num_cpus": parallel * cpus_per_site, "num_gpus": 1 if gpus else 0, "log_to_driver": verbose,
+                      "object_store_memory": parallel * OBJECT_STORE_BYTES_PER_ACTOR},
+        "client_resources": {"num_cpus": cpus_per_site, "num_gpus": gpus},
+    }
 
 
 class _ErrorsOnly(logging.Filter):

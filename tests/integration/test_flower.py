@@ -70,7 +70,7 @@ def test_flower_server_side_aggregates_exactly_as_fedseg_aggregate(
     coordinator.plan({fp["site"]: fp for fp in tiny_fingerprints})       # resumes: same plan, round_000 kept
     received = {p.stem: record_bundle(bundle_record(read_weight_bundle(p)), p.stem) for p in sent}
     assert all(received[p.stem][WEIGHTS] == p.read_bytes() for p in sent)  # byte for byte
-    report = coordinator.aggregate(1, received)
+    report = coordinator.aggregate(1, {site: coordinator.receive_update(1, site, bundle) for site, bundle in received.items()})
     assert sorted(i.site for i in report.inputs) == list(SITES)
 
     by_file, by_flower = _tensors(tmp_path / "by_file"), _tensors(run_dir / "round_001")

@@ -7,6 +7,7 @@ The ServerApp's loop (`run_federation`) runs against a stand-in for Flower's Gri
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,23 +36,39 @@ Behaviour = Callable[[str, int], str]
 
 
 class FakeGrid:
-    """Flower's Grid as run_federation uses it: node ids and send_and_receive, sites answered locally."""
+    """Flower's Grid as run_federation uses it: node ids, push_messages and pull_messages, sites
+    answered locally when their message is pulled, `per_pull` replies at most per pull."""
 
-    def __init__(self, fingerprints: dict[str, dict], behaviour: Behaviour, workdir: Path, keys: Path | None = None) -> None:
+    def __init__(self, fingerprints: dict[str, dict], behaviour: Behaviour, workdir: Path, keys: Path | None = None,
+                 per_pull: int | None = None) -> None:
         self.sites = {100 + i: site for i, site in enumerate(SITES)}
         self.fingerprints, self.behaviour, self.workdir = fingerprints, behaviour, workdir
         self.keys = keys          # folder of <site>.key: the sites sign their updates
-        self.timeouts: list[float | None] = []
+        self.per_pull = per_pull
+        self.pending: dict[str, Message] = {}
+        self.pushed: list[list[Message]] = []
 
     def get_node_ids(self) -> list[int]:
         return sorted(self.sites)
 
-    def send_and_receive(self, messages, *, timeout=None):
-        self.timeouts.append(timeout)
-        replies = []
+    def push_messages(self, messages):
+        ids = []
         for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid.uuid4())   # as Flower's grids do
+            self.pending[message.metadata.message_id] = message
+            ids.append(message.metadata.message_id)
+        self.pushed.append([self.pending[i] for i in ids])
+        return ids
+
+    def pull_messages(self, message_ids):
+        replies = []
+        for message_id in sorted(message_ids):
+            if self.per_pull is not None and len(replies) == self.per_pull:
+                break
+            message = self.pending[message_id]
             reply = self._answer(self.sites[message.metadata.dst_node_id], message)
             if reply is not None:
+                del self.pending[message_id]
                 replies.append(reply)
         return replies
 
@@ -117,7 +134,6 @@ def test_a_failing_site_is_recorded_and_rejoins_next_round(fingerprints, tmp_pat
     assert any("round 1 site_c: left out of this round" in line for line in log)
     round2 = json.loads((tmp_path / "run" / "round_002" / "aggregate.json").read_text())
     assert round2["missing_sites"] == [] and sorted(i["site"] for i in round2["inputs"]) == list(SITES)
-    assert 30.0 in grid.timeouts   # the round timeout reached Flower's send_and_receive
     state = run_status(tmp_path / "run")
     assert state.rounds_completed == 2 and "disk full" in state.rounds[0].failures["site_c"]
     from fedseg.cli.run_commands import format_status
@@ -129,11 +145,13 @@ def test_a_failing_site_is_recorded_and_rejoins_next_round(fingerprints, tmp_pat
 
 def test_below_quorum_the_run_stops_naming_the_sites(fingerprints, tmp_path: Path) -> None:
     grid = FakeGrid(fingerprints, lambda site, r: {"site_b": "silent", "site_c": "error"}.get(site, "ok"), tmp_path / "s")
+    quick = settings(tmp_path / "run", 2)
+    quick.round_timeout = 0.5   # the silent site is waited for this long
     with pytest.raises(InputError) as info:
-        run_federation(grid, settings(tmp_path / "run", 2), n_sites=3, wait_s=5)
+        run_federation(grid, quick, n_sites=3, wait_s=5)
     message = str(info.value)
     assert "1 of 3 site update(s), the plan needs 2" in message and "missing: site_b, site_c" in message
-    assert "no reply within 30s" in message and "disk full" in message
+    assert "no reply within 0.5s" in message and "disk full" in message
     assert not (tmp_path / "run" / "round_001" / "aggregate.json").exists()
     assert sorted(json.loads((tmp_path / "run" / "round_001" / "site_failures.json").read_text())) == ["site_b", "site_c"]
 
@@ -175,3 +193,55 @@ def test_a_signed_federation_over_the_flower_coordinator(fingerprints, tmp_path:
     other.keys, other.key = keys, keys / "coordinator.key"
     with pytest.raises(InputError, match=r"site_a\.safetensors.*(signature|\.sig)"):
         run_federation(unsigned, other, n_sites=3, wait_s=5)
+
+
+def test_the_coordinator_holds_one_update_at_a_time(fingerprints, tmp_path: Path) -> None:
+    """Bounded memory with many sites: each update is written to the run folder as its reply is
+    pulled, before the next one arrives, and fedavg's sites are sent one shared copy of the model."""
+    on_disk: dict[int, list[int]] = {1: [], 2: []}   # round -> updates in its folder at each pull
+
+    class OneByOne(FakeGrid):
+        def pull_messages(self, message_ids):
+            kinds = {self.pending[i].metadata.message_type for i in message_ids}
+            if kinds == {"train"}:
+                r = int(self.pending[next(iter(message_ids))].content[CONFIG]["round"])
+                on_disk[r].append(len(list((tmp_path / "run" / f"round_{r:03d}").glob("updates/*.safetensors"))))
+            return super().pull_messages(message_ids)
+
+    grid = OneByOne(fingerprints, lambda site, r: "ok", tmp_path / "sites", per_pull=1)
+    run_federation(grid, settings(tmp_path / "run", 3), n_sites=3, wait_s=5)
+    # each round's pulls saw 0, 1 then 2 updates on disk: the ServerApp wrote each as it came
+    assert on_disk == {1: [0, 1, 2], 2: [0, 1, 2]}
+    # round 1 starts from round_000's per-site files (each names its site); round 2 and the final
+    # evaluation send round 1's and 2's global model, the same bytes for every site
+    shared = [batch for batch in grid.pushed if batch[0].metadata.message_type in ("train", "evaluate")][1:]
+    assert len(shared) == 2
+    for batch in shared:
+        models = [message.content[FILES]["weights.safetensors"].data for message in batch]
+        assert len(models) == 3 and all(model is models[0] for model in models)   # one object, not a copy per site
+
+
+def test_a_window_bounds_the_models_out_at_once(fingerprints, tmp_path: Path) -> None:
+    """`fedseg flower simulate` sends at most `window` models at a time (the next when a reply
+    comes back), so the messages waiting in Flower's state do not grow with the sites."""
+    most: list[int] = []
+
+    class Counting(FakeGrid):
+        def push_messages(self, messages):
+            ids = super().push_messages(messages)
+            most.append(len(self.pending))
+            return ids
+
+    grid = Counting(fingerprints, lambda site, r: "ok", tmp_path / "sites", per_pull=1)
+    run_federation(grid, settings(tmp_path / "run", 3), n_sites=3, wait_s=5, window=2)
+    batches = [[m.metadata.message_type for m in batch] for batch in grid.pushed]
+    # hello to all three at once; then per round and for the evaluation: two, then one as a reply came back
+    assert batches == [["query"] * 3] + [["train"] * 2, ["train"]] * 2 + [["evaluate"] * 2, ["evaluate"]]
+    assert max(most[1:]) == 2
+    for r in (1, 2):
+        record = json.loads((tmp_path / "run" / f"round_{r:03d}" / "aggregate.json").read_text())
+        assert sorted(i["site"] for i in record["inputs"]) == list(SITES)
+    # round 2's three sites, sent in two batches, still share one copy of the global model
+    round2 = [m for batch in grid.pushed[3:5] for m in batch]
+    models = [m.content[FILES]["weights.safetensors"].data for m in round2]
+    assert len(models) == 3 and all(model is models[0] for model in models)
