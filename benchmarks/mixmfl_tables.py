@@ -160,22 +160,25 @@ def print_tables(args: argparse.Namespace, runs: dict[int, dict[str, dict]]) -> 
 
     def over_seeds(names: list[str]) -> tuple[list[int], dict[str, dict]]:
         seeds = [seed for seed, by_name in runs.items() if all(n in by_name for n in names)]
-        return seeds, {n: seed_mean([runs[seed][n] for seed in seeds]) for n in names}
+        return seeds, {n: seed_mean([runs[seed][n] for seed in seeds]) for n in names} if seeds else {}
 
     seeds1, table1 = over_seeds(list(TABLE1))
     print(f"\nTable 1: per-site test Dice (%, mean of tumour core and oedema), mean over seeds {', '.join(map(str, seeds1))}\n")
     print(table(table1, site_names))
     ablation_names = [n for n in VARIANTS if n != "fedavg (zero-fill)"]
     seeds3, ablation = over_seeds(ablation_names)
-    print(f"\nTable 3: ablation (%, mean of tumour core and oedema), mean over seeds {', '.join(map(str, seeds3))}\n")
-    print(table(ablation, site_names, reference="MDM-MixMFL"))
     print("\nper seed (average over sites): " + "; ".join(
         f"{seed}: " + ", ".join(f"{name} {100 * _average(result, site_names):.2f}" for name, result in by_name.items())
         for seed, by_name in runs.items() if by_name))
-    full = ablation["MDM-MixMFL"]["per_site"][SITE_WITHOUT_T2_FLAIR]["dice"]["oedema"]
-    without = ablation["w/o memory"]["per_site"][SITE_WITHOUT_T2_FLAIR]["dice"]["oedema"]
-    print(f"\n{SITE_WITHOUT_T2_FLAIR} (T1 + T1ce only) oedema Dice, seeds {', '.join(map(str, seeds3))}: "
-          f"with memory {100 * full:.2f}, without {100 * without:.2f}")
+    if not seeds3:   # --report before any seed has every variant: Table 1 only
+        print("\nTable 3: no seed has all of its rows yet")
+    else:
+        print(f"\nTable 3: ablation (%, mean of tumour core and oedema), mean over seeds {', '.join(map(str, seeds3))}\n")
+        print(table(ablation, site_names, reference="MDM-MixMFL"))
+        full = ablation["MDM-MixMFL"]["per_site"][SITE_WITHOUT_T2_FLAIR]["dice"]["oedema"]
+        without = ablation["w/o memory"]["per_site"][SITE_WITHOUT_T2_FLAIR]["dice"]["oedema"]
+        print(f"\n{SITE_WITHOUT_T2_FLAIR} (T1 + T1ce only) oedema Dice, seeds {', '.join(map(str, seeds3))}: "
+              f"with memory {100 * full:.2f}, without {100 * without:.2f}")
     summary = {"rounds": args.rounds, "iterations": args.iterations, "runs": {str(k): v for k, v in runs.items()},
                "table1_seeds": seeds1, "table1_seed_mean": table1, "ablation_seeds": seeds3, "ablation_seed_mean": ablation}
     (args.out / "tables.json").write_text(json.dumps(summary, indent=2))
