@@ -88,3 +88,26 @@ def test_bf16_sliding_window_gives_float32_probabilities_close_to_float32s() -> 
     assert np.allclose(fast.sum(axis=0), 1.0, atol=1e-5)      # combined in float32: still a distribution
     assert np.abs(fast - exact).max() < 0.02                  # bfloat16 keeps ~3 significant digits
     assert not np.array_equal(fast, exact)                    # and it did run in bfloat16
+
+
+def test_a_mixmfl_forward_in_bf16_gives_float32_losses_that_reach_the_encoders() -> None:
+    """MixMFL's own step: the network (memory retrieval included) under bfloat16 autocast, its
+    decoupling terms on float32 copies of the features, as `MixMFLTrainer.train_step` does."""
+    from fedseg.planning.plans import NetworkSpec
+    from fedseg.training.device import autocast
+    from fedseg.training.mixmfl_network import MixMFLNet
+    from fedseg.training.mixmfl_trainer import decoupling_losses
+
+    spec = NetworkSpec(3, [8, 16, 32], [[3, 3, 3]] * 3, [[1, 1, 1], [2, 2, 2], [2, 2, 2]], [1, 1, 1], [1, 1])
+    torch.manual_seed(0)
+    net = MixMFLNet(spec, 3, ["T1", "T1ce", "T2", "FLAIR"], 2, present=[0, 2])
+    with autocast("cpu", "bf16"):
+        outputs, aux = net(torch.randn(2, 4, 16, 16, 16), return_aux=True)
+    assert outputs[0].dtype == torch.bfloat16
+    outputs, aux = float32_outputs((outputs, aux))
+    cls, triplet = decoupling_losses(net, aux, classifier=True, triplet=True, margin=1.0)
+    assert outputs[0].dtype == torch.float32 and cls.dtype == torch.float32 and triplet.dtype == torch.float32
+    assert torch.isfinite(cls) and torch.isfinite(triplet)
+    (outputs[0].float().mean() + cls + triplet).backward()
+    assert net.shared.stages[-1].convs[0].conv.weight.grad.abs().sum() > 0
+    assert net.tailored["T2"].stages[-1].convs[0].conv.weight.grad.abs().sum() > 0
