@@ -104,10 +104,7 @@ class Plans:
 
     # -- identity -------------------------------------------------------------------------
     def content_dict(self) -> dict[str, Any]:
-        content = asdict(self)
-        if content["regions_class_order"] is None:   # plain labels: the same content (and plan_id) as before regions
-            del content["regions_class_order"]
-        return content
+        return _plain_labels_as_before(asdict(self))
 
     @property
     def plan_id(self) -> str:
@@ -217,6 +214,12 @@ def _content_fields(obj: Any) -> dict[str, Any]:
     if not is_dataclass(obj) or isinstance(obj, type):
         raise TypeError(f"{type(obj).__name__} is not JSON serializable")
     body = {f.name: getattr(obj, f.name) for f in fields(obj)}
-    if isinstance(obj, Plans) and body["regions_class_order"] is None:
-        del body["regions_class_order"]   # as content_dict: plain labels hash as before regions
+    return _plain_labels_as_before(body) if isinstance(obj, Plans) else body
+
+
+def _plain_labels_as_before(body: dict[str, Any]) -> dict[str, Any]:
+    """A plan's fields without `regions_class_order` when it is None: plain labels keep the
+    content (and plan_id) they had before regions existed."""
+    if body["regions_class_order"] is None:
+        del body["regions_class_order"]
     return body

@@ -60,6 +60,23 @@ def test_plan_is_deterministic_and_order_independent():
     assert make_plans(fps, "fedavg", budget=8).plan_id != first.plan_id
 
 
+def test_plan_id_is_the_hash_of_the_plans_content_with_and_without_regions():
+    """plan_id is computed from the dataclasses without copying them; it must stay the sha256
+    of the canonical JSON of `content_dict()` (what plans.json holds), plain labels leaving
+    `regions_class_order` out as before regions existed."""
+    import dataclasses
+    import hashlib
+
+    from fedseg.planning.plans import canonical_json
+
+    plain = make_plans(three_sites(), strategy="fedavg")
+    regions = dataclasses.replace(plain, regions_class_order=[1])
+    assert "regions_class_order" not in plain.content_dict() and regions.content_dict()["regions_class_order"] == [1]
+    for plans in (plain, regions):
+        assert plans.plan_id == hashlib.sha256(canonical_json(plans.content_dict()).encode("utf-8")).hexdigest()
+    assert plain.plan_id != regions.plan_id
+
+
 def test_default_budget_fits_a_cpu():
     small = make_plans(three_sites(shape=(32, 32, 32)), "fedavg").configuration_for(None)
     assert all(p <= 32 for p in small.patch_size)
